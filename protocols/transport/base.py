@@ -1,0 +1,296 @@
+"""The ``Channel``: how one party sends envelopes to others and receives them.
+
+Roles: every party owns one channel. Sending pushes an envelope to the receiver
+(``send``); the receiver's channel validates it and either hands it to a
+registered handler (services that answer whatever arrives: the arbiter's
+decryption requests, job submissions) or keeps it in a mailbox keyed by
+``(job_id, run_id, sender, tag, step)`` until a protocol calls ``recv``.
+
+Receiving an envelope (both implementations run exactly these steps):
+
+1. decode the header (:func:`protocols.envelope.decode`);
+2. check the receiver is this party (:class:`WrongReceiverError`);
+3. check the sender is the authenticated peer, id and role (:class:`PeerIdentityError`);
+4. check the tag is registered (:class:`UnknownTagError`);
+5. apply the replay rules (:mod:`protocols.transport.replay`); a byte-identical
+   repeat is acknowledged as a duplicate and stops here;
+6. dispatch to the first matching handler, else store in the mailbox.
+
+Sequence numbers are assigned by the sender's channel, strictly increasing per
+``(job_id, receiver)``; :meth:`Channel.stream_state` exports them for checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+
+from protocols.envelope import Envelope, decode
+from protocols.errors import (
+    OversizedEnvelopeError,
+    PeerIdentityError,
+    ProtocolError,
+    TransportError,
+    WrongReceiverError,
+)
+from protocols.roles import Party
+from protocols.tags import TagRegistry, tag_value
+from protocols.transport.replay import ReplayGuard, Verdict
+
+logger = logging.getLogger(__name__)
+
+MailKey = tuple[str, str, str, str, int]  # (job_id, run_id, sender id, tag, step)
+Handler = Callable[[Envelope], None]
+
+
+class DeliveryStatus(Enum):
+    """What the receiver did with an envelope."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """Selects envelopes by job, sender and tag; ``None`` matches anything."""
+
+    job_id: str | None = None
+    sender: str | None = None
+    tags: frozenset[str] | None = None
+
+    @classmethod
+    def for_tags(cls, *tags: Enum | str, job_id: str | None = None) -> MessageFilter:
+        """A filter for the given tags (enum members or strings)."""
+        return cls(job_id=job_id, tags=frozenset(tag_value(t) for t in tags))
+
+    def matches(self, envelope: Envelope) -> bool:
+        """Whether ``envelope`` passes this filter."""
+        return (
+            (self.job_id is None or envelope.job_id == self.job_id)
+            and (self.sender is None or envelope.sender.party_id == self.sender)
+            and (self.tags is None or envelope.tag in self.tags)
+        )
+
+
+class Mailbox:
+    """Receive side of a channel: steps 1-6 of the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        me: Party,
+        tags: TagRegistry,
+        replay: ReplayGuard,
+        max_queued_bytes: int,
+        handler_threads: int = 4,
+    ) -> None:
+        self.me = me
+        self.tags = tags
+        self._replay = replay
+        self._max_queued = max_queued_bytes
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._box: dict[MailKey, Envelope] = {}
+        self._handlers: list[tuple[MessageFilter, Handler]] = []
+        self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
+        self._closed = False
+
+    def add_handler(self, message_filter: MessageFilter, handler: Handler) -> None:
+        """Route matching envelopes to ``handler`` (run on a worker thread)."""
+        with self._cond:
+            self._handlers.append((message_filter, handler))
+
+    def deliver(
+        self, header: bytes, payload: bytes, digest: bytes, *, authenticated: Party | None
+    ) -> DeliveryStatus:
+        """Run steps 1-6; ``authenticated`` is the peer from TLS (``None``: insecure mode)."""
+        envelope = decode(header, payload)  # step 1
+        if envelope.receiver != self.me:  # step 2
+            raise WrongReceiverError(
+                f"envelope for {envelope.receiver} arrived at {self.me}: {envelope.describe()}"
+            )
+        if authenticated is not None and envelope.sender != authenticated:  # step 3
+            logger.warning(
+                "refused envelope: certificate names %s but the envelope claims %s (%s)",
+                authenticated, envelope.sender, envelope.describe(),
+            )
+            raise PeerIdentityError(
+                f"the certificate names {authenticated} but the envelope claims {envelope.sender}"
+            )
+        self.tags.check(envelope.tag)  # step 4
+        if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
+            logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
+            return DeliveryStatus.DUPLICATE
+        self._dispatch(envelope)  # step 6
+        return DeliveryStatus.ACCEPTED
+
+    def check_size(self, size: int) -> None:
+        """Refuse a body that would overflow the mailbox before it is received."""
+        with self._cond:
+            if self._queued_bytes + size > self._max_queued:
+                raise OversizedEnvelopeError(
+                    f"{size} B would exceed the {self._max_queued} B this party queues for "
+                    "unread messages; the receiver is not keeping up"
+                )
+
+    def _dispatch(self, envelope: Envelope) -> None:
+        with self._cond:
+            if self._closed:
+                raise TransportError(f"{self.me} is shutting down; envelope not accepted")
+            for message_filter, handler in self._handlers:
+                if message_filter.matches(envelope):
+                    self._pool.submit(self._run_handler, handler, envelope)
+                    return
+            key: MailKey = (
+                envelope.job_id, envelope.run_id, envelope.sender.party_id, envelope.tag,
+                envelope.step,
+            )
+            self._box[key] = envelope
+            self._queued_bytes += len(envelope.payload)
+            self._cond.notify_all()
+
+    @staticmethod
+    def _run_handler(handler: Handler, envelope: Envelope) -> None:
+        try:
+            handler(envelope)
+        except Exception:  # a handler bug must not kill the service
+            logger.exception("handler for %s failed", envelope.describe())
+
+    def take(self, key: MailKey, timeout: float | None) -> Envelope:
+        """Remove and return the envelope under ``key``, waiting up to ``timeout`` s."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._box or self._closed, timeout):
+                raise TimeoutError(
+                    f"{self.me}: no message job={key[0]} run={key[1] or '-'} from {key[2]} "
+                    f"tag={key[3]} step={key[4]} within {timeout} s"
+                )
+            return self._pop(key)
+
+    def take_any(self, message_filter: MessageFilter, timeout: float | None) -> Envelope:
+        """Remove and return the oldest envelope matching ``message_filter``."""
+        found: list[MailKey] = []
+
+        def ready() -> bool:
+            found[:] = [k for k, e in self._box.items() if message_filter.matches(e)][:1]
+            return bool(found) or self._closed
+
+        with self._cond:
+            if not self._cond.wait_for(ready, timeout):
+                raise TimeoutError(f"{self.me}: no message matching {message_filter} in {timeout} s")
+            return self._pop(found[0] if found else None)
+
+    def _pop(self, key: MailKey | None) -> Envelope:
+        if key is None or key not in self._box:
+            raise TransportError(f"{self.me}: channel closed while waiting for a message")
+        envelope = self._box.pop(key)
+        self._queued_bytes -= len(envelope.payload)
+        return envelope
+
+    def pending(self) -> int:
+        """Number of envelopes waiting in the mailbox."""
+        with self._cond:
+            return len(self._box)
+
+    def close(self) -> None:
+        """Wake all waiters, refuse new envelopes and let running handlers finish."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._pool.shutdown(wait=True)
+        self._replay.close()
+
+
+class Channel(ABC):
+    """Send and receive envelopes; implementations differ only in :meth:`_transmit`."""
+
+    def __init__(self, *, me: Party, mailbox: Mailbox) -> None:
+        self.me = me
+        self._mailbox = mailbox
+        self._seq_lock = threading.Lock()
+        self._next_seq: dict[tuple[str, str], int] = {}
+
+    @property
+    def tags(self) -> TagRegistry:
+        """The tags this party accepts and sends."""
+        return self._mailbox.tags
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, envelope: Envelope) -> Envelope:
+        """Deliver ``envelope`` to its receiver; return it with its sequence number.
+
+        Returns once the receiver has accepted it (or acknowledged a byte-identical
+        repeat). An envelope whose ``seq`` is already set is sent as it is, which is
+        how a retransmission repeats the original bytes.
+        """
+        if envelope.sender != self.me:
+            raise ProtocolError(f"{self.me} cannot send an envelope claiming sender {envelope.sender}")
+        self.tags.check(envelope.tag)
+        if envelope.seq == 0:
+            envelope = envelope.with_seq(self._assign_seq(envelope))
+        started = time.perf_counter()
+        status = self._transmit(envelope)
+        logger.debug(
+            "sent %s in %.1f ms (%s)", envelope.describe(), 1e3 * (time.perf_counter() - started),
+            status.value,
+        )
+        return envelope
+
+    def _assign_seq(self, envelope: Envelope) -> int:
+        key = (envelope.job_id, envelope.receiver.party_id)
+        with self._seq_lock:
+            seq = self._next_seq.get(key, 1)
+            self._next_seq[key] = seq + 1
+            return seq
+
+    def stream_state(self, job_id: str) -> dict[str, int]:
+        """Next sequence number per receiver for ``job_id`` (for checkpoints)."""
+        with self._seq_lock:
+            return {r: s for (j, r), s in self._next_seq.items() if j == job_id}
+
+    def restore_stream_state(self, job_id: str, state: dict[str, int]) -> None:
+        """Continue the sequence numbers of ``job_id`` from a checkpoint."""
+        with self._seq_lock:
+            for receiver, seq in state.items():
+                self._next_seq[(job_id, receiver)] = max(seq, self._next_seq.get((job_id, receiver), 1))
+
+    @abstractmethod
+    def _transmit(self, envelope: Envelope) -> DeliveryStatus:
+        """Hand the envelope to the receiver's mailbox; raise on failure."""
+
+    # -- receiving ----------------------------------------------------------
+
+    def recv(
+        self,
+        *,
+        job_id: str,
+        sender: Party | str,
+        tag: Enum | str,
+        step: int,
+        run_id: str = "",
+        timeout: float | None = None,
+    ) -> Envelope:
+        """Wait for the one envelope with this ``(job_id, run_id, sender, tag, step)``.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: wait for ever).
+        """
+        sender_id = sender.party_id if isinstance(sender, Party) else sender
+        return self._mailbox.take((job_id, run_id, sender_id, tag_value(tag), step), timeout)
+
+    def recv_any(self, message_filter: MessageFilter, *, timeout: float | None = None) -> Envelope:
+        """Wait for the oldest envelope matching ``message_filter``."""
+        return self._mailbox.take_any(message_filter, timeout)
+
+    def add_handler(self, message_filter: MessageFilter, handler: Handler) -> None:
+        """Route every matching envelope that arrives to ``handler`` instead of the mailbox."""
+        self._mailbox.add_handler(message_filter, handler)
+
+    def close(self) -> None:
+        """Stop receiving; waiters get a :class:`TransportError`."""
+        self._mailbox.close()

@@ -1,0 +1,159 @@
+"""Client side of the gRPC transport: push envelopes to one peer, with retries.
+
+A failed attempt is retried with the byte-identical envelope (the receiver's
+replay guard acknowledges a repeat it already has) after ``UNAVAILABLE`` or a
+lost reply (``DEADLINE_EXCEEDED``), until ``retry_seconds`` have passed. TLS
+handshake failures are not retried: they raise :class:`HandshakeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from protocols.errors import (
+    HandshakeFailure,
+    MalformedEnvelopeError,
+    PeerUnavailableError,
+    TransportError,
+)
+from protocols.generated import transport_pb2 as pb
+from protocols.roles import Party
+from protocols.transport.base import DeliveryStatus
+from protocols.transport.grpc_errors import (
+    error_from_rpc,
+    handshake_error,
+    handshake_failure,
+    is_peer_closed,
+)
+from protocols.transport.options import TransportOptions
+from protocols.transport.tls import TlsIdentity
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "vfl.transport.v1.Transport"
+DELIVER = f"/{SERVICE}/Deliver"
+PUSH = f"/{SERVICE}/Push"
+ADMIN = f"/{SERVICE}/Admin"
+_PEER_CLOSED_LIMIT = 5
+
+
+def channel_options(peer_id: str, options: TransportOptions) -> list[tuple[str, Any]]:
+    """gRPC channel options: expected peer name, message limits, no built-in retries."""
+    return [
+        ("grpc.ssl_target_name_override", peer_id),
+        ("grpc.max_send_message_length", options.grpc_message_limit),
+        ("grpc.max_receive_message_length", options.grpc_message_limit),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def open_channel(
+    *, peer_id: str, address: str, identity: TlsIdentity | None, options: TransportOptions
+) -> grpc.Channel:
+    """A gRPC channel to ``address`` that accepts only ``peer_id``'s certificate."""
+    opts = channel_options(peer_id, options)
+    if identity is None:
+        return grpc.insecure_channel(address, options=opts)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=identity.ca_pem,
+        private_key=identity.key_pem,
+        certificate_chain=identity.certificate_pem,
+    )
+    return grpc.secure_channel(address, creds, options=opts)
+
+
+class PeerClient:
+    """Sends envelopes to one peer."""
+
+    def __init__(
+        self,
+        *,
+        peer: Party,
+        address: str,
+        identity: TlsIdentity | None,
+        options: TransportOptions,
+    ) -> None:
+        self.peer = peer
+        self.address = address
+        self._options = options
+        self._closed = threading.Event()
+        self._channel = open_channel(
+            peer_id=peer.party_id, address=address, identity=identity, options=options
+        )
+        self._deliver = self._channel.unary_unary(DELIVER, response_deserializer=pb.Ack.FromString)
+        self._push = self._channel.stream_unary(PUSH, response_deserializer=pb.Ack.FromString)
+        self._admin = self._channel.unary_unary(
+            ADMIN, response_deserializer=pb.AdminReply.FromString
+        )
+
+    def deliver(self, header: bytes, payload: bytes) -> DeliveryStatus:
+        """Send one encoded envelope; retry as the module docstring says."""
+        size = len(payload)
+        if size <= self._options.chunk_bytes:
+            frame = pb.Frame(header=header, payload_size=size, payload=payload).SerializeToString()
+            ack = self._with_retries(lambda t: self._deliver(frame, timeout=t), size)
+        else:
+            ack = self._with_retries(lambda t: self._push(self._frames(header, payload), timeout=t), size)
+        if ack.receiver_id != self.peer.party_id:
+            raise TransportError(f"{self.peer} acknowledged as {ack.receiver_id!r}")
+        return DeliveryStatus.DUPLICATE if ack.status == pb.Ack.DUPLICATE else DeliveryStatus.ACCEPTED
+
+    def admin(self, command: str, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Call an admin command on the peer's service (the peer must be ourselves)."""
+        request = pb.AdminRequest(command=command, data=json.dumps(data).encode())
+        reply = self._with_retries(
+            lambda t: self._admin(request.SerializeToString(), timeout=t), 0, deadline=timeout
+        )
+        obj = json.loads(reply.data.decode() or "{}")
+        if not isinstance(obj, dict):
+            raise MalformedEnvelopeError("admin reply is not a JSON object")
+        return obj
+
+    def close(self) -> None:
+        """Close the underlying gRPC channel."""
+        self._closed.set()
+        self._channel.close()
+
+    def _frames(self, header: bytes, payload: bytes) -> Iterator[bytes]:
+        yield pb.Frame(header=header, payload_size=len(payload)).SerializeToString()
+        step = self._options.chunk_bytes
+        for start in range(0, len(payload), step):
+            yield payload[start : start + step]
+
+    def _with_retries(self, call: Any, size: int, *, deadline: float | None = None) -> Any:
+        attempt_deadline = deadline or self._options.deadline(size)
+        give_up = time.monotonic() + self._options.retry_seconds
+        delay, peer_closed = 0.05, 0
+        peer = f"{self.peer} at {self.address}"
+        while True:
+            try:
+                return call(attempt_deadline)
+            except grpc.RpcError as err:
+                code = err.code()
+                if self._closed.is_set():
+                    raise TransportError(f"channel to {peer} closed during a send") from None
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    failure = handshake_failure(err)
+                    if failure is not None:
+                        raise handshake_error(failure, peer=peer) from None
+                    peer_closed = peer_closed + 1 if is_peer_closed(err) else 0
+                    if peer_closed >= _PEER_CLOSED_LIMIT:
+                        raise handshake_error(HandshakeFailure.REJECTED_BY_PEER, peer=peer) from None
+                elif code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise error_from_rpc(err, peer=peer) from None
+                if time.monotonic() + delay > give_up:
+                    raise PeerUnavailableError(
+                        f"{peer} did not accept the envelope within "
+                        f"{self._options.retry_seconds:.0f} s (last error: {code.name}: "
+                        f"{(err.details() or '')[:200]}); is its service running?"
+                    ) from None
+                logger.info("retrying send to %s after %s", peer, code.name)
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
