@@ -1,1 +1,1 @@
-
+"""Learning and running jobs: data, models, services, CLI."""

@@ -1,0 +1,7 @@
+"""``python -m vfl`` = the ``vfl`` command."""
+
+import sys
+
+from vfl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""``vfl``: the command line. The only place that parses argv, sets up logging,
+reads the environment and exits."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from protocols.errors import VflError
+from protocols.roles import Party, Role
+from protocols.transport import tls
+from vfl.config import load_config
+from vfl.data.datasets import data_dir, verify_all
+
+logger = logging.getLogger("vfl")
+
+EXAMPLES = """examples:
+  vfl demo                                   three local services exchanging messages over mTLS
+  vfl certs --demo certs/                    demo CA + key and certificate for bank, retailer, arbiter
+  vfl certs init-ca --out ca/                real mode, at the CA operator
+  vfl certs request --id bank --role guest --out bank/   at each party (key never leaves it)
+  vfl certs sign --ca-dir ca/ --csr bank/bank.csr --out bank/bank.pem
+  vfl serve --config bank.toml               run a party's service
+  vfl status --config bank.toml              ask it how it is
+  vfl ping --config bank.toml --peer retailer
+"""
+
+
+def _party_arg(value: str) -> Party:
+    pid, sep, role = value.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r}: use id:role, e.g. bank:guest")
+    try:
+        return Party(pid, Role.parse(role))
+    except VflError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(
+        prog="vfl",
+        description="Vertical and transfer federated learning between two data silos.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    certs = sub.add_parser("certs", help="issue certificates (demo mode or real CA/CSR mode)")
+    certs.add_argument("--demo", type=Path, metavar="DIR", help="one-shot: CA + key/cert per party in DIR")
+    certs.add_argument(
+        "--party", type=_party_arg, action="append", metavar="ID:ROLE",
+        help="party for --demo (repeatable; default bank:guest retailer:host arbiter:arbiter)",
+    )
+    certs.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, help="validity of issued certificates")
+    csub = certs.add_subparsers(dest="certs_command", metavar="STEP")
+    ca = csub.add_parser("init-ca", help="create the federation CA (at the CA operator)")
+    ca.add_argument("--out", type=Path, required=True)
+    ca.add_argument("--name", default="vfl federation CA")
+    req = csub.add_parser("request", help="create this party's key and a CSR (in its own silo)")
+    req.add_argument("--id", required=True, help="party id; becomes the certificate's DNS SAN")
+    req.add_argument("--role", required=True, choices=[r.value for r in Role])
+    req.add_argument("--out", type=Path, required=True)
+    sign = csub.add_parser("sign", help="sign a party's CSR with the CA")
+    sign.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.pem and ca.key")
+    sign.add_argument("--csr", type=Path, required=True)
+    sign.add_argument("--out", type=Path, required=True)
+    sign.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, dest="sign_days")
+    show = csub.add_parser("show", help="print a certificate's party, role, fingerprint, validity")
+    show.add_argument("certificate", type=Path)
+
+    serve = sub.add_parser("serve", help="run this party's service")
+    serve.add_argument("--config", type=Path, required=True, help="party TOML config")
+    serve.add_argument(
+        "--insecure", action="store_true",
+        help="plaintext gRPC without authentication (local experiments only; logs a warning)",
+    )
+
+    status = sub.add_parser("status", help="ask this party's running service for its status")
+    status.add_argument("--config", type=Path, required=True)
+
+    ping = sub.add_parser("ping", help="have this party's service ping its peers")
+    ping.add_argument("--config", type=Path, required=True)
+    ping.add_argument("--peer", action="append", help="peer id (repeatable; default all peers)")
+    ping.add_argument("--bytes", type=int, default=1024, help="body size of each PING")
+    ping.add_argument("--rounds", type=int, default=3)
+
+    data = sub.add_parser("data", help="check the real data sets against their sha256 list")
+    data.add_argument("action", choices=["check"])
+
+    demo = sub.add_parser("demo", help="run the three-party demo on this machine")
+    demo.add_argument("--out", type=Path, default=Path(".demo"), help="working folder (recreated)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vfl`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _run(args)
+    except VflError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "certs":
+        return _certs(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        from vfl.service.admin import admin_call
+
+        print(json.dumps(admin_call(load_config(args.config), "status"), indent=2))
+        return 0
+    if args.command == "ping":
+        from vfl.service.admin import admin_call
+
+        reply = admin_call(
+            load_config(args.config), "ping",
+            {"peers": args.peer or [], "bytes": args.bytes, "rounds": args.rounds},
+        )
+        print(json.dumps(reply, indent=2))
+        return 1 if any("error" in r for r in reply["results"]) else 0
+    if args.command == "data":
+        folder = data_dir(os.environ)
+        for ds in verify_all(folder=folder):
+            print(f"ok  {ds.name:36s} {ds.size:>9d} B  {ds.sha256}")
+        return 0
+    if args.command == "demo":
+        from vfl.service.demo import run_demo
+
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        run_demo(args.out, data_folder=data_dir(os.environ), echo=print)
+        print(f"demo finished; certificates, configs and logs are in {args.out}/")
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover - argparse restricts commands
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.demo is not None:
+        parties = args.party or [
+            Party("bank", Role.GUEST), Party("retailer", Role.HOST), Party("arbiter", Role.ARBITER)
+        ]
+        paths = tls.create_demo_pki(args.demo, parties, days=args.days)
+        print(f"CA: {args.demo / 'ca.pem'} (key {args.demo / 'ca.key'})")
+        for pid, path in paths.items():
+            print(f"{pid}: {path} (key {path.with_suffix('.key')})")
+        return 0
+    if args.certs_command == "init-ca":
+        cert, key = tls.create_ca(args.out, name=args.name)
+        print(f"CA certificate {cert} (share it with every party); CA key {key} (keep it offline)")
+        return 0
+    if args.certs_command == "request":
+        key, csr = tls.create_key_and_csr(args.out, Party(args.id, Role.parse(args.role)))
+        print(f"key {key} (stays here, owner-only); send {csr} to the CA operator")
+        return 0
+    if args.certs_command == "sign":
+        pem = tls.sign_csr(
+            csr_pem=args.csr.read_bytes(), ca_cert=args.ca_dir / "ca.pem",
+            ca_key=args.ca_dir / "ca.key", days=args.sign_days,
+        )
+        args.out.write_bytes(pem)
+        party = tls.party_of(pem)
+        print(f"signed {party}: {args.out}; fingerprint {tls.fingerprint(pem)}")
+        return 0
+    if args.certs_command == "show":
+        pem = args.certificate.read_bytes()
+        print(f"party {tls.party_of(pem)}\nsha256 {tls.fingerprint(pem)}")
+        try:
+            tls.check_validity(pem, where=str(args.certificate))
+            print("valid now")
+        except VflError as exc:
+            print(f"NOT VALID: {exc}")
+            return 1
+        return 0
+    print("vfl certs: give --demo DIR or one of init-ca, request, sign, show (see --help)", file=sys.stderr)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vfl.service.party import PartyService
+
+    config = load_config(args.config)
+    service = PartyService(config, insecure=args.insecure)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s at %s", signal.Signals(signum).name, dt.datetime.now().isoformat())
+        service.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.start()
+    service.wait()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data loading, validation and alignment."""

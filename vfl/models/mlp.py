@@ -1,0 +1,50 @@
+"""A configurable multi-layer perceptron, the building block of bottom and top models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class MLP(nn.Module):
+    """``in_features -> widths[0] -> ... -> widths[-1]`` with an activation between layers.
+
+    Parameters
+    ----------
+    in_features
+        Input width.
+    widths
+        Output width of each linear layer; the last layer has no activation.
+    activation
+        ``"relu"``, ``"tanh"`` or ``"gelu"``.
+    dropout
+        Dropout probability after each hidden activation.
+    """
+
+    def __init__(
+        self, *, in_features: int, widths: tuple[int, ...], activation: str = "relu", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or not widths or min(widths) < 1:
+            raise ValueError(f"MLP needs positive widths, got in={in_features} widths={widths}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}: use one of {', '.join(_ACTIVATIONS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout {dropout} must lie in [0, 1)")
+        layers: list[nn.Module] = []
+        width = in_features
+        for i, out in enumerate(widths):
+            layers.append(nn.Linear(width, out))
+            if i < len(widths) - 1:
+                layers.append(_ACTIVATIONS[activation]())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
+            width = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layers."""
+        out: torch.Tensor = self.net(x)
+        return out

@@ -1,0 +1,1 @@
+"""The party process: gRPC server, admin commands, health."""

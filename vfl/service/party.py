@@ -1,0 +1,259 @@
+"""The party service: one process per party, serving the transport over mutual TLS.
+
+Roles: any (guest, host or arbiter). Each party's service holds only its own key
+and certificate; peers are authenticated by their certificates (SAN = party id,
+OU = role) and, where configured, by the certificate pinned for them.
+
+What it does now (later capabilities add protocols to this same service):
+
+1. listens on ``[party] listen`` with the standard gRPC health service;
+2. answers ``service.PING`` envelopes from peers with ``service.PONG`` carrying
+   the SHA-256 of the received body, so the sender can check integrity;
+3. serves its own operator's admin commands (``status``, ``ping``,
+   ``set_peer_address``), authenticated by the party's own certificate;
+4. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
+
+Logs carry ids, tags, steps, sizes and timings only, never data values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from protocols.envelope import ControlBlock, Envelope, PlainBlock
+from protocols.errors import ConfigError, MalformedEnvelopeError, VflError
+from protocols.roles import PartyAddress
+from protocols.tags import TagRegistry
+from protocols.transport.base import MessageFilter
+from protocols.transport.grpc_channel import GrpcChannel
+from protocols.transport.tls import TlsIdentity, load_identity
+from vfl.config import PartyConfig
+
+logger = logging.getLogger(__name__)
+
+PORT_FILE = "service.port"
+MAX_PING_BYTES = 256 << 20
+
+
+class ServiceTag(StrEnum):
+    """Tags of the service's own messages."""
+
+    PING = "service.PING"
+    PONG = "service.PONG"
+
+
+class AdminCommand(StrEnum):
+    """Commands the party's own operator may send to its service."""
+
+    STATUS = "status"
+    PING = "ping"
+    SET_PEER_ADDRESS = "set_peer_address"
+
+
+class PartyService:
+    """A running party: transport channel, handlers and admin commands."""
+
+    def __init__(self, config: PartyConfig, *, insecure: bool = False) -> None:
+        self.config = config
+        self.party = config.party
+        identity: TlsIdentity | None = None
+        if not insecure:
+            identity = load_identity(
+                certificate=config.tls.certificate, key=config.tls.key, ca=config.tls.ca
+            )
+            if identity.party != config.party:
+                raise ConfigError(
+                    f"{config.source}: [party] is {config.party} but {config.tls.certificate} "
+                    f"names {identity.party}"
+                )
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tags = TagRegistry([ServiceTag])
+        self.channel = GrpcChannel(
+            me=config.party,
+            identity=identity,
+            tags=tags,
+            listen=config.listen,
+            peers=tuple(p.address_entry() for p in config.peers),
+            journal_dir=config.state_dir / "replay",
+            options=config.transport,
+            admin=self._admin,
+            insecure=insecure,
+        )
+        self.channel.add_handler(MessageFilter.for_tags(ServiceTag.PING), self._on_ping)
+        self._started = time.time()
+        self._stats_lock = threading.Lock()
+        self._received: dict[str, int] = {}
+        self._stopped = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> int:
+        """Start serving; write the bound port to ``<state_dir>/service.port``."""
+        port = self.channel.start()
+        _atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n")
+        logger.info(
+            "%s serving on port %d with %d peer(s): %s", self.party, port, len(self.config.peers),
+            ", ".join(str(p.party) for p in self.config.peers) or "none",
+        )
+        return port
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called."""
+        self._stopped.wait()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful shutdown: NOT_SERVING, finish in-flight calls, close."""
+        if self._stopped.is_set():
+            return
+        logger.info("%s shutting down (grace %.1f s)", self.party, grace)
+        self.channel.close(grace)
+        (self.config.state_dir / PORT_FILE).unlink(missing_ok=True)
+        self._stopped.set()
+        logger.info("%s stopped", self.party)
+
+    # -- peer messages --------------------------------------------------------
+
+    def _count(self, tag: str) -> None:
+        with self._stats_lock:
+            self._received[tag] = self._received.get(tag, 0) + 1
+
+    def _on_ping(self, envelope: Envelope) -> None:
+        self._count(envelope.tag)
+        body_hash = hashlib.sha256(envelope.payload).hexdigest()
+        logger.info(
+            "%s: PING from %s job=%s step=%d, %d B; replying PONG",
+            self.party.party_id, envelope.sender, envelope.job_id, envelope.step,
+            len(envelope.payload),
+        )
+        self.channel.send(
+            Envelope(
+                job_id=envelope.job_id,
+                sender=self.party,
+                receiver=envelope.sender,
+                tag=ServiceTag.PONG,
+                step=envelope.step,
+                body=ControlBlock.from_obj({"bytes": len(envelope.payload), "sha256": body_hash}),
+            )
+        )
+
+    def ping(self, peer_id: str, *, payload_bytes: int, rounds: int) -> dict[str, Any]:
+        """Send ``rounds`` PINGs of ``payload_bytes`` random bytes to a peer; time the PONGs."""
+        peer = self.config.peer(peer_id).party
+        job_id = f"ping-{uuid.uuid4().hex[:12]}"
+        payload = secrets.token_bytes(payload_bytes)
+        expected = hashlib.sha256(payload).hexdigest()
+        rtts = []
+        for step in range(rounds):
+            started = time.perf_counter()
+            self.channel.send(
+                Envelope(
+                    job_id=job_id, sender=self.party, receiver=peer, tag=ServiceTag.PING,
+                    step=step, body=PlainBlock(payload),
+                )
+            )
+            pong = self.channel.recv(
+                job_id=job_id, sender=peer, tag=ServiceTag.PONG, step=step,
+                timeout=self.config.transport.deadline(payload_bytes) + 10,
+            )
+            rtts.append(time.perf_counter() - started)
+            self._count(pong.tag)
+            if not isinstance(pong.body, ControlBlock) or pong.body.obj().get("sha256") != expected:
+                raise MalformedEnvelopeError(f"{peer} returned a PONG that does not match the PING")
+        rtts.sort()
+        logger.info(
+            "%s: %d PING/PONG with %s, %d B each, median %.2f ms", self.party.party_id, rounds,
+            peer, payload_bytes, 1e3 * rtts[len(rtts) // 2],
+        )
+        return {
+            "peer": peer_id,
+            "role": peer.role.value,
+            "rounds": rounds,
+            "bytes": payload_bytes,
+            "median_rtt_ms": round(1e3 * rtts[len(rtts) // 2], 3),
+            "max_rtt_ms": round(1e3 * rtts[-1], 3),
+            "verified": True,
+        }
+
+    # -- admin ------------------------------------------------------------------
+
+    def _admin(self, command: str, data: dict[str, Any]) -> dict[str, Any]:
+        try:
+            cmd = AdminCommand(command)
+        except ValueError:
+            raise ConfigError(
+                f"unknown admin command {command[:40]!r}; one of "
+                f"{', '.join(c.value for c in AdminCommand)}"
+            ) from None
+        logger.info("%s: admin command %s", self.party.party_id, cmd.value)
+        if cmd is AdminCommand.STATUS:
+            return self._status()
+        if cmd is AdminCommand.SET_PEER_ADDRESS:
+            peer_cfg = self.config.peer(str(data.get("peer", "")))
+            address = str(data.get("address", ""))
+            pinned = peer_cfg.address_entry().certificate_pem
+            self.channel.add_peer(PartyAddress(peer_cfg.party, address, pinned))
+            return {"peer": peer_cfg.party.party_id, "address": address}
+        return self._admin_ping(data)
+
+    def _admin_ping(self, data: dict[str, Any]) -> dict[str, Any]:
+        peers = data.get("peers") or [p.party.party_id for p in self.config.peers]
+        payload_bytes = data.get("bytes", 1024)
+        rounds = data.get("rounds", 3)
+        if not isinstance(payload_bytes, int) or not 0 <= payload_bytes <= MAX_PING_BYTES:
+            raise ConfigError(f"ping bytes must be an integer in [0, {MAX_PING_BYTES}]")
+        if not isinstance(rounds, int) or not 1 <= rounds <= 1000:
+            raise ConfigError("ping rounds must be an integer in [1, 1000]")
+        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+            raise ConfigError("ping peers must be a list of party ids")
+        results: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(max(1, len(peers))) as pool:
+            futures = [
+                pool.submit(self.ping, p, payload_bytes=payload_bytes, rounds=rounds) for p in peers
+            ]
+            for peer_id, future in zip(peers, futures, strict=True):
+                try:
+                    results.append(future.result())
+                except (VflError, TimeoutError) as exc:
+                    results.append({"peer": peer_id, "error": f"{type(exc).__name__}: {exc}"})
+        return {"party": self.party.party_id, "results": results}
+
+    def _status(self) -> dict[str, Any]:
+        with self._stats_lock:
+            received = dict(self._received)
+        return {
+            "party": self.party.party_id,
+            "role": self.party.role.value,
+            "port": self.channel.port,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._started, 1),
+            "peers": {pid: str(p) for pid, p in self.channel.peers().items()},
+            "received": received,
+            "data": {
+                alias: {"path": str(path), "exists": path.is_file()}
+                for alias, path in self.config.data.items()
+            },
+        }
+
+
+def read_port(state_dir: Path) -> int | None:
+    """The port a running service wrote to its state folder, if any."""
+    try:
+        return int((state_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
