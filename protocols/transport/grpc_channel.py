@@ -14,7 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from protocols.envelope import Envelope, encode
-from protocols.errors import ConfigError, InsecureConfigError, PeerUnavailableError
+from protocols.errors import (
+    ConfigError,
+    InsecureConfigError,
+    PeerUnavailableError,
+    WrongReceiverError,
+)
 from protocols.roles import Party, PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.base import Channel, DeliveryStatus, Mailbox
@@ -144,7 +149,10 @@ class GrpcChannel(Channel):
                 "add it under [[peers]] in the party config"
             )
         if client.peer != envelope.receiver:
-            raise ConfigError(f"{envelope.receiver.party_id} is configured as {client.peer}")
+            raise WrongReceiverError(
+                f"envelope for {envelope.receiver}, but {envelope.receiver.party_id} is "
+                f"configured as {client.peer}"
+            )
         header, payload = encode(envelope)
         return client.deliver(header, payload)
 
