@@ -1,0 +1,50 @@
+"""Imports only go down: protocols -> psi -> vfl; vfl.models imports only torch."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"protocols": {"psi", "vfl"}, "psi": {"vfl"}, "vfl": set()}
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level package names imported by a file (absolute imports; relative count as own)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_no_upward_imports() -> None:
+    violations = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = imported_roots(path) & forbidden
+            if bad:
+                violations.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not violations, "upward imports:\n" + "\n".join(violations)
+
+
+def test_models_import_only_torch() -> None:
+    allowed = {"torch", "__future__", "vfl"}
+    for path in sorted((ROOT / "vfl" / "models").rglob("*.py")):
+        roots = imported_roots(path)
+        assert roots <= allowed, f"{path.relative_to(ROOT)} imports {sorted(roots - allowed)}"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vfl"):
+                assert node.module.startswith("vfl.models"), f"{path.name} imports {node.module}"
+
+
+def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "x.py"
+    bad.write_text("import os\nfrom vfl.config import load_config\nimport psi.canon as c\n")
+    assert imported_roots(bad) & FORBIDDEN["protocols"] == {"vfl", "psi"}
+    assert "os" in sys.stdlib_module_names

@@ -1,0 +1,171 @@
+"""Three party services as real processes talking gRPC over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protocols.envelope import Envelope, PlainBlock, encode
+from protocols.errors import PeerIdentityError, VflError
+from protocols.roles import PartyAddress
+from protocols.tags import TagRegistry
+from protocols.transport.base import DeliveryStatus
+from protocols.transport.grpc_channel import GrpcChannel
+from protocols.transport.grpc_client import DELIVER, PeerClient, open_channel
+from protocols.transport.options import TransportOptions
+from protocols.transport.tls import load_identity
+from vfl.config import PartyConfig, load_config
+from vfl.data.datasets import data_dir
+from vfl.service.admin import admin_call, service_address, wait_healthy
+from vfl.service.demo import write_demo_setup
+from vfl.service.party import ServiceTag
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Running:
+    configs: dict[str, PartyConfig]
+    procs: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+
+def start(config: PartyConfig, logs: Path) -> subprocess.Popen[bytes]:
+    log = (logs / f"{config.party.party_id}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "vfl", "serve", "--config", str(config.source)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def connect(configs: dict[str, PartyConfig]) -> None:
+    for cfg in configs.values():
+        wait_healthy(cfg, timeout=60)
+    for cfg in configs.values():
+        for peer in cfg.peers:
+            admin_call(cfg, "set_peer_address", {"peer": peer.party.party_id, "address": service_address(configs[peer.party.party_id])})
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    root = tmp_path_factory.mktemp("services")
+    paths = write_demo_setup(root, data_folder=data_dir(os.environ))
+    configs = {pid: load_config(p) for pid, p in paths.items()}
+    (root / "logs").mkdir()
+    procs = {pid: start(cfg, root / "logs") for pid, cfg in configs.items()}
+    try:
+        connect(configs)
+        yield Running(configs, procs, root / "logs")
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(20) for proc in procs.values()]
+    assert codes == [0, 0, 0], "services did not shut down cleanly"
+
+
+def test_three_services_ping_each_other_concurrently(services: Running) -> None:
+    def ping(cfg: PartyConfig) -> dict[str, object]:
+        return admin_call(cfg, "ping", {"bytes": 5 << 20, "rounds": 2})
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(ping, services.configs.values()))
+    pairs = {(r["party"], x["peer"]) for r in replies for x in r["results"] if x.get("verified")}  # type: ignore[index, union-attr, attr-defined]
+    assert len(pairs) == 6, replies  # every ordered pair, i.e. both directions
+
+
+def test_status_through_the_cli(services: Running) -> None:
+    cfg = services.configs["retailer"]
+    out = subprocess.run(
+        [sys.executable, "-m", "vfl", "status", "--config", str(cfg.source)],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    ).stdout
+    status = json.loads(out)
+    assert status["party"] == "retailer" and status["role"] == "host"
+    assert set(status["peers"]) == {"bank", "arbiter"}
+    assert status["data"]["credit"]["exists"] is True
+
+
+def test_malformed_input_does_not_stop_the_service(services: Running) -> None:
+    bank, retailer = services.configs["bank"], services.configs["retailer"]
+    identity = load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca)
+    raw = open_channel(peer_id="retailer", address=service_address(retailer), identity=identity, options=TransportOptions())
+    try:
+        for junk in (b"\x00\xff\xfe", b"\x0a\x05hello"):
+            with pytest.raises(grpc.RpcError) as info:
+                raw.unary_unary(DELIVER)(junk, timeout=5)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        raw.close()
+    reply = admin_call(bank, "ping", {"peers": ["retailer"], "rounds": 1})
+    assert reply["results"][0]["verified"] is True
+
+
+def test_admin_is_only_for_the_partys_own_operator(services: Running) -> None:
+    bank, retailer = services.configs["bank"], services.configs["retailer"]
+    client = PeerClient(
+        peer=retailer.party, address=service_address(retailer),
+        identity=load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca),
+        options=TransportOptions(retry_seconds=2),
+    )
+    try:
+        with pytest.raises(PeerIdentityError, match="own operator"):
+            client.admin("status", {}, timeout=5)
+    finally:
+        client.close()
+    with pytest.raises(VflError, match="unknown admin command"):
+        admin_call(bank, "format-disk", {})
+
+
+def test_sigterm_then_restart_keeps_replay_marks(tmp_path: Path) -> None:
+    paths = write_demo_setup(tmp_path, data_folder=data_dir(os.environ))
+    host_cfg = load_config(paths["retailer"])
+    bank_cfg = load_config(paths["bank"])
+    (tmp_path / "logs").mkdir()
+    bank_identity = load_identity(certificate=bank_cfg.tls.certificate, key=bank_cfg.tls.key, ca=bank_cfg.tls.ca)
+    bank = GrpcChannel(me=bank_cfg.party, identity=bank_identity, tags=TagRegistry([ServiceTag]))
+    bank.start()
+    envelope = Envelope(job_id="restart-job", sender=bank_cfg.party, receiver=host_cfg.party, tag=ServiceTag.PING, step=0, seq=1, body=PlainBlock(b"hello"))
+    header, payload = encode(envelope)
+    statuses = []
+    try:
+        for round_ in range(2):
+            proc = start(host_cfg, tmp_path / "logs")
+            wait_healthy(host_cfg, timeout=60)
+            admin_call(host_cfg, "set_peer_address", {"peer": "bank", "address": f"127.0.0.1:{bank.port}"})
+            bank.add_peer(PartyAddress(host_cfg.party, service_address(host_cfg)))
+            client = PeerClient(peer=host_cfg.party, address=service_address(host_cfg), identity=bank_identity, options=TransportOptions())
+            statuses.append(client.deliver(header, payload))
+            client.close()
+            if round_ == 0:
+                pong = bank.recv(job_id="restart-job", sender=host_cfg.party, tag=ServiceTag.PONG, step=0, timeout=10)
+                assert pong.body is not None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        assert statuses == [DeliveryStatus.ACCEPTED, DeliveryStatus.DUPLICATE]
+        log = (tmp_path / "logs" / "retailer.log").read_text()
+        assert log.count("retailer (host) stopped") == 2 and "restored 1 replay marks" in log
+        assert "hello" not in log  # no data values in logs
+    finally:
+        bank.close(grace=0.1)
+
+
+def test_serve_with_a_bad_config_names_the_key(tmp_path: Path) -> None:
+    paths = write_demo_setup(tmp_path, data_folder=data_dir(os.environ))
+    text = paths["bank"].read_text().replace('role = "guest"', 'role = "gust"', 1)
+    paths["bank"].write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "vfl", "serve", "--config", str(paths["bank"])],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "party.role: 'gust' is not a role" in result.stderr
