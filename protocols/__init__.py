@@ -1,1 +1,4 @@
-"""How parties talk securely: envelopes, transport, TLS (and later Paillier, masks, secure aggregation)."""
+"""How parties talk securely: envelopes, transport and TLS.
+
+Later issues add Paillier, fixed-point encoding, masks and secure aggregation here.
+"""

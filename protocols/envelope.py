@@ -31,7 +31,7 @@ _U64 = 2**64
 MAX_ID_LENGTH = 128
 
 _ROLE_TO_PB = {Role.GUEST: pb.GUEST, Role.HOST: pb.HOST, Role.ARBITER: pb.ARBITER}
-_PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
+_PB_TO_ROLE: dict[int, Role] = {int(v): k for k, v in _ROLE_TO_PB.items()}
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class ControlBlock:
 
 
 Body: TypeAlias = CipherBlock | PlainBlock | PointBlock | IndexBlock | Uint64Block | ControlBlock
+_BODY_TYPES = (CipherBlock, PlainBlock, PointBlock, IndexBlock, Uint64Block, ControlBlock)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class Envelope:
                 raise MalformedEnvelopeError(f"envelope {name}={value!r} is out of range")
         if not isinstance(self.key_id, bytes) or len(self.key_id) > 64:
             raise MalformedEnvelopeError("envelope key_id must be at most 64 bytes")
-        if self.body is not None and not isinstance(self.body, Body.__args__):  # type: ignore[attr-defined]
+        if self.body is not None and not isinstance(self.body, _BODY_TYPES):
             raise MalformedEnvelopeError(f"envelope body of type {type(self.body).__name__}")
 
     @property
@@ -284,12 +285,14 @@ def digest(header: bytes, payload: bytes) -> bytes:
 
 def _role(value: int) -> Role:
     try:
-        return _PB_TO_ROLE[value]
+        return _PB_TO_ROLE[int(value)]
     except KeyError:
         raise MalformedEnvelopeError(f"envelope role {value} is not a known role") from None
 
 
-def _shape(values: Sequence[int], payload: bytes, *, item: int | None, what: str) -> tuple[int, ...]:
+def _shape(
+    values: Sequence[int], payload: bytes, *, item: int | None, what: str
+) -> tuple[int, ...]:
     shape = tuple(int(v) for v in values)
     count = math.prod(shape) if shape else None
     if count is not None and item is not None and count * item != len(payload):
@@ -343,4 +346,3 @@ def _json_object(data: bytes, *, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise MalformedEnvelopeError(f"{what} must hold a JSON object")
     return obj
-

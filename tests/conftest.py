@@ -38,13 +38,17 @@ class Pki:
     def identity(self, party: Party) -> tls.TlsIdentity:
         d = self.dir
         return tls.load_identity(
-            certificate=d / f"{party.party_id}.pem", key=d / f"{party.party_id}.key", ca=d / "ca.pem"
+            certificate=d / f"{party.party_id}.pem",
+            key=d / f"{party.party_id}.key",
+            ca=d / "ca.pem",
         )
 
     def other_ca_identity(self, party: Party) -> tls.TlsIdentity:
         d = self.other_dir
         return tls.load_identity(
-            certificate=d / f"{party.party_id}.pem", key=d / f"{party.party_id}.key", ca=d / "ca.pem"
+            certificate=d / f"{party.party_id}.pem",
+            key=d / f"{party.party_id}.key",
+            ca=d / "ca.pem",
         )
 
     def extra_identity(self, name: str, party: Party, **sign_kwargs: object) -> tls.TlsIdentity:
@@ -52,11 +56,15 @@ class Pki:
         out = self.dir / "extra" / name
         key, csr = tls.create_key_and_csr(out, party)
         pem = tls.sign_csr(
-            csr_pem=csr.read_bytes(), ca_cert=self.dir / "ca.pem", ca_key=self.dir / "ca.key",
+            csr_pem=csr.read_bytes(),
+            ca_cert=self.dir / "ca.pem",
+            ca_key=self.dir / "ca.key",
             **sign_kwargs,  # type: ignore[arg-type]
         )
         return tls.TlsIdentity(
-            party=party, certificate_pem=pem, key_pem=key.read_bytes(),
+            party=party,
+            certificate_pem=pem,
+            key_pem=key.read_bytes(),
             ca_pem=(self.dir / "ca.pem").read_bytes(),
         )
 

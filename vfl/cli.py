@@ -25,7 +25,7 @@ logger = logging.getLogger("vfl")
 
 EXAMPLES = """examples:
   vfl demo                                   three local services exchanging messages over mTLS
-  vfl certs --demo certs/                    demo CA + key and certificate for bank, retailer, arbiter
+  vfl certs --demo certs/                    demo CA + key/cert for bank, retailer, arbiter
   vfl certs init-ca --out ca/                real mode, at the CA operator
   vfl certs request --id bank --role guest --out bank/   at each party (key never leaves it)
   vfl certs sign --ca-dir ca/ --csr bank/bank.csr --out bank/bank.pem
@@ -57,12 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     certs = sub.add_parser("certs", help="issue certificates (demo mode or real CA/CSR mode)")
-    certs.add_argument("--demo", type=Path, metavar="DIR", help="one-shot: CA + key/cert per party in DIR")
     certs.add_argument(
-        "--party", type=_party_arg, action="append", metavar="ID:ROLE",
+        "--demo", type=Path, metavar="DIR", help="one-shot: CA + key/cert per party in DIR"
+    )
+    certs.add_argument(
+        "--party",
+        type=_party_arg,
+        action="append",
+        metavar="ID:ROLE",
         help="party for --demo (repeatable; default bank:guest retailer:host arbiter:arbiter)",
     )
-    certs.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, help="validity of issued certificates")
+    certs.add_argument(
+        "--days", type=int, default=tls.DEFAULT_DAYS, help="validity of issued certificates"
+    )
     csub = certs.add_subparsers(dest="certs_command", metavar="STEP")
     ca = csub.add_parser("init-ca", help="create the federation CA (at the CA operator)")
     ca.add_argument("--out", type=Path, required=True)
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run this party's service")
     serve.add_argument("--config", type=Path, required=True, help="party TOML config")
     serve.add_argument(
-        "--insecure", action="store_true",
+        "--insecure",
+        action="store_true",
         help="plaintext gRPC without authentication (local experiments only; logs a warning)",
     )
 
@@ -134,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
         from vfl.service.admin import admin_call
 
         reply = admin_call(
-            load_config(args.config), "ping",
+            load_config(args.config),
+            "ping",
             {"peers": args.peer or [], "bytes": args.bytes, "rounds": args.rounds},
         )
         print(json.dumps(reply, indent=2))
@@ -158,7 +167,9 @@ def _run(args: argparse.Namespace) -> int:
 def _certs(args: argparse.Namespace) -> int:
     if args.demo is not None:
         parties = args.party or [
-            Party("bank", Role.GUEST), Party("retailer", Role.HOST), Party("arbiter", Role.ARBITER)
+            Party("bank", Role.GUEST),
+            Party("retailer", Role.HOST),
+            Party("arbiter", Role.ARBITER),
         ]
         paths = tls.create_demo_pki(args.demo, parties, days=args.days)
         print(f"CA: {args.demo / 'ca.pem'} (key {args.demo / 'ca.key'})")
@@ -175,8 +186,10 @@ def _certs(args: argparse.Namespace) -> int:
         return 0
     if args.certs_command == "sign":
         pem = tls.sign_csr(
-            csr_pem=args.csr.read_bytes(), ca_cert=args.ca_dir / "ca.pem",
-            ca_key=args.ca_dir / "ca.key", days=args.sign_days,
+            csr_pem=args.csr.read_bytes(),
+            ca_cert=args.ca_dir / "ca.pem",
+            ca_key=args.ca_dir / "ca.key",
+            days=args.sign_days,
         )
         args.out.write_bytes(pem)
         party = tls.party_of(pem)
@@ -192,7 +205,10 @@ def _certs(args: argparse.Namespace) -> int:
             print(f"NOT VALID: {exc}")
             return 1
         return 0
-    print("vfl certs: give --demo DIR or one of init-ca, request, sign, show (see --help)", file=sys.stderr)
+    print(
+        "vfl certs: give --demo DIR or one of init-ca, request, sign, show (see --help)",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -161,7 +161,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
 
     data_t = raw.get("data", {})
     if not isinstance(data_t, dict):
-        raise ConfigError(f"{where}: [data] must be a table of alias = \"path\"")
+        raise ConfigError(f'{where}: [data] must be a table of alias = "path"')
     data = {}
     for alias, value in data_t.items():
         if not isinstance(value, str):

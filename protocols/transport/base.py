@@ -118,7 +118,9 @@ class Mailbox:
         if authenticated is not None and envelope.sender != authenticated:  # step 3
             logger.warning(
                 "refused envelope: certificate names %s but the envelope claims %s (%s)",
-                authenticated, envelope.sender, envelope.describe(),
+                authenticated,
+                envelope.sender,
+                envelope.describe(),
             )
             raise PeerIdentityError(
                 f"the certificate names {authenticated} but the envelope claims {envelope.sender}"
@@ -148,7 +150,10 @@ class Mailbox:
                     self._pool.submit(self._run_handler, handler, envelope)
                     return
             key: MailKey = (
-                envelope.job_id, envelope.run_id, envelope.sender.party_id, envelope.tag,
+                envelope.job_id,
+                envelope.run_id,
+                envelope.sender.party_id,
+                envelope.tag,
                 envelope.step,
             )
             self._box[key] = envelope
@@ -182,7 +187,9 @@ class Mailbox:
 
         with self._cond:
             if not self._cond.wait_for(ready, timeout):
-                raise TimeoutError(f"{self.me}: no message matching {message_filter} in {timeout} s")
+                raise TimeoutError(
+                    f"{self.me}: no message matching {message_filter} in {timeout} s"
+                )
             return self._pop(found[0] if found else None)
 
     def _pop(self, key: MailKey | None) -> Envelope:
@@ -230,14 +237,18 @@ class Channel(ABC):
         how a retransmission repeats the original bytes.
         """
         if envelope.sender != self.me:
-            raise ProtocolError(f"{self.me} cannot send an envelope claiming sender {envelope.sender}")
+            raise ProtocolError(
+                f"{self.me} cannot send an envelope claiming sender {envelope.sender}"
+            )
         self.tags.check(envelope.tag)
         if envelope.seq == 0:
             envelope = envelope.with_seq(self._assign_seq(envelope))
         started = time.perf_counter()
         status = self._transmit(envelope)
         logger.debug(
-            "sent %s in %.1f ms (%s)", envelope.describe(), 1e3 * (time.perf_counter() - started),
+            "sent %s in %.1f ms (%s)",
+            envelope.describe(),
+            1e3 * (time.perf_counter() - started),
             status.value,
         )
         return envelope
@@ -258,7 +269,9 @@ class Channel(ABC):
         """Continue the sequence numbers of ``job_id`` from a checkpoint."""
         with self._seq_lock:
             for receiver, seq in state.items():
-                self._next_seq[(job_id, receiver)] = max(seq, self._next_seq.get((job_id, receiver), 1))
+                self._next_seq[(job_id, receiver)] = max(
+                    seq, self._next_seq.get((job_id, receiver), 1)
+                )
 
     @abstractmethod
     def _transmit(self, envelope: Envelope) -> DeliveryStatus:

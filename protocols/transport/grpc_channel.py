@@ -80,7 +80,8 @@ class GrpcChannel(Channel):
             identity = None
             logger.warning(
                 "INSECURE TRANSPORT for %s: no TLS, no authentication, anyone on the network "
-                "can read and forge messages; never use this between real silos", me,
+                "can read and forge messages; never use this between real silos",
+                me,
             )
         mailbox = Mailbox(
             me=me,

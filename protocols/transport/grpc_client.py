@@ -100,10 +100,14 @@ class PeerClient:
             frame = pb.Frame(header=header, payload_size=size, payload=payload).SerializeToString()
             ack = self._with_retries(lambda t: self._deliver(frame, timeout=t), size)
         else:
-            ack = self._with_retries(lambda t: self._push(self._frames(header, payload), timeout=t), size)
+            ack = self._with_retries(
+                lambda t: self._push(self._frames(header, payload), timeout=t), size
+            )
         if ack.receiver_id != self.peer.party_id:
             raise TransportError(f"{self.peer} acknowledged as {ack.receiver_id!r}")
-        return DeliveryStatus.DUPLICATE if ack.status == pb.Ack.DUPLICATE else DeliveryStatus.ACCEPTED
+        return (
+            DeliveryStatus.DUPLICATE if ack.status == pb.Ack.DUPLICATE else DeliveryStatus.ACCEPTED
+        )
 
     def admin(self, command: str, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         """Call an admin command on the peer's service (the peer must be ourselves)."""
@@ -145,7 +149,9 @@ class PeerClient:
                         raise handshake_error(failure, peer=peer) from None
                     peer_closed = peer_closed + 1 if is_peer_closed(err) else 0
                     if peer_closed >= _PEER_CLOSED_LIMIT:
-                        raise handshake_error(HandshakeFailure.REJECTED_BY_PEER, peer=peer) from None
+                        raise handshake_error(
+                            HandshakeFailure.REJECTED_BY_PEER, peer=peer
+                        ) from None
                 elif code is not grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise error_from_rpc(err, peer=peer) from None
                 if time.monotonic() + delay > give_up:

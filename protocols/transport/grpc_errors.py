@@ -73,15 +73,23 @@ def error_from_rpc(err: grpc.RpcError, *, peer: str) -> VflError:
 
 
 _HANDSHAKE_PATTERNS: tuple[tuple[re.Pattern[str], HandshakeFailure], ...] = (
-    (re.compile(r"certificate has expired|certificate is not yet valid", re.I),
-     HandshakeFailure.EXPIRED_CERTIFICATE),
+    (
+        re.compile(r"certificate has expired|certificate is not yet valid", re.I),
+        HandshakeFailure.EXPIRED_CERTIFICATE,
+    ),
     (re.compile(r"CERTIFICATE_VERIFY_FAILED", re.I), HandshakeFailure.UNTRUSTED_CERTIFICATE),
-    (re.compile(r"Hostname Verification|peer name|No match found for server name", re.I),
-     HandshakeFailure.WRONG_PEER_NAME),
-    (re.compile(r"PEER_DID_NOT_RETURN_A_CERTIFICATE|CERTIFICATE_REQUIRED", re.I),
-     HandshakeFailure.NO_CLIENT_CERTIFICATE),
-    (re.compile(r"ALERT_UNKNOWN_CA|ALERT_BAD_CERTIFICATE|ALERT_CERTIFICATE_EXPIRED", re.I),
-     HandshakeFailure.REJECTED_BY_PEER),
+    (
+        re.compile(r"Hostname Verification|peer name|No match found for server name", re.I),
+        HandshakeFailure.WRONG_PEER_NAME,
+    ),
+    (
+        re.compile(r"PEER_DID_NOT_RETURN_A_CERTIFICATE|CERTIFICATE_REQUIRED", re.I),
+        HandshakeFailure.NO_CLIENT_CERTIFICATE,
+    ),
+    (
+        re.compile(r"ALERT_UNKNOWN_CA|ALERT_BAD_CERTIFICATE|ALERT_CERTIFICATE_EXPIRED", re.I),
+        HandshakeFailure.REJECTED_BY_PEER,
+    ),
     (re.compile(r"handshake|TSI_|SSL_ERROR", re.I), HandshakeFailure.UNKNOWN),
 )
 

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protocols.envelope import EnvelopeDigest
 from protocols.errors import (
@@ -82,13 +82,19 @@ class TransportServer:
             "Deliver": grpc.unary_unary_rpc_method_handler(
                 self._deliver, response_serializer=_serialize
             ),
-            "Push": grpc.stream_unary_rpc_method_handler(self._push, response_serializer=_serialize),
-            "Admin": grpc.unary_unary_rpc_method_handler(self._admin_call, response_serializer=_serialize),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self._push, response_serializer=_serialize
+            ),
+            "Admin": grpc.unary_unary_rpc_method_handler(
+                self._admin_call, response_serializer=_serialize
+            ),
         }
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, handlers)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if identity is None:
-            self.port = self._server.add_insecure_port(listen)
+            self.port: int = self._server.add_insecure_port(listen)
         else:
             creds = grpc.ssl_server_credentials(
                 [(identity.key_pem, identity.certificate_pem)],
@@ -197,7 +203,9 @@ class TransportServer:
                 raise MalformedEnvelopeError(f"stream truncated: {got} of {size} B arrived")
             payload = b"".join(parts)
             del parts
-            status = self._mailbox.deliver(frame.header, payload, digest.digest(), authenticated=caller)
+            status = self._mailbox.deliver(
+                frame.header, payload, digest.digest(), authenticated=caller
+            )
             return self._ack(status)
         except Exception as exc:  # translated in one place; unknown -> INTERNAL
             abort_with(context, exc, peer=context.peer())
@@ -207,7 +215,9 @@ class TransportServer:
         try:
             caller = self._caller(context)
             if caller is not None and caller != self.me:
-                raise PeerIdentityError(f"admin calls are for {self.me}'s own operator, not {caller}")
+                raise PeerIdentityError(
+                    f"admin calls are for {self.me}'s own operator, not {caller}"
+                )
             if self._admin is None:
                 raise PeerIdentityError("this party exposes no admin commands")
             try:

@@ -38,7 +38,9 @@ class TransportOptions:
 
     def __post_init__(self) -> None:
         if not 4096 <= self.chunk_bytes <= 4 * MiB:
-            raise ConfigError(f"transport chunk_bytes={self.chunk_bytes} must lie in [4 KiB, 4 MiB]")
+            raise ConfigError(
+                f"transport chunk_bytes={self.chunk_bytes} must lie in [4 KiB, 4 MiB]"
+            )
         for name in ("max_envelope_bytes", "max_queued_bytes"):
             if getattr(self, name) < self.chunk_bytes:
                 raise ConfigError(f"transport {name} must be at least chunk_bytes")

@@ -150,7 +150,9 @@ class ReplayGuard:
                         count += 1
                     except (ValueError, KeyError, TypeError):
                         # A line cut short by a crash while it was being appended.
-                        logger.warning("replay journal %s line %d is incomplete; skipped", path, lineno)
+                        logger.warning(
+                            "replay journal %s line %d is incomplete; skipped", path, lineno
+                        )
         if count:
             logger.info("restored %d replay marks from %s", count, journal_dir)
 
@@ -160,6 +162,8 @@ def _drop_torn_tail(path: Path) -> None:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        logger.warning("replay journal %s ends in a torn line; dropped %d B", path, len(data) - keep)
+        logger.warning(
+            "replay journal %s ends in a torn line; dropped %d B", path, len(data) - keep
+        )
         with path.open("r+b") as handle:
             handle.truncate(keep)

@@ -105,7 +105,9 @@ def load_identity(*, certificate: Path, key: Path, ca: Path) -> TlsIdentity:
 # issuing
 
 
-def create_ca(out_dir: Path, *, name: str = "vfl federation CA", days: int = 3650) -> tuple[Path, Path]:
+def create_ca(
+    out_dir: Path, *, name: str = "vfl federation CA", days: int = 3650
+) -> tuple[Path, Path]:
     """Create a CA key (owner-only) and self-signed certificate in ``out_dir``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -121,9 +123,15 @@ def create_ca(out_dir: Path, *, name: str = "vfl federation CA", days: int = 365
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -171,13 +179,17 @@ def sign_csr(
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise ConfigError("the CSR has no subject alternative name; use `vfl certs request`") from None
+        raise ConfigError(
+            "the CSR has no subject alternative name; use `vfl certs request`"
+        ) from None
     cns = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     ous = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
     names = san.get_values_for_type(x509.DNSName)
     if len(names) != 1 or cns != names or len(ous) != 1:
         raise ConfigError("the CSR must name one party: one DNS SAN equal to the CN, one OU role")
-    party = Party(check_party_id(names[0], where="CSR SAN"), Role.parse(str(ous[0]), where="CSR OU"))
+    party = Party(
+        check_party_id(names[0], where="CSR SAN"), Role.parse(str(ous[0]), where="CSR OU")
+    )
     ca = _load_cert(_read(ca_cert, "CA certificate"), where=str(ca_cert))
     key = _load_key(_read(ca_key, "CA key"), where=str(ca_key))
     start = not_before or dt.datetime.now(dt.UTC) - _CLOCK_SKEW
@@ -185,14 +197,16 @@ def sign_csr(
         x509.CertificateBuilder()
         .subject_name(_party_name(party))
         .issuer_name(ca.subject)
-        .public_key(csr.public_key())  # type: ignore[arg-type]
+        .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(party.party_id)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -204,7 +218,9 @@ def sign_csr(
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def create_demo_pki(out_dir: Path, parties: list[Party], *, days: int = DEFAULT_DAYS) -> dict[str, Path]:
+def create_demo_pki(
+    out_dir: Path, parties: list[Party], *, days: int = DEFAULT_DAYS
+) -> dict[str, Path]:
     """One CA plus a key and certificate per party in ``out_dir`` (demo mode).
 
     Returns the certificate path per party id (keys are ``<id>.key`` beside them).
@@ -217,7 +233,10 @@ def create_demo_pki(out_dir: Path, parties: list[Party], *, days: int = DEFAULT_
     for party in parties:
         _, csr_path = create_key_and_csr(out_dir, party)
         cert_path = out_dir / f"{party.party_id}.pem"
-        _write_public(cert_path, sign_csr(csr_pem=csr_path.read_bytes(), ca_cert=ca_cert, ca_key=ca_key, days=days))
+        _write_public(
+            cert_path,
+            sign_csr(csr_pem=csr_path.read_bytes(), ca_cert=ca_cert, ca_key=ca_key, days=days),
+        )
         csr_path.unlink()
         paths[party.party_id] = cert_path
     return paths

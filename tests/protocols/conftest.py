@@ -18,7 +18,10 @@ def grpc_trio(pki: Pki, **kwargs: object) -> dict[str, GrpcChannel]:
     """Three gRPC channels on ports bound to 0, each knowing the others."""
     channels = {
         p.party_id: GrpcChannel(
-            me=p, identity=pki.identity(p), tags=TagRegistry([TestTag]), **kwargs  # type: ignore[arg-type]
+            me=p,
+            identity=pki.identity(p),
+            tags=TagRegistry([TestTag]),
+            **kwargs,  # type: ignore[arg-type]
         )
         for p in PARTIES
     }

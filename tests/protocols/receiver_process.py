@@ -19,10 +19,18 @@ from tests.conftest import PARTIES, TestTag
 
 
 def main() -> None:
-    pki, me_id, peer_id, job_id, steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    pki, me_id, peer_id, job_id, steps = (
+        Path(sys.argv[1]),
+        sys.argv[2],
+        sys.argv[3],
+        sys.argv[4],
+        int(sys.argv[5]),
+    )
     by_id = {p.party_id: p for p in PARTIES}
     me, peer = by_id[me_id], by_id[peer_id]
-    identity = tls.load_identity(certificate=pki / f"{me_id}.pem", key=pki / f"{me_id}.key", ca=pki / "ca.pem")
+    identity = tls.load_identity(
+        certificate=pki / f"{me_id}.pem", key=pki / f"{me_id}.key", ca=pki / "ca.pem"
+    )
     channel = GrpcChannel(me=me, identity=identity, tags=TagRegistry([TestTag]))
     print(channel.start(), flush=True)
     address = sys.stdin.readline().strip()

@@ -30,12 +30,24 @@ class SenderOnlyTag(StrEnum):
 
 
 def env(job_id: str, sender: Party, receiver: Party, step: int = 0, **kw: object) -> Envelope:
-    return Envelope(job_id=job_id, sender=sender, receiver=receiver, tag=kw.pop("tag", TestTag.DATA), step=step, **kw)  # type: ignore[arg-type]
+    return Envelope(
+        job_id=job_id,
+        sender=sender,
+        receiver=receiver,
+        tag=kw.pop("tag", TestTag.DATA),
+        step=step,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 BODIES = [
     None,
-    CipherBlock(os.urandom(512 * 6), shape=(2, 3), scale=24, packing=Packing(slot_bits=130, slots=15, axis=1)),
+    CipherBlock(
+        os.urandom(512 * 6),
+        shape=(2, 3),
+        scale=24,
+        packing=Packing(slot_bits=130, slots=15, axis=1),
+    ),
     PlainBlock(os.urandom(256 * 4), shape=(4,), scale=56),
     PointBlock(os.urandom(32 * 5)),
     IndexBlock.from_indices(np.array([5, 0, 2**32 - 1])),
@@ -45,11 +57,17 @@ BODIES = [
 
 
 @pytest.mark.parametrize("body", BODIES, ids=lambda b: type(b).__name__)
-def test_roundtrip_preserves_every_field(channels: dict[str, Channel], job_id: str, body: object) -> None:
+def test_roundtrip_preserves_every_field(
+    channels: dict[str, Channel], job_id: str, body: object
+) -> None:
     sent = channels["bank"].send(
-        env(job_id, BANK, RETAILER, 7, run_id="r1", epoch=3, batch=9, key_id=b"\x01" * 16, body=body)
+        env(
+            job_id, BANK, RETAILER, 7, run_id="r1", epoch=3, batch=9, key_id=b"\x01" * 16, body=body
+        )
     )
-    got = channels["retailer"].recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=7, run_id="r1", timeout=10)
+    got = channels["retailer"].recv(
+        job_id=job_id, sender=BANK, tag=TestTag.DATA, step=7, run_id="r1", timeout=10
+    )
     assert got == sent
     assert sent.seq == 1
 
@@ -57,7 +75,9 @@ def test_roundtrip_preserves_every_field(channels: dict[str, Channel], job_id: s
 def test_large_body_is_streamed_and_intact(channels: dict[str, Channel], job_id: str) -> None:
     data = os.urandom(9 << 20)
     channels["retailer"].send(env(job_id, RETAILER, ARBITER, 1, body=PlainBlock(data)))
-    got = channels["arbiter"].recv(job_id=job_id, sender="retailer", tag=TestTag.DATA, step=1, timeout=30)
+    got = channels["arbiter"].recv(
+        job_id=job_id, sender="retailer", tag=TestTag.DATA, step=1, timeout=30
+    )
     assert got.payload == data
 
 
@@ -69,7 +89,12 @@ def test_recv_times_out(channels: dict[str, Channel], job_id: str) -> None:
 def test_messages_may_arrive_in_any_order(channels: dict[str, Channel], job_id: str) -> None:
     for step in (3, 1, 2):
         channels["bank"].send(env(job_id, BANK, RETAILER, step))
-    steps = [channels["retailer"].recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=s, timeout=5).step for s in (1, 2, 3)]
+    steps = [
+        channels["retailer"]
+        .recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=s, timeout=5)
+        .step
+        for s in (1, 2, 3)
+    ]
     assert steps == [1, 2, 3]
 
 
@@ -80,12 +105,16 @@ def test_seq_increases_per_job_and_receiver(channels: dict[str, Channel], job_id
     assert channels["bank"].stream_state(job_id) == {"retailer": 4, "arbiter": 2}
 
 
-def test_restored_stream_state_continues_numbering(channels: dict[str, Channel], job_id: str) -> None:
+def test_restored_stream_state_continues_numbering(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     channels["arbiter"].restore_stream_state(job_id, {"bank": 41})
     assert channels["arbiter"].send(env(job_id, ARBITER, BANK, 0)).seq == 41
 
 
-def test_byte_identical_repeat_is_acknowledged_once(channels: dict[str, Channel], job_id: str) -> None:
+def test_byte_identical_repeat_is_acknowledged_once(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     sent = channels["bank"].send(env(job_id, BANK, RETAILER, 0, body=PlainBlock(b"abc")))
     channels["bank"].send(sent)  # a retransmission: same seq, same bytes
     channels["retailer"].recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=0, timeout=5)
@@ -93,14 +122,18 @@ def test_byte_identical_repeat_is_acknowledged_once(channels: dict[str, Channel]
         channels["retailer"].recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=0, timeout=0.3)
 
 
-def test_reused_seq_with_other_content_is_refused(channels: dict[str, Channel], job_id: str) -> None:
+def test_reused_seq_with_other_content_is_refused(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     sent = channels["bank"].send(env(job_id, BANK, RETAILER, 0, body=PlainBlock(b"abc")))
     forged = env(job_id, BANK, RETAILER, 1, body=PlainBlock(b"abd")).with_seq(sent.seq)
     with pytest.raises(ReplayConflictError, match="already used"):
         channels["bank"].send(forged)
 
 
-def test_second_message_for_same_step_and_tag_is_refused(channels: dict[str, Channel], job_id: str) -> None:
+def test_second_message_for_same_step_and_tag_is_refused(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     channels["bank"].send(env(job_id, BANK, RETAILER, 5, body=PlainBlock(b"one")))
     with pytest.raises(ReplayConflictError, match="already received"):
         channels["bank"].send(env(job_id, BANK, RETAILER, 5, body=PlainBlock(b"two")))
@@ -114,7 +147,9 @@ def test_unknown_tag_is_refused_by_the_receiver(channels: dict[str, Channel], jo
         channels["bank"].send(env(job_id, BANK, RETAILER, 0, tag=SenderOnlyTag.ONLY))
 
 
-def test_tag_unknown_to_the_sender_is_refused_before_sending(channels: dict[str, Channel], job_id: str) -> None:
+def test_tag_unknown_to_the_sender_is_refused_before_sending(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     with pytest.raises(UnknownTagError):
         channels["bank"].send(env(job_id, BANK, RETAILER, 0, tag="nobody.KNOWS"))
 
@@ -135,18 +170,26 @@ def test_handler_and_recv_any(channels: dict[str, Channel], job_id: str) -> None
 
     def on_request(e: Envelope) -> None:
         seen.append(e)
-        channels["arbiter"].send(env(e.job_id, ARBITER, e.sender, e.step, tag=TestTag.REPLY, body=e.body))
+        channels["arbiter"].send(
+            env(e.job_id, ARBITER, e.sender, e.step, tag=TestTag.REPLY, body=e.body)
+        )
         done.set()
 
-    channels["arbiter"].add_handler(MessageFilter.for_tags(TestTag.REQUEST, job_id=job_id), on_request)
-    channels["bank"].send(env(job_id, BANK, ARBITER, 4, tag=TestTag.REQUEST, body=ControlBlock.from_obj({"q": 1})))
+    channels["arbiter"].add_handler(
+        MessageFilter.for_tags(TestTag.REQUEST, job_id=job_id), on_request
+    )
+    channels["bank"].send(
+        env(job_id, BANK, ARBITER, 4, tag=TestTag.REQUEST, body=ControlBlock.from_obj({"q": 1}))
+    )
     reply = channels["bank"].recv_any(MessageFilter(job_id=job_id, sender="arbiter"), timeout=10)
     assert done.wait(5) and reply.tag == TestTag.REPLY and reply.step == 4
     assert isinstance(reply.body, ControlBlock) and reply.body.obj() == {"q": 1}
     assert len(seen) == 1
 
 
-def test_three_parties_concurrently_in_both_directions(channels: dict[str, Channel], job_id: str) -> None:
+def test_three_parties_concurrently_in_both_directions(
+    channels: dict[str, Channel], job_id: str
+) -> None:
     parties = {"bank": BANK, "retailer": RETAILER, "arbiter": ARBITER}
     pairs = [(a, b) for a in parties for b in parties if a != b]
     n = 15
@@ -164,7 +207,9 @@ def test_three_parties_concurrently_in_both_directions(channels: dict[str, Chann
     def receiver(a: str, b: str) -> None:
         try:
             for step in reversed(range(n)):
-                got = channels[b].recv(job_id=job_id, sender=a, tag=TestTag.DATA, step=step, timeout=60)
+                got = channels[b].recv(
+                    job_id=job_id, sender=a, tag=TestTag.DATA, step=step, timeout=60
+                )
                 assert got.payload[:1] == bytes([step])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)

@@ -25,7 +25,13 @@ from tests.conftest import BANK, RETAILER
 
 
 def make(**kw: object) -> Envelope:
-    base: dict[str, object] = {"job_id": "j", "sender": BANK, "receiver": RETAILER, "tag": "test.DATA", "seq": 1}
+    base: dict[str, object] = {
+        "job_id": "j",
+        "sender": BANK,
+        "receiver": RETAILER,
+        "tag": "test.DATA",
+        "seq": 1,
+    }
     base.update(kw)
     return Envelope(**base)  # type: ignore[arg-type]
 
@@ -85,7 +91,15 @@ def test_invalid_envelopes_are_refused(kw: dict[str, object], needle: str) -> No
 
 
 def header(**fields: object) -> pb.Envelope:
-    msg = pb.Envelope(job_id="j", sender=pb.GUEST, receiver=pb.HOST, sender_id="bank", receiver_id="retailer", tag="test.DATA", seq=1)
+    msg = pb.Envelope(
+        job_id="j",
+        sender=pb.GUEST,
+        receiver=pb.HOST,
+        sender_id="bank",
+        receiver_id="retailer",
+        tag="test.DATA",
+        seq=1,
+    )
     for k, v in fields.items():
         setattr(msg, k, v)
     return msg

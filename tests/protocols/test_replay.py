@@ -13,7 +13,15 @@ from tests.conftest import ARBITER, BANK, RETAILER
 
 
 def env(seq: int, step: int = 0, data: bytes = b"x", job: str = "j", sender=BANK) -> Envelope:  # type: ignore[no-untyped-def]
-    return Envelope(job_id=job, sender=sender, receiver=RETAILER, tag="test.DATA", step=step, seq=seq, body=PlainBlock(data))
+    return Envelope(
+        job_id=job,
+        sender=sender,
+        receiver=RETAILER,
+        tag="test.DATA",
+        step=step,
+        seq=seq,
+        body=PlainBlock(data),
+    )
 
 
 def check(guard: ReplayGuard, e: Envelope) -> Verdict:

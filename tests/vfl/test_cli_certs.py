@@ -14,8 +14,13 @@ from vfl.cli import main
 
 
 def test_demo_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["certs", "--demo", str(tmp_path), "--party", "bank:guest", "--party", "shop:host"]) == 0
-    ident = tls.load_identity(certificate=tmp_path / "shop.pem", key=tmp_path / "shop.key", ca=tmp_path / "ca.pem")
+    assert (
+        main(["certs", "--demo", str(tmp_path), "--party", "bank:guest", "--party", "shop:host"])
+        == 0
+    )
+    ident = tls.load_identity(
+        certificate=tmp_path / "shop.pem", key=tmp_path / "shop.key", ca=tmp_path / "ca.pem"
+    )
     assert ident.party == Party("shop", Role.HOST)
     assert stat.S_IMODE((tmp_path / "shop.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
@@ -27,8 +32,26 @@ def test_real_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["certs", "init-ca", "--out", str(ca)]) == 0
     assert main(["certs", "request", "--id", "bank", "--role", "guest", "--out", str(silo)]) == 0
     assert not (silo / "bank.pem").exists() and (silo / "bank.csr").exists()
-    assert main(["certs", "sign", "--ca-dir", str(ca), "--csr", str(silo / "bank.csr"), "--out", str(silo / "bank.pem"), "--days", "30"]) == 0
-    ident = tls.load_identity(certificate=silo / "bank.pem", key=silo / "bank.key", ca=ca / "ca.pem")
+    assert (
+        main(
+            [
+                "certs",
+                "sign",
+                "--ca-dir",
+                str(ca),
+                "--csr",
+                str(silo / "bank.csr"),
+                "--out",
+                str(silo / "bank.pem"),
+                "--days",
+                "30",
+            ]
+        )
+        == 0
+    )
+    ident = tls.load_identity(
+        certificate=silo / "bank.pem", key=silo / "bank.key", ca=ca / "ca.pem"
+    )
     assert ident.party == Party("bank", Role.GUEST)
     out = capsys.readouterr().out
     assert tls.fingerprint(ident.certificate_pem) in out  # what the peer pins
@@ -44,7 +67,11 @@ def test_sign_refuses_a_csr_without_party_name(tmp_path: Path) -> None:
 
     cert, key = tls.create_ca(tmp_path / "ca")
     k = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bank")])).sign(k, hashes.SHA256())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bank")]))
+        .sign(k, hashes.SHA256())
+    )
     with pytest.raises(ConfigError, match="subject alternative name"):
         tls.sign_csr(csr_pem=csr.public_bytes(serialization.Encoding.PEM), ca_cert=cert, ca_key=key)
     with pytest.raises(ConfigError, match="not a PEM certificate signing request"):
@@ -54,7 +81,9 @@ def test_sign_refuses_a_csr_without_party_name(tmp_path: Path) -> None:
 def test_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
     tls.create_demo_pki(tmp_path, [Party("bank", Role.GUEST), Party("shop", Role.HOST)])
     with pytest.raises(ConfigError, match="does not belong"):
-        tls.load_identity(certificate=tmp_path / "bank.pem", key=tmp_path / "shop.key", ca=tmp_path / "ca.pem")
+        tls.load_identity(
+            certificate=tmp_path / "bank.pem", key=tmp_path / "shop.key", ca=tmp_path / "ca.pem"
+        )
 
 
 def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

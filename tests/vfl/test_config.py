@@ -58,8 +58,16 @@ def test_good_config(tmp_path: Path) -> None:
         ('id = "bank"', 'idd = "bank"', "[party]: unknown key 'idd'"),
         ('role = "guest"', 'role = "banker"', "party.role: 'banker' is not a role"),
         ('id = "bank"', 'id = "Bank_1"', "party.id: 'Bank_1' is not a valid party id"),
-        ('listen = "127.0.0.1:0"', 'listen = "localhost"', "party.listen: 'localhost' is not host:port"),
-        ('address = "10.0.0.2:50051"', "address = 5", "peers[0].address: must be a non-empty string"),
+        (
+            'listen = "127.0.0.1:0"',
+            'listen = "localhost"',
+            "party.listen: 'localhost' is not host:port",
+        ),
+        (
+            'address = "10.0.0.2:50051"',
+            "address = 5",
+            "peers[0].address: must be a non-empty string",
+        ),
         ('id = "retailer"', 'id = "bank"', "peers[0].id: 'bank' is this party itself"),
         ("retry_seconds = 5", "retry_seconds = -1", "transport retry_seconds must be positive"),
         ("retry_seconds = 5", "retries = 5", "[transport]: unknown key 'retries'"),

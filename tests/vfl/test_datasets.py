@@ -34,7 +34,9 @@ def test_modified_and_missing_files_are_caught(tmp_path: Path) -> None:
     shutil.copy(src / "README.md", tmp_path / "README.md")
     with pytest.raises(DataError, match="not found at"):
         verify("breast_hetero_guest.csv", folder=tmp_path)
-    (tmp_path / "breast_hetero_guest.csv").write_bytes((src / "breast_hetero_guest.csv").read_bytes()[:-10])
+    (tmp_path / "breast_hetero_guest.csv").write_bytes(
+        (src / "breast_hetero_guest.csv").read_bytes()[:-10]
+    )
     with pytest.raises(DataError, match="modified or truncated"):
         verify("breast_hetero_guest.csv", folder=tmp_path)
     with pytest.raises(DataError, match="not one of the data sets"):

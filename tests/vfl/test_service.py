@@ -44,7 +44,10 @@ def start(config: PartyConfig, logs: Path) -> subprocess.Popen[bytes]:
     log = (logs / f"{config.party.party_id}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "vfl", "serve", "--config", str(config.source)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -53,7 +56,14 @@ def connect(configs: dict[str, PartyConfig]) -> None:
         wait_healthy(cfg, timeout=60)
     for cfg in configs.values():
         for peer in cfg.peers:
-            admin_call(cfg, "set_peer_address", {"peer": peer.party.party_id, "address": service_address(configs[peer.party.party_id])})
+            admin_call(
+                cfg,
+                "set_peer_address",
+                {
+                    "peer": peer.party.party_id,
+                    "address": service_address(configs[peer.party.party_id]),
+                },
+            )
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +97,10 @@ def test_status_through_the_cli(services: Running) -> None:
     cfg = services.configs["retailer"]
     out = subprocess.run(
         [sys.executable, "-m", "vfl", "status", "--config", str(cfg.source)],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     ).stdout
     status = json.loads(out)
     assert status["party"] == "retailer" and status["role"] == "host"
@@ -98,7 +111,12 @@ def test_status_through_the_cli(services: Running) -> None:
 def test_malformed_input_does_not_stop_the_service(services: Running) -> None:
     bank, retailer = services.configs["bank"], services.configs["retailer"]
     identity = load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca)
-    raw = open_channel(peer_id="retailer", address=service_address(retailer), identity=identity, options=TransportOptions())
+    raw = open_channel(
+        peer_id="retailer",
+        address=service_address(retailer),
+        identity=identity,
+        options=TransportOptions(),
+    )
     try:
         for junk in (b"\x00\xff\xfe", b"\x0a\x05hello"):
             with pytest.raises(grpc.RpcError) as info:
@@ -113,7 +131,8 @@ def test_malformed_input_does_not_stop_the_service(services: Running) -> None:
 def test_admin_is_only_for_the_partys_own_operator(services: Running) -> None:
     bank, retailer = services.configs["bank"], services.configs["retailer"]
     client = PeerClient(
-        peer=retailer.party, address=service_address(retailer),
+        peer=retailer.party,
+        address=service_address(retailer),
         identity=load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca),
         options=TransportOptions(retry_seconds=2),
     )
@@ -131,23 +150,46 @@ def test_sigterm_then_restart_keeps_replay_marks(tmp_path: Path) -> None:
     host_cfg = load_config(paths["retailer"])
     bank_cfg = load_config(paths["bank"])
     (tmp_path / "logs").mkdir()
-    bank_identity = load_identity(certificate=bank_cfg.tls.certificate, key=bank_cfg.tls.key, ca=bank_cfg.tls.ca)
+    bank_identity = load_identity(
+        certificate=bank_cfg.tls.certificate, key=bank_cfg.tls.key, ca=bank_cfg.tls.ca
+    )
     bank = GrpcChannel(me=bank_cfg.party, identity=bank_identity, tags=TagRegistry([ServiceTag]))
     bank.start()
-    envelope = Envelope(job_id="restart-job", sender=bank_cfg.party, receiver=host_cfg.party, tag=ServiceTag.PING, step=0, seq=1, body=PlainBlock(b"hello"))
+    envelope = Envelope(
+        job_id="restart-job",
+        sender=bank_cfg.party,
+        receiver=host_cfg.party,
+        tag=ServiceTag.PING,
+        step=0,
+        seq=1,
+        body=PlainBlock(b"hello"),
+    )
     header, payload = encode(envelope)
     statuses = []
     try:
         for round_ in range(2):
             proc = start(host_cfg, tmp_path / "logs")
             wait_healthy(host_cfg, timeout=60)
-            admin_call(host_cfg, "set_peer_address", {"peer": "bank", "address": f"127.0.0.1:{bank.port}"})
+            admin_call(
+                host_cfg, "set_peer_address", {"peer": "bank", "address": f"127.0.0.1:{bank.port}"}
+            )
             bank.add_peer(PartyAddress(host_cfg.party, service_address(host_cfg)))
-            client = PeerClient(peer=host_cfg.party, address=service_address(host_cfg), identity=bank_identity, options=TransportOptions())
+            client = PeerClient(
+                peer=host_cfg.party,
+                address=service_address(host_cfg),
+                identity=bank_identity,
+                options=TransportOptions(),
+            )
             statuses.append(client.deliver(header, payload))
             client.close()
             if round_ == 0:
-                pong = bank.recv(job_id="restart-job", sender=host_cfg.party, tag=ServiceTag.PONG, step=0, timeout=10)
+                pong = bank.recv(
+                    job_id="restart-job",
+                    sender=host_cfg.party,
+                    tag=ServiceTag.PONG,
+                    step=0,
+                    timeout=10,
+                )
                 assert pong.body is not None
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
@@ -165,7 +207,10 @@ def test_serve_with_a_bad_config_names_the_key(tmp_path: Path) -> None:
     paths["bank"].write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "vfl", "serve", "--config", str(paths["bank"])],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "party.role: 'gust' is not a role" in result.stderr

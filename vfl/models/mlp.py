@@ -24,7 +24,12 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, *, in_features: int, widths: tuple[int, ...], activation: str = "relu", dropout: float = 0.0
+        self,
+        *,
+        in_features: int,
+        widths: tuple[int, ...],
+        activation: str = "relu",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if in_features < 1 or not widths or min(widths) < 1:

@@ -24,7 +24,7 @@ def service_address(config: PartyConfig) -> str:
     """Where the party's own service can be reached from this machine."""
     host, _, port = config.listen.rpartition(":")
     bound = read_port(config.state_dir)
-    if host in ("0.0.0.0", "[::]", "::", ""):
+    if host in ("0.0.0.0", "[::]", "::", ""):  # noqa: S104 - a wildcard listen is reached locally
         host = "127.0.0.1"
     return f"{host}:{bound if bound is not None else port}"
 

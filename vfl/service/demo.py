@@ -73,7 +73,9 @@ def write_demo_setup(out: Path, *, data_folder: Path) -> dict[str, Path]:
                 "",
             ]
         lines.append("[data]")
-        lines += [f'{alias} = "{data_folder / name}"' for alias, name in _DATA[party.party_id].items()]
+        lines += [
+            f'{alias} = "{data_folder / name}"' for alias, name in _DATA[party.party_id].items()
+        ]
         path = out / f"{party.party_id}.toml"
         path.write_text("\n".join(lines) + "\n")
         paths[party.party_id] = path
@@ -103,8 +105,12 @@ def run_demo(
         for cfg in parsed.values():
             for peer in cfg.peers:
                 admin_call(
-                    cfg, AdminCommand.SET_PEER_ADDRESS,
-                    {"peer": peer.party.party_id, "address": service_address(parsed[peer.party.party_id])},
+                    cfg,
+                    AdminCommand.SET_PEER_ADDRESS,
+                    {
+                        "peer": peer.party.party_id,
+                        "address": service_address(parsed[peer.party.party_id]),
+                    },
                 )
         echo("5. every party pings every other party at once (mutual TLS, PONG carries a SHA-256)")
         results = _ping_all(parsed, big_bytes)
@@ -132,7 +138,9 @@ def run_demo(
     return results
 
 
-def _start(configs: Mapping[str, PartyConfig], out: Path, echo: Callable[[str], None]) -> dict[str, subprocess.Popen[bytes]]:
+def _start(
+    configs: Mapping[str, PartyConfig], out: Path, echo: Callable[[str], None]
+) -> dict[str, subprocess.Popen[bytes]]:
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     procs = {}
@@ -140,9 +148,14 @@ def _start(configs: Mapping[str, PartyConfig], out: Path, echo: Callable[[str], 
         log = (logs / f"{pid}.log").open("wb")
         procs[pid] = subprocess.Popen(
             [sys.executable, "-m", "vfl", "serve", "--config", str(cfg.source)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        echo(f"3. started `vfl serve --config {cfg.source.name}` as pid {procs[pid].pid} ({cfg.party})")
+        echo(
+            f"3. started `vfl serve --config {cfg.source.name}` as pid {procs[pid].pid} "
+            f"({cfg.party})"
+        )
     return procs
 
 

@@ -102,7 +102,10 @@ class PartyService:
         port = self.channel.start()
         _atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n")
         logger.info(
-            "%s serving on port %d with %d peer(s): %s", self.party, port, len(self.config.peers),
+            "%s serving on port %d with %d peer(s): %s",
+            self.party,
+            port,
+            len(self.config.peers),
             ", ".join(str(p.party) for p in self.config.peers) or "none",
         )
         return port
@@ -132,7 +135,10 @@ class PartyService:
         body_hash = hashlib.sha256(envelope.payload).hexdigest()
         logger.info(
             "%s: PING from %s job=%s step=%d, %d B; replying PONG",
-            self.party.party_id, envelope.sender, envelope.job_id, envelope.step,
+            self.party.party_id,
+            envelope.sender,
+            envelope.job_id,
+            envelope.step,
             len(envelope.payload),
         )
         self.channel.send(
@@ -157,12 +163,19 @@ class PartyService:
             started = time.perf_counter()
             self.channel.send(
                 Envelope(
-                    job_id=job_id, sender=self.party, receiver=peer, tag=ServiceTag.PING,
-                    step=step, body=PlainBlock(payload),
+                    job_id=job_id,
+                    sender=self.party,
+                    receiver=peer,
+                    tag=ServiceTag.PING,
+                    step=step,
+                    body=PlainBlock(payload),
                 )
             )
             pong = self.channel.recv(
-                job_id=job_id, sender=peer, tag=ServiceTag.PONG, step=step,
+                job_id=job_id,
+                sender=peer,
+                tag=ServiceTag.PONG,
+                step=step,
                 timeout=self.config.transport.deadline(payload_bytes) + 10,
             )
             rtts.append(time.perf_counter() - started)
@@ -171,8 +184,12 @@ class PartyService:
                 raise MalformedEnvelopeError(f"{peer} returned a PONG that does not match the PING")
         rtts.sort()
         logger.info(
-            "%s: %d PING/PONG with %s, %d B each, median %.2f ms", self.party.party_id, rounds,
-            peer, payload_bytes, 1e3 * rtts[len(rtts) // 2],
+            "%s: %d PING/PONG with %s, %d B each, median %.2f ms",
+            self.party.party_id,
+            rounds,
+            peer,
+            payload_bytes,
+            1e3 * rtts[len(rtts) // 2],
         )
         return {
             "peer": peer_id,
