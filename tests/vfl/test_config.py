@@ -93,3 +93,11 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_peer_lists_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\(peers: retailer\)"):
         load_config(write(tmp_path, GOOD)).peer("arbiter")
+
+
+def test_example_configs_load() -> None:
+    folder = Path(__file__).resolve().parents[2] / "examples" / "three_parties"
+    configs = [load_config(p) for p in sorted(folder.glob("*.toml"))]
+    assert {c.party.party_id for c in configs} == {"arbiter", "bank", "retailer"}
+    for c in configs:
+        assert all(path.is_file() for path in c.data.values()), c.data
