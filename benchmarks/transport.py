@@ -58,8 +58,7 @@ class BenchTag(StrEnum):
 
 
 def identity(pki: Path, party: Party) -> tls.TlsIdentity:
-    p = party.party_id
-    return tls.load_identity(certificate=pki / f"{p}.pem", key=pki / f"{p}.key", ca=pki / "ca.pem")
+    return tls.load_demo_identity(pki, party.party_id)
 
 
 def serve(pki: Path, chunk: int) -> None:

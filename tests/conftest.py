@@ -36,20 +36,10 @@ class Pki:
     other_dir: Path  # another CA with the same party ids
 
     def identity(self, party: Party) -> tls.TlsIdentity:
-        d = self.dir
-        return tls.load_identity(
-            certificate=d / f"{party.party_id}.pem",
-            key=d / f"{party.party_id}.key",
-            ca=d / "ca.pem",
-        )
+        return tls.load_demo_identity(self.dir, party.party_id)
 
     def other_ca_identity(self, party: Party) -> tls.TlsIdentity:
-        d = self.other_dir
-        return tls.load_identity(
-            certificate=d / f"{party.party_id}.pem",
-            key=d / f"{party.party_id}.key",
-            ca=d / "ca.pem",
-        )
+        return tls.load_demo_identity(self.other_dir, party.party_id)
 
     def extra_identity(self, name: str, party: Party, **sign_kwargs: object) -> tls.TlsIdentity:
         """A fresh key + certificate for ``party`` signed by the main CA (not validated)."""

@@ -37,6 +37,7 @@ from typing import Any
 from protocols.errors import ConfigError
 from protocols.roles import Party, PartyAddress, Role, check_party_id
 from protocols.transport.options import TransportOptions
+from protocols.transport.tls import TlsIdentity, load_identity
 
 _SECTIONS = {"party", "tls", "peers", "data", "transport"}
 _PARTY_KEYS = {"id", "role", "listen", "state_dir"}
@@ -52,6 +53,10 @@ class TlsPaths:
     ca: Path
     certificate: Path
     key: Path
+
+    def load(self) -> TlsIdentity:
+        """Load and check the identity these paths name."""
+        return load_identity(certificate=self.certificate, key=self.key, ca=self.ca)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,13 @@ def load_identity(*, certificate: Path, key: Path, ca: Path) -> TlsIdentity:
     return TlsIdentity(party=party, certificate_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
 
 
+def load_demo_identity(folder: Path, party_id: str) -> TlsIdentity:
+    """Load ``<id>.pem``, ``<id>.key`` and ``ca.pem`` as written by :func:`create_demo_pki`."""
+    return load_identity(
+        certificate=folder / f"{party_id}.pem", key=folder / f"{party_id}.key", ca=folder / "ca.pem"
+    )
+
+
 # ---------------------------------------------------------------------------
 # issuing
 

@@ -28,9 +28,7 @@ def main() -> None:
     )
     by_id = {p.party_id: p for p in PARTIES}
     me, peer = by_id[me_id], by_id[peer_id]
-    identity = tls.load_identity(
-        certificate=pki / f"{me_id}.pem", key=pki / f"{me_id}.key", ca=pki / "ca.pem"
-    )
+    identity = tls.load_demo_identity(pki, me_id)
     channel = GrpcChannel(me=me, identity=identity, tags=TagRegistry([TestTag]))
     print(channel.start(), flush=True)
     address = sys.stdin.readline().strip()

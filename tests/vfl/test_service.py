@@ -23,7 +23,6 @@ from protocols.transport.base import DeliveryStatus
 from protocols.transport.grpc_channel import GrpcChannel
 from protocols.transport.grpc_client import DELIVER, PeerClient, open_channel
 from protocols.transport.options import TransportOptions
-from protocols.transport.tls import load_identity
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
 from vfl.service.admin import admin_call, service_address, wait_healthy
@@ -110,7 +109,7 @@ def test_status_through_the_cli(services: Running) -> None:
 
 def test_malformed_input_does_not_stop_the_service(services: Running) -> None:
     bank, retailer = services.configs["bank"], services.configs["retailer"]
-    identity = load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca)
+    identity = bank.tls.load()
     raw = open_channel(
         peer_id="retailer",
         address=service_address(retailer),
@@ -133,7 +132,7 @@ def test_admin_is_only_for_the_partys_own_operator(services: Running) -> None:
     client = PeerClient(
         peer=retailer.party,
         address=service_address(retailer),
-        identity=load_identity(certificate=bank.tls.certificate, key=bank.tls.key, ca=bank.tls.ca),
+        identity=bank.tls.load(),
         options=TransportOptions(retry_seconds=2),
     )
     try:
@@ -150,9 +149,7 @@ def test_sigterm_then_restart_keeps_replay_marks(tmp_path: Path) -> None:
     host_cfg = load_config(paths["retailer"])
     bank_cfg = load_config(paths["bank"])
     (tmp_path / "logs").mkdir()
-    bank_identity = load_identity(
-        certificate=bank_cfg.tls.certificate, key=bank_cfg.tls.key, ca=bank_cfg.tls.ca
-    )
+    bank_identity = bank_cfg.tls.load()
     bank = GrpcChannel(me=bank_cfg.party, identity=bank_identity, tags=TagRegistry([ServiceTag]))
     bank.start()
     envelope = Envelope(

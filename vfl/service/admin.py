@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protocols.errors import PeerUnavailableError
 from protocols.transport.grpc_client import PeerClient, open_channel
-from protocols.transport.tls import TlsIdentity, load_identity
+from protocols.transport.tls import TlsIdentity
 from vfl.config import PartyConfig
 from vfl.service.party import read_port
 
@@ -32,7 +32,7 @@ def service_address(config: PartyConfig) -> str:
 def _identity(config: PartyConfig, insecure: bool) -> TlsIdentity | None:
     if insecure:
         return None
-    return load_identity(certificate=config.tls.certificate, key=config.tls.key, ca=config.tls.ca)
+    return config.tls.load()
 
 
 def admin_call(

@@ -36,7 +36,7 @@ from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.grpc_channel import GrpcChannel
-from protocols.transport.tls import TlsIdentity, load_identity
+from protocols.transport.tls import TlsIdentity
 from vfl.config import PartyConfig
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class PartyService:
         self.party = config.party
         identity: TlsIdentity | None = None
         if not insecure:
-            identity = load_identity(
-                certificate=config.tls.certificate, key=config.tls.key, ca=config.tls.ca
-            )
+            identity = config.tls.load()
             if identity.party != config.party:
                 raise ConfigError(
                     f"{config.source}: [party] is {config.party} but {config.tls.certificate} "
