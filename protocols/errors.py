@@ -90,3 +90,23 @@ class KeyMismatchError(CryptoError):
 
 class AlignmentError(VflError):
     """Sample alignment (PSI) failed or produced an unusable result."""
+
+
+class InvalidCiphertextError(CryptoError):
+    """A received ciphertext is out of range or malformed."""
+
+
+class EncodingBoundError(CryptoError, ValueError):
+    """A value exceeds the bound of the quantity it encodes (checked before encoding)."""
+
+
+class DecodingOverflowError(CryptoError):
+    """A decoded value lies outside its range: an overflow or a broken invariant; abort."""
+
+
+class PackingOverflowError(DecodingOverflowError):
+    """A packed slot overflowed into its neighbour."""
+
+
+class PolicyViolationError(ProtocolError):
+    """The arbiter refused a decryption request (wrong requester, count, step or a repeat)."""

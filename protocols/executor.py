@@ -1,0 +1,144 @@
+"""One interface for every heavy parallel path: Paillier products, obfuscator
+generation, the arbiter's decryptions (and later PSI and training).
+
+Work is a list of chunks; :meth:`Executor.map` applies a top-level function to each
+chunk and returns the results **in chunk order**, whatever order workers finish in.
+A chunk whose worker died (killed, out of memory) is retried on a fresh pool up to
+``retries`` times; an exception raised by the function itself is a bug or bad input
+and propagates at once. Chunks and results are pickled between this party's own
+processes only; nothing a peer sent is ever unpickled here (callers parse peer bytes
+into integers first). ``gmpy2`` does not speed up with threads, hence processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from protocols.errors import ConfigError, VflError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ExecutorError(VflError):
+    """A chunk failed even after its retries."""
+
+
+def split(count: int, parts: int) -> list[range]:
+    """Split ``range(count)`` into at most ``parts`` contiguous, nearly equal ranges."""
+    parts = max(1, min(parts, count))
+    size, extra = divmod(count, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + size + (1 if i < extra else 0)
+        if stop > start:
+            out.append(range(start, stop))
+        start = stop
+    return out
+
+
+class Executor(ABC):
+    """Runs chunks of work; see the module docstring."""
+
+    @property
+    @abstractmethod
+    def workers(self) -> int:
+        """How many chunks run at once."""
+
+    @abstractmethod
+    def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
+        """``[fn(c) for c in chunks]``, computed in parallel, in chunk order."""
+
+    def close(self) -> None:
+        """Release the workers."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InlineExecutor(Executor):
+    """Runs every chunk in the calling process (tests, tiny work)."""
+
+    @property
+    def workers(self) -> int:
+        return 1
+
+    def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
+        return [fn(c) for c in chunks]
+
+
+class LocalProcessExecutor(Executor):
+    """A local process pool (the default backend).
+
+    Parameters
+    ----------
+    workers
+        Number of worker processes (default: the CPU count).
+    retries
+        How often a chunk whose worker died is retried on a fresh pool.
+    start_method
+        ``"forkserver"`` (default; safe beside gRPC's threads) or ``"spawn"``.
+    """
+
+    def __init__(self, *, workers: int | None = None, retries: int = 2, start_method: str = "forkserver") -> None:
+        self._workers = workers or os.cpu_count() or 1
+        if self._workers < 1 or retries < 0:
+            raise ConfigError("executor needs at least one worker and a non-negative retry count")
+        self._retries = retries
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._context.set_forkserver_preload(["gmpy2", "numpy", "protocols.crypto.paillier"])
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=self._context)
+        return self._pool
+
+    def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
+        results: dict[int, R] = {}
+        attempts = dict.fromkeys(range(len(chunks)), 0)
+        pending = list(range(len(chunks)))
+        while pending:
+            pool = self._get_pool()
+            futures: dict[int, Future[Any]] = {i: pool.submit(fn, chunks[i]) for i in pending}
+            broken: list[int] = []
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    broken.append(i)
+            if broken:
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                for i in broken:
+                    attempts[i] += 1
+                    if attempts[i] > self._retries:
+                        raise ExecutorError(
+                            f"chunk {i} of {len(chunks)} failed {attempts[i]} times: its worker "
+                            "process died (killed or out of memory?)"
+                        )
+                logger.warning("a worker died; retrying %d chunk(s) on a fresh pool", len(broken))
+            pending = broken
+        return [results[i] for i in range(len(chunks))]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
