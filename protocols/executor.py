@@ -3,8 +3,10 @@ generation, the arbiter's decryptions (and later PSI and training).
 
 Work is a list of chunks; :meth:`Executor.map` applies a top-level function to each
 chunk and returns the results **in chunk order**, whatever order workers finish in.
-A chunk whose worker died (killed, out of memory) is retried on a fresh pool up to
-``retries`` times; an exception raised by the function itself is a bug or bad input
+A chunk whose worker died (killed, out of memory) is retried on a fresh pool; the map
+gives up after ``retries`` consecutive pool failures in which no chunk completed (a dead
+worker takes its pool down, so the innocent chunks of that pool are retried too, and
+no single chunk can be blamed). An exception raised by the function itself is a bug or bad input
 and propagates at once. Chunks and results are pickled between this party's own
 processes only; nothing a peer sent is ever unpickled here (callers parse peer bytes
 into integers first). ``gmpy2`` does not speed up with threads, hence processes.
@@ -58,7 +60,7 @@ class Executor(ABC):
     def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
         """``[fn(c) for c in chunks]``, computed in parallel, in chunk order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the workers."""
 
     def __enter__(self) -> Executor:
@@ -87,12 +89,14 @@ class LocalProcessExecutor(Executor):
     workers
         Number of worker processes (default: the CPU count).
     retries
-        How often a chunk whose worker died is retried on a fresh pool.
+        How many consecutive fruitless pool failures are retried before giving up.
     start_method
         ``"forkserver"`` (default; safe beside gRPC's threads) or ``"spawn"``.
     """
 
-    def __init__(self, *, workers: int | None = None, retries: int = 2, start_method: str = "forkserver") -> None:
+    def __init__(
+        self, *, workers: int | None = None, retries: int = 2, start_method: str = "forkserver"
+    ) -> None:
         self._workers = workers or os.cpu_count() or 1
         if self._workers < 1 or retries < 0:
             raise ConfigError("executor needs at least one worker and a non-negative retry count")
@@ -113,8 +117,8 @@ class LocalProcessExecutor(Executor):
 
     def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
         results: dict[int, R] = {}
-        attempts = dict.fromkeys(range(len(chunks)), 0)
         pending = list(range(len(chunks)))
+        fruitless = 0
         while pending:
             pool = self._get_pool()
             futures: dict[int, Future[Any]] = {i: pool.submit(fn, chunks[i]) for i in pending}
@@ -127,13 +131,12 @@ class LocalProcessExecutor(Executor):
             if broken:
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-                for i in broken:
-                    attempts[i] += 1
-                    if attempts[i] > self._retries:
-                        raise ExecutorError(
-                            f"chunk {i} of {len(chunks)} failed {attempts[i]} times: its worker "
-                            "process died (killed or out of memory?)"
-                        )
+                fruitless = fruitless + 1 if len(broken) == len(pending) else 0
+                if fruitless > self._retries:
+                    raise ExecutorError(
+                        f"{len(broken)} of {len(chunks)} chunks failed: worker processes died "
+                        f"{fruitless} times in a row without progress (killed or out of memory?)"
+                    )
                 logger.warning("a worker died; retrying %d chunk(s) on a fresh pool", len(broken))
             pending = broken
         return [results[i] for i in range(len(chunks))]

@@ -61,7 +61,9 @@ class SignedFixedBase:
 
     def __init__(self, c: mpz, modulus: mpz, *, exp_bits: int, window: int = 5) -> None:
         self._pos = FixedBaseTable(c, modulus, exp_bits=exp_bits, window=window)
-        self._neg = FixedBaseTable(gmpy2.invert(c, modulus), modulus, exp_bits=exp_bits, window=window)
+        self._neg = FixedBaseTable(
+            gmpy2.invert(c, modulus), modulus, exp_bits=exp_bits, window=window
+        )
 
     def pow(self, x: int) -> mpz:
         """``c^x`` (``(c⁻¹)^{-x}`` when ``x < 0``)."""

@@ -63,7 +63,7 @@ class FixedPointConfig:
 
 
 def encode(x: np.ndarray | float, *, scale: int, bound: float) -> IntArray:
-    """Encode reals at ``scale`` after checking ``|x| <= bound``; returns an object array of ints."""
+    """Encode reals at ``scale`` after checking ``|x| <= bound``; an object array of ints."""
     arr = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise EncodingBoundError("cannot encode NaN or infinite values")

@@ -49,7 +49,11 @@ class ObfuscatorKind(Enum):
 
 def exponent_bits(bits: int, kind: ObfuscatorKind) -> int:
     """Length of the random exponent ``x`` for a key of ``bits`` bits."""
-    return SHORT_EXPONENT_BITS if kind is ObfuscatorKind.SHORT_EXPONENT else bits + EXPONENT_MARGIN_BITS
+    return (
+        SHORT_EXPONENT_BITS
+        if kind is ObfuscatorKind.SHORT_EXPONENT
+        else bits + EXPONENT_MARGIN_BITS
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,7 +165,9 @@ class ObfuscatorPool:
         with self._lock:
             self._target = target
         if self._thread is None:
-            self._thread = threading.Thread(target=self._refill_loop, name="obfuscator-pool", daemon=True)
+            self._thread = threading.Thread(
+                target=self._refill_loop, name="obfuscator-pool", daemon=True
+            )
             self._thread.start()
         self._wake.set()
 

@@ -10,7 +10,7 @@ in whatever position it sits. Capacity ``S = ⌊(|n| - 2)/s⌋``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 from gmpy2 import mpz
@@ -26,7 +26,9 @@ def capacity(n_bits: int, slot_bits: int) -> int:
     return slots
 
 
-def slot_bits_for(*, d: int, k: int, batch: int, b_a: int = 28, b_d: int = 36, l_w: int = 64, sigma: int = 64) -> int:
+def slot_bits_for(
+    *, d: int, k: int, batch: int, b_a: int = 28, b_d: int = 36, l_w: int = 64, sigma: int = 64
+) -> int:
     """``s = max(s_F, s_B1, s_B2)`` of §4.8 (130 for d, k <= 64 and B <= 256)."""
     big_l = l_w + sigma - 1
     s_f = b_a + l_w + math.ceil(math.log2(d)) + 2
@@ -35,7 +37,7 @@ def slot_bits_for(*, d: int, k: int, batch: int, b_a: int = 28, b_d: int = 36, l
     return max(s_f, s_b1, s_b2)
 
 
-def pack(values: Sequence[int], *, slot_bits: int) -> int:
+def pack(values: Iterable[int] | np.ndarray, *, slot_bits: int) -> int:
     """Pack signed slot values (slot 0 lowest) into one signed integer."""
     total = 0
     for j, v in enumerate(values):
@@ -53,7 +55,9 @@ def unpack(m: int, n: mpz, *, slot_bits: int, slots: int) -> list[int]:
         if d >= half:
             d -= modulus
         if abs(d) >= limit:
-            raise PackingOverflowError(f"packed slot {j} of {slots} overflowed ({slot_bits}-bit slots)")
+            raise PackingOverflowError(
+                f"packed slot {j} of {slots} overflowed ({slot_bits}-bit slots)"
+            )
         out.append(d)
         p = (p - d) >> slot_bits
     if p != 0:
@@ -72,7 +76,9 @@ def pack_rows(values: np.ndarray, *, slot_bits: int, slots: int) -> np.ndarray:
     return out
 
 
-def unpack_rows(packed: np.ndarray, n: mpz, *, slot_bits: int, slots: int, width: int) -> np.ndarray:
+def unpack_rows(
+    packed: np.ndarray, n: mpz, *, slot_bits: int, slots: int, width: int
+) -> np.ndarray:
     """Inverse of :func:`pack_rows` on residues; ``width`` is the original row length ``k``."""
     m, blocks = packed.shape
     out = np.empty((m, width), dtype=object)

@@ -158,7 +158,9 @@ class PublicKey:
         width = self.c_bytes
         if len(data) % width or (count is not None and len(data) != count * width):
             expected = f"{count} x {width}" if count is not None else f"a multiple of {width}"
-            raise InvalidCiphertextError(f"ciphertext block of {len(data)} B, expected {expected} B")
+            raise InvalidCiphertextError(
+                f"ciphertext block of {len(data)} B, expected {expected} B"
+            )
         out = [mpz(int.from_bytes(data[i : i + width], "big")) for i in range(0, len(data), width)]
         n2 = self.n2
         for c in out:
@@ -233,7 +235,9 @@ def check_key_bits(bits: int, *, allow_test_key: bool) -> None:
     raise ConfigError(f"Paillier key size {bits}: use 2048 or 3072 bits")
 
 
-def generate_keypair(*, bits: int = 2048, allow_test_key: bool = False) -> tuple[PublicKey, PrivateKey]:
+def generate_keypair(
+    *, bits: int = 2048, allow_test_key: bool = False
+) -> tuple[PublicKey, PrivateKey]:
     """Generate the arbiter's key pair (phe primes) and a fresh fixed obfuscator base."""
     from phe import paillier
 

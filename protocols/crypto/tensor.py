@@ -95,12 +95,16 @@ class EncryptedTensor:
             values = _plain_values(cipher, block.data, count)
         arr = np.empty(count, dtype=object)
         arr[:] = values
-        return cls(cipher=cipher, values=arr.reshape(block.shape), scale=block.scale, packing=block.packing)
+        return cls(
+            cipher=cipher, values=arr.reshape(block.shape), scale=block.scale, packing=block.packing
+        )
 
     def _same_key(self, other: EncryptedTensor) -> None:
         other.cipher.key.check_key_id(self.cipher.key.key_id)
         if self.shape != other.shape or self.scale != other.scale:
-            raise ValueError(f"shapes/scales differ: {self.shape}@{self.scale} vs {other.shape}@{other.scale}")
+            raise ValueError(
+                f"shapes/scales differ: {self.shape}@{self.scale} vs {other.shape}@{other.scale}"
+            )
 
     def _map2(self, other: EncryptedTensor, op: object) -> EncryptedTensor:
         out = np.empty(self.values.shape, dtype=object)
@@ -164,7 +168,9 @@ def _matmul_chunk(args: tuple[mpz, bool, np.ndarray, np.ndarray]) -> np.ndarray:
     return out
 
 
-def plain_matmul(plain: np.ndarray, enc: EncryptedTensor, *, executor: Executor, scale: int) -> EncryptedTensor:
+def plain_matmul(
+    plain: np.ndarray, enc: EncryptedTensor, *, executor: Executor, scale: int
+) -> EncryptedTensor:
     """``[[P·C]]`` for small signed integers ``P`` (m×r) and ciphertexts ``C`` (r×q).
 
     The result has ``scale`` (the sum of the operands' scales) and ``C``'s packing, and is
@@ -175,7 +181,12 @@ def plain_matmul(plain: np.ndarray, enc: EncryptedTensor, *, executor: Executor,
     modulus = enc.cipher.modulus
     parts = split(plain.shape[1], executor.workers)
     chunks = [
-        (modulus, enc.cipher.encrypted, plain[:, part.start : part.stop], enc.values[part.start : part.stop, :])
+        (
+            modulus,
+            enc.cipher.encrypted,
+            plain[:, part.start : part.stop],
+            enc.values[part.start : part.stop, :],
+        )
         for part in parts
     ]
     partials = executor.map(_matmul_chunk, chunks)

@@ -13,7 +13,8 @@ Receiving an envelope (both implementations run exactly these steps):
 3. check the sender is the authenticated peer, id and role (:class:`PeerIdentityError`);
 4. check the tag is registered (:class:`UnknownTagError`);
 5. apply the replay rules (:mod:`protocols.transport.replay`); a byte-identical
-   repeat is acknowledged as a duplicate and stops here;
+   repeat is acknowledged as a duplicate and not processed again (a handler may
+   register ``on_duplicate`` to resend a cached reply, e.g. the arbiter's);
 6. dispatch to the first matching handler, else store in the mailbox.
 
 Sequence numbers are assigned by the sender's channel, strictly increasing per
@@ -97,14 +98,20 @@ class Mailbox:
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._box: dict[MailKey, Envelope] = {}
-        self._handlers: list[tuple[MessageFilter, Handler]] = []
+        self._handlers: list[tuple[MessageFilter, Handler, Handler | None]] = []
         self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
         self._closed = False
 
-    def add_handler(self, message_filter: MessageFilter, handler: Handler) -> None:
-        """Route matching envelopes to ``handler`` (run on a worker thread)."""
+    def add_handler(
+        self, message_filter: MessageFilter, handler: Handler, on_duplicate: Handler | None = None
+    ) -> None:
+        """Route matching envelopes to ``handler`` (run on a worker thread).
+
+        ``on_duplicate`` is called with a byte-identical repeat of an envelope already
+        handled (for example to resend a cached reply whose first delivery was lost).
+        """
         with self._cond:
-            self._handlers.append((message_filter, handler))
+            self._handlers.append((message_filter, handler, on_duplicate))
 
     def deliver(
         self, header: bytes, payload: bytes, digest: bytes, *, authenticated: Party | None
@@ -128,6 +135,7 @@ class Mailbox:
         self.tags.check(envelope.tag)  # step 4
         if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
             logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
+            self._dispatch_duplicate(envelope)
             return DeliveryStatus.DUPLICATE
         self._dispatch(envelope)  # step 6
         return DeliveryStatus.ACCEPTED
@@ -145,7 +153,7 @@ class Mailbox:
         with self._cond:
             if self._closed:
                 raise TransportError(f"{self.me} is shutting down; envelope not accepted")
-            for message_filter, handler in self._handlers:
+            for message_filter, handler, _ in self._handlers:
                 if message_filter.matches(envelope):
                     self._pool.submit(self._run_handler, handler, envelope)
                     return
@@ -159,6 +167,14 @@ class Mailbox:
             self._box[key] = envelope
             self._queued_bytes += len(envelope.payload)
             self._cond.notify_all()
+
+    def _dispatch_duplicate(self, envelope: Envelope) -> None:
+        with self._cond:
+            for message_filter, _, on_duplicate in self._handlers:
+                if message_filter.matches(envelope):
+                    if on_duplicate is not None and not self._closed:
+                        self._pool.submit(self._run_handler, on_duplicate, envelope)
+                    return
 
     @staticmethod
     def _run_handler(handler: Handler, envelope: Envelope) -> None:
@@ -300,9 +316,18 @@ class Channel(ABC):
         """Wait for the oldest envelope matching ``message_filter``."""
         return self._mailbox.take_any(message_filter, timeout)
 
-    def add_handler(self, message_filter: MessageFilter, handler: Handler) -> None:
-        """Route every matching envelope that arrives to ``handler`` instead of the mailbox."""
-        self._mailbox.add_handler(message_filter, handler)
+    def add_handler(
+        self,
+        message_filter: MessageFilter,
+        handler: Handler,
+        *,
+        on_duplicate: Handler | None = None,
+    ) -> None:
+        """Route every matching envelope that arrives to ``handler`` instead of the mailbox.
+
+        ``on_duplicate`` receives byte-identical repeats of envelopes already handled.
+        """
+        self._mailbox.add_handler(message_filter, handler, on_duplicate)
 
     def close(self) -> None:
         """Stop receiving; waiters get a :class:`TransportError`."""

@@ -1,0 +1,90 @@
+"""Masked decryption, requester side (PROTOCOL.md §2.5).
+
+Roles: the requester X (G or H) must learn ``m = Dec(c)``; the arbiter A holds the key.
+
+1. X samples ``R`` uniform in ``Z_n`` per element (:func:`sample_masks`) and sends
+   ``c ⊕ R`` to A under the policy tag and step (``DEC_REQ``);
+2. A checks its policy and replies ``Y = Dec(c ⊕ R) = m + R mod n`` to X only;
+3. X computes ``m = (Y - R) mod n`` and decodes it as the caller requires.
+
+A sees only ``Y``, uniform in ``Z_n`` and independent of ``m``. Adding a mask needs no
+extra obfuscation (§2.4).
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import Enum
+
+import numpy as np
+from gmpy2 import mpz
+
+from protocols.crypto.cipher import Cipher
+from protocols.crypto.fixedpoint import unmask
+from protocols.crypto.tensor import EncryptedTensor
+from protocols.envelope import ControlBlock, Envelope, PlainBlock
+from protocols.errors import MalformedEnvelopeError, PolicyViolationError
+from protocols.roles import Party
+from protocols.tags import tag_value
+from protocols.transport.base import Channel
+
+
+def sample_masks(n: mpz, count: int) -> list[mpz]:
+    """``count`` masks uniform in ``Z_n`` from the OS CSPRNG (§2.3)."""
+    bound = int(n)
+    return [mpz(secrets.randbelow(bound)) for _ in range(count)]
+
+
+class MaskedDecryptionClient:
+    """Runs steps 1-3 of the module docstring over a channel."""
+
+    def __init__(
+        self, *, channel: Channel, arbiter: Party, cipher: Cipher, timeout: float = 600.0
+    ) -> None:
+        self._channel = channel
+        self._arbiter = arbiter
+        self._cipher = cipher
+        self._timeout = timeout
+
+    def decrypt(
+        self, tensor: EncryptedTensor, *, job_id: str, tag: Enum | str, step: int, run_id: str = ""
+    ) -> np.ndarray:
+        """Residues ``m = Dec(c)`` in ``[0, n)``, shaped like ``tensor`` (not yet decoded)."""
+        key = self._cipher.key
+        masks = np.empty(tensor.values.shape, dtype=object)
+        masks.reshape(-1)[:] = sample_masks(key.n, tensor.values.size)  # step 1
+        masked = tensor.add_plain(masks)
+        tag = tag_value(tag)
+        self._channel.send(
+            Envelope(
+                job_id=job_id,
+                sender=self._channel.me,
+                receiver=self._arbiter,
+                tag=tag,
+                step=step,
+                run_id=run_id,
+                key_id=key.key_id,
+                body=masked.to_block(),
+            )
+        )
+        reply = self._channel.recv(  # step 2
+            job_id=job_id,
+            sender=self._arbiter,
+            tag=tag,
+            step=step,
+            run_id=run_id,
+            timeout=self._timeout,
+        )
+        if isinstance(reply.body, ControlBlock):
+            reason = reply.body.obj().get("refused", "no reason given")
+            raise PolicyViolationError(
+                f"the arbiter refused decryption {reply.tag} step {step}: {reason}"
+            )
+        if not isinstance(reply.body, PlainBlock) or tuple(reply.body.shape) != tensor.shape:
+            raise MalformedEnvelopeError(
+                f"decryption reply for {reply.tag} step {step} has the wrong shape"
+            )
+        key.check_key_id(reply.key_id)
+        y = np.empty(tensor.values.shape, dtype=object)
+        y.reshape(-1)[:] = key.residues_from_bytes(reply.body.data, count=tensor.values.size)
+        return unmask(y, masks, key.n)  # step 3

@@ -1,0 +1,253 @@
+"""Masked decryption through the arbiter's service and its policy (§2.5, §2.6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+
+import numpy as np
+import pytest
+
+from protocols.crypto.arbiter import (
+    Admission,
+    ArbiterService,
+    DecryptionPolicy,
+    JobPolicy,
+    PolicyRule,
+)
+from protocols.crypto.cipher import PaillierCipher, PlaintextCipher
+from protocols.crypto.fixedpoint import lift
+from protocols.crypto.masked import MaskedDecryptionClient
+from protocols.crypto.obfuscators import ObfuscatorPool
+from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.tensor import EncryptedTensor, encrypt
+from protocols.envelope import Envelope
+from protocols.errors import PolicyViolationError, ReplayConflictError
+from protocols.executor import LocalProcessExecutor
+from protocols.tags import TagRegistry
+from protocols.transport.base import Channel
+from protocols.transport.inmemory import InMemoryNetwork
+from tests.conftest import ARBITER, BANK, RETAILER
+
+
+class DecTag(StrEnum):
+    Z_FWD = "testsplit.Z_FWD"
+    G_BWD = "testsplit.G_BWD"
+
+
+def policy_for(job_id: str, pk: PublicKey, count: int = 6) -> JobPolicy:
+    return JobPolicy(
+        job_id=job_id,
+        key_id=pk.key_id,
+        rules=(
+            PolicyRule(DecTag.Z_FWD.value, "bank", count),
+            PolicyRule(DecTag.G_BWD.value, "retailer", count),
+        ),
+    )
+
+
+class Trio:
+    def __init__(self, pk: PublicKey, sk: PrivateKey | None, cipher, executor) -> None:  # type: ignore[no-untyped-def]
+        net = InMemoryNetwork()
+        self.ch: dict[str, Channel] = {
+            p.party_id: net.channel(p, tags=TagRegistry([DecTag]))
+            for p in (BANK, RETAILER, ARBITER)
+        }
+        self.policy = DecryptionPolicy()
+        self.service = ArbiterService(
+            channel=self.ch["arbiter"],
+            cipher=cipher,
+            private_key=sk,
+            policy=self.policy,
+            executor=executor,
+        )
+        self.service.serve(DecTag)
+        self.cipher = cipher
+
+    def client(self, party: str) -> MaskedDecryptionClient:
+        return MaskedDecryptionClient(
+            channel=self.ch[party], arbiter=ARBITER, cipher=self.cipher, timeout=20
+        )
+
+    def close(self) -> None:
+        for c in self.ch.values():
+            c.close()
+
+
+@pytest.fixture
+def trio(
+    pk: PublicKey, sk: PrivateKey, cipher: PaillierCipher, executor: LocalProcessExecutor
+) -> Iterator[Trio]:
+    t = Trio(pk, sk, cipher, executor)
+    yield t
+    t.close()
+
+
+def tensor(cipher, pool, values: list[int]) -> EncryptedTensor:  # type: ignore[no-untyped-def]
+    return encrypt(cipher, np.array(values, dtype=object).reshape(2, 3), pool=pool, scale=0)
+
+
+def register(trio: Trio, policy: JobPolicy) -> None:
+    assert trio.policy.propose(policy, submitter="bank") is False  # waits for the host's JOB_SPEC
+    assert trio.policy.propose(policy, submitter="retailer") is True
+
+
+def test_masked_decryption_round_trip(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str
+) -> None:
+    register(trio, policy_for(job_id, pk))
+    values = [-5, 0, 7, 2**40, -(2**50), 123]
+    got = trio.client("bank").decrypt(
+        tensor(trio.cipher, pool, values), job_id=job_id, tag=DecTag.Z_FWD, step=0
+    )
+    assert lift(got, pk.n).reshape(-1).tolist() == values
+    got = trio.client("retailer").decrypt(
+        tensor(trio.cipher, pool, values), job_id=job_id, tag=DecTag.G_BWD, step=0
+    )
+    assert lift(got, pk.n).reshape(-1).tolist() == values
+    assert trio.policy.counts(job_id) == {DecTag.Z_FWD.value: 6, DecTag.G_BWD.value: 6}
+
+
+def test_wrong_requester_and_wrong_count_are_refused(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str
+) -> None:
+    register(trio, policy_for(job_id, pk, count=6))
+    with pytest.raises(PolicyViolationError, match="may not request"):
+        trio.client("retailer").decrypt(
+            tensor(trio.cipher, pool, [1] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=1
+        )
+    small = encrypt(trio.cipher, np.array([1, 2], dtype=object), pool=pool, scale=0)
+    with pytest.raises(PolicyViolationError, match="2 values requested, policy allows 6"):
+        trio.client("bank").decrypt(small, job_id=job_id, tag=DecTag.Z_FWD, step=2)
+    with pytest.raises(PolicyViolationError, match="no registered decryption policy"):
+        trio.client("bank").decrypt(
+            tensor(trio.cipher, pool, [1] * 6), job_id="unknown-job", tag=DecTag.Z_FWD, step=0
+        )
+
+
+def test_non_identical_repeat_is_refused(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str
+) -> None:
+    register(trio, policy_for(job_id, pk))
+    client = trio.client("bank")
+    client.decrypt(tensor(trio.cipher, pool, [1] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3)
+    with pytest.raises(ReplayConflictError):  # same run: the transport refuses it already
+        client.decrypt(tensor(trio.cipher, pool, [2] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3)
+    with pytest.raises(
+        PolicyViolationError, match="already served"
+    ):  # another run: the policy does
+        client.decrypt(
+            tensor(trio.cipher, pool, [2] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3, run_id="r2"
+        )
+    trio.policy.resume(job_id, 3)  # RESUME re-opens the step
+    got = client.decrypt(
+        tensor(trio.cipher, pool, [4] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3, run_id="r3"
+    )
+    assert lift(got, pk.n).reshape(-1).tolist() == [4] * 6
+
+
+def test_identical_repeat_is_answered_from_cache(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(trio, policy_for(job_id, pk))
+    bank = trio.ch["bank"]
+    masked = tensor(trio.cipher, pool, [9] * 6)
+    request = bank.send(
+        Envelope(
+            job_id=job_id,
+            sender=BANK,
+            receiver=ARBITER,
+            tag=DecTag.Z_FWD,
+            step=4,
+            key_id=pk.key_id,
+            body=masked.to_block(),
+        )
+    )
+    first = bank.recv(job_id=job_id, sender=ARBITER, tag=DecTag.Z_FWD, step=4, timeout=20)
+    decryptions: list[int] = []
+    real = trio.service._decrypt
+    monkeypatch.setattr(trio.service, "_decrypt", lambda v: decryptions.append(len(v)) or real(v))
+    bank.send(request)  # the byte-identical request again (as after a lost reply)
+    assert decryptions == []  # answered without a new decryption
+    assert (
+        first.body is not None and bank._mailbox.pending() == 0
+    )  # the resent reply was a duplicate
+    # policy level: the same digest is CACHED, another digest refused
+    assert (
+        trio.policy.admit(
+            job_id=job_id,
+            step=4,
+            tag=DecTag.Z_FWD.value,
+            requester="bank",
+            count=6,
+            digest=_digest(request),
+        )
+        is Admission.CACHED
+    )
+
+
+def _digest(env: Envelope) -> bytes:
+    import hashlib
+
+    assert env.body is not None
+    return hashlib.sha256(env.key_id + repr(env.body.shape).encode() + env.payload).digest()
+
+
+def test_cached_reply_reaches_a_requester_that_lost_it(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str
+) -> None:
+    register(trio, policy_for(job_id, pk))
+    bank = trio.ch["bank"]
+    request = bank.send(
+        Envelope(
+            job_id=job_id,
+            sender=BANK,
+            receiver=ARBITER,
+            tag=DecTag.Z_FWD,
+            step=5,
+            key_id=pk.key_id,
+            body=tensor(trio.cipher, pool, [3] * 6).to_block(),
+        )
+    )
+    first = bank.recv(job_id=job_id, sender=ARBITER, tag=DecTag.Z_FWD, step=5, timeout=20)
+    # a restarted requester has no replay marks for the reply: the resent reply is accepted
+    trio.ch["bank"]._mailbox._replay._seqs.clear()  # noqa: SLF001 - simulate the lost reply
+    trio.ch["bank"]._mailbox._replay._logical.clear()  # noqa: SLF001
+    bank.send(request)
+    second = bank.recv(job_id=job_id, sender=ARBITER, tag=DecTag.Z_FWD, step=5, timeout=20)
+    assert second == first
+
+
+def test_mismatching_job_specs_refuse_the_job(trio: Trio, pk: PublicKey, job_id: str) -> None:
+    trio.policy.propose(policy_for(job_id, pk, count=6), submitter="bank")
+    with pytest.raises(PolicyViolationError, match="disagrees"):
+        trio.policy.propose(policy_for(job_id, pk, count=7), submitter="retailer")
+
+
+def test_plaintext_mode_goes_through_the_same_service(
+    pk: PublicKey, pool: ObfuscatorPool, executor: LocalProcessExecutor, job_id: str
+) -> None:
+    plain = PlaintextCipher(pk, i_understand_nothing_is_encrypted=True)
+    t = Trio(pk, None, plain, executor)
+    try:
+        register(t, policy_for(job_id, pk))
+        got = t.client("bank").decrypt(
+            tensor(plain, pool, [-1, 2, -3, 4, -5, 6]), job_id=job_id, tag=DecTag.Z_FWD, step=0
+        )
+        assert lift(got, pk.n).reshape(-1).tolist() == [-1, 2, -3, 4, -5, 6]
+    finally:
+        t.close()
+
+
+def test_arbiter_sees_only_masked_values(
+    trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str, sk: PrivateKey
+) -> None:
+    register(trio, policy_for(job_id, pk))
+    seen: list[int] = []
+    real = trio.service._decrypt
+    trio.service._decrypt = lambda v: (r := real(v), seen.extend(int(x) for x in r))[0]  # type: ignore[method-assign]
+    trio.client("bank").decrypt(
+        tensor(trio.cipher, pool, [0] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=9
+    )
+    assert len(seen) == 6 and all(x != 0 for x in seen)  # zeros went in; A saw m + R
+    assert len(set(seen)) == 6
