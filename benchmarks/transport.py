@@ -34,16 +34,15 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from protocols.envelope import ControlBlock, Envelope, PlainBlock
+from protocols.roles import Party, PartyAddress, Role
+from protocols.tags import TagRegistry
+from protocols.transport import tls
+from protocols.transport.base import MessageFilter
+from protocols.transport.grpc_channel import GrpcChannel
+from protocols.transport.options import TransportOptions
 
-from protocols.envelope import ControlBlock, Envelope, PlainBlock  # noqa: E402
-from protocols.roles import Party, PartyAddress, Role  # noqa: E402
-from protocols.tags import TagRegistry  # noqa: E402
-from protocols.transport import tls  # noqa: E402
-from protocols.transport.base import MessageFilter  # noqa: E402
-from protocols.transport.grpc_channel import GrpcChannel  # noqa: E402
-from protocols.transport.options import TransportOptions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SENDER = Party("bank", Role.GUEST)
 RECEIVER = Party("retailer", Role.HOST)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 
-import gmpy2
 from gmpy2 import mpz
 
-from protocols.crypto.paillier import PublicKey
+from protocols.crypto.paillier import PublicKey, parse_fixed_width
 from protocols.errors import InsecureConfigError, InvalidCiphertextError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +57,13 @@ class Cipher(ABC):
     @abstractmethod
     def check(self, c: mpz) -> None:
         """Raise :class:`InvalidCiphertextError` if ``c`` is out of range."""
+
+    def from_bytes(self, data: bytes, *, count: int) -> list[mpz]:
+        """Parse ``count`` wire values (``2|n|/8`` bytes each) and check every one."""
+        out = parse_fixed_width(data, width=self.key.c_bytes, count=count, what="ciphertext")
+        for c in out:
+            self.check(c)
+        return out
 
     @property
     @abstractmethod
@@ -139,10 +145,3 @@ class PlaintextCipher(Cipher):
     def check(self, c: mpz) -> None:
         if not 0 <= c < self.key.n:
             raise InvalidCiphertextError("plaintext-mode value out of range (must be < n)")
-
-
-def inverse(cipher: Cipher, c: mpz) -> mpz:
-    """``⊖ c`` as a ciphertext (``c⁻¹ mod n²``, or ``-c mod n`` in plaintext mode)."""
-    if cipher.encrypted:
-        return gmpy2.invert(c, cipher.modulus)
-    return (-c) % cipher.modulus

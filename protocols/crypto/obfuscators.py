@@ -57,7 +57,7 @@ def exponent_bits(bits: int, kind: ObfuscatorKind) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _hs_table(n: mpz, h_s: mpz, exp_bits: int) -> FixedBaseTable:
+def hs_table(n: mpz, h_s: mpz, exp_bits: int) -> FixedBaseTable:
     """The worker's table for ``h_s`` (built once per process and key)."""
     return FixedBaseTable(h_s, n * n, exp_bits=exp_bits, window=HS_WINDOW)
 
@@ -72,7 +72,7 @@ def generate(n: mpz, h_s: mpz, bits: int, kind: ObfuscatorKind, count: int) -> l
             out.append(gmpy2.powmod(r, n, n2))
         return out
     exp_bits = exponent_bits(bits, kind)
-    table = _hs_table(n, h_s, exp_bits)
+    table = hs_table(n, h_s, exp_bits)
     return [table.pow(secrets.randbits(exp_bits)) for _ in range(count)]
 
 

@@ -19,7 +19,6 @@ integers; a receiver checks ``0 < c < N2`` and the key id of every block.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -153,21 +152,6 @@ class PublicKey:
         width = self.c_bytes
         return b"".join(int(c).to_bytes(width, "big") for c in values)
 
-    def ciphertexts_from_bytes(self, data: bytes, *, count: int | None = None) -> list[mpz]:
-        """Parse and validate ciphertexts (length, ``0 < c < n²``)."""
-        width = self.c_bytes
-        if len(data) % width or (count is not None and len(data) != count * width):
-            expected = f"{count} x {width}" if count is not None else f"a multiple of {width}"
-            raise InvalidCiphertextError(
-                f"ciphertext block of {len(data)} B, expected {expected} B"
-            )
-        out = [mpz(int.from_bytes(data[i : i + width], "big")) for i in range(0, len(data), width)]
-        n2 = self.n2
-        for c in out:
-            if not 0 < c < n2:
-                raise InvalidCiphertextError("ciphertext out of range (must be 0 < c < n^2)")
-        return out
-
     def residues_to_bytes(self, values: Any) -> bytes:
         """Concatenate plaintext residues in ``[0, n)`` as ``|n|/8``-byte big-endian."""
         width = self.n_bytes
@@ -175,10 +159,7 @@ class PublicKey:
 
     def residues_from_bytes(self, data: bytes, *, count: int | None = None) -> list[mpz]:
         """Parse residues and check ``0 <= v < n``."""
-        width = self.n_bytes
-        if len(data) % width or (count is not None and len(data) != count * width):
-            raise InvalidCiphertextError(f"residue block of {len(data)} B has the wrong length")
-        out = [mpz(int.from_bytes(data[i : i + width], "big")) for i in range(0, len(data), width)]
+        out = parse_fixed_width(data, width=self.n_bytes, count=count, what="residue")
         if any(v >= self.n for v in out):
             raise InvalidCiphertextError("plaintext residue out of range (must be < n)")
         return out
@@ -220,6 +201,14 @@ class PrivateKey:
         return gmpy2.powmod(c, p1, p2), gmpy2.powmod(c, q1, q2)
 
 
+def parse_fixed_width(data: bytes, *, width: int, count: int | None, what: str) -> list[mpz]:
+    """Split ``data`` into big-endian integers of ``width`` bytes, checking the length."""
+    if len(data) % width or (count is not None and len(data) != count * width):
+        expected = f"{count} x {width}" if count is not None else f"a multiple of {width}"
+        raise InvalidCiphertextError(f"{what} block of {len(data)} B, expected {expected} B")
+    return [mpz(int.from_bytes(data[i : i + width], "big")) for i in range(0, len(data), width)]
+
+
 def check_key_bits(bits: int, *, allow_test_key: bool) -> None:
     """Refuse keys below 2048 bits unless the explicit test-only flag is set."""
     if bits in ALLOWED_KEY_BITS:
@@ -250,8 +239,3 @@ def generate_keypair(
             break
     public = PublicKey(n=n, h_s=gmpy2.powmod(h, n, n * n), bits=n.bit_length())
     return public, PrivateKey(public=public, p=mpz(sk.p), q=mpz(sk.q))
-
-
-def public_key_message(key: PublicKey) -> bytes:
-    """The public key as compact JSON bytes (for a ControlBlock)."""
-    return json.dumps(key.to_json(), sort_keys=True).encode()

@@ -89,10 +89,7 @@ class EncryptedTensor:
         count = int(np.prod(block.shape)) if block.shape else None
         if count is None:
             raise InvalidCiphertextError("cipher block has no shape")
-        if cipher.encrypted:
-            values = cipher.key.ciphertexts_from_bytes(block.data, count=count)
-        else:
-            values = _plain_values(cipher, block.data, count)
+        values = cipher.from_bytes(block.data, count=count)
         arr = np.empty(count, dtype=object)
         arr[:] = values
         return cls(
@@ -111,16 +108,6 @@ class EncryptedTensor:
         for idx, c in np.ndenumerate(self.values):
             out[idx] = op(c, other.values[idx])  # type: ignore[operator]
         return replace(self, values=out, obfuscated=False)
-
-
-def _plain_values(cipher: Cipher, data: bytes, count: int) -> list[mpz]:
-    width = cipher.key.c_bytes
-    if len(data) != count * width:
-        raise InvalidCiphertextError(f"block of {len(data)} B, expected {count} x {width} B")
-    out = [mpz(int.from_bytes(data[i : i + width], "big")) for i in range(0, len(data), width)]
-    for v in out:
-        cipher.check(v)
-    return out
 
 
 def encrypt(
