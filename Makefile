@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/paillier.py
 
 proto: $(STAMP)
 	$(PY) -m protocols.generated.regenerate
