@@ -38,9 +38,9 @@ from protocols.crypto.obfuscators import (
     HS_WINDOW,
     ObfuscatorKind,
     ObfuscatorPool,
-    hs_table,
     exponent_bits,
     generate,
+    hs_table,
 )
 from protocols.crypto.packing import capacity, pack_rows, slot_bits_for
 from protocols.crypto.paillier import generate_keypair
