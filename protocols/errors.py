@@ -110,3 +110,7 @@ class PackingOverflowError(DecodingOverflowError):
 
 class PolicyViolationError(ProtocolError):
     """The arbiter refused a decryption request (wrong requester, count, step or a repeat)."""
+
+
+class InvalidPointError(AlignmentError):
+    """A received PSI element is not a canonical, distinct Curve25519 point."""

@@ -18,7 +18,8 @@ import logging
 import multiprocessing
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -59,6 +60,16 @@ class Executor(ABC):
     @abstractmethod
     def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
         """``[fn(c) for c in chunks]``, computed in parallel, in chunk order."""
+
+    def imap(
+        self, fn: Callable[[T], R], chunks: Iterable[T], *, window: int | None = None
+    ) -> Iterator[R]:
+        """Like :meth:`map` but lazy: at most ``window`` chunks in flight, results in order.
+
+        For streams whose chunks are produced or consumed as they go (PSI messages).
+        """
+        for chunk in chunks:
+            yield fn(chunk)
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the workers."""
@@ -140,6 +151,46 @@ class LocalProcessExecutor(Executor):
                 logger.warning("a worker died; retrying %d chunk(s) on a fresh pool", len(broken))
             pending = broken
         return [results[i] for i in range(len(chunks))]
+
+    def imap(
+        self, fn: Callable[[T], R], chunks: Iterable[T], *, window: int | None = None
+    ) -> Iterator[R]:
+        window = window or 2 * self._workers
+        source = iter(chunks)
+        in_flight: deque[tuple[T, Future[Any]]] = deque()
+        fruitless = 0
+        while True:
+            while len(in_flight) < window:
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    break
+                in_flight.append((chunk, self._get_pool().submit(fn, chunk)))
+            if not in_flight:
+                return
+            chunk, future = in_flight[0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                fruitless += 1
+                if fruitless > self._retries:
+                    raise ExecutorError(
+                        f"worker processes died {fruitless} times in a row without progress "
+                        "(killed or out of memory?)"
+                    ) from None
+                logger.warning(
+                    "a worker died; resubmitting %d chunk(s) on a fresh pool", len(in_flight)
+                )
+                broken = self._pool
+                self._pool = None
+                if broken is not None:
+                    broken.shutdown(wait=False, cancel_futures=True)
+                pool = self._get_pool()
+                in_flight = deque((c, pool.submit(fn, c)) for c, _ in in_flight)
+                continue
+            fruitless = 0
+            in_flight.popleft()
+            yield result
 
     def close(self) -> None:
         if self._pool is not None:

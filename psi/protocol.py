@@ -1,0 +1,498 @@
+"""ECDH private set intersection between guest and host (PROTOCOL.md §3.3-3.5).
+
+Roles and keys: the guest G (label holder) starts the run and chooses the 16-byte salt
+(= run id); G and H each draw an ephemeral X25519 key ``k_G``, ``k_H`` for this run only.
+The arbiter takes no part.
+
+What each party learns (§3.5), by mode:
+
+* ``BOTH`` (default): G learns the intersection ``I`` and ``|Y'|``; H learns which of its
+  rows are in ``I`` and ``|X'|``. Both get the same row order.
+* ``GUEST_ONLY``: G learns ``I`` and ``|Y'|``; H learns ``|X'|`` only.
+* ``CARDINALITY``: G learns ``|I|`` and ``|Y'|`` only (H shuffles ``D_G``); H learns ``|X'|``.
+
+With ``pad_to = N_max`` both lists are padded with dummy points, so only ``N_max`` shows.
+
+Steps (code comments cite them):
+
+0. G → H ``HELLO`` {run id, mode, id type, canonicalisation version, padding, size};
+   H → G ``HELLO_ACK`` {accept or reason, its size}.
+1. H → G ``A_H`` = shuffled ``M_kH(u(c))`` of its ids plus dummies, in chunks;
+1'. G → H ``A_G`` likewise (concurrently).
+2. H → G ``D_G[i] = M_kH(A_G[i])``, same order (shuffled in ``CARDINALITY``), streamed
+   as the chunks of ``A_G`` arrive.
+3. G: ``D_H = M_kG(A_H)``; matches are the values in both ``D_G`` and ``D_H``; the shared
+   row order sorts matches by their 32-byte doubly-masked value.
+4. G → H ``RESULT`` (``BOTH`` only): H's positions in ``A_H``, in the shared order.
+
+Every received list is validated (32-byte canonical points, no duplicates, announced
+sizes); lists travel in chunks of at most 65,536 points, and hashing and masking run
+in the executor's worker processes while chunks stream, so memory grows linearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from protocols.envelope import ControlBlock, Envelope, IndexBlock, PointBlock
+from protocols.errors import AlignmentError, ConfigError, MalformedEnvelopeError
+from protocols.executor import Executor
+from protocols.roles import Party
+from protocols.transport.base import Channel
+from psi import ecdh
+from psi.canon import CANON_VERSION, IdType, PreparedIds
+
+logger = logging.getLogger(__name__)
+
+MAX_CHUNK_POINTS = 65_536
+
+
+class PsiMode(StrEnum):
+    """Who learns what (§3.5)."""
+
+    BOTH = "both"
+    GUEST_ONLY = "guest_only"
+    CARDINALITY = "cardinality"
+
+
+class PsiTag(StrEnum):
+    """Message tags of the PSI."""
+
+    HELLO = "psi.HELLO"
+    HELLO_ACK = "psi.HELLO_ACK"
+    A_H = "psi.A_H"
+    A_G = "psi.A_G"
+    D_G = "psi.D_G"
+    RESULT = "psi.RESULT"
+
+
+@dataclass(frozen=True)
+class PsiOptions:
+    """Parameters of one run (the guest's choice; sent to the host in ``HELLO``)."""
+
+    mode: PsiMode = PsiMode.BOTH
+    pad_to: int | None = None
+    chunk_points: int = MAX_CHUNK_POINTS
+    task_points: int = 4096
+    timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_points <= MAX_CHUNK_POINTS:
+            raise ConfigError(f"PSI chunk_points must lie in [1, {MAX_CHUNK_POINTS}]")
+        if self.task_points < 1 or (self.pad_to is not None and self.pad_to < 1):
+            raise ConfigError("PSI task_points and pad_to must be positive")
+
+
+@dataclass(frozen=True)
+class PsiResult:
+    """One party's outcome. ``rows`` are indices into its own input rows, in the shared
+    order (``None`` where this party learns no intersection)."""
+
+    role: str
+    mode: PsiMode
+    run_id: str
+    intersection_size: int | None
+    rows: np.ndarray | None
+    own_list_size: int
+    peer_list_size: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# shared helpers
+
+
+class _Run:
+    """State both sides share: channel, peer, ids, key, permutation of list positions."""
+
+    def __init__(
+        self,
+        *,
+        channel: Channel,
+        peer: Party,
+        job_id: str,
+        ids: PreparedIds,
+        executor: Executor,
+        options: PsiOptions,
+        salt: bytes,
+    ) -> None:
+        self.channel = channel
+        self.peer = peer
+        self.job_id = job_id
+        self.ids = ids
+        self.executor = executor
+        self.options = options
+        self.salt = salt
+        self.run_id = salt.hex()
+        self.key = ecdh.new_key()
+        n_real = len(ids.canonical)
+        size = options.pad_to or n_real
+        if n_real > size:
+            raise AlignmentError(f"{n_real} ids exceed the agreed padding size {size}")
+        self.size = size
+        self.n_real = n_real
+        # a uniformly random order of list positions from the OS CSPRNG (ties: negligible)
+        keys = np.frombuffer(os.urandom(8 * size), dtype="<u8")
+        self.perm = np.argsort(keys, kind="stable")  # position -> item (items >= n_real: dummies)
+
+    def envelope(self, tag: PsiTag, step: int, body: Any) -> Envelope:
+        return Envelope(
+            job_id=self.job_id,
+            run_id=self.run_id,
+            sender=self.channel.me,
+            receiver=self.peer,
+            tag=tag,
+            step=step,
+            body=body,
+        )
+
+    def recv(self, tag: PsiTag, step: int) -> Envelope:
+        return self.channel.recv(
+            job_id=self.job_id,
+            run_id=self.run_id,
+            sender=self.peer,
+            tag=tag,
+            step=step,
+            timeout=self.options.timeout,
+        )
+
+    def own_list(self) -> Iterator[bytes]:
+        """Steps 1 / 1': the masked, shuffled own list, chunk by chunk."""
+        prefix = ecdh.dst(self.ids.id_type.value) + self.salt
+        canonical = self.ids.canonical
+        tasks_per_chunk = self.options.chunk_points
+        task = self.options.task_points
+
+        def tasks() -> Iterator[tuple[bytes, bytes, list[bytes | None]]]:
+            for start in range(0, self.size, task):
+                items = self.perm[start : start + task]
+                yield self.key, prefix, [canonical[i] if i < self.n_real else None for i in items]
+
+        buffer = bytearray()
+        for part in self.executor.imap(ecdh.hash_and_mask_chunk, tasks()):
+            buffer += part
+            while len(buffer) >= tasks_per_chunk * ecdh.POINT_BYTES:
+                cut = tasks_per_chunk * ecdh.POINT_BYTES
+                yield bytes(buffer[:cut])
+                del buffer[:cut]
+        if buffer or self.size == 0:
+            yield bytes(buffer)
+
+    def send_list(self, tag: PsiTag, chunks: Iterator[bytes]) -> None:
+        for step, chunk in enumerate(chunks):
+            self.channel.send(self.envelope(tag, step, PointBlock(chunk)))
+
+    def recv_list(self, tag: PsiTag, count: int) -> Iterator[bytes]:
+        """Receive and validate the chunks of a list of ``count`` points."""
+        chunks = max(1, math.ceil(count / self.options.chunk_points))
+        for step in range(chunks):
+            env = self.recv(tag, step)
+            if not isinstance(env.body, PointBlock):
+                raise MalformedEnvelopeError(f"{tag} chunk {step} carries no points")
+            expected = min(self.options.chunk_points, count - step * self.options.chunk_points)
+            ecdh.validate(env.body.data, expected=max(expected, 0), what=f"{tag} chunk {step}")
+            yield env.body.data
+
+    def mask_stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``M_k`` of a received list, chunk by chunk, via the executor."""
+        task_bytes = self.options.task_points * ecdh.POINT_BYTES
+
+        def tasks() -> Iterator[tuple[bytes, bytes]]:
+            for chunk in chunks:
+                for i in range(0, len(chunk), task_bytes):
+                    yield self.key, chunk[i : i + task_bytes]
+
+        yield from self.executor.imap(ecdh.mask_chunk, tasks())
+
+
+def _concat_unique(parts: Iterator[bytes], *, what: str) -> np.ndarray:
+    data = b"".join(parts)
+    points = np.frombuffer(data, dtype="S32")
+    if len(np.unique(points)) != len(points):
+        raise AlignmentError(f"{what}: duplicate values after masking; aborting")
+    return points
+
+
+def _in_thread(fn: Callable[[], None]) -> Callable[[], None]:
+    """Start ``fn`` in a thread; the returned function joins it and re-raises its error."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="psi-send", daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    return join
+
+
+# ---------------------------------------------------------------------------
+# guest
+
+
+def run_guest(
+    *,
+    channel: Channel,
+    host: Party,
+    job_id: str,
+    ids: PreparedIds,
+    executor: Executor,
+    options: PsiOptions = PsiOptions(),
+    request: dict[str, Any] | None = None,
+) -> PsiResult:
+    """The guest's side of steps 0-4; ``request`` adds fields for the host's service."""
+    started = time.perf_counter()
+    run = _Run(
+        channel=channel,
+        peer=host,
+        job_id=job_id,
+        ids=ids,
+        executor=executor,
+        options=options,
+        salt=ecdh.new_salt(),
+    )
+    hello = {
+        "run_id": run.run_id,
+        "mode": options.mode.value,
+        "id_type": ids.id_type.value,
+        "canon_version": CANON_VERSION,
+        "pad_to": options.pad_to,
+        "size": run.size,
+        "chunk_points": options.chunk_points,
+        "request": request or {},
+    }
+    channel.send(run.envelope(PsiTag.HELLO, 0, ControlBlock.from_obj(hello)))  # step 0
+    ack = channel.recv(
+        job_id=job_id,
+        sender=host,
+        tag=PsiTag.HELLO_ACK,
+        step=0,
+        run_id=run.run_id,
+        timeout=options.timeout,
+    )
+    reply = ack.body.obj() if isinstance(ack.body, ControlBlock) else {}
+    if not reply.get("accept"):
+        raise AlignmentError(f"{host} refused the PSI: {reply.get('reason', 'no reason given')}")
+    host_size = int(reply["size"])
+    if options.pad_to is not None and host_size != options.pad_to:
+        raise AlignmentError(
+            f"{host} announced {host_size} elements, not the agreed {options.pad_to}"
+        )
+
+    join_sender = _in_thread(lambda: run.send_list(PsiTag.A_G, run.own_list()))  # step 1'
+    d_h = _concat_unique(
+        run.mask_stream(run.recv_list(PsiTag.A_H, host_size)), what="D_H"
+    )  # step 3
+    d_g = _concat_unique(run.recv_list(PsiTag.D_G, run.size), what="D_G")  # step 2 (received)
+    join_sender()
+
+    summary = {**ids.summary(), "own_list_size": run.size, "peer_list_size": host_size}
+    if options.mode is PsiMode.CARDINALITY:
+        size = len(np.intersect1d(d_g, d_h, assume_unique=True))
+        logger.info("PSI %s: cardinality %d", job_id, size)
+        return PsiResult(
+            role="guest",
+            mode=options.mode,
+            run_id=run.run_id,
+            intersection_size=size,
+            rows=None,
+            own_list_size=run.size,
+            peer_list_size=host_size,
+            summary={
+                **summary,
+                "intersection_size": size,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+    _, idx_g, idx_h = np.intersect1d(
+        d_g, d_h, assume_unique=True, return_indices=True
+    )  # sorted by value
+    items = run.perm[idx_g]
+    if np.any(items >= run.n_real):
+        raise AlignmentError("a padding dummy matched; aborting (probability negligible)")
+    rows = ids.rows[items]
+    if options.mode is PsiMode.BOTH:
+        channel.send(run.envelope(PsiTag.RESULT, 0, IndexBlock.from_indices(idx_h)))  # step 4
+    logger.info(
+        "PSI %s: intersection %d of %d guest / %d host elements",
+        job_id,
+        len(rows),
+        run.size,
+        host_size,
+    )
+    return PsiResult(
+        role="guest",
+        mode=options.mode,
+        run_id=run.run_id,
+        intersection_size=len(rows),
+        rows=rows,
+        own_list_size=run.size,
+        peer_list_size=host_size,
+        summary={
+            **summary,
+            "intersection_size": len(rows),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------
+# host
+
+
+def read_hello(envelope: Envelope) -> dict[str, Any]:
+    """Parse and check a ``HELLO`` (step 0) before the host loads its data."""
+    if not isinstance(envelope.body, ControlBlock):
+        raise MalformedEnvelopeError("PSI HELLO carries no control block")
+    hello = envelope.body.obj()
+    try:
+        PsiMode(hello["mode"])
+        IdType(hello["id_type"])
+        int(hello["size"])
+        int(hello["chunk_points"])
+        bytes.fromhex(hello["run_id"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MalformedEnvelopeError(f"PSI HELLO is malformed: {exc}") from None
+    return hello
+
+
+def refuse(channel: Channel, hello_envelope: Envelope, reason: str) -> None:
+    """Answer a ``HELLO`` with a refusal."""
+    hello = read_hello(hello_envelope)
+    channel.send(
+        Envelope(
+            job_id=hello_envelope.job_id,
+            run_id=hello["run_id"],
+            sender=channel.me,
+            receiver=hello_envelope.sender,
+            tag=PsiTag.HELLO_ACK,
+            body=ControlBlock.from_obj({"accept": False, "reason": reason[:300]}),
+        )
+    )
+
+
+def run_host(
+    *,
+    channel: Channel,
+    hello_envelope: Envelope,
+    ids: PreparedIds,
+    executor: Executor,
+    timeout: float = 3600.0,
+) -> PsiResult:
+    """The host's side of steps 0-4, after its service received ``HELLO``."""
+    started = time.perf_counter()
+    hello = read_hello(hello_envelope)
+    guest = hello_envelope.sender
+    mode = PsiMode(hello["mode"])
+    if hello["canon_version"] != CANON_VERSION or IdType(hello["id_type"]) is not ids.id_type:
+        reason = (
+            f"canonicalisation differs (guest {hello['id_type']} v{hello['canon_version']}, "
+            f"host {ids.id_type.value} v{CANON_VERSION})"
+        )
+        refuse(channel, hello_envelope, reason)
+        raise AlignmentError(reason)
+    options = PsiOptions(
+        mode=mode, pad_to=hello["pad_to"], chunk_points=int(hello["chunk_points"]), timeout=timeout
+    )
+    run = _Run(
+        channel=channel,
+        peer=guest,
+        job_id=hello_envelope.job_id,
+        ids=ids,
+        executor=executor,
+        options=options,
+        salt=bytes.fromhex(hello["run_id"]),
+    )
+    guest_size = int(hello["size"])
+    channel.send(
+        run.envelope(PsiTag.HELLO_ACK, 0, ControlBlock.from_obj({"accept": True, "size": run.size}))
+    )  # step 0
+
+    join_sender = _in_thread(lambda: run.send_list(PsiTag.A_H, run.own_list()))  # step 1
+    masked = run.mask_stream(run.recv_list(PsiTag.A_G, guest_size))  # step 2
+    if mode is PsiMode.CARDINALITY:
+        d_g = _concat_unique(masked, what="D_G")
+        shuffled = d_g[
+            np.argsort(np.frombuffer(os.urandom(8 * len(d_g)), dtype="<u8"), kind="stable")
+        ]
+        data = shuffled.tobytes()
+        step_bytes = options.chunk_points * ecdh.POINT_BYTES
+        run.send_list(
+            PsiTag.D_G,
+            iter([data[i : i + step_bytes] for i in range(0, max(len(data), 1), step_bytes)]),
+        )
+    else:
+
+        def rechunk() -> Iterator[bytes]:
+            buffer = bytearray()
+            cut = options.chunk_points * ecdh.POINT_BYTES
+            for part in masked:
+                buffer += part
+                while len(buffer) >= cut:
+                    yield bytes(buffer[:cut])
+                    del buffer[:cut]
+            if buffer or guest_size == 0:
+                yield bytes(buffer)
+
+        run.send_list(PsiTag.D_G, rechunk())
+    join_sender()
+
+    summary = {**ids.summary(), "own_list_size": run.size, "peer_list_size": guest_size}
+    if mode is not PsiMode.BOTH:
+        return PsiResult(
+            role="host",
+            mode=mode,
+            run_id=run.run_id,
+            intersection_size=None,
+            rows=None,
+            own_list_size=run.size,
+            peer_list_size=guest_size,
+            summary={**summary, "seconds": round(time.perf_counter() - started, 3)},
+        )
+    result = run.recv(PsiTag.RESULT, 0)  # step 4
+    if not isinstance(result.body, IndexBlock):
+        raise MalformedEnvelopeError("PSI RESULT carries no index block")
+    positions = result.body.indices().astype(np.int64)
+    if positions.size and (
+        positions.max() >= run.size or len(np.unique(positions)) != len(positions)
+    ):
+        raise AlignmentError("PSI RESULT holds positions out of range or twice")
+    items = run.perm[positions]
+    if np.any(items >= run.n_real):
+        raise AlignmentError("PSI RESULT points at padding dummies")
+    rows = ids.rows[items]
+    logger.info(
+        "PSI %s: intersection %d of %d host elements", hello_envelope.job_id, len(rows), run.size
+    )
+    return PsiResult(
+        role="host",
+        mode=mode,
+        run_id=run.run_id,
+        intersection_size=len(rows),
+        rows=rows,
+        own_list_size=run.size,
+        peer_list_size=guest_size,
+        summary={
+            **summary,
+            "intersection_size": len(rows),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
