@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from protocols.envelope import ControlBlock, Envelope, IndexBlock, PointBlock
-from protocols.errors import AlignmentError, ConfigError, MalformedEnvelopeError
+from protocols.errors import AlignmentError, ConfigError, MalformedEnvelopeError, VflError
 from protocols.executor import Executor
 from protocols.roles import Party
 from protocols.transport.base import Channel
@@ -74,6 +74,7 @@ class PsiTag(StrEnum):
     A_G = "psi.A_G"
     D_G = "psi.D_G"
     RESULT = "psi.RESULT"
+    ABORT = "psi.ABORT"
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class _Run:
         # a uniformly random order of list positions from the OS CSPRNG (ties: negligible)
         keys = np.frombuffer(os.urandom(8 * size), dtype="<u8")
         self.perm = np.argsort(keys, kind="stable")  # position -> item (items >= n_real: dummies)
+        self.sender_error: list[BaseException] = []
 
     def envelope(self, tag: PsiTag, step: int, body: Any) -> Envelope:
         return Envelope(
@@ -157,14 +159,62 @@ class _Run:
         )
 
     def recv(self, tag: PsiTag, step: int) -> Envelope:
-        return self.channel.recv(
-            job_id=self.job_id,
-            run_id=self.run_id,
-            sender=self.peer,
-            tag=tag,
-            step=step,
-            timeout=self.options.timeout,
-        )
+        """Wait for one message, failing fast if the peer aborts or our sender failed."""
+        deadline = time.monotonic() + self.options.timeout
+        job, run_id, peer = self.job_id, self.run_id, self.peer
+        while True:
+            if self.sender_error:
+                raise AlignmentError("PSI stopped: sending our list failed") from self.sender_error[
+                    0
+                ]
+            try:
+                return self.channel.recv(
+                    job_id=job, run_id=run_id, sender=peer, tag=tag, step=step, timeout=0.2
+                )
+            except TimeoutError:
+                pass
+            try:
+                abort = self.channel.recv(
+                    job_id=job, run_id=run_id, sender=peer, tag=PsiTag.ABORT, step=0, timeout=0
+                )
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"PSI {self.job_id}: no {tag} chunk {step} from {self.peer} within "
+                        f"{self.options.timeout:.0f} s"
+                    ) from None
+                continue
+            reason = (
+                abort.body.obj().get("reason", "") if isinstance(abort.body, ControlBlock) else ""
+            )
+            raise AlignmentError(f"{self.peer} aborted the PSI: {reason}")
+
+    def abort(self, reason: str) -> None:
+        """Tell the peer we stopped (best effort), so it does not wait for its timeout."""
+        try:
+            body = ControlBlock.from_obj({"reason": reason[:300]})
+            self.channel.send(self.envelope(PsiTag.ABORT, 0, body))
+        except Exception:  # noqa: BLE001 - the original error matters more
+            logger.debug("could not send PSI ABORT to %s", self.peer)
+
+    def start_sender(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Run ``fn`` in a thread; the returned function joins it and re-raises its error."""
+
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self.sender_error.append(exc)
+
+        thread = threading.Thread(target=target, name="psi-send", daemon=True)
+        thread.start()
+
+        def join() -> None:
+            thread.join()
+            if self.sender_error:
+                raise self.sender_error[0]
+
+        return join
 
     def own_list(self) -> Iterator[bytes]:
         """Steps 1 / 1': the masked, shuffled own list, chunk by chunk."""
@@ -223,27 +273,6 @@ def _concat_unique(parts: Iterator[bytes], *, what: str) -> np.ndarray:
     return points
 
 
-def _in_thread(fn: Callable[[], None]) -> Callable[[], None]:
-    """Start ``fn`` in a thread; the returned function joins it and re-raises its error."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="psi-send", daemon=True)
-    thread.start()
-
-    def join() -> None:
-        thread.join()
-        if errors:
-            raise errors[0]
-
-    return join
-
-
 # ---------------------------------------------------------------------------
 # guest
 
@@ -280,48 +309,53 @@ def run_guest(
         "request": request or {},
     }
     channel.send(run.envelope(PsiTag.HELLO, 0, ControlBlock.from_obj(hello)))  # step 0
-    ack = channel.recv(
-        job_id=job_id,
-        sender=host,
-        tag=PsiTag.HELLO_ACK,
-        step=0,
-        run_id=run.run_id,
-        timeout=options.timeout,
-    )
+    ack = run.recv(PsiTag.HELLO_ACK, 0)
     reply = ack.body.obj() if isinstance(ack.body, ControlBlock) else {}
     if not reply.get("accept"):
         raise AlignmentError(f"{host} refused the PSI: {reply.get('reason', 'no reason given')}")
-    host_size = int(reply["size"])
+    try:
+        return _guest_exchange(run, host_size=int(reply["size"]), started=started)
+    except (VflError, TimeoutError, ValueError) as exc:
+        run.abort(f"guest stopped: {type(exc).__name__}")
+        raise
+
+
+def _guest_exchange(run: _Run, *, host_size: int, started: float) -> PsiResult:
+    options, ids = run.options, run.ids
     if options.pad_to is not None and host_size != options.pad_to:
         raise AlignmentError(
-            f"{host} announced {host_size} elements, not the agreed {options.pad_to}"
+            f"{run.peer} announced {host_size} elements, not the agreed {options.pad_to}"
         )
-
-    join_sender = _in_thread(lambda: run.send_list(PsiTag.A_G, run.own_list()))  # step 1'
+    join_sender = run.start_sender(lambda: run.send_list(PsiTag.A_G, run.own_list()))  # step 1'
     d_h = _concat_unique(
         run.mask_stream(run.recv_list(PsiTag.A_H, host_size)), what="D_H"
     )  # step 3
-    d_g = _concat_unique(run.recv_list(PsiTag.D_G, run.size), what="D_G")  # step 2 (received)
+    d_g = _concat_unique(run.recv_list(PsiTag.D_G, run.size), what="D_G")  # step 2, received
     join_sender()
 
-    summary = {**ids.summary(), "own_list_size": run.size, "peer_list_size": host_size}
-    if options.mode is PsiMode.CARDINALITY:
-        size = len(np.intersect1d(d_g, d_h, assume_unique=True))
-        logger.info("PSI %s: cardinality %d", job_id, size)
+    def result(size: int, rows: np.ndarray | None) -> PsiResult:
+        summary = {
+            **ids.summary(),
+            "own_list_size": run.size,
+            "peer_list_size": host_size,
+            "intersection_size": size,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         return PsiResult(
             role="guest",
             mode=options.mode,
             run_id=run.run_id,
             intersection_size=size,
-            rows=None,
+            rows=rows,
             own_list_size=run.size,
             peer_list_size=host_size,
-            summary={
-                **summary,
-                "intersection_size": size,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
+            summary=summary,
         )
+
+    if options.mode is PsiMode.CARDINALITY:
+        size = len(np.intersect1d(d_g, d_h, assume_unique=True))
+        logger.info("PSI %s: cardinality %d", run.job_id, size)
+        return result(size, None)
     _, idx_g, idx_h = np.intersect1d(
         d_g, d_h, assume_unique=True, return_indices=True
     )  # sorted by value
@@ -330,28 +364,15 @@ def run_guest(
         raise AlignmentError("a padding dummy matched; aborting (probability negligible)")
     rows = ids.rows[items]
     if options.mode is PsiMode.BOTH:
-        channel.send(run.envelope(PsiTag.RESULT, 0, IndexBlock.from_indices(idx_h)))  # step 4
+        run.channel.send(run.envelope(PsiTag.RESULT, 0, IndexBlock.from_indices(idx_h)))  # step 4
     logger.info(
         "PSI %s: intersection %d of %d guest / %d host elements",
-        job_id,
+        run.job_id,
         len(rows),
         run.size,
         host_size,
     )
-    return PsiResult(
-        role="guest",
-        mode=options.mode,
-        run_id=run.run_id,
-        intersection_size=len(rows),
-        rows=rows,
-        own_list_size=run.size,
-        peer_list_size=host_size,
-        summary={
-            **summary,
-            "intersection_size": len(rows),
-            "seconds": round(time.perf_counter() - started, 3),
-        },
-    )
+    return result(len(rows), rows)
 
 
 # ---------------------------------------------------------------------------
@@ -400,8 +421,6 @@ def run_host(
     """The host's side of steps 0-4, after its service received ``HELLO``."""
     started = time.perf_counter()
     hello = read_hello(hello_envelope)
-    guest = hello_envelope.sender
-    mode = PsiMode(hello["mode"])
     if hello["canon_version"] != CANON_VERSION or IdType(hello["id_type"]) is not ids.id_type:
         reason = (
             f"canonicalisation differs (guest {hello['id_type']} v{hello['canon_version']}, "
@@ -409,41 +428,51 @@ def run_host(
         )
         refuse(channel, hello_envelope, reason)
         raise AlignmentError(reason)
-    options = PsiOptions(
-        mode=mode, pad_to=hello["pad_to"], chunk_points=int(hello["chunk_points"]), timeout=timeout
-    )
-    run = _Run(
-        channel=channel,
-        peer=guest,
-        job_id=hello_envelope.job_id,
-        ids=ids,
-        executor=executor,
-        options=options,
-        salt=bytes.fromhex(hello["run_id"]),
-    )
-    guest_size = int(hello["size"])
+    try:
+        options = PsiOptions(
+            mode=PsiMode(hello["mode"]),
+            pad_to=hello["pad_to"],
+            chunk_points=int(hello["chunk_points"]),
+            timeout=timeout,
+        )
+        run = _Run(
+            channel=channel,
+            peer=hello_envelope.sender,
+            job_id=hello_envelope.job_id,
+            ids=ids,
+            executor=executor,
+            options=options,
+            salt=bytes.fromhex(hello["run_id"]),
+        )
+    except VflError as exc:
+        refuse(channel, hello_envelope, str(exc))
+        raise
     channel.send(
         run.envelope(PsiTag.HELLO_ACK, 0, ControlBlock.from_obj({"accept": True, "size": run.size}))
     )  # step 0
+    try:
+        return _host_exchange(run, guest_size=int(hello["size"]), started=started)
+    except (VflError, TimeoutError, ValueError) as exc:
+        run.abort(f"host stopped: {type(exc).__name__}")
+        raise
 
-    join_sender = _in_thread(lambda: run.send_list(PsiTag.A_H, run.own_list()))  # step 1
+
+def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
+    options = run.options
+    join_sender = run.start_sender(lambda: run.send_list(PsiTag.A_H, run.own_list()))  # step 1
     masked = run.mask_stream(run.recv_list(PsiTag.A_G, guest_size))  # step 2
-    if mode is PsiMode.CARDINALITY:
+    cut = options.chunk_points * ecdh.POINT_BYTES
+    if options.mode is PsiMode.CARDINALITY:
         d_g = _concat_unique(masked, what="D_G")
-        shuffled = d_g[
-            np.argsort(np.frombuffer(os.urandom(8 * len(d_g)), dtype="<u8"), kind="stable")
-        ]
-        data = shuffled.tobytes()
-        step_bytes = options.chunk_points * ecdh.POINT_BYTES
+        order = np.argsort(np.frombuffer(os.urandom(8 * len(d_g)), dtype="<u8"), kind="stable")
+        data = d_g[order].tobytes()
         run.send_list(
-            PsiTag.D_G,
-            iter([data[i : i + step_bytes] for i in range(0, max(len(data), 1), step_bytes)]),
+            PsiTag.D_G, iter([data[i : i + cut] for i in range(0, max(len(data), 1), cut)])
         )
     else:
 
         def rechunk() -> Iterator[bytes]:
             buffer = bytearray()
-            cut = options.chunk_points * ecdh.POINT_BYTES
             for part in masked:
                 buffer += part
                 while len(buffer) >= cut:
@@ -455,22 +484,32 @@ def run_host(
         run.send_list(PsiTag.D_G, rechunk())
     join_sender()
 
-    summary = {**ids.summary(), "own_list_size": run.size, "peer_list_size": guest_size}
-    if mode is not PsiMode.BOTH:
+    def result(size: int | None, rows: np.ndarray | None) -> PsiResult:
+        summary: dict[str, Any] = {
+            **run.ids.summary(),
+            "own_list_size": run.size,
+            "peer_list_size": guest_size,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if size is not None:
+            summary["intersection_size"] = size
         return PsiResult(
             role="host",
-            mode=mode,
+            mode=options.mode,
             run_id=run.run_id,
-            intersection_size=None,
-            rows=None,
+            intersection_size=size,
+            rows=rows,
             own_list_size=run.size,
             peer_list_size=guest_size,
-            summary={**summary, "seconds": round(time.perf_counter() - started, 3)},
+            summary=summary,
         )
-    result = run.recv(PsiTag.RESULT, 0)  # step 4
-    if not isinstance(result.body, IndexBlock):
+
+    if options.mode is not PsiMode.BOTH:
+        return result(None, None)
+    message = run.recv(PsiTag.RESULT, 0)  # step 4
+    if not isinstance(message.body, IndexBlock):
         raise MalformedEnvelopeError("PSI RESULT carries no index block")
-    positions = result.body.indices().astype(np.int64)
+    positions = message.body.indices().astype(np.int64)
     if positions.size and (
         positions.max() >= run.size or len(np.unique(positions)) != len(positions)
     ):
@@ -478,21 +517,6 @@ def run_host(
     items = run.perm[positions]
     if np.any(items >= run.n_real):
         raise AlignmentError("PSI RESULT points at padding dummies")
-    rows = ids.rows[items]
-    logger.info(
-        "PSI %s: intersection %d of %d host elements", hello_envelope.job_id, len(rows), run.size
-    )
-    return PsiResult(
-        role="host",
-        mode=mode,
-        run_id=run.run_id,
-        intersection_size=len(rows),
-        rows=rows,
-        own_list_size=run.size,
-        peer_list_size=guest_size,
-        summary={
-            **summary,
-            "intersection_size": len(rows),
-            "seconds": round(time.perf_counter() - started, 3),
-        },
-    )
+    rows = run.ids.rows[items]
+    logger.info("PSI %s: intersection %d of %d host elements", run.job_id, len(rows), run.size)
+    return result(len(rows), rows)

@@ -18,6 +18,8 @@ from types import FrameType
 from protocols.errors import VflError
 from protocols.roles import Party, Role
 from protocols.transport import tls
+from psi.canon import DuplicatePolicy, IdType
+from psi.protocol import PsiMode
 from vfl.config import load_config
 from vfl.data.datasets import data_dir, verify_all
 
@@ -32,6 +34,7 @@ EXAMPLES = """examples:
   vfl serve --config bank.toml               run a party's service
   vfl status --config bank.toml              ask it how it is
   vfl ping --config bank.toml --peer retailer
+  vfl psi --config bank.toml --peer retailer --data credit --id-column id
 """
 
 
@@ -103,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     ping.add_argument("--bytes", type=int, default=1024, help="body size of each PING")
     ping.add_argument("--rounds", type=int, default=3)
 
+    psi = sub.add_parser(
+        "psi",
+        help="private set intersection with a peer (run at the guest)",
+        description="Align this party's rows with a peer's by ECDH-PSI. Both parties write the "
+        "intersection, in one shared row order, to <state_dir>/psi/<job_id>/.",
+    )
+    psi.add_argument("--config", type=Path, required=True)
+    psi.add_argument("--peer", required=True, help="the host's party id")
+    psi.add_argument("--data", required=True, help="this party's data alias ([data] in its config)")
+    psi.add_argument("--id-column", default="id")
+    psi.add_argument("--host-data", help="the host's data alias (default: same as --data)")
+    psi.add_argument("--host-id-column", help="the host's id column (default: same as --id-column)")
+    psi.add_argument("--id-type", default="generic", choices=[t.value for t in IdType])
+    psi.add_argument("--mode", default="both", choices=[m.value for m in PsiMode])
+    psi.add_argument("--pad-to", type=int, help="pad both lists to this public size N_max")
+    psi.add_argument("--duplicates", default="error", choices=[d.value for d in DuplicatePolicy])
+    psi.add_argument("--timestamp-column", help="for --duplicates latest")
+    psi.add_argument("--job-id", help="job id (default: a fresh one)")
+
     data = sub.add_parser("data", help="check the real data sets against their sha256 list")
     data.add_argument("action", choices=["check"])
 
@@ -148,6 +170,30 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(reply, indent=2))
         return 1 if any("error" in r for r in reply["results"]) else 0
+    if args.command == "psi":
+        from vfl.service.admin import admin_call
+
+        request = {
+            "peer": args.peer,
+            "data": args.data,
+            "id_column": args.id_column,
+            "id_type": args.id_type,
+            "mode": args.mode,
+            "pad_to": args.pad_to,
+            "duplicates": args.duplicates,
+            "timestamp_column": args.timestamp_column,
+            "job_id": args.job_id,
+        }
+        if args.host_data:
+            request["host_data"] = args.host_data
+        if args.host_id_column:
+            request["host_id_column"] = args.host_id_column
+        print(
+            json.dumps(
+                admin_call(load_config(args.config), "psi", request, timeout=24 * 3600), indent=2
+            )
+        )
+        return 0
     if args.command == "data":
         folder = data_dir(os.environ)
         for ds in verify_all(folder=folder):

@@ -9,9 +9,11 @@ What it does now (later capabilities add protocols to this same service):
 1. listens on ``[party] listen`` with the standard gRPC health service;
 2. answers ``service.PING`` envelopes from peers with ``service.PONG`` carrying
    the SHA-256 of the received body, so the sender can check integrity;
-3. serves its own operator's admin commands (``status``, ``ping``,
+3. as host, answers a guest's PSI ``HELLO`` for one of its own data aliases and writes
+   its result to ``<state_dir>/psi/<job_id>/``;
+4. serves its own operator's admin commands (``status``, ``ping``, ``psi``,
    ``set_peer_address``), authenticated by the party's own certificate;
-4. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
+5. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
 
 Logs carry ids, tags, steps, sizes and timings only, never data values.
 """
@@ -32,12 +34,17 @@ from typing import Any
 
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import ConfigError, MalformedEnvelopeError, VflError
+from protocols.executor import LocalProcessExecutor
 from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.grpc_channel import GrpcChannel
 from protocols.transport.tls import TlsIdentity
+from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
+from psi.protocol import PsiMode, PsiOptions, PsiTag, read_hello, refuse, run_guest, run_host
+from psi.result import write_result
 from vfl.config import PartyConfig
+from vfl.data.ids import load_id_column
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ class AdminCommand(StrEnum):
 
     STATUS = "status"
     PING = "ping"
+    PSI = "psi"
     SET_PEER_ADDRESS = "set_peer_address"
 
 
@@ -75,7 +83,7 @@ class PartyService:
                     f"names {identity.party}"
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tags = TagRegistry([ServiceTag])
+        tags = TagRegistry([ServiceTag, PsiTag])
         self.channel = GrpcChannel(
             me=config.party,
             identity=identity,
@@ -88,6 +96,9 @@ class PartyService:
             insecure=insecure,
         )
         self.channel.add_handler(MessageFilter.for_tags(ServiceTag.PING), self._on_ping)
+        self.channel.add_handler(MessageFilter.for_tags(PsiTag.HELLO), self._on_psi_hello)
+        self._executor: LocalProcessExecutor | None = None
+        self._executor_lock = threading.Lock()
         self._started = time.time()
         self._stats_lock = threading.Lock()
         self._received: dict[str, int] = {}
@@ -118,6 +129,8 @@ class PartyService:
             return
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
         self.channel.close(grace)
+        if self._executor is not None:
+            self._executor.close()
         (self.config.state_dir / PORT_FILE).unlink(missing_ok=True)
         self._stopped.set()
         logger.info("%s stopped", self.party)
@@ -199,6 +212,84 @@ class PartyService:
             "verified": True,
         }
 
+    # -- PSI ----------------------------------------------------------------------
+
+    def executor(self) -> LocalProcessExecutor:
+        """The party's worker processes (started on first use)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = LocalProcessExecutor()
+            return self._executor
+
+    def _prepare(self, request: dict[str, Any], *, id_type: IdType) -> PreparedIds:
+        alias = str(request.get("data", ""))
+        if alias not in self.config.data:
+            known = ", ".join(sorted(self.config.data)) or "none"
+            raise ConfigError(
+                f"{self.party.party_id} has no data alias {alias!r} (aliases: {known})"
+            )
+        path = self.config.data[alias]
+        column = str(request.get("id_column", "id"))
+        stamp_column = request.get("timestamp_column")
+        ids, stamps = load_id_column(path, column, timestamp_column=stamp_column)
+        return prepare_ids(
+            ids,
+            id_type=id_type,
+            duplicates=DuplicatePolicy(request.get("duplicates", "error")),
+            timestamps=stamps,
+            column=column,
+            source=str(path),
+        )
+
+    def _on_psi_hello(self, envelope: Envelope) -> None:
+        hello = read_hello(envelope)
+        request = hello.get("request", {})
+        try:
+            ids = self._prepare(request, id_type=IdType(hello["id_type"]))
+        except VflError as exc:
+            logger.warning("%s: refused PSI %s: %s", self.party.party_id, envelope.job_id, exc)
+            refuse(self.channel, envelope, str(exc))
+            return
+        logger.info(
+            "%s: PSI %s with %s, mode %s, %d usable ids",
+            self.party.party_id,
+            envelope.job_id,
+            envelope.sender,
+            hello["mode"],
+            len(ids.canonical),
+        )
+        result = run_host(
+            channel=self.channel, hello_envelope=envelope, ids=ids, executor=self.executor()
+        )
+        folder = write_result(self.config.state_dir, envelope.job_id, result)
+        logger.info("%s: PSI %s done, result in %s", self.party.party_id, envelope.job_id, folder)
+
+    def _admin_psi(self, data: dict[str, Any]) -> dict[str, Any]:
+        peer = self.config.peer(str(data.get("peer", ""))).party
+        id_type = IdType(data.get("id_type", "generic"))
+        mode = PsiMode(data.get("mode", "both"))
+        pad_to = data.get("pad_to")
+        job_id = str(data.get("job_id") or f"psi-{uuid.uuid4().hex[:12]}")
+        ids = self._prepare(data, id_type=id_type)
+        host_request = {
+            "data": data.get("host_data", data.get("data")),
+            "id_column": data.get("host_id_column", data.get("id_column", "id")),
+            "duplicates": data.get("host_duplicates", data.get("duplicates", "error")),
+        }
+        if data.get("host_timestamp_column"):
+            host_request["timestamp_column"] = data["host_timestamp_column"]
+        result = run_guest(
+            channel=self.channel,
+            host=peer,
+            job_id=job_id,
+            ids=ids,
+            executor=self.executor(),
+            options=PsiOptions(mode=mode, pad_to=int(pad_to) if pad_to else None),
+            request=host_request,
+        )
+        folder = write_result(self.config.state_dir, job_id, result)
+        return {"job_id": job_id, "result_dir": str(folder), **result.summary}
+
     # -- admin ------------------------------------------------------------------
 
     def _admin(self, command: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +303,8 @@ class PartyService:
         logger.info("%s: admin command %s", self.party.party_id, cmd.value)
         if cmd is AdminCommand.STATUS:
             return self._status()
+        if cmd is AdminCommand.PSI:
+            return self._admin_psi(data)
         if cmd is AdminCommand.SET_PEER_ADDRESS:
             peer_cfg = self.config.peer(str(data.get("peer", "")))
             address = str(data.get("address", ""))

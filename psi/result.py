@@ -1,0 +1,83 @@
+"""PSI results on disk: written atomically, so a crash never leaves a partial result.
+
+Layout under ``<state_dir>/psi/<job_id>/``: ``rows.npy`` (this party's row indices in the
+shared order, ``np.save`` without pickle; absent where the party learns no
+intersection) and ``summary.json`` (counts only). The folder is assembled under a
+temporary name and renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocols.errors import AlignmentError
+from psi.protocol import PsiResult
+
+
+def result_dir(state_dir: Path, job_id: str) -> Path:
+    """Where the result of ``job_id`` lives."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in job_id)
+    return state_dir / "psi" / safe
+
+
+def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
+    """Write ``result`` atomically; return its folder."""
+    final = result_dir(state_dir, job_id)
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(mode=0o700)
+    try:
+        if result.rows is not None:
+            with (tmp / "rows.npy").open("wb") as handle:
+                np.save(handle, result.rows.astype(np.int64), allow_pickle=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+        summary = {
+            "job_id": job_id,
+            "role": result.role,
+            "mode": result.mode.value,
+            "run_id": result.run_id,
+            "intersection_size": result.intersection_size,
+            "own_list_size": result.own_list_size,
+            "peer_list_size": result.peer_list_size,
+            **result.summary,
+        }
+        with (tmp / "summary.json").open("w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def read_result(state_dir: Path, job_id: str) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The summary and rows of a finished PSI."""
+    folder = result_dir(state_dir, job_id)
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise AlignmentError(f"no PSI result for job {job_id} in {folder}")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    rows_path = folder / "rows.npy"
+    rows = np.load(rows_path, allow_pickle=False) if rows_path.is_file() else None
+    return summary, rows
