@@ -72,7 +72,10 @@ def canonicalize(value: object, id_type: IdType) -> str | RejectReason:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return RejectReason.INVALID_UTF8
-    text = unicodedata.normalize("NFKC", str(value)).strip()
+    text = str(value)
+    if not text.isascii():  # NFKC leaves ASCII unchanged: skip it on the common path
+        text = unicodedata.normalize("NFKC", text)
+    text = text.strip()
     if _CONTROL.search(text):
         return RejectReason.CONTROL_CHARACTER
     if id_type is IdType.EMAIL:
