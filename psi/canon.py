@@ -139,7 +139,6 @@ def prepare_ids(
         raise ConfigError("the timestamp column must have one value per id")
     prefix = f"{id_type.value}:".encode()
     rejected: dict[str, int] = {}
-    first_row: dict[bytes, int] = {}
     chosen: dict[bytes, int] = {}
     dropped = 0
     for row, value in enumerate(ids):
@@ -151,12 +150,11 @@ def prepare_ids(
         held = chosen.get(c)
         if held is None:
             chosen[c] = row
-            first_row[c] = row
             continue
         if duplicates is DuplicatePolicy.ERROR:
             raise DataError(
                 f"{source}, column {column!r}: row {row} has the same canonical id as row "
-                f"{first_row[c]}; clean the data, or choose duplicates='first' or 'latest' "
+                f"{held}; clean the data, or choose duplicates='first' or 'latest' "
                 "(with a timestamp column)"
             )
         dropped += 1

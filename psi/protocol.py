@@ -265,12 +265,26 @@ class _Run:
         yield from self.executor.imap(ecdh.mask_chunk, tasks())
 
 
-def _concat_unique(parts: Iterator[bytes], *, what: str) -> np.ndarray:
-    data = b"".join(parts)
-    points = np.frombuffer(data, dtype="S32")
-    if len(np.unique(points)) != len(points):
-        raise AlignmentError(f"{what}: duplicate values after masking; aborting")
-    return points
+def _sorted_unique(parts: Iterator[bytes], *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole list as sorted values and their positions; duplicates abort (§3.4)."""
+    points = np.frombuffer(b"".join(parts), dtype="S32")
+    order = np.argsort(points, kind="stable")
+    values = points[order]
+    if len(values) > 1 and np.any(values[1:] == values[:-1]):
+        raise AlignmentError(f"{what}: duplicate values; aborting")
+    return values, order
+
+
+def _match(
+    g: tuple[np.ndarray, np.ndarray], h: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in D_G and D_H of the common values, in increasing value order (step 3)."""
+    (g_values, g_order), (h_values, h_order) = g, h
+    if not len(g_values) or not len(h_values):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    at = np.minimum(np.searchsorted(h_values, g_values), len(h_values) - 1)
+    hit = h_values[at] == g_values
+    return g_order[hit], h_order[at[hit]]
 
 
 # ---------------------------------------------------------------------------
@@ -309,29 +323,73 @@ def run_guest(
         "request": request or {},
     }
     channel.send(run.envelope(PsiTag.HELLO, 0, ControlBlock.from_obj(hello)))  # step 0
-    ack = run.recv(PsiTag.HELLO_ACK, 0)
-    reply = ack.body.obj() if isinstance(ack.body, ControlBlock) else {}
-    if not reply.get("accept"):
-        raise AlignmentError(f"{host} refused the PSI: {reply.get('reason', 'no reason given')}")
+    # Step 1' needs only our own key and salt: compute A_G while the host loads its data,
+    # and send it once the host has accepted.
+    accepted, cancelled = threading.Event(), threading.Event()
+    join_sender = run.start_sender(lambda: _send_when_accepted(run, accepted, cancelled))
     try:
-        return _guest_exchange(run, host_size=int(reply["size"]), started=started)
+        ack = run.recv(PsiTag.HELLO_ACK, 0)
+        reply = ack.body.obj() if isinstance(ack.body, ControlBlock) else {}
+        if not reply.get("accept"):
+            raise AlignmentError(
+                f"{host} refused the PSI: {reply.get('reason', 'no reason given')}"
+            )
+    except BaseException:
+        cancelled.set()
+        join_sender_quietly(join_sender)
+        raise
+    accepted.set()
+    try:
+        return _guest_exchange(run, join_sender, host_size=int(reply["size"]), started=started)
     except (VflError, TimeoutError, ValueError) as exc:
+        cancelled.set()
         run.abort(f"guest stopped: {type(exc).__name__}")
         raise
 
 
-def _guest_exchange(run: _Run, *, host_size: int, started: float) -> PsiResult:
+def join_sender_quietly(join: Callable[[], None]) -> None:
+    """Join a sender thread whose outcome no longer matters."""
+    try:
+        join()
+    except BaseException:  # noqa: BLE001 - the caller is already raising the real error
+        logger.debug("PSI sender stopped after the run failed")
+
+
+def _send_when_accepted(run: _Run, accepted: threading.Event, cancelled: threading.Event) -> None:
+    """Step 1': compute A_G at once, hold it until the host accepts, then stream it."""
+    held: list[bytes] = []
+    step = 0
+    for chunk in run.own_list():
+        if cancelled.is_set():
+            return
+        held.append(chunk)
+        if accepted.is_set():
+            for part in held:
+                run.channel.send(run.envelope(PsiTag.A_G, step, PointBlock(part)))
+                step += 1
+            held.clear()
+    while not accepted.wait(0.2):
+        if cancelled.is_set():
+            return
+    for part in held:
+        run.channel.send(run.envelope(PsiTag.A_G, step, PointBlock(part)))
+        step += 1
+
+
+def _guest_exchange(
+    run: _Run, join_sender: Callable[[], None], *, host_size: int, started: float
+) -> PsiResult:
     options, ids = run.options, run.ids
     if options.pad_to is not None and host_size != options.pad_to:
         raise AlignmentError(
             f"{run.peer} announced {host_size} elements, not the agreed {options.pad_to}"
         )
-    join_sender = run.start_sender(lambda: run.send_list(PsiTag.A_G, run.own_list()))  # step 1'
-    d_h = _concat_unique(
+    d_h = _sorted_unique(
         run.mask_stream(run.recv_list(PsiTag.A_H, host_size)), what="D_H"
     )  # step 3
-    d_g = _concat_unique(run.recv_list(PsiTag.D_G, run.size), what="D_G")  # step 2, received
+    d_g = _sorted_unique(run.recv_list(PsiTag.D_G, run.size), what="D_G")  # step 2, received
     join_sender()
+    idx_g, idx_h = _match(d_g, d_h)  # step 3: sorted by doubly-masked value
 
     def result(size: int, rows: np.ndarray | None) -> PsiResult:
         summary = {
@@ -353,12 +411,8 @@ def _guest_exchange(run: _Run, *, host_size: int, started: float) -> PsiResult:
         )
 
     if options.mode is PsiMode.CARDINALITY:
-        size = len(np.intersect1d(d_g, d_h, assume_unique=True))
-        logger.info("PSI %s: cardinality %d", run.job_id, size)
-        return result(size, None)
-    _, idx_g, idx_h = np.intersect1d(
-        d_g, d_h, assume_unique=True, return_indices=True
-    )  # sorted by value
+        logger.info("PSI %s: cardinality %d", run.job_id, len(idx_g))
+        return result(len(idx_g), None)
     items = run.perm[idx_g]
     if np.any(items >= run.n_real):
         raise AlignmentError("a padding dummy matched; aborting (probability negligible)")
@@ -460,10 +514,17 @@ def run_host(
 def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
     options = run.options
     join_sender = run.start_sender(lambda: run.send_list(PsiTag.A_H, run.own_list()))  # step 1
-    masked = run.mask_stream(run.recv_list(PsiTag.A_G, guest_size))  # step 2
+    received: list[bytes] = []
+
+    def keep(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            received.append(chunk)
+            yield chunk
+
+    masked = run.mask_stream(keep(run.recv_list(PsiTag.A_G, guest_size)))  # step 2
     cut = options.chunk_points * ecdh.POINT_BYTES
     if options.mode is PsiMode.CARDINALITY:
-        d_g = _concat_unique(masked, what="D_G")
+        d_g = np.frombuffer(b"".join(masked), dtype="S32")
         order = np.argsort(np.frombuffer(os.urandom(8 * len(d_g)), dtype="<u8"), kind="stable")
         data = d_g[order].tobytes()
         run.send_list(
@@ -482,6 +543,8 @@ def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
                 yield bytes(buffer)
 
         run.send_list(PsiTag.D_G, rechunk())
+    _sorted_unique(iter(received), what="A_G")  # duplicates across chunks abort before step 4
+    received.clear()
     join_sender()
 
     def result(size: int | None, rows: np.ndarray | None) -> PsiResult:

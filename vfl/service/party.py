@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
-from protocols.errors import ConfigError, MalformedEnvelopeError, VflError
+from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
 from protocols.executor import LocalProcessExecutor
 from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
@@ -103,12 +103,14 @@ class PartyService:
         self._stats_lock = threading.Lock()
         self._received: dict[str, int] = {}
         self._stopped = threading.Event()
+        self._closing = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------
 
     def start(self) -> int:
         """Start serving; write the bound port to ``<state_dir>/service.port``."""
         port = self.channel.start()
+        threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
         _atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n")
         logger.info(
             "%s serving on port %d with %d peer(s): %s",
@@ -129,8 +131,11 @@ class PartyService:
             return
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
         self.channel.close(grace)
-        if self._executor is not None:
-            self._executor.close()
+        with self._executor_lock:
+            self._closing.set()
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.close()
         (self.config.state_dir / PORT_FILE).unlink(missing_ok=True)
         self._stopped.set()
         logger.info("%s stopped", self.party)
@@ -214,9 +219,19 @@ class PartyService:
 
     # -- PSI ----------------------------------------------------------------------
 
+    def _prewarm(self) -> None:
+        """Start the worker processes now, so the first PSI or decryption does not wait."""
+        try:
+            executor = self.executor()
+            executor.map(abs, list(range(executor.workers)))
+        except Exception:  # noqa: BLE001 - they start on first use instead
+            logger.warning("could not start worker processes ahead of use", exc_info=True)
+
     def executor(self) -> LocalProcessExecutor:
         """The party's worker processes (started on first use)."""
         with self._executor_lock:
+            if self._closing.is_set():
+                raise TransportError(f"{self.party} is shutting down")
             if self._executor is None:
                 self._executor = LocalProcessExecutor()
             return self._executor
