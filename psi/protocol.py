@@ -45,7 +45,13 @@ from typing import Any
 import numpy as np
 
 from protocols.envelope import ControlBlock, Envelope, IndexBlock, PointBlock
-from protocols.errors import AlignmentError, ConfigError, MalformedEnvelopeError, VflError
+from protocols.errors import (
+    AlignmentError,
+    ConfigError,
+    InvalidPointError,
+    MalformedEnvelopeError,
+    VflError,
+)
 from protocols.executor import Executor
 from protocols.roles import Party
 from protocols.transport.base import Channel
@@ -250,7 +256,13 @@ class _Run:
             if not isinstance(env.body, PointBlock):
                 raise MalformedEnvelopeError(f"{tag} chunk {step} carries no points")
             expected = min(self.options.chunk_points, count - step * self.options.chunk_points)
-            ecdh.validate(env.body.data, expected=max(expected, 0), what=f"{tag} chunk {step}")
+            # duplicates are checked over the whole list once it is in (_sorted_unique)
+            ecdh.validate(
+                env.body.data,
+                expected=max(expected, 0),
+                what=f"{tag} chunk {step}",
+                duplicates=False,
+            )
             yield env.body.data
 
     def mask_stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -271,7 +283,7 @@ def _sorted_unique(parts: Iterator[bytes], *, what: str) -> tuple[np.ndarray, np
     order = np.argsort(points, kind="stable")
     values = points[order]
     if len(values) > 1 and np.any(values[1:] == values[:-1]):
-        raise AlignmentError(f"{what}: duplicate values; aborting")
+        raise InvalidPointError(f"{what}: duplicate elements (an honest peer deduplicates)")
     return values, order
 
 

@@ -278,3 +278,32 @@ def test_p8_a_malformed_chunk_aborts_with_a_typed_error() -> None:
 def test_mismatching_id_types_are_refused() -> None:
     with pytest.raises(AlignmentError, match="canonicalisation differs"):
         run(["a@b.c"], ["a@b.c"], id_type=IdType.EMAIL, host_id_type=IdType.GENERIC)
+
+
+def test_p8_duplicates_across_chunks_abort() -> None:
+    def duplicate(channel: Channel) -> None:
+        original = channel.send
+        first: list[bytes] = []
+
+        def send(envelope: Envelope) -> Envelope:
+            if envelope.tag == PsiTag.A_H and isinstance(envelope.body, PointBlock):
+                if envelope.step == 0:
+                    first.append(envelope.body.data[:32])
+                elif envelope.step == 1:  # repeat chunk 0's first point in chunk 1
+                    envelope = Envelope(
+                        **{
+                            **envelope.__dict__,
+                            "body": PointBlock(first[0] + envelope.body.data[32:]),
+                        }
+                    )
+            return original(envelope)
+
+        channel.send = send  # type: ignore[method-assign]
+
+    with pytest.raises(InvalidPointError, match="duplicate"):
+        run(
+            ids("d", range(10)),
+            ids("d", range(10)),
+            tamper=duplicate,
+            options=PsiOptions(chunk_points=4, task_points=2, timeout=5),
+        )
