@@ -9,7 +9,8 @@ openmined-psi, and against the floor of the work the protocol cannot avoid.
   intersection revealed to the client; it pins protobuf 6.30.2, so it runs in its own
   virtualenv (``benchmarks/.peers-venv``, created on first use) as a separate process;
 * ``floor_s``: hash-to-curve plus two X25519 multiplications per id per party, each timed
-  here in this run, summed over both parties and divided by the cores;
+  here in this run (just before and just after the gRPC run, averaged, since the machine's
+  speed drifts), summed over both parties and divided by the cores;
 * ``peak_rss_mb``: the largest sum of resident memory over one party's process tree
   (its worker processes included), sampled every 0.2 s during the gRPC run.
 
@@ -89,7 +90,7 @@ def read_ids(path: Path) -> list[str]:
 
 def floor_seconds(n: int, cores: int) -> tuple[float, float, float]:
     """Per-id hash-to-curve and X25519 costs measured now; the protocol's floor in seconds."""
-    sample = [f"customer{i:09d}@bank.example".encode() for i in range(20_000)]
+    sample = [f"customer{i:09d}@bank.example".encode() for i in range(50_000)]
     prefix = ecdh.dst("email") + bytes(16)
     t = time.perf_counter()
     points = [ecdh.hash_to_curve(c, prefix=prefix) for c in sample]
@@ -145,6 +146,10 @@ class RssSampler:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak = dict.fromkeys(pids, 0)
+        self.cpu: dict[str, dict[int, float]] = {name: {} for name in pids}
+        self._start_cpu = {
+            name: {p: self._cpu_s(p) for p in self._tree(pid)} for name, pid in pids.items()
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -177,12 +182,32 @@ class RssSampler:
             pass
         return 0
 
+    @staticmethod
+    def _cpu_s(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             for name, pid in self.pids.items():
-                total = sum(self._rss_kb(p) for p in self._tree(pid))
+                tree = self._tree(pid)
+                total = sum(self._rss_kb(p) for p in tree)
                 self.peak[name] = max(self.peak[name], total)
+                for p in tree:
+                    self.cpu[name][p] = self._cpu_s(p) - self._start_cpu[name].get(p, 0.0)
             self._stop.wait(0.2)
+
+    def cpu_seconds(self) -> dict[str, dict[str, float]]:
+        """CPU seconds used during the run: the party's main process and its workers."""
+        out = {}
+        for name, pid in self.pids.items():
+            used = self.cpu[name]
+            main = used.get(pid, 0.0)
+            out[name] = {"main": round(main, 2), "workers": round(sum(used.values()) - main, 2)}
+        return out
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
@@ -190,7 +215,9 @@ class RssSampler:
         return {name: kb / 1024 for name, kb in self.peak.items()}
 
 
-def run_grpc(guest_path: Path, host_path: Path, work: Path) -> tuple[float, dict[str, float], int]:
+def run_grpc(
+    guest_path: Path, host_path: Path, work: Path
+) -> tuple[float, dict[str, float], int, dict[str, dict[str, float]]]:
     paths = write_demo_setup(work, data_folder=work)
     for pid, ids in (("bank", guest_path), ("retailer", host_path)):
         with paths[pid].open("a") as f:
@@ -237,13 +264,14 @@ def run_grpc(guest_path: Path, host_path: Path, work: Path) -> tuple[float, dict
             time.sleep(0.01)
         wall = time.perf_counter() - t
         peaks = sampler.stop()
+        cpu = sampler.cpu_seconds()
         read_result(configs["retailer"].state_dir, "bench")
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
             proc.wait(60)
-    return wall, peaks, int(reply["intersection_size"])
+    return wall, peaks, int(reply["intersection_size"]), cpu
 
 
 def run_openmined(guest_path: Path, host_path: Path) -> dict[str, float]:
@@ -286,10 +314,21 @@ def main() -> None:
             None if args.skip_inmemory else run_inmemory(guest_path, host_path, work / "inmemory")
         )
         print(f"in-memory: {inmem} s", flush=True)
-        grpc_wall, peaks, found = run_grpc(guest_path, host_path, work / "grpc")
-        print(f"gRPC: {grpc_wall:.2f} s, intersection {found}, peak RSS {peaks}", flush=True)
+        grpc_wall, peaks, found, cpu = run_grpc(guest_path, host_path, work / "grpc")
+        print(
+            f"gRPC: {grpc_wall:.2f} s, intersection {found}, peak RSS {peaks}, CPU {cpu}",
+            flush=True,
+        )
         if found != shared:
             raise SystemExit(f"wrong intersection: {found} != {shared}")
+        # the machine's speed drifts: time the floor again right after and use the mean
+        floor_after, hash_after, x_after = floor_seconds(args.n, cores)
+        print(f"floor after: {floor_after:.2f} s", flush=True)
+        floor, hash_s, x_s = (
+            (floor + floor_after) / 2,
+            (hash_s + hash_after) / 2,
+            (x_s + x_after) / 2,
+        )
         om = None if args.skip_openmined else run_openmined(guest_path, host_path)
         print(f"openmined: {om}", flush=True)
     result = {
@@ -304,6 +343,7 @@ def main() -> None:
         "ratio_to_floor": round(grpc_wall / floor, 3),
         "peak_rss_mb": round(max(peaks.values()), 1),
         "peak_rss_mb_per_party": {k: round(v, 1) for k, v in peaks.items()},
+        "grpc_cpu_s_per_party": cpu,
         "hash_to_curve_us": round(hash_s * 1e6, 2),
         "x25519_us": round(x_s * 1e6, 2),
         "targets_at_1e6": {"speedup_vs_openmined": 3, "ratio_to_floor": 1.3, "peak_rss_mb": 1536},
