@@ -251,6 +251,8 @@ class _Run:
     def recv_list(self, tag: PsiTag, count: int) -> Iterator[bytes]:
         """Receive and validate the chunks of a list of ``count`` points."""
         chunks = max(1, math.ceil(count / self.options.chunk_points))
+        started = time.monotonic()
+        reported = 0
         for step in range(chunks):
             env = self.recv(tag, step)
             if not isinstance(env.body, PointBlock):
@@ -263,6 +265,21 @@ class _Run:
                 what=f"{tag} chunk {step}",
                 duplicates=False,
             )
+            done = step + 1
+            if chunks >= 8 and done * 4 // chunks > reported:  # progress at each quarter
+                reported = done * 4 // chunks
+                elapsed = time.monotonic() - started
+                rate = done * self.options.chunk_points / max(elapsed, 1e-9)
+                logger.info(
+                    "PSI %s: %s %d/%d chunks (%d%%), %.0f points/s, about %.0f s left",
+                    self.job_id,
+                    tag,
+                    done,
+                    chunks,
+                    100 * done // chunks,
+                    rate,
+                    elapsed * (chunks - done) / done,
+                )
             yield env.body.data
 
     def mask_stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
