@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import tempfile
 import threading
@@ -49,8 +48,9 @@ from psi.canon import IdType, prepare_ids
 from psi.protocol import PsiOptions, PsiTag, run_guest, run_host
 from psi.result import read_result, result_dir, write_result
 from vfl.config import load_config
-from vfl.service.admin import admin_call, service_address, wait_healthy
+from vfl.service.admin import admin_call
 from vfl.service.demo import DEMO_PARTIES, write_demo_setup
+from vfl.service.local import connect_services, start_services, stop_services
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "psi.json"
@@ -223,28 +223,9 @@ def run_grpc(
         with paths[pid].open("a") as f:
             f.write(f'ids = "{ids}"\n')
     configs = {pid: load_config(paths[pid]) for pid in ("bank", "retailer")}
-    (work / "logs").mkdir()
-    procs = {
-        pid: subprocess.Popen(
-            [sys.executable, "-m", "vfl", "serve", "--config", str(cfg.source)],
-            stdout=(work / "logs" / f"{pid}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for pid, cfg in configs.items()
-    }
+    procs = start_services(configs, logs=work / "logs")
     try:
-        for cfg in configs.values():
-            wait_healthy(cfg, timeout=120)
-        admin_call(
-            configs["bank"],
-            "set_peer_address",
-            {"peer": "retailer", "address": service_address(configs["retailer"])},
-        )
-        admin_call(
-            configs["retailer"],
-            "set_peer_address",
-            {"peer": "bank", "address": service_address(configs["bank"])},
-        )
+        connect_services(configs, timeout=120)
         sampler = RssSampler({pid: p.pid for pid, p in procs.items()})
         t = time.perf_counter()
         reply = admin_call(
@@ -267,10 +248,7 @@ def run_grpc(
         cpu = sampler.cpu_seconds()
         read_result(configs["retailer"].state_dir, "bench")
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            proc.wait(60)
+        stop_services(procs, timeout=120)
     return wall, peaks, int(reply["intersection_size"]), cpu
 
 

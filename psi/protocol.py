@@ -195,6 +195,35 @@ class _Run:
             )
             raise AlignmentError(f"{self.peer} aborted the PSI: {reason}")
 
+    def result(
+        self,
+        role: str,
+        size: int | None,
+        rows: np.ndarray | None,
+        *,
+        peer_size: int,
+        started: float,
+    ) -> PsiResult:
+        """This party's outcome with its summary (counts only)."""
+        summary: dict[str, Any] = {
+            **self.ids.summary(),
+            "own_list_size": self.size,
+            "peer_list_size": peer_size,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if size is not None:
+            summary["intersection_size"] = size
+        return PsiResult(
+            role=role,
+            mode=self.options.mode,
+            run_id=self.run_id,
+            intersection_size=size,
+            rows=rows,
+            own_list_size=self.size,
+            peer_list_size=peer_size,
+            summary=summary,
+        )
+
     def abort(self, reason: str) -> None:
         """Tell the peer we stopped (best effort), so it does not wait for its timeout."""
         try:
@@ -226,7 +255,7 @@ class _Run:
         """Steps 1 / 1': the masked, shuffled own list, chunk by chunk."""
         prefix = ecdh.dst(self.ids.id_type.value) + self.salt
         canonical = self.ids.canonical
-        tasks_per_chunk = self.options.chunk_points
+        cut = self.options.chunk_points * ecdh.POINT_BYTES
         task = self.options.task_points
 
         def tasks() -> Iterator[tuple[bytes, bytes, list[bytes | None]]]:
@@ -234,15 +263,7 @@ class _Run:
                 items = self.perm[start : start + task]
                 yield self.key, prefix, [canonical[i] if i < self.n_real else None for i in items]
 
-        buffer = bytearray()
-        for part in self.executor.imap(ecdh.hash_and_mask_chunk, tasks()):
-            buffer += part
-            while len(buffer) >= tasks_per_chunk * ecdh.POINT_BYTES:
-                cut = tasks_per_chunk * ecdh.POINT_BYTES
-                yield bytes(buffer[:cut])
-                del buffer[:cut]
-        if buffer or self.size == 0:
-            yield bytes(buffer)
+        yield from _rechunk(self.executor.imap(ecdh.hash_and_mask_chunk, tasks()), cut)
 
     def send_list(self, tag: PsiTag, chunks: Iterator[bytes]) -> None:
         for step, chunk in enumerate(chunks):
@@ -292,6 +313,18 @@ class _Run:
                     yield self.key, chunk[i : i + task_bytes]
 
         yield from self.executor.imap(ecdh.mask_chunk, tasks())
+
+
+def _rechunk(parts: Iterator[bytes], cut: int) -> Iterator[bytes]:
+    """Regroup a stream of byte strings into messages of ``cut`` bytes (the last may be short)."""
+    buffer = bytearray()
+    for part in parts:
+        buffer += part
+        while len(buffer) >= cut:
+            yield bytes(buffer[:cut])
+            del buffer[:cut]
+    if buffer:
+        yield bytes(buffer)
 
 
 def _sorted_unique(parts: Iterator[bytes], *, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -386,23 +419,22 @@ def join_sender_quietly(join: Callable[[], None]) -> None:
 
 def _send_when_accepted(run: _Run, accepted: threading.Event, cancelled: threading.Event) -> None:
     """Step 1': compute A_G at once, hold it until the host accepts, then stream it."""
-    held: list[bytes] = []
-    step = 0
-    for chunk in run.own_list():
-        if cancelled.is_set():
-            return
-        held.append(chunk)
-        if accepted.is_set():
-            for part in held:
-                run.channel.send(run.envelope(PsiTag.A_G, step, PointBlock(part)))
-                step += 1
-            held.clear()
-    while not accepted.wait(0.2):
-        if cancelled.is_set():
-            return
-    for part in held:
-        run.channel.send(run.envelope(PsiTag.A_G, step, PointBlock(part)))
-        step += 1
+
+    def held() -> Iterator[bytes]:
+        waiting: list[bytes] = []
+        for chunk in run.own_list():
+            if cancelled.is_set():
+                return
+            waiting.append(chunk)
+            if accepted.is_set():
+                yield from waiting
+                waiting.clear()
+        while not accepted.wait(0.2):
+            if cancelled.is_set():
+                return
+        yield from waiting
+
+    run.send_list(PsiTag.A_G, held())
 
 
 def _guest_exchange(
@@ -420,28 +452,9 @@ def _guest_exchange(
     join_sender()
     idx_g, idx_h = _match(d_g, d_h)  # step 3: sorted by doubly-masked value
 
-    def result(size: int, rows: np.ndarray | None) -> PsiResult:
-        summary = {
-            **ids.summary(),
-            "own_list_size": run.size,
-            "peer_list_size": host_size,
-            "intersection_size": size,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        return PsiResult(
-            role="guest",
-            mode=options.mode,
-            run_id=run.run_id,
-            intersection_size=size,
-            rows=rows,
-            own_list_size=run.size,
-            peer_list_size=host_size,
-            summary=summary,
-        )
-
     if options.mode is PsiMode.CARDINALITY:
         logger.info("PSI %s: cardinality %d", run.job_id, len(idx_g))
-        return result(len(idx_g), None)
+        return run.result("guest", len(idx_g), None, peer_size=host_size, started=started)
     items = run.perm[idx_g]
     if np.any(items >= run.n_real):
         raise AlignmentError("a padding dummy matched; aborting (probability negligible)")
@@ -455,7 +468,7 @@ def _guest_exchange(
         run.size,
         host_size,
     )
-    return result(len(rows), rows)
+    return run.result("guest", len(rows), rows, peer_size=host_size, started=started)
 
 
 # ---------------------------------------------------------------------------
@@ -556,48 +569,15 @@ def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
         d_g = np.frombuffer(b"".join(masked), dtype="S32")
         order = np.argsort(np.frombuffer(os.urandom(8 * len(d_g)), dtype="<u8"), kind="stable")
         data = d_g[order].tobytes()
-        run.send_list(
-            PsiTag.D_G, iter([data[i : i + cut] for i in range(0, max(len(data), 1), cut)])
-        )
+        run.send_list(PsiTag.D_G, _rechunk(iter([data]), cut))
     else:
-
-        def rechunk() -> Iterator[bytes]:
-            buffer = bytearray()
-            for part in masked:
-                buffer += part
-                while len(buffer) >= cut:
-                    yield bytes(buffer[:cut])
-                    del buffer[:cut]
-            if buffer or guest_size == 0:
-                yield bytes(buffer)
-
-        run.send_list(PsiTag.D_G, rechunk())
+        run.send_list(PsiTag.D_G, _rechunk(masked, cut))
     _sorted_unique(iter(received), what="A_G")  # duplicates across chunks abort before step 4
     received.clear()
     join_sender()
 
-    def result(size: int | None, rows: np.ndarray | None) -> PsiResult:
-        summary: dict[str, Any] = {
-            **run.ids.summary(),
-            "own_list_size": run.size,
-            "peer_list_size": guest_size,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        if size is not None:
-            summary["intersection_size"] = size
-        return PsiResult(
-            role="host",
-            mode=options.mode,
-            run_id=run.run_id,
-            intersection_size=size,
-            rows=rows,
-            own_list_size=run.size,
-            peer_list_size=guest_size,
-            summary=summary,
-        )
-
     if options.mode is not PsiMode.BOTH:
-        return result(None, None)
+        return run.result("host", None, None, peer_size=guest_size, started=started)
     message = run.recv(PsiTag.RESULT, 0)  # step 4
     if not isinstance(message.body, IndexBlock):
         raise MalformedEnvelopeError("PSI RESULT carries no index block")
@@ -611,4 +591,4 @@ def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
         raise AlignmentError("PSI RESULT points at padding dummies")
     rows = run.ids.rows[items]
     logger.info("PSI %s: intersection %d of %d host elements", run.job_id, len(rows), run.size)
-    return result(len(rows), rows)
+    return run.result("host", len(rows), rows, peer_size=guest_size, started=started)

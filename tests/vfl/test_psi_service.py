@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import pandas as pd
 from psi.result import read_result
 from vfl.config import load_config
 from vfl.data.datasets import data_dir, verify
-from vfl.service.admin import admin_call, service_address, wait_healthy
 from vfl.service.demo import write_demo_setup
+from vfl.service.local import connect_services, start_services, stop_services
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,29 +39,9 @@ def test_two_services_align_real_rows(tmp_path: Path) -> None:
     with paths["retailer"].open("a") as f:
         f.write(f'customers = "{host_csv}"\n')
     configs = {pid: load_config(p) for pid, p in paths.items() if pid != "arbiter"}
-    (tmp_path / "logs").mkdir()
-    procs = {
-        pid: subprocess.Popen(
-            [sys.executable, "-m", "vfl", "serve", "--config", str(cfg.source)],
-            stdout=(tmp_path / "logs" / f"{pid}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        for pid, cfg in configs.items()
-    }
+    procs = start_services(configs, logs=tmp_path / "logs")
     try:
-        for cfg in configs.values():
-            wait_healthy(cfg, timeout=60)
-        admin_call(
-            configs["bank"],
-            "set_peer_address",
-            {"peer": "retailer", "address": service_address(configs["retailer"])},
-        )
-        admin_call(
-            configs["retailer"],
-            "set_peer_address",
-            {"peer": "bank", "address": service_address(configs["bank"])},
-        )
+        connect_services(configs)
         out = subprocess.run(
             [
                 sys.executable,
@@ -92,9 +71,7 @@ def test_two_services_align_real_rows(tmp_path: Path) -> None:
         expected = set(guest["id"]) & set(host["id"].iloc[5:])
         assert summary["intersection_size"] == len(expected) > 200
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(30) for proc in procs.values()]
+        codes = list(stop_services(procs).values())
     assert codes == [0, 0]
     g_summary, g_rows = read_result(configs["bank"].state_dir, "align-1")
     h_summary, h_rows = read_result(configs["retailer"].state_dir, "align-1")

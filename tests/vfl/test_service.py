@@ -27,6 +27,7 @@ from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
 from vfl.service.admin import admin_call, service_address, wait_healthy
 from vfl.service.demo import write_demo_setup
+from vfl.service.local import connect_services, start_services, stop_services
 from vfl.service.party import ServiceTag
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,47 +40,18 @@ class Running:
     logs: Path
 
 
-def start(config: PartyConfig, logs: Path) -> subprocess.Popen[bytes]:
-    log = (logs / f"{config.party.party_id}.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "vfl", "serve", "--config", str(config.source)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def connect(configs: dict[str, PartyConfig]) -> None:
-    for cfg in configs.values():
-        wait_healthy(cfg, timeout=60)
-    for cfg in configs.values():
-        for peer in cfg.peers:
-            admin_call(
-                cfg,
-                "set_peer_address",
-                {
-                    "peer": peer.party.party_id,
-                    "address": service_address(configs[peer.party.party_id]),
-                },
-            )
-
-
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("services")
     paths = write_demo_setup(root, data_folder=data_dir(os.environ))
     configs = {pid: load_config(p) for pid, p in paths.items()}
-    (root / "logs").mkdir()
-    procs = {pid: start(cfg, root / "logs") for pid, cfg in configs.items()}
+    procs = start_services(configs, logs=root / "logs")
     try:
-        connect(configs)
+        connect_services(configs)
         yield Running(configs, procs, root / "logs")
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(20) for proc in procs.values()]
-    assert codes == [0, 0, 0], "services did not shut down cleanly"
+        codes = stop_services(procs)
+    assert list(codes.values()) == [0, 0, 0], "services did not shut down cleanly"
 
 
 def test_three_services_ping_each_other_concurrently(services: Running) -> None:
@@ -165,7 +137,7 @@ def test_sigterm_then_restart_keeps_replay_marks(tmp_path: Path) -> None:
     statuses = []
     try:
         for round_ in range(2):
-            proc = start(host_cfg, tmp_path / "logs")
+            proc = start_services({"retailer": host_cfg}, logs=tmp_path / "logs")["retailer"]
             wait_healthy(host_cfg, timeout=60)
             admin_call(
                 host_cfg, "set_peer_address", {"peer": "bank", "address": f"127.0.0.1:{bank.port}"}

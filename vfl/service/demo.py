@@ -8,16 +8,13 @@
    service where its peers listen (admin command, authenticated by its own certificate);
 5. make every party PING every other party at the same time, over mutual TLS, with small
    bodies and with a body large enough to be streamed in chunks; PONGs carry a hash;
-6. stop every service with SIGTERM (graceful shutdown) and show what each one logged.
+6. align the bank's and the retailer's rows of the credit data by private set
+   intersection (``vfl psi``), each writing the shared row order to its state folder;
+7. stop every service with SIGTERM (graceful shutdown) and show what each one logged.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +24,8 @@ from protocols.roles import Party, Role
 from protocols.transport.tls import create_demo_pki
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import verify_all
-from vfl.service.admin import admin_call, service_address, wait_healthy
+from vfl.service.admin import admin_call
+from vfl.service.local import connect_services, start_services, stop_services
 from vfl.service.party import AdminCommand
 
 DEMO_PARTIES = (
@@ -97,21 +95,12 @@ def run_demo(
     configs = write_demo_setup(out, data_folder=data_folder)
     echo(f"2. demo CA and certificates for {', '.join(map(str, DEMO_PARTIES))} in {out / 'certs'}")
     parsed = {pid: load_config(path) for pid, path in configs.items()}
-    procs = _start(parsed, out, echo)
+    procs = start_services(parsed, logs=out / "logs")
+    for pid, proc in procs.items():
+        echo(f"3. started `vfl serve --config {pid}.toml` as pid {proc.pid} ({parsed[pid].party})")
     try:
-        for cfg in parsed.values():
-            wait_healthy(cfg, timeout=60)
-        echo("4. all three report SERVING on grpc.health.v1; telling each where its peers listen")
-        for cfg in parsed.values():
-            for peer in cfg.peers:
-                admin_call(
-                    cfg,
-                    AdminCommand.SET_PEER_ADDRESS,
-                    {
-                        "peer": peer.party.party_id,
-                        "address": service_address(parsed[peer.party.party_id]),
-                    },
-                )
+        connect_services(parsed)
+        echo("4. all three report SERVING on grpc.health.v1 and know where their peers listen")
         echo("5. every party pings every other party at once (mutual TLS, PONG carries a SHA-256)")
         results = _ping_all(parsed, big_bytes)
         for pid, reply in results.items():
@@ -123,40 +112,32 @@ def run_demo(
                         f"   {pid:>8} -> {r['peer']:<8} {r['rounds']} x {_size(r['bytes']):>8}: "
                         f"median round trip {r['median_rtt_ms']:8.2f} ms, hash verified"
                     )
+        echo("6. private set intersection of the bank's and the retailer's credit customers")
+        psi = admin_call(
+            parsed["bank"],
+            AdminCommand.PSI,
+            {"peer": "retailer", "data": "credit", "id_column": "id", "job_id": "demo-psi"},
+            timeout=600,
+        )
+        echo(
+            f"   {psi['usable_ids']} bank ids, {psi['peer_list_size']} retailer ids -> "
+            f"{psi['intersection_size']} shared customers in one row order, "
+            f"{psi['seconds']:.1f} s; written to {psi['result_dir']} and at the retailer"
+        )
     finally:
-        codes = _stop(procs)
-    echo("6. SIGTERM sent; exit codes: " + ", ".join(f"{p}={c}" for p, c in codes.items()))
+        codes = stop_services(procs)
+    echo("7. SIGTERM sent; exit codes: " + ", ".join(f"{p}={c}" for p, c in codes.items()))
     for pid in parsed:
         log = (out / "logs" / f"{pid}.log").read_text(errors="replace").splitlines()
-        shown = [ln for ln in log if "PING from" in ln or "serving on" in ln or "stopped" in ln]
+        keys = ("PING from", "serving on", "PSI demo-psi", "stopped")
+        shown = [ln for ln in log if any(k in ln for k in keys)]
         echo(f"   {pid}.log ({len(log)} lines), e.g.:")
-        for line in shown[:2] + shown[-1:]:
+        for line in shown[:2] + shown[-2:]:
             echo(f"     {line[:150]}")
     failed = [r for reply in results.values() for r in reply["results"] if "error" in r]
     if failed or any(codes.values()):
         raise SystemExit("demo failed: see the lines above and the logs in " + str(out / "logs"))
     return results
-
-
-def _start(
-    configs: Mapping[str, PartyConfig], out: Path, echo: Callable[[str], None]
-) -> dict[str, subprocess.Popen[bytes]]:
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    procs = {}
-    for pid, cfg in configs.items():
-        log = (logs / f"{pid}.log").open("wb")
-        procs[pid] = subprocess.Popen(
-            [sys.executable, "-m", "vfl", "serve", "--config", str(cfg.source)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        echo(
-            f"3. started `vfl serve --config {cfg.source.name}` as pid {procs[pid].pid} "
-            f"({cfg.party})"
-        )
-    return procs
 
 
 def _ping_all(configs: Mapping[str, PartyConfig], big_bytes: int) -> dict[str, Any]:
@@ -168,21 +149,6 @@ def _ping_all(configs: Mapping[str, PartyConfig], big_bytes: int) -> dict[str, A
     with ThreadPoolExecutor(len(configs)) as pool:
         futures = {pid: pool.submit(one, cfg) for pid, cfg in configs.items()}
         return {pid: f.result() for pid, f in futures.items()}
-
-
-def _stop(procs: Mapping[str, subprocess.Popen[bytes]]) -> dict[str, int]:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    codes = {}
-    deadline = time.monotonic() + 20
-    for pid, proc in procs.items():
-        try:
-            codes[pid] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            codes[pid] = proc.wait()
-    return codes
 
 
 def _size(n: int) -> str:
