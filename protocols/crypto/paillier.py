@@ -55,7 +55,6 @@ class PublicKey:
     bits: int
     key_id: bytes = field(init=False)
     n2: mpz = field(init=False, repr=False)
-    half_n: mpz = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n", mpz(self.n))
@@ -66,7 +65,6 @@ class PublicKey:
         if not 1 < self.h_s < n2 or gmpy2.gcd(self.h_s, self.n) != 1:
             raise CryptoError("public key h_s is not a unit mod n^2")
         object.__setattr__(self, "n2", n2)
-        object.__setattr__(self, "half_n", (self.n - 1) // 2)
         object.__setattr__(self, "key_id", key_id_of(self.n, self.n_bytes))
 
     @property

@@ -111,11 +111,6 @@ class GrpcChannel(Channel):
         """The port the server listens on."""
         return self._server.port
 
-    @property
-    def server(self) -> TransportServer:
-        """The underlying server (for its health servicer)."""
-        return self._server
-
     def add_peer(self, peer: PartyAddress) -> None:
         """Allow ``peer`` to send to us and open a client to it."""
         if peer.certificate_pem is not None:
