@@ -1,0 +1,1 @@
+"""Label protection on the host-bound path, embedding noise (and later DP-SGD)."""
