@@ -1,5 +1,7 @@
-"""Plain torch models. They never see channels or ciphertexts; this package imports only torch."""
+"""Plain torch models. They never see channels or ciphertexts; besides the standard library
+this package imports only torch."""
 
 from vfl.models.mlp import MLP
+from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "BottomModel", "OutputBound", "Task", "TopModel", "loss_for"]

@@ -8,6 +8,13 @@ from torch import nn
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
+def activation_layer(name: str) -> nn.Module:
+    """A fresh activation module by name (``relu``, ``tanh``, ``gelu``)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r}: use one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
 class MLP(nn.Module):
     """``in_features -> widths[0] -> ... -> widths[-1]`` with an activation between layers.
 
@@ -34,8 +41,7 @@ class MLP(nn.Module):
         super().__init__()
         if in_features < 1 or not widths or min(widths) < 1:
             raise ValueError(f"MLP needs positive widths, got in={in_features} widths={widths}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation {activation!r}: use one of {', '.join(_ACTIVATIONS)}")
+        activation_layer(activation)  # fails early on an unknown name
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout {dropout} must lie in [0, 1)")
         layers: list[nn.Module] = []
@@ -43,7 +49,7 @@ class MLP(nn.Module):
         for i, out in enumerate(widths):
             layers.append(nn.Linear(width, out))
             if i < len(widths) - 1:
-                layers.append(_ACTIVATIONS[activation]())
+                layers.append(activation_layer(activation))
                 if dropout:
                     layers.append(nn.Dropout(dropout))
             width = out
