@@ -1,0 +1,1 @@
+"""The encrypted split neural network (PROTOCOL.md §4)."""
