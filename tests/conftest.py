@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.roles import Party, Role
 from protocols.transport import tls
 
@@ -69,6 +70,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     tls.create_demo_pki(root / "main", list(PARTIES))
     tls.create_demo_pki(root / "other", list(PARTIES))
     return Pki(dir=root / "main", other_dir=root / "other")
+
+
+@pytest.fixture(scope="session")
+def keypair() -> tuple[PublicKey, PrivateKey]:
+    """A small key, through the explicit test-only flag."""
+    return generate_keypair(bits=1024, allow_test_key=True)
+
+
+@pytest.fixture(scope="session")
+def pk(keypair: tuple[PublicKey, PrivateKey]) -> PublicKey:
+    return keypair[0]
+
+
+@pytest.fixture(scope="session")
+def sk(keypair: tuple[PublicKey, PrivateKey]) -> PrivateKey:
+    return keypair[1]
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A small test-only key and one process executor for the whole session."""
+"""One process executor and obfuscator pool for the whole session (the key: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,8 @@ import pytest
 
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
-from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
+from protocols.crypto.paillier import PublicKey
 from protocols.executor import LocalProcessExecutor
-
-
-@pytest.fixture(scope="session")
-def keypair() -> tuple[PublicKey, PrivateKey]:
-    return generate_keypair(bits=1024, allow_test_key=True)
-
-
-@pytest.fixture(scope="session")
-def pk(keypair: tuple[PublicKey, PrivateKey]) -> PublicKey:
-    return keypair[0]
-
-
-@pytest.fixture(scope="session")
-def sk(keypair: tuple[PublicKey, PrivateKey]) -> PrivateKey:
-    return keypair[1]
 
 
 @pytest.fixture(scope="session")
