@@ -1,0 +1,301 @@
+"""The interactive layer's host part over a Channel: joint initialisation and one step.
+
+Roles and keys: the arbiter A holds the Paillier key; the guest G and the host H hold the
+public key and their own obfuscator pools. G keeps its share ``W^G`` in plaintext and H's
+share as ``[[E]]``; H keeps ``E`` in plaintext and G's share as ``[[W^G]]``. Nobody holds
+``W_h``. What each learns is PROTOCOL.md §4.6: G learns ``z_h``, H learns ``g_h``, A only
+uniform values.
+
+Steps (§4.3, §4.4; P1 layouts of §4.8 — ``[[W^G]]``, ``[[D̂]]``, ``[[V̂]]`` row-packed,
+``[[E]]`` column-packed):
+
+I1. H → G ``INIT_M``: ``M_init = enc(W_0^H) − E_0`` (mod n in P0).
+I2. G → H ``INIT_WG``: ``[[W^G_0]]`` with ``W^G_0 = enc(W_0^G) + M_init``.
+I3. H → G ``INIT_E``: ``[[E_0]]``.
+S1. G → H ``BATCH``: the step's row indices.
+S2. H → G ``F1``: ``[[Ẑ]] = Obf(â ⊙ [[W^G]] ⊕ â·E)``; G decrypts it masked (``Z_FWD``).
+S3. G → H ``B1``: ``[[Ĝ]] = Obf(δ̂ ⊙ [[E]] ⊕ δ̂·W^Gᵀ)`` from the pre-update shares; H decrypts
+    it masked (``G_BWD``).
+S4. G → H ``B2_1``: ``[[D̂]]``, fresh encryptions of ``enc_{f_d}(η_W·δ̃)``.
+S5. H → G ``B2_2``: ``[[V̂]] = Obf(âᵀ ⊙ [[D̂]] ⊕ (E' − E))`` and ``B2_3``: ``[[E']]``; H sets
+    ``[[W^G]] ← [[W^G]] ⊖ [[V̂]]``, ``E ← E'``.
+S6. G decrypts ``V̂`` masked (``V_WUPD``; a raw residue in P0), sets ``W^G ← W^G − V̂``,
+    ``[[E]] ← [[E']]`` and sends ``STEP_ACK``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from protocols.crypto.cipher import Cipher
+from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring
+from protocols.crypto.masked import MaskedDecryptionClient
+from protocols.crypto.obfuscators import ObfuscatorPool
+from protocols.crypto.packing import pack_rows, unpack_rows
+from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
+from protocols.envelope import Body, ControlBlock, Envelope, IndexBlock, Packing, PlainBlock
+from protocols.errors import ProtocolError
+from protocols.executor import Executor
+from protocols.roles import Party
+from protocols.transport.base import Channel
+from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
+
+SIGMA_STAT = 64
+BIG_L = 64 + SIGMA_STAT - 1
+
+
+class SplitTag(StrEnum):
+    """Message tags of the split-NN interactive layer."""
+
+    INIT_M = "splitnn.INIT_M"
+    INIT_WG = "splitnn.INIT_WG"
+    INIT_E = "splitnn.INIT_E"
+    BATCH = "splitnn.BATCH"
+    F1 = "splitnn.F1"
+    B1 = "splitnn.B1"
+    B2_1 = "splitnn.B2_1"
+    B2_2 = "splitnn.B2_2"
+    B2_3 = "splitnn.B2_3"
+    STEP_ACK = "splitnn.STEP_ACK"
+
+
+@dataclass
+class _Party:
+    """What both sides share: channel, peer, spec, cipher, pool, executor, arbiter client."""
+
+    channel: Channel
+    peer: Party
+    arbiter: Party
+    spec: JobSpec
+    cipher: Cipher
+    pool: ObfuscatorPool
+    executor: Executor
+    fp: FixedPointConfig
+
+    def __post_init__(self) -> None:
+        self.n = self.cipher.key.n
+        self.p1 = self.spec.mode is SplitMode.P1
+        self.packing = (
+            Packing(slot_bits=self.spec.slot_bits, slots=self.spec.slots, axis=1)
+            if self.p1
+            else None
+        )
+        self.md = MaskedDecryptionClient(
+            channel=self.channel, arbiter=self.arbiter, cipher=self.cipher
+        )
+
+    def send(self, tag: SplitTag, step: int, body: Body) -> None:
+        self.channel.send(
+            Envelope(
+                job_id=self.spec.job_id,
+                sender=self.channel.me,
+                receiver=self.peer,
+                tag=tag,
+                step=step,
+                key_id=self.cipher.key.key_id,
+                body=body,
+            )
+        )
+
+    def recv_tensor(self, tag: SplitTag, step: int) -> EncryptedTensor:
+        env = self.channel.recv(
+            job_id=self.spec.job_id, sender=self.peer, tag=tag, step=step, timeout=600
+        )
+        if env.body is None or not hasattr(env.body, "shape"):
+            raise ProtocolError(f"{tag} step {step} carries no ciphertexts")
+        return EncryptedTensor.from_block(env.body, cipher=self.cipher, key_id=env.key_id)  # type: ignore[arg-type]
+
+    def fresh_share(self, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, dtype=object)
+        for idx in np.ndindex(shape):
+            out[idx] = (
+                secrets.randbelow(1 << BIG_L) - (1 << (BIG_L - 1))
+                if self.p1
+                else secrets.randbelow(int(self.n))
+            )
+        return out
+
+    def reduce(self, values: np.ndarray) -> np.ndarray:
+        return values if self.p1 else ring(values, self.n)
+
+    def rows(self, values: np.ndarray) -> np.ndarray:
+        """Row-packed (P1) or as is (P0)."""
+        return (
+            pack_rows(values, slot_bits=self.spec.slot_bits, slots=self.spec.slots)
+            if self.p1
+            else values
+        )
+
+    def encrypt(self, values: np.ndarray, scale: int) -> EncryptedTensor:
+        return encrypt(
+            self.cipher,
+            self.reduce(self.rows(values)),
+            pool=self.pool,
+            scale=scale,
+            packing=self.packing,
+        )
+
+    def reveal(
+        self,
+        tensor: EncryptedTensor,
+        tag: DecTag,
+        step: int,
+        *,
+        width: int,
+        scale: int,
+        bound: float,
+    ) -> np.ndarray:
+        """Masked decryption, then decode (P0) or unpack every slot (P1)."""
+        residues = self.md.decrypt(tensor, job_id=self.spec.job_id, tag=tag, step=step)
+        if self.p1:
+            ints = unpack_rows(
+                residues, self.n, slot_bits=self.spec.slot_bits, slots=self.spec.slots, width=width
+            )
+            return decode(ring(ints, self.n), self.n, scale=scale, bound=bound)
+        return decode(residues, self.n, scale=scale, bound=bound)
+
+
+class GuestLayer(_Party):
+    """G's side: holds ``W^G`` and ``[[E]]``."""
+
+    wg: np.ndarray
+    enc_e: EncryptedTensor
+
+    def init(self, w0_guest: np.ndarray) -> None:
+        """I1-I3 at the guest."""
+        env = self.channel.recv(
+            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.INIT_M, step=0, timeout=600
+        )
+        if not isinstance(env.body, PlainBlock):
+            raise ProtocolError("INIT_M carries no plaintext block")
+        m_init = np.array(self.cipher.key.residues_from_bytes(env.body.data), dtype=object).reshape(
+            env.body.shape
+        )
+        if self.p1:
+            m_init = lift(m_init, self.n, int_bound=1 << (BIG_L + 1))
+        self.wg = self.reduce(encode(w0_guest, scale=self.fp.f_w, bound=self.fp.w_max) + m_init)
+        self.send(
+            SplitTag.INIT_WG, 0, self.encrypt(self.wg, self.fp.f_w).obfuscate(self.pool).to_block()
+        )
+        self.enc_e = self.recv_tensor(SplitTag.INIT_E, 0)
+
+    def step(
+        self, step: int, rows: np.ndarray, delta_fn: object, eta: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """S1-S6; ``delta_fn(z_h) -> δ̃`` is the guest's forward/backward on top."""
+        fp, k, d = self.fp, self.spec.k, self.spec.d
+        self.send(SplitTag.BATCH, step, IndexBlock.from_indices(rows))  # S1
+        z = self.reveal(
+            self.recv_tensor(SplitTag.F1, step),
+            DecTag.Z_FWD,
+            step,
+            width=k,
+            scale=fp.f_z,
+            bound=fp.z_bound(d),
+        )  # S2
+        delta = delta_fn(z)  # type: ignore[operator]
+        d_hat = encode(delta, scale=fp.f_d, bound=fp.delta_max)
+        addend = self.reduce(self.rows(d_hat.dot(self.wg.T)))
+        g = plain_matmul(d_hat, self.enc_e, executor=self.executor, scale=fp.f_g).add_plain(addend)
+        self.send(SplitTag.B1, step, g.obfuscate(self.pool).to_block())  # S3
+        big_d = encode(eta * delta, scale=fp.f_d, bound=fp.delta_max)
+        self.send(SplitTag.B2_1, step, self.encrypt(big_d, fp.f_d).to_block())  # S4
+        enc_v = self.recv_tensor(SplitTag.B2_2, step)
+        enc_e_new = self.recv_tensor(SplitTag.B2_3, step)
+        residues = self.md.decrypt(
+            enc_v, job_id=self.spec.job_id, tag=DecTag.V_WUPD, step=step
+        )  # S6
+        if self.p1:
+            bound = (1 << BIG_L) + self.spec.batch * (1 << (28 + 36))
+            v = unpack_rows(
+                residues, self.n, slot_bits=self.spec.slot_bits, slots=self.spec.slots, width=k
+            )
+            if any(abs(int(x)) >= bound for x in v.reshape(-1)):
+                raise ProtocolError("V_WUPD slot out of range: overflow or broken invariant")
+            self.wg = self.wg - v
+        else:
+            self.wg = ring(
+                self.wg - residues, self.n
+            )  # a raw residue: never lifted or range-checked
+        self.enc_e = enc_e_new
+        self.send(SplitTag.STEP_ACK, step, ControlBlock.from_obj({"step": step}))
+        return z, delta
+
+
+class HostLayer(_Party):
+    """H's side: holds ``E`` and ``[[W^G]]``."""
+
+    e: np.ndarray
+    enc_wg: EncryptedTensor
+
+    def cols(self, values: np.ndarray) -> np.ndarray:
+        """Column-packed for G (P1: rows of the transpose), as is in P0."""
+        return (
+            pack_rows(values.T.copy(), slot_bits=self.spec.slot_bits, slots=self.spec.slots)
+            if self.p1
+            else values.T.copy()
+        )
+
+    def init(self, w0_host: np.ndarray) -> None:
+        """I1-I3 at the host."""
+        self.e = self.fresh_share(w0_host.shape)
+        m_init = ring(encode(w0_host, scale=self.fp.f_w, bound=self.fp.w_max) - self.e, self.n)
+        self.send(
+            SplitTag.INIT_M,
+            0,
+            PlainBlock(self.cipher.key.residues_to_bytes(m_init.reshape(-1)), shape=m_init.shape),
+        )
+        self.enc_wg = self.recv_tensor(SplitTag.INIT_WG, 0)
+        self.send(SplitTag.INIT_E, 0, self._encrypt_cols(self.e).to_block())
+
+    def _encrypt_cols(self, values: np.ndarray) -> EncryptedTensor:
+        return encrypt(
+            self.cipher,
+            self.reduce(self.cols(values)),
+            pool=self.pool,
+            scale=self.fp.f_w,
+            packing=self.packing,
+        )
+
+    def step(
+        self, step: int, alpha_fn: object, eta_unused: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """S1-S5 at the host; ``alpha_fn(rows) -> α`` is its bottom model's forward."""
+        fp, d = self.fp, self.spec.d
+        env = self.channel.recv(
+            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.BATCH, step=step, timeout=600
+        )
+        if not isinstance(env.body, IndexBlock):
+            raise ProtocolError("BATCH carries no row indices")
+        alpha = alpha_fn(env.body.indices())  # type: ignore[operator]
+        a_hat = encode(alpha, scale=fp.f_a, bound=fp.a_max)
+        z = plain_matmul(a_hat, self.enc_wg, executor=self.executor, scale=fp.f_z)
+        self.send(
+            SplitTag.F1,
+            step,
+            z.add_plain(self.reduce(self.rows(a_hat.dot(self.e)))).obfuscate(self.pool).to_block(),
+        )  # S2
+        g = self.reveal(
+            self.recv_tensor(SplitTag.B1, step),
+            DecTag.G_BWD,
+            step,
+            width=d,
+            scale=fp.f_g,
+            bound=fp.g_bound(self.spec.k),
+        )  # S3
+        enc_d = self.recv_tensor(SplitTag.B2_1, step)  # S4
+        e_new = self.fresh_share(self.e.shape)
+        v = plain_matmul(a_hat.T.copy(), enc_d, executor=self.executor, scale=fp.f_w)
+        v = v.add_plain(self.reduce(self.rows(e_new - self.e))).obfuscate(self.pool)
+        self.send(SplitTag.B2_2, step, v.to_block())  # S5
+        self.send(SplitTag.B2_3, step, self._encrypt_cols(e_new).to_block())
+        self.enc_wg = self.enc_wg.sub(v)
+        self.e = e_new
+        self.channel.recv(
+            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.STEP_ACK, step=step, timeout=600
+        )
+        return alpha, g
