@@ -9,16 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy
-from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.fixedpoint import FixedPointConfig
-from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
-from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
+from tests.vfl.splitnn_setup import split_layers
+from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.reference import InteractiveReference
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 
@@ -43,30 +40,7 @@ def test_encrypted_steps_equal_the_integer_reference(
     net = InMemoryNetwork()
     tags = [SplitTag, DecTag]
     ch = {p.party_id: net.channel(p, tags=TagRegistry(tags)) for p in (BANK, RETAILER, ARBITER)}
-    cipher, executor = PaillierCipher(pk), InlineExecutor()
-    policy = DecryptionPolicy()
-    policy.propose(spec.policy(), submitter="bank")
-    policy.propose(spec.policy(), submitter="retailer")
-    ArbiterService(
-        channel=ch["arbiter"], cipher=cipher, private_key=sk, policy=policy, executor=executor
-    ).serve(DecTag)
-    fp = FixedPointConfig()
-
-    def layer(cls: type, me: str, peer: Any) -> Any:
-        pool = ObfuscatorPool(pk, executor=executor)
-        pool.fill(200)
-        return cls(
-            channel=ch[me],
-            peer=peer,
-            arbiter=ARBITER,
-            spec=spec,
-            cipher=cipher,
-            pool=pool,
-            executor=executor,
-            fp=fp,
-        )
-
-    guest, host = layer(GuestLayer, "bank", RETAILER), layer(HostLayer, "retailer", BANK)
+    guest, host, policy = split_layers(ch, spec, pk, sk, executor=InlineExecutor())
     rng = np.random.default_rng(3)
     w0_g, w0_h = rng.normal(0, 0.5, (d, k)), rng.normal(0, 0.5, (d, k))
     alphas = [np.tanh(rng.normal(0, 1, (b, d))) for _ in range(steps)]

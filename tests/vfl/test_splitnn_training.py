@@ -10,10 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy
-from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.fixedpoint import FixedPointConfig
-from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
@@ -22,6 +18,7 @@ from protocols.transport.inmemory import InMemoryNetwork
 from psi.canon import IdType, prepare_ids
 from psi.protocol import PsiTag, run_guest, run_host
 from tests.conftest import ARBITER, BANK, RETAILER
+from tests.vfl.splitnn_setup import split_layers
 from vfl.data.datasets import data_dir, verify
 from vfl.data.tables import (
     BatchOrder,
@@ -32,7 +29,7 @@ from vfl.data.tables import (
     split_rows,
 )
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
-from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
+from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 from vfl.splitnn.training import GuestTrainer, HostTrainer, TrainConfig
 
@@ -103,32 +100,9 @@ def test_encrypted_training_on_breast_data_learns(pk: PublicKey, sk: PrivateKey)
         guest="bank",
         host="retailer",
     )
-    cipher = PaillierCipher(pk)
-    policy = DecryptionPolicy()
-    for party in ("bank", "retailer"):
-        policy.propose(spec.policy(), submitter=party)
-    ArbiterService(
-        channel=ch["arbiter"], cipher=cipher, private_key=sk, policy=policy, executor=executor
-    ).serve(DecTag)
-
-    def layer(cls: type, me: str, peer: Any) -> Any:
-        pool = ObfuscatorPool(pk, executor=executor)
-        pool.keep_filled(300)
-        return cls(
-            channel=ch[me],
-            peer=peer,
-            arbiter=ARBITER,
-            spec=spec,
-            cipher=cipher,
-            pool=pool,
-            executor=executor,
-            fp=FixedPointConfig(),
-        )
-
-    g = GuestTrainer(
-        layer=layer(GuestLayer, "bank", RETAILER), x=x_g, y=guest.labels, config=config
-    )
-    h = HostTrainer(layer=layer(HostLayer, "retailer", BANK), x=x_h, config=config)
+    guest_layer, host_layer, _ = split_layers(ch, spec, pk, sk, executor=executor)
+    g = GuestTrainer(layer=guest_layer, x=x_g, y=guest.labels, config=config)
+    h = HostTrainer(layer=host_layer, x=x_h, config=config)
     rng = np.random.default_rng(0)
     w0_g, w0_h = rng.normal(0, 0.35, (4, 4)), rng.normal(0, 0.35, (4, 4))
     batches = [
