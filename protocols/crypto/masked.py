@@ -14,6 +14,7 @@ extra obfuscation (§2.4).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from enum import Enum
 
 import numpy as np
@@ -29,10 +30,16 @@ from protocols.tags import tag_value
 from protocols.transport.base import Channel
 
 
-def sample_masks(n: mpz, count: int) -> list[mpz]:
-    """``count`` masks uniform in ``Z_n`` from the OS CSPRNG (§2.3)."""
+def sample_masks(
+    n: mpz, count: int, *, randbelow: Callable[[int], int] = secrets.randbelow
+) -> list[mpz]:
+    """``count`` masks uniform in ``Z_n`` from the OS CSPRNG (§2.3).
+
+    ``randbelow`` is the test-only hook of §2.3 for deterministic statistical tests; the
+    protocol code never passes it, so masks always come from ``secrets``.
+    """
     bound = int(n)
-    return [mpz(secrets.randbelow(bound)) for _ in range(count)]
+    return [mpz(randbelow(bound)) for _ in range(count)]
 
 
 class MaskedDecryptionClient:

@@ -128,16 +128,29 @@ def test_multi_exp_equals_product_of_powmods(pk: PublicKey, exps: list[int]) -> 
     assert multi_exp(bases, exps, pk.n2) == ref
 
 
-def test_c6_masks_are_uniform(pk: PublicKey) -> None:
-    masks = sample_masks(pk.n, 4000)
-    u = sorted(float(gmpy2.mpfr(m) / gmpy2.mpfr(pk.n)) for m in masks)
-    n = len(u)
-    ks = max(max((i + 1) / n - x, x - i / n) for i, x in enumerate(u))
-    assert ks < 1.628 / math.sqrt(n)  # KS vs U(0,1), p > 0.01
-    for p, critical in ((3, 9.21), (5, 13.28), (7, 16.81)):  # chi-square, p > 0.01
+def _uniformity(masks: list[mpz], n: mpz) -> tuple[float, dict[int, float]]:
+    """KS statistic of R/n against U(0,1) and chi-square statistics of R mod p."""
+    u = sorted(float(gmpy2.mpfr(m) / gmpy2.mpfr(n)) for m in masks)
+    size = len(u)
+    ks = max(max((i + 1) / size - x, x - i / size) for i, x in enumerate(u))
+    chi = {}
+    for p in (3, 5, 7):
         counts = np.bincount([int(m % p) for m in masks], minlength=p)
-        expected = n / p
-        assert float(((counts - expected) ** 2 / expected).sum()) < critical
+        expected = size / p
+        chi[p] = float(((counts - expected) ** 2 / expected).sum())
+    return ks, chi
+
+
+def test_c6_masks_are_uniform(pk: PublicKey) -> None:
+    # deterministic through the test-only hook (§8: statistical tests are seeded): p > 0.01
+    seeded = random.Random(6)
+    ks, chi = _uniformity(sample_masks(pk.n, 4000, randbelow=seeded.randrange), pk.n)
+    assert ks < 1.628 / math.sqrt(4000)
+    assert chi[3] < 9.21 and chi[5] < 13.28 and chi[7] < 16.81
+    # the production path (OS CSPRNG), at p > 1e-6 so the suite never flakes
+    ks, chi = _uniformity(sample_masks(pk.n, 4000), pk.n)
+    assert ks < 2.694 / math.sqrt(4000)
+    assert chi[3] < 27.63 and chi[5] < 33.38 and chi[7] < 38.26
 
 
 def test_lift_checks_integer_bounds(pk: PublicKey) -> None:
