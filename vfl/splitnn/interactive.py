@@ -26,6 +26,7 @@ S6. G decrypts ``V̂`` masked (``V_WUPD``; a raw residue in P0), sets ``W^G ← 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -37,7 +38,15 @@ from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import pack_rows, unpack_rows
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
-from protocols.envelope import Body, ControlBlock, Envelope, IndexBlock, Packing, PlainBlock
+from protocols.envelope import (
+    Body,
+    CipherBlock,
+    ControlBlock,
+    Envelope,
+    IndexBlock,
+    Packing,
+    PlainBlock,
+)
 from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party
@@ -105,9 +114,9 @@ class _Party:
         env = self.channel.recv(
             job_id=self.spec.job_id, sender=self.peer, tag=tag, step=step, timeout=600
         )
-        if env.body is None or not hasattr(env.body, "shape"):
+        if not isinstance(env.body, CipherBlock):
             raise ProtocolError(f"{tag} step {step} carries no ciphertexts")
-        return EncryptedTensor.from_block(env.body, cipher=self.cipher, key_id=env.key_id)  # type: ignore[arg-type]
+        return EncryptedTensor.from_block(env.body, cipher=self.cipher, key_id=env.key_id)
 
     def fresh_share(self, shape: tuple[int, ...]) -> np.ndarray:
         out = np.empty(shape, dtype=object)
@@ -184,7 +193,7 @@ class GuestLayer(_Party):
         self.enc_e = self.recv_tensor(SplitTag.INIT_E, 0)
 
     def step(
-        self, step: int, rows: np.ndarray, delta_fn: object, eta: float
+        self, step: int, rows: np.ndarray, delta_fn: Callable[[np.ndarray], np.ndarray], eta: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """S1-S6; ``delta_fn(z_h) -> δ̃`` is the guest's forward/backward on top."""
         fp, k, d = self.fp, self.spec.k, self.spec.d
@@ -197,7 +206,7 @@ class GuestLayer(_Party):
             scale=fp.f_z,
             bound=fp.z_bound(d),
         )  # S2
-        delta = delta_fn(z)  # type: ignore[operator]
+        delta = delta_fn(z)
         d_hat = encode(delta, scale=fp.f_d, bound=fp.delta_max)
         addend = self.reduce(self.rows(d_hat.dot(self.wg.T)))
         g = plain_matmul(d_hat, self.enc_e, executor=self.executor, scale=fp.f_g).add_plain(addend)
@@ -262,7 +271,7 @@ class HostLayer(_Party):
         )
 
     def step(
-        self, step: int, alpha_fn: object, eta_unused: float = 0.0
+        self, step: int, alpha_fn: Callable[[np.ndarray], np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
         """S1-S5 at the host; ``alpha_fn(rows) -> α`` is its bottom model's forward."""
         fp, d = self.fp, self.spec.d
@@ -271,7 +280,7 @@ class HostLayer(_Party):
         )
         if not isinstance(env.body, IndexBlock):
             raise ProtocolError("BATCH carries no row indices")
-        alpha = alpha_fn(env.body.indices())  # type: ignore[operator]
+        alpha = alpha_fn(env.body.indices())
         a_hat = encode(alpha, scale=fp.f_a, bound=fp.a_max)
         z = plain_matmul(a_hat, self.enc_wg, executor=self.executor, scale=fp.f_z)
         self.send(
