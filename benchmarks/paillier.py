@@ -47,6 +47,7 @@ from protocols.crypto.paillier import generate_keypair
 from protocols.crypto.tensor import encrypt, plain_matmul
 from protocols.envelope import Packing
 from protocols.executor import InlineExecutor, LocalProcessExecutor
+from protocols.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,9 +192,7 @@ def main() -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

@@ -40,6 +40,7 @@ import time
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from protocols.executor import LocalProcessExecutor
+from protocols.files import atomic_write
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.inmemory import InMemoryNetwork
@@ -329,9 +330,7 @@ def main() -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
+from protocols.files import atomic_write
 from protocols.roles import Party, PartyAddress, Role
 from protocols.tags import TagRegistry
 from protocols.transport import tls
@@ -257,9 +258,7 @@ def main() -> None:
         return
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(
         f"{result['body_MiB']} MiB over mTLS, chunk {result['chunk_bytes']} B, "
         f"median of {result['repeats']}:"

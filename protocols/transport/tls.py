@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocols.errors import ConfigError, PeerIdentityError
+from protocols.files import atomic_write
 from protocols.roles import Party, Role, check_party_id
 
 DEFAULT_DAYS = 365
@@ -147,8 +147,8 @@ def create_ca(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out_dir / "ca.key", out_dir / "ca.pem"
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, mode=0o600, data=_key_pem(key))
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
@@ -163,8 +163,8 @@ def create_key_and_csr(out_dir: Path, party: Party) -> tuple[Path, Path]:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, csr_path = out_dir / f"{party.party_id}.key", out_dir / f"{party.party_id}.csr"
-    _write_private(key_path, _key_pem(key))
-    _write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, mode=0o600, data=_key_pem(key))
+    atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM))
     return key_path, csr_path
 
 
@@ -240,7 +240,7 @@ def create_demo_pki(
     for party in parties:
         _, csr_path = create_key_and_csr(out_dir, party)
         cert_path = out_dir / f"{party.party_id}.pem"
-        _write_public(
+        atomic_write(
             cert_path,
             sign_csr(csr_pem=csr_path.read_bytes(), ca_cert=ca_cert, ca_key=ca_key, days=days),
         )
@@ -290,16 +290,3 @@ def _load_key(pem: bytes, *, where: str) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{where}: expected an EC key as made by `vfl certs`")
     return key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -35,6 +35,7 @@ from typing import Any
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
 from protocols.executor import LocalProcessExecutor
+from protocols.files import atomic_write
 from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
@@ -111,7 +112,7 @@ class PartyService:
         """Start serving; write the bound port to ``<state_dir>/service.port``."""
         port = self.channel.start()
         threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
-        _atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n")
+        atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n".encode())
         logger.info(
             "%s serving on port %d with %d peer(s): %s",
             self.party,
@@ -374,9 +375,3 @@ def read_port(state_dir: Path) -> int | None:
         return int((state_dir / PORT_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
