@@ -14,31 +14,53 @@ agree and refuses the job otherwise):
    request for a served step) is refused with an alert, and the requester is told why;
 4. ``RESUME{job, step}`` re-opens steps ``>= step`` and drops their cached replies.
 
+Setup messages (:class:`SetupTag`), answered by :meth:`ArbiterService.serve_setup`:
+
+S1. ``KEY_REQ`` from a configured peer → ``KEY``: the public key (never anything else);
+S2. ``JOB_SPEC`` from each requester of a job → ``JOB_READY`` to all of them once they agree
+    (the reply waits for the last one), or a refusal to all if they disagree;
+S3. ``RESUME{step, tag_steps}`` from each requester → rule 4 applied once all requesters sent
+    the same body, then ``RESUMED`` to all; disagreeing bodies are refused.
+
 A logs counts per tag only, never values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
+from typing import Any
 
 from gmpy2 import mpz
 
 from protocols.crypto.cipher import Cipher
+from protocols.crypto.counters import Op, record
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
-from protocols.errors import CryptoError, PolicyViolationError, ProtocolError
+from protocols.errors import CryptoError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor, split
 from protocols.tags import tag_value
 from protocols.transport.base import Channel, MessageFilter
 
 logger = logging.getLogger(__name__)
+
+
+class SetupTag(StrEnum):
+    """The arbiter's setup messages (S1-S3 of the module docstring)."""
+
+    KEY_REQ = "arbiter.KEY_REQ"
+    KEY = "arbiter.KEY"
+    JOB_SPEC = "arbiter.JOB_SPEC"
+    JOB_READY = "arbiter.JOB_READY"
+    RESUME = "arbiter.RESUME"
+    RESUMED = "arbiter.RESUMED"
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,12 @@ class JobPolicy:
     job_id: str
     key_id: bytes
     rules: tuple[PolicyRule, ...]
+    encrypted: bool = True  # False: a plaintext experiment, A returns the values as they are
+
+    @property
+    def requesters(self) -> frozenset[str]:
+        """The parties that request decryptions (and must agree on setup messages)."""
+        return frozenset(r.requester for r in self.rules)
 
     def rule(self, tag: str) -> PolicyRule | None:
         """The rule for ``tag``, if any."""
@@ -161,13 +189,21 @@ class DecryptionPolicy:
         with self._lock:
             return self._replies.get((job_id, step, tag))
 
-    def resume(self, job_id: str, step: int) -> None:
-        """Rule 4: re-open steps ``>= step`` of ``job_id``."""
+    def resume(self, job_id: str, step: int, *, tag_steps: Mapping[str, int] | None = None) -> None:
+        """Rule 4: re-open steps ``>= step`` of ``job_id`` (per tag ``>= tag_steps[tag]``)."""
+        thresholds = dict(tag_steps or {})
         with self._lock:
-            for key in [k for k in self._served if k[0] == job_id and k[1] >= step]:
+            for key in [
+                k for k in self._served if k[0] == job_id and k[1] >= thresholds.get(k[2], step)
+            ]:
                 self._served.pop(key, None)
                 self._replies.pop(key, None)
         logger.info("job %s resumed at step %d: counts re-opened", job_id, step)
+
+    def job(self, job_id: str) -> JobPolicy | None:
+        """The registered policy of ``job_id``, if any."""
+        with self._lock:
+            return self._jobs.get(job_id)
 
     def counts(self, job_id: str) -> dict[str, int]:
         """Values decrypted per tag so far (the audit log's figures)."""
@@ -217,12 +253,101 @@ class ArbiterService:
         self._key = private_key
         self.policy = policy
         self._executor = executor
+        self._policy_of: Callable[[dict[str, Any]], JobPolicy] | None = None
+        self._setup_lock = threading.Lock()
+        self._waiting_ready: dict[str, list[Envelope]] = {}
+        self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
 
     def serve(self, tags: Iterable[Enum | str]) -> None:
         """Answer requests with these tags from now on."""
         self._channel.add_handler(
             MessageFilter.for_tags(*tags), self._on_request, on_duplicate=self._on_duplicate
         )
+
+    def serve_setup(self, policy_of: Callable[[dict[str, Any]], JobPolicy]) -> None:
+        """Answer the setup messages S1-S3; ``policy_of`` derives a policy from a JOB_SPEC body."""
+        self._policy_of = policy_of
+        self._channel.add_handler(MessageFilter.for_tags(SetupTag.KEY_REQ), self._on_key_request)
+        self._channel.add_handler(MessageFilter.for_tags(SetupTag.JOB_SPEC), self._on_job_spec)
+        self._channel.add_handler(MessageFilter.for_tags(SetupTag.RESUME), self._on_resume)
+
+    def _setup_reply(self, request: Envelope, tag: SetupTag, obj: dict[str, Any]) -> None:
+        self._channel.send(
+            Envelope(
+                job_id=request.job_id,
+                sender=self._channel.me,
+                receiver=request.sender,
+                tag=tag,
+                step=request.step,
+                run_id=request.run_id,
+                body=ControlBlock.from_obj(obj),
+            )
+        )
+
+    def _on_key_request(self, envelope: Envelope) -> None:
+        """S1."""
+        self._setup_reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
+
+    def _on_job_spec(self, envelope: Envelope) -> None:
+        """S2: register when every requester sent the same spec, then answer them all."""
+        assert self._policy_of is not None
+        waiting: list[Envelope] = []
+        try:
+            if not isinstance(envelope.body, ControlBlock):
+                raise PolicyViolationError("JOB_SPEC carries no control block")
+            policy = self._policy_of(envelope.body.obj())
+            if policy.job_id != envelope.job_id:
+                raise PolicyViolationError("JOB_SPEC names another job than its envelope")
+            if policy.key_id != self._cipher.key.key_id:
+                raise PolicyViolationError("JOB_SPEC names another key than the arbiter's")
+            if not policy.encrypted:
+                logger.warning(
+                    "job %s is a PLAINTEXT experiment: nothing is encrypted", policy.job_id
+                )
+            with self._setup_lock:
+                active = self.policy.propose(policy, submitter=envelope.sender.party_id)
+                self._waiting_ready.setdefault(envelope.job_id, []).append(envelope)
+                if active:
+                    waiting = self._waiting_ready.pop(envelope.job_id)
+        except (PolicyViolationError, VflError) as exc:
+            logger.warning("ALERT: refused JOB_SPEC from %s: %s", envelope.sender, exc)
+            with self._setup_lock:
+                others = self._waiting_ready.pop(envelope.job_id, [])
+            for request in [*others, envelope]:
+                self._setup_reply(request, SetupTag.JOB_READY, {"refused": str(exc)[:300]})
+            return
+        for request in waiting:
+            self._setup_reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
+
+    def _on_resume(self, envelope: Envelope) -> None:
+        """S3: re-open the steps once every requester asked for the same resume point."""
+        job = self.policy.job(envelope.job_id)
+        body = envelope.body.obj() if isinstance(envelope.body, ControlBlock) else None
+        if job is None or body is None or envelope.sender.party_id not in job.requesters:
+            self._setup_reply(envelope, SetupTag.RESUMED, {"refused": "no such job for you"})
+            return
+        raw = json.dumps(body, sort_keys=True).encode()
+        with self._setup_lock:
+            pending = self._resumes.setdefault(envelope.job_id, {})
+            pending[envelope.sender.party_id] = (raw, envelope)
+            if set(pending) < job.requesters:
+                return
+            del self._resumes[envelope.job_id]
+        if len({r for r, _ in pending.values()}) != 1:
+            logger.warning("ALERT: RESUME requests of job %s disagree", envelope.job_id)
+            for _, request in pending.values():
+                self._setup_reply(request, SetupTag.RESUMED, {"refused": "resume points disagree"})
+            return
+        try:
+            step = int(body["step"])
+            tag_steps = {str(t): int(v) for t, v in dict(body.get("tag_steps", {})).items()}
+        except (KeyError, TypeError, ValueError):
+            for _, request in pending.values():
+                self._setup_reply(request, SetupTag.RESUMED, {"refused": "malformed RESUME"})
+            return
+        self.policy.resume(envelope.job_id, step, tag_steps=tag_steps)
+        for _, request in pending.values():
+            self._setup_reply(request, SetupTag.RESUMED, {"step": step})
 
     def _on_request(self, envelope: Envelope) -> None:
         tag = tag_value(envelope.tag)
@@ -247,7 +372,9 @@ class ArbiterService:
             tensor = EncryptedTensor.from_block(
                 envelope.body, cipher=self._cipher, key_id=envelope.key_id
             )
-            plain = self._decrypt(list(tensor.values.reshape(-1)))
+            values = list(tensor.values.reshape(-1))
+            job = self.policy.job(envelope.job_id)
+            plain = self._decrypt(values) if job is None or job.encrypted else values
         except (PolicyViolationError, CryptoError, ProtocolError) as exc:
             logger.warning(
                 "ALERT: refused decryption request from %s: %s (%s)",
@@ -281,6 +408,7 @@ class ArbiterService:
     def _decrypt(self, values: list[mpz]) -> list[mpz]:
         if self._key is None:
             return values
+        record(Op.DECRYPTIONS, len(values))
         k = self._key
         parts = split(len(values), self._executor.workers)
         chunks = [

@@ -27,6 +27,7 @@ from enum import Enum
 import gmpy2
 from gmpy2 import mpz
 
+from protocols.crypto.counters import Op, record
 from protocols.crypto.fixed_base import FixedBaseTable
 from protocols.crypto.paillier import PublicKey
 from protocols.errors import InsecureConfigError
@@ -157,6 +158,7 @@ class ObfuscatorPool:
         with self._lock:
             out = [self._values.popleft() for _ in range(count)]
             self._handed_out += count
+        record(Op.OBFUSCATORS, count)
         self._wake.set()
         return out
 

@@ -24,6 +24,7 @@ import numpy as np
 from gmpy2 import mpz
 
 from protocols.crypto.cipher import Cipher
+from protocols.crypto.counters import Op, record
 from protocols.crypto.fixed_base import SignedFixedBase, multi_exp
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.envelope import CipherBlock, Packing
@@ -56,6 +57,7 @@ class EncryptedTensor:
     def sub(self, other: EncryptedTensor) -> EncryptedTensor:
         """Elementwise ``⊖``."""
         self._same_key(other)
+        record(Op.INVERSES, self.values.size)
         return self._map2(other, self.cipher.sub)
 
     def add_plain(self, plain: np.ndarray) -> EncryptedTensor:
@@ -68,6 +70,7 @@ class EncryptedTensor:
     def obfuscate(self, pool: ObfuscatorPool) -> EncryptedTensor:
         """Re-randomise every element with fresh pooled ``ρ`` values (§2.4)."""
         rhos = pool.take(self.values.size)
+        record(Op.OBFUSCATIONS, self.values.size)
         out = np.empty(self.values.shape, dtype=object)
         for (idx, c), rho in zip(np.ndenumerate(self.values), rhos, strict=True):
             out[idx] = self.cipher.obfuscate(c, rho)
@@ -120,6 +123,7 @@ def encrypt(
 ) -> EncryptedTensor:
     """Encrypt integers (already encoded/packed) with pooled obfuscators: one mulmod each."""
     rhos = pool.take(plain.size)
+    record(Op.FRESH_ENCRYPTIONS, plain.size)
     out = np.empty(plain.shape, dtype=object)
     for (idx, m), rho in zip(np.ndenumerate(plain), rhos, strict=True):
         out[idx] = cipher.encrypt(int(m), rho)
@@ -165,6 +169,7 @@ def plain_matmul(
     """
     if plain.ndim != 2 or enc.values.ndim != 2 or plain.shape[1] != enc.values.shape[0]:
         raise ValueError(f"cannot multiply {plain.shape} by {enc.shape}")
+    record(Op.SCALAR_MULTS, plain.shape[0] * plain.shape[1] * enc.values.shape[1])
     modulus = enc.cipher.modulus
     parts = split(plain.shape[1], executor.workers)
     chunks = [

@@ -34,8 +34,12 @@ class InMemoryNetwork:
         tags: TagRegistry,
         journal_dir: Path | None = None,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        channel_class: type[InMemoryChannel] | None = None,
     ) -> InMemoryChannel:
-        """Create the channel of ``party`` on this network."""
+        """Create the channel of ``party`` on this network (replacing an earlier one).
+
+        ``channel_class`` lets a test interpose on sends (e.g. to simulate a crash).
+        """
         mailbox = Mailbox(
             me=party,
             tags=tags,
@@ -44,7 +48,7 @@ class InMemoryNetwork:
         )
         with self._lock:
             self._mailboxes[party.party_id] = mailbox
-        return InMemoryChannel(me=party, mailbox=mailbox, network=self)
+        return (channel_class or InMemoryChannel)(me=party, mailbox=mailbox, network=self)
 
     def mailbox(self, party_id: str) -> Mailbox:
         """The mailbox of ``party_id``; :class:`PeerUnavailableError` if none."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
@@ -10,7 +14,7 @@ from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import Executor
 from protocols.transport.base import Channel
 from tests.conftest import ARBITER, BANK, RETAILER
-from vfl.splitnn.interactive import GuestLayer, HostLayer
+from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
 from vfl.splitnn.spec import DecTag, JobSpec
 
 
@@ -46,3 +50,26 @@ def split_layers(
     guest = GuestLayer(channel=channels["bank"], peer=RETAILER, pool=pool(), **common)  # type: ignore[arg-type]
     host = HostLayer(channel=channels["retailer"], peer=BANK, pool=pool(), **common)  # type: ignore[arg-type]
     return guest, host, policy
+
+
+def host_step(
+    host: HostLayer, step: int, alpha_fn: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The host's whole step as its session runs it: BATCH, S2-S5, STEP_ACK."""
+    rows = host.rows_of(host.recv(SplitTag.BATCH, step), host.spec.batch)
+    out = host.step(step, rows, alpha_fn)
+    host.wait_ack(step)
+    return out
+
+
+def guest_step(
+    guest: GuestLayer,
+    step: int,
+    rows: np.ndarray,
+    delta_fn: Callable[[np.ndarray], np.ndarray],
+    eta: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The guest's whole step as its session runs it: S1-S6 and STEP_ACK."""
+    out = guest.step(step, rows, delta_fn, eta)
+    guest.ack(step)
+    return out

@@ -14,7 +14,7 @@ from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
-from tests.vfl.splitnn_setup import split_layers
+from tests.vfl.splitnn_setup import guest_step, host_step, split_layers
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.reference import InteractiveReference
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
@@ -50,13 +50,13 @@ def test_encrypted_steps_equal_the_integer_reference(
     def run_host() -> None:
         host.init(w0_h)
         for t in range(steps):
-            host_out.append(host.step(t, lambda rows, t=t: alphas[t]))
+            host_out.append(host_step(host, t, lambda rows, t=t: alphas[t]))
 
     thread = threading.Thread(target=run_host)
     thread.start()
     guest.init(w0_g)
     guest_out = [
-        guest.step(t, np.arange(b) + t, lambda z, t=t: deltas[t], 0.1) for t in range(steps)
+        guest_step(guest, t, np.arange(b) + t, lambda z, t=t: deltas[t], 0.1) for t in range(steps)
     ]
     thread.join(60)
 

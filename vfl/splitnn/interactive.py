@@ -21,6 +21,12 @@ S5. H → G ``B2_2``: ``[[V̂]] = Obf(âᵀ ⊙ [[D̂]] ⊕ (E' − E))`` and ``
     ``[[W^G]] ← [[W^G]] ⊖ [[V̂]]``, ``E ← E'``.
 S6. G decrypts ``V̂`` masked (``V_WUPD``; a raw residue in P0), sets ``W^G ← W^G − V̂``,
     ``[[E]] ← [[E']]`` and sends ``STEP_ACK``.
+
+Evaluation (§4.4.1, no state change): G → H ``EVAL_BATCH{v, I_v}``; H → G ``EVAL_F1``
+(``[[Ẑ]]`` as in S2); G decrypts it masked under ``Z_EVAL`` with its own step counter ``v``.
+
+Every message carries the run id of the current (re)start, so a resumed run never collides
+with what an interrupted one sent (§4.4.1).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class SplitTag(StrEnum):
     INIT_WG = "splitnn.INIT_WG"
     INIT_E = "splitnn.INIT_E"
     BATCH = "splitnn.BATCH"
+    EVAL_BATCH = "splitnn.EVAL_BATCH"
+    EVAL_F1 = "splitnn.EVAL_F1"
     F1 = "splitnn.F1"
     B1 = "splitnn.B1"
     B2_1 = "splitnn.B2_1"
@@ -84,8 +92,10 @@ class _Party:
     pool: ObfuscatorPool
     executor: Executor
     fp: FixedPointConfig
+    timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        self.run_id = ""
         self.n = self.cipher.key.n
         self.p1 = self.spec.mode is SplitMode.P1
         self.packing = (
@@ -94,7 +104,7 @@ class _Party:
             else None
         )
         self.md = MaskedDecryptionClient(
-            channel=self.channel, arbiter=self.arbiter, cipher=self.cipher
+            channel=self.channel, arbiter=self.arbiter, cipher=self.cipher, timeout=self.timeout
         )
 
     def send(self, tag: SplitTag, step: int, body: Body) -> None:
@@ -105,15 +115,25 @@ class _Party:
                 receiver=self.peer,
                 tag=tag,
                 step=step,
+                run_id=self.run_id,
                 key_id=self.cipher.key.key_id,
                 body=body,
             )
         )
 
-    def recv_tensor(self, tag: SplitTag, step: int) -> EncryptedTensor:
-        env = self.channel.recv(
-            job_id=self.spec.job_id, sender=self.peer, tag=tag, step=step, timeout=600
+    def recv(self, tag: SplitTag, step: int) -> Envelope:
+        """The peer's ``tag`` envelope of ``step`` in the current run."""
+        return self.channel.recv(
+            job_id=self.spec.job_id,
+            sender=self.peer,
+            tag=tag,
+            step=step,
+            run_id=self.run_id,
+            timeout=self.timeout,
         )
+
+    def recv_tensor(self, tag: SplitTag, step: int) -> EncryptedTensor:
+        env = self.recv(tag, step)
         if not isinstance(env.body, CipherBlock):
             raise ProtocolError(f"{tag} step {step} carries no ciphertexts")
         return EncryptedTensor.from_block(env.body, cipher=self.cipher, key_id=env.key_id)
@@ -127,6 +147,9 @@ class _Party:
                 else secrets.randbelow(int(self.n))
             )
         return out
+
+    def _tensor(self, values: np.ndarray, scale: int) -> EncryptedTensor:
+        return EncryptedTensor(values=values, cipher=self.cipher, scale=scale, packing=self.packing)
 
     def reduce(self, values: np.ndarray) -> np.ndarray:
         return values if self.p1 else ring(values, self.n)
@@ -159,7 +182,9 @@ class _Party:
         bound: float,
     ) -> np.ndarray:
         """Masked decryption, then decode (P0) or unpack every slot (P1)."""
-        residues = self.md.decrypt(tensor, job_id=self.spec.job_id, tag=tag, step=step)
+        residues = self.md.decrypt(
+            tensor, job_id=self.spec.job_id, tag=tag, step=step, run_id=self.run_id
+        )
         if self.p1:
             ints = unpack_rows(
                 residues, self.n, slot_bits=self.spec.slot_bits, slots=self.spec.slots, width=width
@@ -176,9 +201,7 @@ class GuestLayer(_Party):
 
     def init(self, w0_guest: np.ndarray) -> None:
         """I1-I3 at the guest."""
-        env = self.channel.recv(
-            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.INIT_M, step=0, timeout=600
-        )
+        env = self.recv(SplitTag.INIT_M, 0)
         if not isinstance(env.body, PlainBlock):
             raise ProtocolError("INIT_M carries no plaintext block")
         m_init = np.array(self.cipher.key.residues_from_bytes(env.body.data), dtype=object).reshape(
@@ -216,7 +239,7 @@ class GuestLayer(_Party):
         enc_v = self.recv_tensor(SplitTag.B2_2, step)
         enc_e_new = self.recv_tensor(SplitTag.B2_3, step)
         residues = self.md.decrypt(
-            enc_v, job_id=self.spec.job_id, tag=DecTag.V_WUPD, step=step
+            enc_v, job_id=self.spec.job_id, tag=DecTag.V_WUPD, step=step, run_id=self.run_id
         )  # S6
         if self.p1:
             bound = (1 << BIG_L) + self.spec.batch * (1 << (28 + 36))
@@ -231,8 +254,32 @@ class GuestLayer(_Party):
                 self.wg - residues, self.n
             )  # a raw residue: never lifted or range-checked
         self.enc_e = enc_e_new
-        self.send(SplitTag.STEP_ACK, step, ControlBlock.from_obj({"step": step}))
         return z, delta
+
+    def ack(self, step: int) -> None:
+        """S6, last message: G is done with ``step`` (sent after its checkpoint, §4.4.1)."""
+        self.send(SplitTag.STEP_ACK, step, ControlBlock.from_obj({"step": step}))
+
+    def evaluate(self, eval_step: int, rows: np.ndarray) -> np.ndarray:
+        """``z_h`` of ``rows`` (exactly ``batch_eval`` of them) without changing any state."""
+        self.send(SplitTag.EVAL_BATCH, eval_step, IndexBlock.from_indices(rows))
+        return self.reveal(
+            self.recv_tensor(SplitTag.EVAL_F1, eval_step),
+            DecTag.Z_EVAL,
+            eval_step,
+            width=self.spec.k,
+            scale=self.fp.f_z,
+            bound=self.fp.z_bound(self.spec.d),
+        )
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a checkpoint must keep of the interactive layer (§4.4.1)."""
+        return {"wg": self.wg, "enc_e": self.enc_e.values}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state` of a checkpoint."""
+        self.wg = state["wg"]
+        self.enc_e = self._tensor(state["enc_e"], self.fp.f_w)
 
 
 class HostLayer(_Party):
@@ -270,24 +317,47 @@ class HostLayer(_Party):
             packing=self.packing,
         )
 
-    def step(
-        self, step: int, alpha_fn: Callable[[np.ndarray], np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """S1-S5 at the host; ``alpha_fn(rows) -> α`` is its bottom model's forward."""
-        fp, d = self.fp, self.spec.d
-        env = self.channel.recv(
-            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.BATCH, step=step, timeout=600
-        )
-        if not isinstance(env.body, IndexBlock):
-            raise ProtocolError("BATCH carries no row indices")
-        alpha = alpha_fn(env.body.indices())
+    def rows_of(self, envelope: Envelope, count: int) -> np.ndarray:
+        """The row indices of a ``BATCH``/``EVAL_BATCH`` (exactly ``count`` of them)."""
+        if not isinstance(envelope.body, IndexBlock):
+            raise ProtocolError(f"{envelope.tag} carries no row indices")
+        rows = envelope.body.indices()
+        if rows.shape != (count,):
+            raise ProtocolError(
+                f"{envelope.tag} step {envelope.step}: {rows.size} rows, not {count}"
+            )
+        return rows
+
+    def _forward(self, alpha: np.ndarray) -> tuple[np.ndarray, EncryptedTensor]:
+        """``â`` and ``[[Ẑ]] = Obf(â ⊙ [[W^G]] ⊕ â·E)`` (S2)."""
+        fp = self.fp
         a_hat = encode(alpha, scale=fp.f_a, bound=fp.a_max)
         z = plain_matmul(a_hat, self.enc_wg, executor=self.executor, scale=fp.f_z)
-        self.send(
-            SplitTag.F1,
-            step,
-            z.add_plain(self.reduce(self.rows(a_hat.dot(self.e)))).obfuscate(self.pool).to_block(),
-        )  # S2
+        return a_hat, z.add_plain(self.reduce(self.rows(a_hat.dot(self.e)))).obfuscate(self.pool)
+
+    def evaluate(self, eval_step: int, alpha: np.ndarray) -> None:
+        """Answer ``EVAL_BATCH{eval_step}``: ``EVAL_F1`` for the rows' ``α``, no state change."""
+        self.send(SplitTag.EVAL_F1, eval_step, self._forward(alpha)[1].to_block())
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a checkpoint must keep of the interactive layer (§4.4.1)."""
+        return {"e": self.e, "enc_wg": self.enc_wg.values}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state` of a checkpoint."""
+        self.e = state["e"]
+        self.enc_wg = EncryptedTensor(
+            values=state["enc_wg"], cipher=self.cipher, scale=self.fp.f_w, packing=self.packing
+        )
+
+    def step(
+        self, step: int, rows: np.ndarray, alpha_fn: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """S2-S5 at the host for the ``rows`` of ``BATCH{step}``; ``alpha_fn(rows) -> α``."""
+        fp, d = self.fp, self.spec.d
+        alpha = alpha_fn(rows)
+        a_hat, z = self._forward(alpha)
+        self.send(SplitTag.F1, step, z.to_block())  # S2
         g = self.reveal(
             self.recv_tensor(SplitTag.B1, step),
             DecTag.G_BWD,
@@ -304,7 +374,8 @@ class HostLayer(_Party):
         self.send(SplitTag.B2_3, step, self._encrypt_cols(e_new).to_block())
         self.enc_wg = self.enc_wg.sub(v)
         self.e = e_new
-        self.channel.recv(
-            job_id=self.spec.job_id, sender=self.peer, tag=SplitTag.STEP_ACK, step=step, timeout=600
-        )
         return alpha, g
+
+    def wait_ack(self, step: int) -> None:
+        """S6 at the host: G is done with ``step``."""
+        self.recv(SplitTag.STEP_ACK, step)

@@ -85,6 +85,7 @@ class JobSpec:
     host: str
     slot_bits: int = 0
     slots: int = 1
+    encrypted: bool = True
 
     def __post_init__(self) -> None:
         if min(self.batch, self.d, self.k, self.batch_eval) < 1:
@@ -118,7 +119,12 @@ class JobSpec:
             PolicyRule(DecTag.V_WUPD.value, self.guest, d * self.kappa_k),
             PolicyRule(DecTag.Z_EVAL.value, self.guest, b_eval * self.kappa_k),
         )
-        return JobPolicy(job_id=self.job_id, key_id=bytes.fromhex(self.key_id), rules=rules)
+        return JobPolicy(
+            job_id=self.job_id,
+            key_id=bytes.fromhex(self.key_id),
+            rules=rules,
+            encrypted=self.encrypted,
+        )
 
     def step_counts(self) -> StepCounts:
         """§4.9 counts for one training step."""
@@ -168,6 +174,7 @@ class JobSpec:
                 guest=str(obj["guest"]),
                 host=str(obj["host"]),
                 slot_bits=int(obj.get("slot_bits", 0)),
+                encrypted=bool(obj.get("encrypted", True)),
             )
         except KeyError as exc:
             raise ConfigError(f"JOB_SPEC lacks field {exc}") from None

@@ -1,4 +1,4 @@
-"""Training the split network end to end on one machine's channel (in-memory or gRPC).
+"""The two data parties' models and step functions around the interactive layer.
 
 The guest owns its bottom model ``f_g``, the plaintext interactive part ``W_g, b``, the top
 model and the labels; the host owns its bottom model ``f_h``. Per step (§4.1, §4.4):
@@ -9,36 +9,124 @@ model and the labels; the host owns its bottom model ``f_h``. Per step (§4.1, �
    ``δ = ∂L/∂z``; it updates its own parameters with the true δ and sends ``δ̃ = Protect(δ)``
    into B1 and B2;
 3. H gets ``g_h = δ̃·W_hᵀ`` and back-propagates it through ``f_h``.
+
+:class:`FloatSplitModel` is the same network trained in float64 in one process (both
+parties' parts together, no protocol): the reference of test S3 and the "float plaintext"
+figure of the quality benchmark. Never use it between real silos.
 """
 
 from __future__ import annotations
 
+import secrets
+import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from protocols.errors import ConfigError
 from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
 from vfl.privacy.label_protection import ProtectConfig, embedding_noise, new_generator, protect
+from vfl.splitnn.checkpoint import Checkpoint
 from vfl.splitnn.interactive import GuestLayer, HostLayer
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Architecture and optimisation (the same at both parties where shared)."""
+    """Architecture and optimisation (``d``, ``k``, ``eta_w``, ``a_max`` shared by both)."""
 
     d: int = 8
     k: int = 8
     guest_widths: tuple[int, ...] = (16, 8)
     host_widths: tuple[int, ...] = (16, 8)
     top_widths: tuple[int, ...] = (1,)
+    activation: str = "relu"
+    dropout: float = 0.0
+    optimizer: str = "Adam"
     learning_rate: float = 0.01
+    weight_decay: float = 0.0
     eta_w: float = 0.1
     a_max: float = 8.0
     host_embedding_noise: float = 0.0
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eta_w <= 1:
+            raise ConfigError(
+                f"eta_w = {self.eta_w}: the shared weights need 0 < eta_w <= 1 (§2.2)"
+            )
+        if self.learning_rate <= 0 or self.a_max <= 0 or self.host_embedding_noise < 0:
+            raise ConfigError("learning_rate and a_max must be positive, host noise >= 0")
+        if not isinstance(getattr(torch.optim, self.optimizer, None), type):
+            raise ConfigError(f"unknown torch optimizer {self.optimizer!r} (e.g. Adam, SGD)")
+        if min(self.d, self.k) < 1:
+            raise ConfigError("d and k must be positive")
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The party's optimizer for its own parameters (any ``torch.optim`` class)."""
+    cls = getattr(torch.optim, config.optimizer)
+    opt: torch.optim.Optimizer = cls(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    return opt
+
+
+def joint_init_component(d: int, k: int, *, seed: int | None) -> np.ndarray:
+    """One party's Gaussian component of ``W_0`` (§4.3): ``N(0, σ_0²/2)``, ``σ_0² = 2/(d+k)``.
+
+    ``seed`` None draws from the OS CSPRNG (production); a seed is for reproducible runs.
+    """
+    rng = new_generator() if seed is None else np.random.default_rng(seed)
+    return rng.normal(0.0, np.sqrt(1.0 / (d + k)), size=(d, k))
+
+
+_SEEDED = threading.Lock()  # seeding + building is atomic when parties share a process
+
+
+class _GuestModels(nn.Module):
+    """``f_g``, ``W_g, b`` and the top model (built in a fixed order from ``config.seed``)."""
+
+    def __init__(self, in_features: int, config: TrainConfig) -> None:
+        super().__init__()
+        with _SEEDED:
+            torch.manual_seed(config.seed)
+            self._build(in_features, config)
+
+    def _build(self, in_features: int, config: TrainConfig) -> None:
+        self.bottom = BottomModel(
+            in_features=in_features,
+            widths=config.guest_widths,
+            activation=config.activation,
+            dropout=config.dropout,
+            output_bound=OutputBound.NONE,
+        )
+        self.w_g = nn.Linear(self.bottom.out_features, config.k)
+        self.top = TopModel(
+            in_features=config.k,
+            widths=config.top_widths,
+            activation=config.activation,
+            dropout=config.dropout,
+        )
+
+    def own_z(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.w_g(self.bottom(x))
+        return out
+
+
+def _host_bottom(in_features: int, config: TrainConfig, seed: int | None) -> BottomModel:
+    with _SEEDED:
+        torch.manual_seed(secrets.randbits(63) if seed is None else seed)
+        return BottomModel(
+            in_features=in_features,
+            widths=(*config.host_widths[:-1], config.d),
+            activation=config.activation,
+            dropout=config.dropout,
+            bound=config.a_max,
+        )
 
 
 class GuestTrainer:
@@ -47,18 +135,12 @@ class GuestTrainer:
     def __init__(
         self, *, layer: GuestLayer, x: np.ndarray, y: np.ndarray, config: TrainConfig
     ) -> None:
-        torch.manual_seed(config.seed)
         self.layer, self.config = layer, config
         self.x = torch.tensor(x, dtype=torch.float32)
         self.y = torch.tensor(y, dtype=torch.float32)
-        self.bottom = BottomModel(
-            in_features=x.shape[1], widths=config.guest_widths, output_bound=OutputBound.NONE
-        )
-        self.w_g = nn.Linear(self.bottom.out_features, config.k)
-        self.top = TopModel(in_features=config.k, widths=config.top_widths)
+        self.models = _GuestModels(x.shape[1], config)
         self.loss = loss_for(Task.BINARY)
-        params = [*self.bottom.parameters(), *self.w_g.parameters(), *self.top.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        self.optimizer = make_optimizer(list(self.models.parameters()), config)
         self.rng = new_generator()
         self.losses: list[float] = []
 
@@ -67,13 +149,14 @@ class GuestTrainer:
         self.layer.init(w0_guest)
 
     def step(self, step: int, rows: np.ndarray) -> None:
-        """One training step on ``rows``."""
+        """One training step on ``rows`` (S1-S6 up to, not including, STEP_ACK)."""
 
         def delta_fn(z_h: np.ndarray) -> np.ndarray:
+            self.models.train()
             self.optimizer.zero_grad()
-            z_own = self.w_g(self.bottom(self.x[rows]))
+            z_own = self.models.own_z(self.x[rows])
             z = (torch.tensor(z_h, dtype=torch.float32) + z_own.detach()).requires_grad_(True)
-            loss = self.loss(self.top(z).squeeze(1), self.y[rows])
+            loss = self.loss(self.models.top(z).squeeze(1), self.y[rows])
             torch.autograd.backward(loss)  # top model, and δ = ∂L/∂z in z.grad
             delta = z.grad
             if delta is None:
@@ -88,43 +171,161 @@ class GuestTrainer:
     @torch.no_grad()
     def scores(self, z_h: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Predicted probabilities for ``rows`` given their ``z_h``."""
-        z = torch.tensor(z_h, dtype=torch.float32) + self.w_g(self.bottom(self.x[rows]))
-        return torch.sigmoid(self.top(z).squeeze(1)).numpy()
+        self.models.eval()
+        z = torch.tensor(z_h, dtype=torch.float32) + self.models.own_z(self.x[rows])
+        return torch.sigmoid(self.models.top(z).squeeze(1)).double().numpy()
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        """(state dicts, big-integer arrays, JSON) for a checkpoint."""
+        trees = {
+            "models": self.models.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        meta = {"protect_rng": self.rng.bit_generator.state, "losses": self.losses}
+        return trees, self.layer.state(), meta
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint written from :meth:`state`."""
+        self.models.load_state_dict(ckpt.tree("models"))
+        self.optimizer.load_state_dict(ckpt.tree("optimizer"))
+        torch.set_rng_state(ckpt.tree("torch_rng"))
+        self.rng.bit_generator.state = ckpt.meta["protect_rng"]
+        self.losses = [float(v) for v in ckpt.meta["losses"]]
+        self.layer.restore(ckpt.big_ints)
 
 
 class HostTrainer:
-    """H's bottom model and optimizer around its :class:`HostLayer`."""
+    """H's bottom model and optimizer around its :class:`HostLayer`.
 
-    def __init__(self, *, layer: HostLayer, x: np.ndarray, config: TrainConfig) -> None:
-        torch.manual_seed(config.seed + 1)
+    ``seed`` seeds the host's own initialisation; it is the host's choice (None: the OS
+    CSPRNG for the embedding noise), never the guest's.
+    """
+
+    def __init__(
+        self, *, layer: HostLayer, x: np.ndarray, config: TrainConfig, seed: int | None = 1
+    ) -> None:
         self.layer, self.config = layer, config
         self.x = torch.tensor(x, dtype=torch.float32)
-        self.bottom = BottomModel(
-            in_features=x.shape[1], widths=(*config.host_widths[:-1], config.d), bound=config.a_max
-        )
-        self.optimizer = torch.optim.Adam(self.bottom.parameters(), lr=config.learning_rate)
+        self.bottom = _host_bottom(x.shape[1], config, seed)
+        self.optimizer = make_optimizer(list(self.bottom.parameters()), config)
         self.rng = new_generator()
 
     def init(self, w0_host: np.ndarray) -> None:
         """Joint initialisation (the host's Gaussian component)."""
         self.layer.init(w0_host)
 
-    def step(self, step: int) -> None:
-        """One training step; the rows come from the guest's BATCH."""
+    def _alpha(self, rows: np.ndarray) -> torch.Tensor:
+        out: torch.Tensor = self.bottom(self.x[torch.as_tensor(rows.astype(np.int64))])
+        return out
+
+    def _noisy(self, alpha: torch.Tensor) -> np.ndarray:
+        return embedding_noise(
+            alpha.detach().double().numpy(),
+            sigma=self.config.host_embedding_noise,
+            a_max=self.config.a_max,
+            rng=self.rng,
+        )
+
+    def step(self, step: int, rows: np.ndarray) -> None:
+        """One training step on the ``rows`` of the guest's ``BATCH{step}``."""
         kept: dict[str, torch.Tensor] = {}
 
-        def alpha_fn(rows: np.ndarray) -> np.ndarray:
+        def alpha_fn(batch_rows: np.ndarray) -> np.ndarray:
+            self.bottom.train()
             self.optimizer.zero_grad()
-            alpha = self.bottom(self.x[torch.as_tensor(rows.astype(np.int64))])
-            kept["alpha"] = alpha
-            values = alpha.detach().double().numpy()
-            return embedding_noise(
-                values,
-                sigma=self.config.host_embedding_noise,
-                a_max=self.config.a_max,
-                rng=self.rng,
-            )
+            kept["alpha"] = self._alpha(batch_rows)
+            return self._noisy(kept["alpha"])
 
-        _, g_h = self.layer.step(step, alpha_fn)
+        _, g_h = self.layer.step(step, rows, alpha_fn)
         torch.autograd.backward(kept["alpha"], grad_tensors=torch.tensor(g_h, dtype=torch.float32))
         self.optimizer.step()
+
+    def evaluate(self, eval_step: int, rows: np.ndarray) -> None:
+        """Answer ``EVAL_BATCH{eval_step}``."""
+        self.bottom.eval()
+        with torch.no_grad():
+            alpha = self._noisy(self._alpha(rows))
+        self.layer.evaluate(eval_step, alpha)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        """(state dicts, big-integer arrays, JSON) for a checkpoint."""
+        trees = {
+            "bottom": self.bottom.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        return trees, self.layer.state(), {"noise_rng": self.rng.bit_generator.state}
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint written from :meth:`state`."""
+        self.bottom.load_state_dict(ckpt.tree("bottom"))
+        self.optimizer.load_state_dict(ckpt.tree("optimizer"))
+        torch.set_rng_state(ckpt.tree("torch_rng"))
+        self.rng.bit_generator.state = ckpt.meta["noise_rng"]
+        self.layer.restore(ckpt.big_ints)
+
+
+class FloatSplitModel:
+    """The split network in float64 in one process (reference S3, quality "plaintext").
+
+    Built from the same seeds as :class:`GuestTrainer` and :class:`HostTrainer` and with
+    ``W_0 = W_0^G + W_0^H`` summed in float64; ``W_h`` learns by plain SGD from δ̃.
+    """
+
+    def __init__(
+        self,
+        *,
+        x_guest: np.ndarray,
+        x_host: np.ndarray,
+        y: np.ndarray,
+        config: TrainConfig,
+        w0_guest: np.ndarray,
+        w0_host: np.ndarray,
+        host_seed: int = 1,
+    ) -> None:
+        self.config = config
+        self.guest = _GuestModels(x_guest.shape[1], config)
+        self.host = _host_bottom(x_host.shape[1], config, host_seed)
+        self.xg = torch.tensor(x_guest, dtype=torch.float32)
+        self.xh = torch.tensor(x_host, dtype=torch.float32)
+        self.y = torch.tensor(y, dtype=torch.float32)
+        self.w_h = torch.tensor(w0_guest + w0_host, dtype=torch.float64)
+        self.opt_g = make_optimizer(list(self.guest.parameters()), config)
+        self.opt_h = make_optimizer(list(self.host.parameters()), config)
+        self.loss = loss_for(Task.BINARY)
+        self.rng = new_generator()
+        self.losses: list[float] = []
+
+    def step(self, rows: np.ndarray) -> None:
+        """One step on ``rows``, with the protocol's order of updates."""
+        self.guest.train()
+        self.host.train()
+        self.opt_g.zero_grad()
+        self.opt_h.zero_grad()
+        alpha = self.host(self.xh[rows])
+        a = torch.clamp(alpha.detach().double(), -self.config.a_max, self.config.a_max)
+        z_h = a @ self.w_h
+        z_own = self.guest.own_z(self.xg[rows])
+        z = (z_h.float() + z_own.detach()).requires_grad_(True)
+        loss = self.loss(self.guest.top(z).squeeze(1), self.y[rows])
+        torch.autograd.backward(loss)
+        delta = z.grad
+        assert delta is not None
+        torch.autograd.backward(z_own, grad_tensors=delta)
+        self.opt_g.step()
+        self.losses.append(float(loss.detach()))
+        d_t = torch.tensor(protect(delta.double().numpy(), self.config.protect, rng=self.rng))
+        g_h = d_t @ self.w_h.T
+        self.w_h = self.w_h - self.config.eta_w * (a.T @ d_t)
+        torch.autograd.backward(alpha, grad_tensors=g_h.float())
+        self.opt_h.step()
+
+    @torch.no_grad()
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """Predicted probabilities for ``rows``."""
+        self.guest.eval()
+        self.host.eval()
+        a = torch.clamp(self.host(self.xh[rows]).double(), -self.config.a_max, self.config.a_max)
+        z = (a @ self.w_h).float() + self.guest.own_z(self.xg[rows])
+        return torch.sigmoid(self.guest.top(z).squeeze(1)).double().numpy()

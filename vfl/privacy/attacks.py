@@ -1,0 +1,242 @@
+"""Label-leakage attacks on the host's view of split training (PROTOCOL.md §4.7, tests L1, L2, L7).
+
+Roles: every function here plays the **attacker = the host H**, offline, on a recorded
+transcript, **for evaluation only** (tests and audits); no protocol or service code calls it.
+H's view of a training run is, per step t, its plaintext cut-layer gradient
+``g_h = δ̃_t·W_tᵀ`` (B×d, decrypted from B1), its own embedding ``α_t`` exactly as it was
+encoded for F1 and B2 (``â_t / 2^{f_a}``) and the row indices ``I_t`` of the batch
+(:class:`HostView`). H never sees labels, δ, δ̃ or ``W_t``.
+
+What is measured: each attack turns the view into one score per row, and the score is compared
+with the true labels (which only the evaluator holds) by the **leak AUC**
+``max(AUC, 1 − AUC)`` (``sklearn.metrics.roc_auc_score``; 0.5 = no leakage, 1 = every label
+recovered up to one global flip). The attacks:
+
+* **norm attack** [Li22]: ``score_b = ‖g_h[b]‖₂`` — with class imbalance the rare class has the
+  larger gradient (for binary cross-entropy ``δ_b ∝ p_b − y_b``);
+* **direction attack** [Li22]: H knows the label of one positive row ``b*`` per batch (side
+  knowledge; the evaluator picks the first positive of each batch) and scores the other rows of
+  that batch by ``cos(g_h[b], g_h[b*])``; batches without a positive are skipped;
+* **update-tracking attack** (§4.7, L7): from ``g_t`` H learns the column space ``Q`` of ``W_t``;
+  the public update ``W_{t+1} = W_t − η_W·α_tᵀ D_t`` (``D_t`` the gradient the guest put into
+  B2) and ``P⊥ = I − QQᵀ`` give ``g_{t+1}P⊥ = −η_W (δ̃_{t+1} D_tᵀ)(α_t P⊥)``, so H solves for
+  ``M = δ̃_{t+1} D_tᵀ`` (exactly when ``B ≤ d − k``, else its projection onto the column space of
+  ``α_t P⊥``) and reads off ``D_t`` up to a k×k transform (:func:`track_updates`). Those
+  recovered rows are then scored by the norm and the direction attack. When the protocol is
+  followed, ``D_t = δ̃_t`` and the attack learns nothing beyond ``g_t``; if the guest put the
+  true δ into B2, it would bypass ``Protect`` — that is what test L7 guards against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass(frozen=True)
+class HostView:
+    """The host's transcript of a training run, one entry per step.
+
+    Parameters
+    ----------
+    gradients
+        ``g_h`` of each step (B×d), as decoded from B1.
+    embeddings
+        The host's own ``α_t`` (B×d) as encoded for F1/B2, i.e. ``â_t / 2^{f_a}``.
+    rows
+        The batch's row indices ``I_t`` (length B), to look up labels when evaluating.
+    """
+
+    gradients: Sequence[np.ndarray]
+    embeddings: Sequence[np.ndarray]
+    rows: Sequence[np.ndarray]
+
+    def __post_init__(self) -> None:
+        if not len(self.gradients) == len(self.embeddings) == len(self.rows):
+            raise ValueError("gradients, embeddings and rows need one entry per step")
+        for g, a, r in zip(self.gradients, self.embeddings, self.rows, strict=True):
+            if g.ndim != 2 or g.shape != a.shape or r.shape != (g.shape[0],):
+                raise ValueError(f"step shapes disagree: g {g.shape}, α {a.shape}, rows {r.shape}")
+
+    def window(self, start: int, stop: int | None = None) -> HostView:
+        """The view restricted to steps ``start .. stop − 1``."""
+        return HostView(
+            gradients=self.gradients[start:stop],
+            embeddings=self.embeddings[start:stop],
+            rows=self.rows[start:stop],
+        )
+
+
+def leak_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """``max(AUC, 1 − AUC)`` of ``scores`` against binary ``labels``.
+
+    Parameters
+    ----------
+    scores
+        One score per row (higher = more likely positive, or the reverse: the max makes the
+        direction irrelevant).
+    labels
+        The true labels in {0, 1}; both classes must be present.
+
+    Returns
+    -------
+    float
+        The leak AUC in [0.5, 1].
+    """
+    y = np.asarray(labels).reshape(-1)
+    if np.unique(y).size != 2:
+        raise ValueError("leak AUC needs both classes among the scored rows")
+    auc = float(roc_auc_score(y, np.asarray(scores, dtype=np.float64).reshape(-1)))
+    return max(auc, 1.0 - auc)
+
+
+def _cosine_to(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(reference)
+    out: np.ndarray = rows @ reference / np.maximum(norms, 1e-300)
+    return out
+
+
+def norm_scores(batches: Sequence[np.ndarray]) -> np.ndarray:
+    """Norm-attack scores ``‖x_b‖₂`` of every row of every batch, concatenated."""
+    return np.concatenate([np.linalg.norm(b, axis=1) for b in batches])
+
+
+def direction_scores(
+    batches: Sequence[np.ndarray], batch_labels: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Direction-attack scores and the labels of the scored rows.
+
+    Parameters
+    ----------
+    batches
+        Per-step matrices whose rows are scored (``g_h`` or recovered gradients).
+    batch_labels
+        The labels of each batch's rows. Only the first positive of a batch is used as the
+        attacker's side knowledge; the others are evaluation ground truth.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``cos(x_b, x_{b*})`` for every row except ``b*`` of every batch with a positive, and the
+        labels of those rows.
+    """
+    scores: list[np.ndarray] = []
+    truth: list[np.ndarray] = []
+    for x, y in zip(batches, batch_labels, strict=True):
+        positives = np.flatnonzero(y == 1)
+        if positives.size == 0:
+            continue
+        known = int(positives[0])
+        others = np.arange(x.shape[0]) != known
+        scores.append(_cosine_to(x[others], x[known]))
+        truth.append(y[others])
+    if not scores:
+        raise ValueError("no batch contains a positive row to serve as the known positive")
+    return np.concatenate(scores), np.concatenate(truth)
+
+
+def _labels_of(view: HostView, labels: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(labels)[r] for r in view.rows]
+
+
+def norm_attack(view: HostView, labels: np.ndarray) -> float:
+    """Leak AUC of the norm attack on ``g_h`` [Li22].
+
+    Parameters
+    ----------
+    view
+        The host's transcript.
+    labels
+        All true labels, indexed by row (evaluation only).
+
+    Returns
+    -------
+    float
+        ``max(AUC, 1 − AUC)`` of ``‖g_h[b]‖`` over every row of every step.
+    """
+    return leak_auc(norm_scores(view.gradients), np.concatenate(_labels_of(view, labels)))
+
+
+def direction_attack(view: HostView, labels: np.ndarray) -> float:
+    """Leak AUC of the direction attack on ``g_h`` (cosine to a known positive) [Li22].
+
+    Parameters
+    ----------
+    view
+        The host's transcript.
+    labels
+        All true labels, indexed by row (evaluation only, plus the known positive per batch).
+
+    Returns
+    -------
+    float
+        ``max(AUC, 1 − AUC)`` over the rows of every batch that holds a positive.
+    """
+    scores, truth = direction_scores(view.gradients, _labels_of(view, labels))
+    return leak_auc(scores, truth)
+
+
+def track_updates(view: HostView, k: int, *, rcond: float = 1e-10) -> list[np.ndarray]:
+    """The host's estimate of the B2 gradient ``D_t`` of every step but the last (§4.7).
+
+    Parameters
+    ----------
+    view
+        The host's transcript; consecutive entries must be consecutive protocol steps.
+    k
+        The interactive width (public, in the ``JOB_SPEC``).
+    rcond
+        Relative cut-off for the pseudo-inverse of ``α_t P⊥``.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        For each step t < T − 1 a B×k matrix ``R_t`` whose columns span the recovered column
+        space of ``D_t``: ``R_t = D_t·X`` for some k×k ``X`` when ``B ≤ d − k`` (exact), else
+        the same for ``D_t`` projected onto the column space of ``α_t P⊥``. The scale of
+        ``η_W`` is not needed: it only rescales ``R_t``.
+    """
+    out: list[np.ndarray] = []
+    for t in range(len(view.gradients) - 1):
+        g_t, g_next, alpha = view.gradients[t], view.gradients[t + 1], view.embeddings[t]
+        d = g_t.shape[1]
+        rank = min(k, *g_t.shape)
+        _, _, vt = np.linalg.svd(g_t, full_matrices=False)
+        q = vt[:rank].T  # d × rank: the column space of W_t
+        p_perp = np.eye(d) - q @ q.T
+        a = alpha @ p_perp  # B × d, rank ≤ d − k
+        m_hat = -(g_next @ p_perp) @ np.linalg.pinv(a, rcond=rcond)  # ∝ δ̃_{t+1} D_tᵀ Π
+        u, s, _ = np.linalg.svd(m_hat.T, full_matrices=False)
+        out.append(u[:, :k] * s[:k])
+    return out
+
+
+def update_tracking_attack(view: HostView, labels: np.ndarray, k: int) -> float:
+    """Leak AUC of the update-tracking attack (§4.7, test L7).
+
+    The recovered ``R_t`` of :func:`track_updates` are scored by the norm attack and by the
+    direction attack (known positive as in :func:`direction_attack`); the attack's leak AUC is
+    the larger of the two.
+
+    Parameters
+    ----------
+    view
+        The host's transcript.
+    labels
+        All true labels, indexed by row (evaluation only, plus the known positive per batch).
+    k
+        The interactive width.
+
+    Returns
+    -------
+    float
+        ``max(AUC, 1 − AUC)`` of the better of the two scorings.
+    """
+    recovered = track_updates(view, k)
+    batch_labels = _labels_of(view, labels)[: len(recovered)]
+    by_norm = leak_auc(norm_scores(recovered), np.concatenate(batch_labels))
+    by_direction = leak_auc(*direction_scores(recovered, batch_labels))
+    return max(by_norm, by_direction)

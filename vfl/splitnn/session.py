@@ -1,0 +1,766 @@
+"""A split-NN training job between the guest, the host and the arbiter (PROTOCOL.md §4.4.1).
+
+Roles and keys: the arbiter A holds the Paillier key pair and hands out the public key; the
+guest G (labels, its features) drives the job; the host H (its features) follows. What each
+party learns is §4.6 plus, at H, the row indices of every batch and evaluation batch, which
+rows are used to fit preprocessing, and one bit per epoch (validation improved or not, so
+both can keep the best model). Nothing else crosses the wire in plaintext.
+
+Job sequence (every message carries the run id of this (re)start, §4.4.1):
+
+J1. G and H → A ``KEY_REQ``; A → ``KEY`` (the public key).
+J2. G → H ``JOB_START{job, run id, G's checkpoints}`` and ``FIT_ROWS`` (the training rows,
+    so H fits its preprocessing on them only); H → G ``JOB_ACCEPT{H's checkpoints}``.
+J3. G and H → A ``JOB_SPEC``; A → ``JOB_READY`` once both sent the same (policy, §2.6).
+J4. Resume point ``t`` = the newest step both still hold. If there is one, both send
+    ``RESUME{t, Z_EVAL counter}`` to A (which re-opens those steps once both asked) and load
+    checkpoint ``t``; otherwise the joint initialisation I1-I3 and checkpoint 0.
+J5. Step ``t``: S1-S6 of :mod:`vfl.splitnn.interactive`. G writes checkpoint ``t+1`` before
+    ``STEP_ACK{t}`` and then keeps ``t`` and ``t+1``; H writes ``t+1`` after ``STEP_ACK{t}``
+    and then deletes ``t``. So the parties are never more than one step apart.
+J6. After each epoch, validation (``EVAL_BATCH``/``EVAL_F1``/``Z_EVAL``) and the metrics at G;
+    if the validation AUC improved, G → H ``BEST{epoch}`` and both snapshot their checkpoint.
+    Training stops early after ``patience`` epochs without improvement.
+J7. G → H ``USE_BEST``; both restore the best snapshot; G evaluates the held-out test rows
+    (never used before), writes ``result.json``, and sends ``JOB_END``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocols.crypto.arbiter import SetupTag
+from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
+from protocols.crypto.fixedpoint import FixedPointConfig
+from protocols.crypto.obfuscators import ObfuscatorPool
+from protocols.crypto.paillier import PublicKey
+from protocols.envelope import ControlBlock, Envelope, IndexBlock
+from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
+from protocols.executor import Executor
+from protocols.files import atomic_write
+from protocols.roles import Party
+from protocols.transport.base import Channel, MessageFilter
+from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
+from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn import checkpoint as ckpt
+from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
+from vfl.splitnn.metrics import binary_metrics
+from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
+from vfl.splitnn.training import GuestTrainer, HostTrainer, TrainConfig, joint_init_component
+
+logger = logging.getLogger(__name__)
+
+
+class JobTag(StrEnum):
+    """Job-level messages between G and H (J2, J6, J7)."""
+
+    JOB_START = "splitjob.JOB_START"
+    FIT_ROWS = "splitjob.FIT_ROWS"
+    JOB_ACCEPT = "splitjob.JOB_ACCEPT"
+    BEST = "splitjob.BEST"
+    USE_BEST = "splitjob.USE_BEST"
+    JOB_END = "splitjob.JOB_END"
+
+
+_HOST_TRAIN_FIELDS = (
+    "d",
+    "k",
+    "host_widths",
+    "activation",
+    "dropout",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "eta_w",
+    "a_max",
+    "host_embedding_noise",
+)
+
+
+@dataclass(frozen=True)
+class SplitJob:
+    """What the guest submits: shapes, mode, schedule and the model configuration."""
+
+    job_id: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mode: SplitMode = SplitMode.P1
+    batch: int = 256
+    batch_eval: int = 1024
+    epochs: int = 12
+    patience: int = 3
+    encrypted: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.batch, self.batch_eval, self.epochs, self.patience) < 1:
+            raise ConfigError("batch, batch_eval, epochs and patience must be positive")
+        if not self.encrypted:
+            logger.warning(
+                "job %s runs in PLAINTEXT mode: nothing is encrypted (experiments only)",
+                self.job_id,
+            )
+
+    def spec(self, key: PublicKey, *, guest: str, host: str) -> JobSpec:
+        """The JOB_SPEC both parties send to the arbiter."""
+        return JobSpec(
+            job_id=self.job_id,
+            key_id=key.key_id.hex(),
+            key_bits=key.bits,
+            mode=self.mode,
+            batch=self.batch,
+            d=self.train.d,
+            k=self.train.k,
+            batch_eval=self.batch_eval,
+            guest=guest,
+            host=host,
+            encrypted=self.encrypted,
+        )
+
+    def host_part(self) -> dict[str, Any]:
+        """What the host needs to know (no label-protection or guest-model settings)."""
+        train = {name: getattr(self.train, name) for name in _HOST_TRAIN_FIELDS}
+        train["host_widths"] = list(self.train.host_widths)
+        return {
+            "job_id": self.job_id,
+            "mode": self.mode.value,
+            "batch": self.batch,
+            "batch_eval": self.batch_eval,
+            "encrypted": self.encrypted,
+            "train": train,
+        }
+
+    @classmethod
+    def from_host_part(cls, obj: dict[str, Any]) -> SplitJob:
+        """The host's view of a job, naming the field at fault if it is malformed."""
+        try:
+            train = dict(obj["train"])
+            unknown = set(train) - set(_HOST_TRAIN_FIELDS)
+            if unknown:
+                raise ConfigError(f"JOB_START has unknown model fields {sorted(unknown)}")
+            train["host_widths"] = tuple(int(w) for w in train["host_widths"])
+            # the guest's protection is none of the host's business; any valid one will do
+            protect = ProtectConfig(mode=ProtectMode.NONE, allow_label_leak=True)
+            return cls(
+                job_id=str(obj["job_id"]),
+                train=TrainConfig(**train, protect=protect),
+                mode=SplitMode(obj["mode"]),
+                batch=int(obj["batch"]),
+                batch_eval=int(obj["batch_eval"]),
+                encrypted=bool(obj["encrypted"]),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"JOB_START lacks field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"JOB_START is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of the guest (rates over the steps of this run)."""
+
+    job_id: str
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    rows_per_s: float
+    eta_s: float
+    loss: float
+    validation: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """What the guest keeps of a finished job."""
+
+    job_id: str
+    epochs_run: int
+    best_epoch: int
+    history: list[dict[str, float]]
+    test: dict[str, float]
+    test_scores: list[float]
+    timings: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``result.json``)."""
+        return asdict(self)
+
+
+@dataclass
+class _Common:
+    """Plumbing shared by both sessions."""
+
+    channel: Channel
+    peer: Party
+    arbiter: Party
+    executor: Executor
+    state_dir: Path
+    timeout: float
+    allow_test_key: bool
+
+    def __post_init__(self) -> None:
+        self.run_id = ""
+
+    def send(self, job_id: str, receiver: Party, tag: StrEnum, step: int, body: Any) -> None:
+        self.channel.send(
+            Envelope(
+                job_id=job_id,
+                sender=self.channel.me,
+                receiver=receiver,
+                tag=tag,
+                step=step,
+                run_id=self.run_id,
+                body=body,
+            )
+        )
+
+    def recv(self, job_id: str, sender: Party, tag: StrEnum, step: int = 0) -> Envelope:
+        return self.channel.recv(
+            job_id=job_id,
+            sender=sender,
+            tag=tag,
+            step=step,
+            run_id=self.run_id,
+            timeout=self.timeout,
+        )
+
+    def control(self, job_id: str, sender: Party, tag: StrEnum, step: int = 0) -> dict[str, Any]:
+        env = self.recv(job_id, sender, tag, step)
+        if not isinstance(env.body, ControlBlock):
+            raise ProtocolError(f"{tag} from {sender} carries no control block")
+        obj = env.body.obj()
+        if "refused" in obj:
+            raise PolicyViolationError(f"{sender} refused job {job_id}: {obj['refused']}")
+        return obj
+
+    def public_key(self, job_id: str) -> PublicKey:
+        """J1."""
+        self.send(job_id, self.arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
+        obj = self.control(job_id, self.arbiter, SetupTag.KEY)
+        return PublicKey.from_json(obj["public_key"], allow_test_key=self.allow_test_key)
+
+    def register(self, spec: JobSpec) -> None:
+        """J3."""
+        self.send(
+            spec.job_id, self.arbiter, SetupTag.JOB_SPEC, 0, ControlBlock.from_obj(spec.to_json())
+        )
+        self.control(spec.job_id, self.arbiter, SetupTag.JOB_READY)
+
+    def resume_at_arbiter(self, job_id: str, step: int, eval_step: int) -> None:
+        """J4: both parties ask A to re-open the steps they will run again."""
+        body = {"step": step, "tag_steps": {DecTag.Z_EVAL.value: eval_step}}
+        self.send(job_id, self.arbiter, SetupTag.RESUME, step, ControlBlock.from_obj(body))
+        self.control(job_id, self.arbiter, SetupTag.RESUMED, step)
+
+    def cipher(self, key: PublicKey, *, encrypted: bool) -> Cipher:
+        if encrypted:
+            return PaillierCipher(key)
+        return PlaintextCipher(key, i_understand_nothing_is_encrypted=True)
+
+    def next_run(self, job_dir: Path) -> int:
+        """Count this party's (re)starts of the job, persisted before anything is sent.
+
+        Sequence numbers of run ``r`` start at ``r·2^40``, past anything an interrupted run
+        may have sent (the receivers' replay guards remember those).
+        """
+        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = job_dir / "runs"
+        runs = int(path.read_text()) + 1 if path.is_file() else 1
+        atomic_write(path, f"{runs}\n".encode(), mode=0o600)
+        for party in (self.peer, self.arbiter):
+            self.channel.restore_stream_state(job_dir.name, {party.party_id: runs << 40})
+        return runs
+
+
+def resume_point(guest_steps: list[int], host_steps: list[int]) -> int | None:
+    """The newest step both parties hold a checkpoint of (§4.4.1), if any."""
+    common = set(guest_steps) & set(host_steps)
+    return max(common) if common else None
+
+
+class GuestSession(_Common):
+    """G's side of a job: J1-J7 driven from here.
+
+    Parameters
+    ----------
+    channel, host, arbiter
+        G's channel and its peers.
+    job
+        The job to run.
+    table
+        G's rows in the PSI order, with labels.
+    splits
+        Train / validation / test rows (positions in ``table``), test rows untouched until J7.
+    executor
+        Worker processes for the Paillier work.
+    state_dir
+        Where this party keeps the job's checkpoints and result (``<state_dir>/jobs/<job>``).
+    w0_seed, order_seed
+        Reproducibility for experiments (None: the OS CSPRNG, the production default).
+    progress
+        Called after every step and validation (default: a log line every 10 s).
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: Channel,
+        host: Party,
+        arbiter: Party,
+        job: SplitJob,
+        table: PartyTable,
+        splits: Splits,
+        executor: Executor,
+        state_dir: Path,
+        impute: ImputePolicy = ImputePolicy.ERROR,
+        w0_seed: int | None = None,
+        order_seed: bytes | None = None,
+        pool_target: int = 2000,
+        timeout: float = 600.0,
+        allow_test_key: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        super().__init__(
+            channel=channel,
+            peer=host,
+            arbiter=arbiter,
+            executor=executor,
+            state_dir=state_dir,
+            timeout=timeout,
+            allow_test_key=allow_test_key,
+        )
+        if table.labels is None:
+            raise ConfigError("the guest's table has no label column")
+        self.job, self.table, self.splits = job, table, splits
+        self.impute, self.w0_seed, self.pool_target = impute, w0_seed, pool_target
+        self.order_seed = order_seed or secrets.token_bytes(32)
+        self.progress = progress or _log_progress()
+        self.job_dir = state_dir / "jobs" / job.job_id
+        self.ckpt_dir = self.job_dir / "checkpoints"
+        self.steps_per_epoch = len(splits.train) // job.batch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"{len(splits.train)} training rows are fewer than one batch of {job.batch}"
+            )
+
+    # -- bookkeeping that survives restarts ------------------------------------------
+
+    def _load_progress(self) -> dict[str, Any]:
+        path = self.job_dir / "progress.json"
+        if path.is_file():
+            out: dict[str, Any] = json.loads(path.read_text())
+            return out
+        return {
+            "history": [],
+            "eval_step": 0,
+            "best_epoch": -1,
+            "order_seed": self.order_seed.hex(),
+        }
+
+    def _save_progress(self, state: dict[str, Any]) -> None:
+        atomic_write(self.job_dir / "progress.json", json.dumps(state).encode(), mode=0o600)
+
+    # -- J1-J7 -----------------------------------------------------------------------
+
+    def run(self) -> SplitResult:
+        """Run (or resume) the job to the end; returns the test metrics and scores."""
+        torch.set_num_threads(1)
+        started = time.monotonic()
+        job = self.job
+        self.run_id = f"run{self.next_run(self.job_dir)}"
+        key = self.public_key(job.job_id)  # J1
+        state = self._load_progress()
+        self.order_seed = bytes.fromhex(state["order_seed"])
+        mine = ckpt.available_steps(self.ckpt_dir)
+        start = dict(job.host_part(), checkpoints=mine, eval_step=state["eval_step"])
+        self.send(job.job_id, self.peer, JobTag.JOB_START, 0, ControlBlock.from_obj(start))  # J2
+        self.send(
+            job.job_id, self.peer, JobTag.FIT_ROWS, 0, IndexBlock.from_indices(self.splits.train)
+        )
+        theirs = [
+            int(s) for s in self.control(job.job_id, self.peer, JobTag.JOB_ACCEPT)["checkpoints"]
+        ]
+        spec = job.spec(key, guest=self.channel.me.party_id, host=self.peer.party_id)
+        self.register(spec)  # J3
+
+        x = Preprocessor.fit(self.table, self.splits.train, impute=self.impute).transform(
+            self.table
+        )
+        assert self.table.labels is not None
+        cipher = self.cipher(key, encrypted=job.encrypted)
+        pool = ObfuscatorPool(key, executor=self.executor)
+        pool.keep_filled(self.pool_target)
+        layer = GuestLayer(
+            channel=self.channel,
+            peer=self.peer,
+            arbiter=self.arbiter,
+            spec=spec,
+            cipher=cipher,
+            pool=pool,
+            executor=self.executor,
+            fp=FixedPointConfig(),
+            timeout=self.timeout,
+        )
+        layer.run_id = self.run_id
+        trainer = GuestTrainer(layer=layer, x=x, y=self.table.labels, config=job.train)
+        t = resume_point(mine, theirs)  # J4
+        self.resumed_from = t
+        if mine and t is None:
+            raise ProtocolError(
+                f"job {job.job_id}: the host holds none of the guest's checkpoints {mine}; "
+                "the shared weights are lost, start a new job"
+            )
+        try:
+            if t is None:
+                trainer.init(joint_init_component(job.train.d, job.train.k, seed=self.w0_seed))
+                step = 0
+                self._checkpoint(trainer, 0)
+            else:
+                self.resume_at_arbiter(job.job_id, t, int(state["eval_step"]))
+                trainer.restore(ckpt.load(self.ckpt_dir, t))
+                step = t
+                logger.info("job %s resumed at step %d (run %s)", job.job_id, t, self.run_id)
+            setup_s = time.monotonic() - started
+            result = self._train(layer, trainer, state, step, setup_s)
+        finally:
+            pool.close()
+        return result
+
+    def _checkpoint(self, trainer: GuestTrainer, step: int) -> None:
+        trees, big, meta = trainer.state()
+        ckpt.save(self.ckpt_dir, step, trees=trees, big_ints=big, meta=meta)
+        ckpt.prune(self.ckpt_dir, keep=(step - 1, step))
+
+    def _orders(self, epoch: int) -> list[np.ndarray]:
+        return BatchOrder(self.order_seed, batch_size=self.job.batch).epoch(
+            self.splits.train, epoch
+        )
+
+    def _train(
+        self,
+        layer: GuestLayer,
+        trainer: GuestTrainer,
+        state: dict[str, Any],
+        step: int,
+        setup_s: float,
+    ) -> SplitResult:
+        job, spe = self.job, self.steps_per_epoch
+        total = job.epochs * spe
+        t0, first = time.monotonic(), step
+        train_s = eval_s = 0.0
+        while True:
+            epochs_done = step // spe
+            if step % spe == 0 and len(state["history"]) < epochs_done:  # J6
+                t_eval = time.monotonic()
+                self._validate(layer, trainer, state, epochs_done - 1, step)
+                eval_s += time.monotonic() - t_eval
+            if step >= total or self._should_stop(state):
+                break
+            t_step = time.monotonic()
+            epoch, i = divmod(step, spe)
+            orders = self._orders(epoch)
+            trainer.step(step, orders[i])  # J5
+            self._checkpoint(trainer, step + 1)
+            layer.ack(step)
+            step += 1
+            train_s += time.monotonic() - t_step
+            elapsed = time.monotonic() - t0
+            rate = (step - first) * job.batch / max(elapsed, 1e-9)
+            self.progress(
+                Progress(
+                    job_id=job.job_id,
+                    epoch=epoch,
+                    epochs=job.epochs,
+                    step=step,
+                    total_steps=total,
+                    rows_per_s=rate,
+                    eta_s=(total - step) * job.batch / max(rate, 1e-9),
+                    loss=trainer.losses[-1],
+                )
+            )
+        return self._finish(layer, trainer, state, setup_s, train_s, eval_s)
+
+    def _should_stop(self, state: dict[str, Any]) -> bool:
+        history = state["history"]
+        return bool(history) and len(history) - 1 - state["best_epoch"] >= self.job.patience
+
+    def _scores(
+        self, layer: GuestLayer, trainer: GuestTrainer, rows: np.ndarray, state: dict[str, Any]
+    ) -> np.ndarray:
+        """Scores for ``rows`` through EVAL batches of exactly ``batch_eval`` rows."""
+        b = self.job.batch_eval
+        out = []
+        for start in range(0, len(rows), b):
+            chunk = rows[start : start + b]
+            padded = np.resize(chunk, b)  # the policy count is fixed: pad by repeating rows
+            z_h = layer.evaluate(state["eval_step"], padded)
+            state["eval_step"] += 1
+            out.append(trainer.scores(z_h, padded)[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _validate(
+        self, layer: GuestLayer, trainer: GuestTrainer, state: dict[str, Any], epoch: int, step: int
+    ) -> None:
+        assert self.table.labels is not None
+        rows = self.splits.validation
+        scores = self._scores(layer, trainer, rows, state)
+        metrics = binary_metrics(self.table.labels[rows], scores)
+        spe = self.steps_per_epoch
+        metrics["train_loss"] = float(np.mean(trainer.losses[-spe:])) if trainer.losses else 0.0
+        metrics["epoch"] = epoch
+        state["history"].append(metrics)
+        best = state["best_epoch"]
+        if best < 0 or metrics["roc_auc"] > state["history"][best]["roc_auc"]:
+            state["best_epoch"] = epoch
+            ckpt.snapshot_best(self.ckpt_dir, step)
+            self.send(
+                self.job.job_id,
+                self.peer,
+                JobTag.BEST,
+                epoch,
+                ControlBlock.from_obj({"step": step}),
+            )
+        self._save_progress(state)
+        logger.info(
+            "job %s epoch %d: validation AUC %.4f, KS %.4f, AP %.4f, log loss %.4f",
+            self.job.job_id,
+            epoch,
+            metrics["roc_auc"],
+            metrics["ks"],
+            metrics["average_precision"],
+            metrics["log_loss"],
+        )
+        self.progress(
+            Progress(
+                job_id=self.job.job_id,
+                epoch=epoch,
+                epochs=self.job.epochs,
+                step=step,
+                total_steps=self.job.epochs * spe,
+                rows_per_s=0.0,
+                eta_s=0.0,
+                loss=metrics["train_loss"],
+                validation=metrics,
+            )
+        )
+
+    def _finish(
+        self,
+        layer: GuestLayer,
+        trainer: GuestTrainer,
+        state: dict[str, Any],
+        setup_s: float,
+        train_s: float,
+        eval_s: float,
+    ) -> SplitResult:
+        """J7."""
+        assert self.table.labels is not None
+        job = self.job
+        self.send(job.job_id, self.peer, JobTag.USE_BEST, 0, ControlBlock.from_obj({}))
+        if state["best_epoch"] >= 0:
+            trainer.restore(ckpt.load(self.ckpt_dir, ckpt.BEST))
+        t_test = time.monotonic()
+        rows = self.splits.test
+        scores = self._scores(layer, trainer, rows, state)
+        test = binary_metrics(self.table.labels[rows], scores) if len(rows) else {}
+        self._save_progress(state)
+        self.send(job.job_id, self.peer, JobTag.JOB_END, 0, ControlBlock.from_obj({}))
+        result = SplitResult(
+            job_id=job.job_id,
+            epochs_run=len(state["history"]),
+            best_epoch=int(state["best_epoch"]),
+            history=state["history"],
+            test=test,
+            test_scores=[float(s) for s in scores],
+            timings={
+                "setup_s": setup_s,
+                "train_s": train_s,
+                "eval_s": eval_s,
+                "test_s": time.monotonic() - t_test,
+            },
+        )
+        atomic_write(
+            self.job_dir / "result.json", json.dumps(result.to_json()).encode(), mode=0o600
+        )
+        self.final_trainer = trainer
+        return result
+
+
+class HostSession(_Common):
+    """H's side of a job: follows the guest's J2-J7.
+
+    ``table_for(job_start)`` returns H's rows in the PSI order for the job (from its own
+    data alias and PSI result); ``seed`` seeds H's own initialisation (None: OS CSPRNG).
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: Channel,
+        guest: Party,
+        arbiter: Party,
+        table_for: Callable[[dict[str, Any]], PartyTable],
+        executor: Executor,
+        state_dir: Path,
+        impute: ImputePolicy = ImputePolicy.ERROR,
+        seed: int | None = None,
+        pool_target: int = 2000,
+        timeout: float = 600.0,
+        allow_test_key: bool = False,
+    ) -> None:
+        super().__init__(
+            channel=channel,
+            peer=guest,
+            arbiter=arbiter,
+            executor=executor,
+            state_dir=state_dir,
+            timeout=timeout,
+            allow_test_key=allow_test_key,
+        )
+        self.table_for, self.impute, self.seed = table_for, impute, seed
+        self.pool_target = pool_target
+
+    def run(self, start: Envelope) -> HostTrainer:
+        """Serve the job that ``start`` (a ``JOB_START``) opens, until ``JOB_END``."""
+        torch.set_num_threads(1)
+        if not isinstance(start.body, ControlBlock):
+            raise ProtocolError("JOB_START carries no control block")
+        body = start.body.obj()
+        job = SplitJob.from_host_part(body)
+        self.run_id = start.run_id
+        job_dir = self.state_dir / "jobs" / job.job_id
+        ckpt_dir = job_dir / "checkpoints"
+        self.next_run(job_dir)
+        guest_steps = [int(s) for s in body.get("checkpoints", [])]
+        if not guest_steps:
+            ckpt.prune(ckpt_dir, keep=())  # a new job under an old id: nothing to resume
+        mine = ckpt.available_steps(ckpt_dir)
+        env = self.recv(job.job_id, self.peer, JobTag.FIT_ROWS)
+        if not isinstance(env.body, IndexBlock):
+            raise ProtocolError("FIT_ROWS carries no row indices")
+        table = self.table_for(body)
+        x = Preprocessor.fit(table, env.body.indices(), impute=self.impute).transform(table)
+        key = self.public_key(job.job_id)  # J1
+        spec = job.spec(key, guest=self.peer.party_id, host=self.channel.me.party_id)
+        self.send(
+            job.job_id,
+            self.peer,
+            JobTag.JOB_ACCEPT,
+            0,
+            ControlBlock.from_obj({"checkpoints": mine}),
+        )
+        self.register(spec)  # J3
+        pool = ObfuscatorPool(key, executor=self.executor)
+        pool.keep_filled(self.pool_target)
+        layer = HostLayer(
+            channel=self.channel,
+            peer=self.peer,
+            arbiter=self.arbiter,
+            spec=spec,
+            cipher=self.cipher(key, encrypted=job.encrypted),
+            pool=pool,
+            executor=self.executor,
+            fp=FixedPointConfig(),
+            timeout=self.timeout,
+        )
+        layer.run_id = self.run_id
+        trainer = HostTrainer(layer=layer, x=x, config=job.train, seed=self.seed)
+        t = resume_point(guest_steps, mine)  # J4
+        try:
+            if t is None:
+                w0_seed = None if self.seed is None else self.seed + 1000
+                trainer.init(joint_init_component(job.train.d, job.train.k, seed=w0_seed))
+                step = 0
+                self._checkpoint(ckpt_dir, trainer, 0)
+            else:
+                eval_step = int(body.get("eval_step", 0))
+                self.resume_at_arbiter(job.job_id, t, eval_step)
+                trainer.restore(ckpt.load(ckpt_dir, t))
+                step = t
+            self._serve(job, layer, trainer, ckpt_dir, step)
+        finally:
+            pool.close()
+        return trainer
+
+    def _checkpoint(self, folder: Path, trainer: HostTrainer, step: int) -> None:
+        trees, big, meta = trainer.state()
+        ckpt.save(folder, step, trees=trees, big_ints=big, meta=meta)
+        ckpt.prune(folder, keep=(step,))
+
+    def _serve(
+        self, job: SplitJob, layer: HostLayer, trainer: HostTrainer, folder: Path, step: int
+    ) -> None:
+        wanted = MessageFilter(
+            job_id=job.job_id,
+            sender=self.peer.party_id,
+            tags=frozenset(
+                t.value
+                for t in (
+                    JobTag.BEST,
+                    JobTag.USE_BEST,
+                    JobTag.JOB_END,
+                    SplitTag.BATCH,
+                    SplitTag.EVAL_BATCH,
+                )
+            ),
+        )
+        while True:
+            env = self.channel.recv_any(wanted, timeout=self.timeout)
+            if env.run_id != self.run_id:
+                continue  # left over from an interrupted run
+            if env.tag == SplitTag.BATCH.value:
+                if env.step != step:
+                    raise ProtocolError(f"BATCH for step {env.step}, expected step {step}")
+                trainer.step(step, layer.rows_of(env, job.batch))  # J5
+                layer.wait_ack(step)
+                step += 1
+                self._checkpoint(folder, trainer, step)
+            elif env.tag == SplitTag.EVAL_BATCH.value:
+                trainer.evaluate(env.step, layer.rows_of(env, job.batch_eval))
+            elif env.tag == JobTag.BEST.value:
+                ckpt.snapshot_best(folder, step)
+            elif env.tag == JobTag.USE_BEST.value:
+                if (folder / ckpt.BEST).is_dir():
+                    trainer.restore(ckpt.load(folder, ckpt.BEST))
+            else:
+                logger.info("job %s finished at the host after %d steps", job.job_id, step)
+                return
+
+
+def wait_job_start(channel: Channel, *, timeout: float) -> Envelope:
+    """The next ``JOB_START`` any guest sends (for hosts run outside a service)."""
+    return channel.recv_any(MessageFilter.for_tags(JobTag.JOB_START), timeout=timeout)
+
+
+def _log_progress(every_s: float = 10.0) -> Callable[[Progress], None]:
+    last = [0.0]
+
+    def report(p: Progress) -> None:
+        now = time.monotonic()
+        if p.validation is None and now - last[0] < every_s and p.step < p.total_steps:
+            return
+        last[0] = now
+        if p.validation is None:
+            logger.info(
+                "job %s epoch %d/%d step %d/%d: %.0f rows/s, ETA %.0f s, loss %.4f",
+                p.job_id,
+                p.epoch + 1,
+                p.epochs,
+                p.step,
+                p.total_steps,
+                p.rows_per_s,
+                p.eta_s,
+                p.loss,
+            )
+
+    return report
