@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     psi.add_argument("--timestamp-column", help="for --duplicates latest")
     psi.add_argument("--job-id", help="job id (default: a fresh one)")
 
+    train = sub.add_parser(
+        "train",
+        help="train a split neural network with the host (run at the guest)",
+        description="Submit a split-NN job (TOML, see vfl/splitnn/jobfile.py) to this party's "
+        "service; it runs PSI first unless the job names one, trains encrypted, validates each "
+        "epoch and scores the held-out test rows. Progress shows rows/s and ETA.",
+    )
+    train.add_argument("job", type=Path, help="the job file (TOML)")
+    train.add_argument("--config", type=Path, required=True, help="the guest's party config")
+    train.add_argument(
+        "--plaintext", action="store_true", help="allow plaintext = true (experiments only)"
+    )
+    train.add_argument("--no-wait", action="store_true", help="submit and return at once")
+
     data = sub.add_parser("data", help="check the real data sets against their sha256 list")
     data.add_argument("action", choices=["check"])
 
@@ -194,6 +208,8 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.command == "train":
+        return _train(args)
     if args.command == "data":
         folder = data_dir(os.environ)
         for ds in verify_all(folder=folder):
@@ -208,6 +224,26 @@ def _run(args: argparse.Namespace) -> int:
         print(f"demo finished; certificates, configs and logs are in {args.out}/")
         return 0
     raise AssertionError(args.command)  # pragma: no cover - argparse restricts commands
+
+
+def _train(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from vfl.service.admin import admin_call
+    from vfl.service.progress import follow_job
+    from vfl.splitnn.jobfile import load_job_file
+
+    job = load_job_file(args.job, allow_plaintext=args.plaintext)  # fail here, not remotely
+    config = load_config(args.config)
+    raw = tomllib.loads(args.job.read_text(encoding="utf-8"))
+    raw.setdefault("job", {})["id"] = job.job.job_id
+    reply = admin_call(config, "train", {"job_file": raw, "allow_plaintext": bool(args.plaintext)})
+    print(f"job {reply['job_id']} submitted to {config.party.party_id}")
+    if args.no_wait:
+        return 0
+    final = follow_job(config, reply["job_id"])
+    print(json.dumps(final, indent=2))
+    return 0 if final.get("state") == "done" else 1
 
 
 def _certs(args: argparse.Namespace) -> int:

@@ -24,6 +24,10 @@ Example (relative paths are resolved against the config file's folder)::
 
     [transport]                  # optional; see protocols.transport.TransportOptions
     retry_seconds = 30
+
+    [arbiter]                    # arbiter only, optional
+    key_bits = 2048              # Paillier key made at first start, kept in state_dir
+    allow_test_key = false       # true admits < 2048-bit keys: tests only, never for data
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from protocols.roles import Party, PartyAddress, Role, check_party_id
 from protocols.transport.options import TransportOptions
 from protocols.transport.tls import TlsIdentity, load_identity
 
-_SECTIONS = {"party", "tls", "peers", "data", "transport"}
+_SECTIONS = {"party", "tls", "peers", "data", "transport", "arbiter"}
+_ARBITER_KEYS = {"key_bits", "allow_test_key"}
 _PARTY_KEYS = {"id", "role", "listen", "state_dir"}
 _TLS_KEYS = {"ca", "certificate", "key"}
 _PEER_KEYS = {"id", "role", "address", "certificate"}
@@ -93,6 +98,8 @@ class PartyConfig:
     peers: tuple[PeerConfig, ...] = ()
     data: Mapping[str, Path] = field(default_factory=dict)
     transport: TransportOptions = field(default_factory=TransportOptions)
+    key_bits: int = 2048
+    allow_test_key: bool = False
 
     def peer(self, party_id: str) -> PeerConfig:
         """The configured peer ``party_id``."""
@@ -185,6 +192,17 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
+    arbiter_t = raw.get("arbiter", {})
+    if not isinstance(arbiter_t, dict):
+        raise ConfigError(f"{where}: [arbiter] must be a table")
+    _only(arbiter_t, _ARBITER_KEYS, f"{where}: [arbiter]")
+    key_bits = arbiter_t.get("key_bits", 2048)
+    allow_test_key = arbiter_t.get("allow_test_key", False)
+    if not isinstance(key_bits, int) or isinstance(key_bits, bool):
+        raise ConfigError(f"{where}: arbiter.key_bits must be an integer (2048 or 3072)")
+    if not isinstance(allow_test_key, bool):
+        raise ConfigError(f"{where}: arbiter.allow_test_key must be true or false")
+
     return PartyConfig(
         source=source,
         party=party,
@@ -194,6 +212,8 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         peers=tuple(peers),
         data=data,
         transport=transport,
+        key_bits=key_bits,
+        allow_test_key=allow_test_key,
     )
 
 

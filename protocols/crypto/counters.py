@@ -49,10 +49,14 @@ class OpCounts:
     inverses: int = 0
 
     def __sub__(self, other: OpCounts) -> OpCounts:
-        return OpCounts(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+        return OpCounts(
+            **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)}
+        )
 
     def __add__(self, other: OpCounts) -> OpCounts:
-        return OpCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return OpCounts(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
 
 class OpCounter:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocols.envelope import CipherBlock, Envelope, PlainBlock, decode, encode
@@ -55,14 +54,16 @@ class TranscriptBook:
         *,
         tags: set[str] | None = None,
         sender: str | None = None,
+        step: int | None = None,
         status: str | None = "accepted",
     ) -> list[Envelope]:
-        """Envelopes ``party_id`` received, filtered by tag, sender id and status."""
+        """Envelopes ``party_id`` received, filtered by tag, sender id, step and status."""
         return [
             r.envelope
             for r in self.of(party_id)
             if (tags is None or r.envelope.tag in tags)
             and (sender is None or r.envelope.sender.party_id == sender)
+            and (step is None or r.envelope.step == step)
             and (status is None or r.status == status)
         ]
 
@@ -117,8 +118,3 @@ def plain_residues(envelopes: list[Envelope], width: int) -> list[int]:
                 int.from_bytes(data[i : i + width], "big") for i in range(0, len(data), width)
             )
     return out
-
-
-def body_kinds(entries: list[Received], key: Callable[[Envelope], str]) -> set[tuple[str, str]]:
-    """The distinct ``(key(envelope), body type)`` pairs of a transcript."""
-    return {(key(r.envelope), type(r.envelope.body).__name__) for r in entries}

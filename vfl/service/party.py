@@ -11,9 +11,12 @@ What it does now (later capabilities add protocols to this same service):
    the SHA-256 of the received body, so the sender can check integrity;
 3. as host, answers a guest's PSI ``HELLO`` for one of its own data aliases and writes
    its result to ``<state_dir>/psi/<job_id>/``;
-4. serves its own operator's admin commands (``status``, ``ping``, ``psi``,
+4. runs split-NN jobs (:mod:`vfl.service.jobs`): the arbiter answers key, setup and masked
+   decryption requests; the guest runs jobs its operator submits (``train``); the host
+   follows a guest's ``JOB_START`` for one of its own data aliases;
+5. serves its own operator's admin commands (``status``, ``ping``, ``psi``, ``train``,
    ``set_peer_address``), authenticated by the party's own certificate;
-5. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
+6. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
 
 Logs carry ids, tags, steps, sizes and timings only, never data values.
 """
@@ -32,11 +35,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from protocols.crypto.arbiter import SetupTag
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
 from protocols.executor import LocalProcessExecutor
 from protocols.files import atomic_write
-from protocols.roles import PartyAddress
+from protocols.roles import PartyAddress, Role
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.grpc_channel import GrpcChannel
@@ -46,6 +50,10 @@ from psi.protocol import PsiMode, PsiOptions, PsiTag, read_hello, refuse, run_gu
 from psi.result import write_result
 from vfl.config import PartyConfig
 from vfl.data.ids import load_id_column
+from vfl.service.jobs import JobRunner, serve_arbiter
+from vfl.splitnn.interactive import SplitTag
+from vfl.splitnn.session import JobTag
+from vfl.splitnn.spec import DecTag
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ class AdminCommand(StrEnum):
     STATUS = "status"
     PING = "ping"
     PSI = "psi"
+    TRAIN = "train"
     SET_PEER_ADDRESS = "set_peer_address"
 
 
@@ -84,7 +93,7 @@ class PartyService:
                     f"names {identity.party}"
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tags = TagRegistry([ServiceTag, PsiTag])
+        tags = TagRegistry([ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag])
         self.channel = GrpcChannel(
             me=config.party,
             identity=identity,
@@ -105,6 +114,11 @@ class PartyService:
         self._received: dict[str, int] = {}
         self._stopped = threading.Event()
         self._closing = threading.Event()
+        if config.party.role is Role.ARBITER:
+            serve_arbiter(config, self.channel, self.executor())
+        self.jobs = JobRunner(
+            config=config, channel=self.channel, executor=self.executor(), run_psi=self._admin_psi
+        )
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -321,6 +335,8 @@ class PartyService:
             return self._status()
         if cmd is AdminCommand.PSI:
             return self._admin_psi(data)
+        if cmd is AdminCommand.TRAIN:
+            return self.jobs.submit(data)
         if cmd is AdminCommand.SET_PEER_ADDRESS:
             peer_cfg = self.config.peer(str(data.get("peer", "")))
             address = str(data.get("address", ""))
@@ -366,6 +382,7 @@ class PartyService:
                 alias: {"path": str(path), "exists": path.is_file()}
                 for alias, path in self.config.data.items()
             },
+            "jobs": self.jobs.status(),
         }
 
 

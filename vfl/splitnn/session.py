@@ -46,7 +46,7 @@ from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
+from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor
 from protocols.files import atomic_write
 from protocols.roles import Party
@@ -329,6 +329,7 @@ class GuestSession(_Common):
         timeout: float = 600.0,
         allow_test_key: bool = False,
         progress: Callable[[Progress], None] | None = None,
+        host_request: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -343,6 +344,7 @@ class GuestSession(_Common):
             raise ConfigError("the guest's table has no label column")
         self.job, self.table, self.splits = job, table, splits
         self.impute, self.w0_seed, self.pool_target = impute, w0_seed, pool_target
+        self.host_request = dict(host_request or {})
         self.order_seed = order_seed or secrets.token_bytes(32)
         self.progress = progress or _log_progress()
         self.job_dir = state_dir / "jobs" / job.job_id
@@ -382,7 +384,12 @@ class GuestSession(_Common):
         state = self._load_progress()
         self.order_seed = bytes.fromhex(state["order_seed"])
         mine = ckpt.available_steps(self.ckpt_dir)
-        start = dict(job.host_part(), checkpoints=mine, eval_step=state["eval_step"])
+        start = dict(
+            job.host_part(),
+            request=self.host_request,
+            checkpoints=mine,
+            eval_step=state["eval_step"],
+        )
         self.send(job.job_id, self.peer, JobTag.JOB_START, 0, ControlBlock.from_obj(start))  # J2
         self.send(
             job.job_id, self.peer, JobTag.FIT_ROWS, 0, IndexBlock.from_indices(self.splits.train)
@@ -599,8 +606,9 @@ class GuestSession(_Common):
 class HostSession(_Common):
     """H's side of a job: follows the guest's J2-J7.
 
-    ``table_for(job_start)`` returns H's rows in the PSI order for the job (from its own
-    data alias and PSI result); ``seed`` seeds H's own initialisation (None: OS CSPRNG).
+    ``table_for(request)`` returns H's rows in the PSI order for the job (from its own data
+    alias and PSI result named in the guest's request; a :class:`VflError` refuses the job);
+    ``seed`` seeds H's own initialisation (None: OS CSPRNG).
     """
 
     def __init__(
@@ -648,8 +656,13 @@ class HostSession(_Common):
         env = self.recv(job.job_id, self.peer, JobTag.FIT_ROWS)
         if not isinstance(env.body, IndexBlock):
             raise ProtocolError("FIT_ROWS carries no row indices")
-        table = self.table_for(body)
-        x = Preprocessor.fit(table, env.body.indices(), impute=self.impute).transform(table)
+        try:
+            table = self.table_for(dict(body.get("request", {})))
+            x = Preprocessor.fit(table, env.body.indices(), impute=self.impute).transform(table)
+        except VflError as exc:
+            refusal = ControlBlock.from_obj({"refused": str(exc)[:500]})
+            self.send(job.job_id, self.peer, JobTag.JOB_ACCEPT, 0, refusal)
+            raise
         key = self.public_key(job.job_id)  # J1
         spec = job.spec(key, guest=self.peer.party_id, host=self.channel.me.party_id)
         self.send(

@@ -1,0 +1,197 @@
+"""A split-NN training job as the guest's operator writes it (TOML).
+
+Example (every key but the data aliases is optional)::
+
+    [job]
+    id = "credit-2026-12"        # default: a fresh id
+    guest_data = "credit"        # the guest's own data alias ([data] of its party config)
+    host_data = "credit"         # the host's alias; the host refuses aliases it lacks
+    id_column = "id"
+    label_column = "y"
+    psi_job = ""                 # an earlier PSI's job id; empty: run PSI first
+    test_fraction = 0.2          # stratified hold-out, untouched until the end
+    validation_fraction = 0.1    # of the training rows, for early stopping
+    split_seed = 0
+    mode = "p1"                  # p1 (packed, default) or p0 (reference)
+    batch = 256
+    batch_eval = 1024
+    epochs = 12
+    patience = 3
+    plaintext = false            # experiments only: also needs --plaintext on the command line
+    impute = "error"             # or "mean" / "median"
+
+    [model]                      # TrainConfig: d, k, widths, optimizer, learning rates ...
+    d = 8
+    k = 8
+
+    [protect]                    # label protection of the host-bound gradient (§4.7)
+    mode = "max_norm"
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from protocols.errors import ConfigError, InsecureConfigError
+from vfl.data.tables import ImputePolicy
+from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.session import SplitJob
+from vfl.splitnn.spec import SplitMode
+from vfl.splitnn.training import TrainConfig
+
+_JOB_KEYS = {
+    "id",
+    "guest_data",
+    "host_data",
+    "id_column",
+    "label_column",
+    "psi_job",
+    "test_fraction",
+    "validation_fraction",
+    "split_seed",
+    "mode",
+    "batch",
+    "batch_eval",
+    "epochs",
+    "patience",
+    "plaintext",
+    "impute",
+}
+
+
+@dataclass(frozen=True)
+class TrainJobFile:
+    """A parsed job file: the protocol job plus where each party's data comes from."""
+
+    job: SplitJob
+    guest_data: str
+    host_data: str
+    id_column: str = "id"
+    label_column: str = "y"
+    psi_job: str = ""
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    impute: ImputePolicy = ImputePolicy.ERROR
+
+    def to_json(self) -> dict[str, Any]:
+        """The admin request that carries this job to the guest's service."""
+        return {
+            "job": {
+                "id": self.job.job_id,
+                "guest_data": self.guest_data,
+                "host_data": self.host_data,
+                "id_column": self.id_column,
+                "label_column": self.label_column,
+                "psi_job": self.psi_job,
+                "test_fraction": self.test_fraction,
+                "validation_fraction": self.validation_fraction,
+                "split_seed": self.split_seed,
+                "mode": self.job.mode.value,
+                "batch": self.job.batch,
+                "batch_eval": self.job.batch_eval,
+                "epochs": self.job.epochs,
+                "patience": self.job.patience,
+                "plaintext": not self.job.encrypted,
+                "impute": self.impute.value,
+            },
+            "model": {
+                f.name: (
+                    list(getattr(self.job.train, f.name))
+                    if isinstance(getattr(self.job.train, f.name), tuple)
+                    else getattr(self.job.train, f.name)
+                )
+                for f in fields(TrainConfig)
+                if f.name != "protect"
+            },
+            "protect": {
+                f.name: (
+                    getattr(self.job.train.protect, f.name).value
+                    if f.name == "mode"
+                    else getattr(self.job.train.protect, f.name)
+                )
+                for f in fields(ProtectConfig)
+            },
+        }
+
+
+def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
+    """Read and validate a job file, naming the file and key of any problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_job(raw, source=str(path), allow_plaintext=allow_plaintext)
+
+
+def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False) -> TrainJobFile:
+    """Validate a job given as a dict (the TOML file, or an admin request)."""
+    unknown = set(raw) - {"job", "model", "protect"}
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {sorted(unknown)}; use job, model, protect"
+        )
+    job = dict(raw.get("job", {}))
+    bad = set(job) - _JOB_KEYS
+    if bad:
+        raise ConfigError(f"{source}: [job] has unknown key(s) {sorted(bad)}")
+    for key in ("guest_data", "host_data"):
+        if not isinstance(job.get(key), str) or not job[key]:
+            raise ConfigError(f"{source}: [job] {key} must name a data alias")
+    model = dict(raw.get("model", {}))
+    names = {f.name for f in fields(TrainConfig)} - {"protect"}
+    bad = set(model) - names
+    if bad:
+        raise ConfigError(
+            f"{source}: [model] has unknown key(s) {sorted(bad)}; known: {sorted(names)}"
+        )
+    for key in ("guest_widths", "host_widths", "top_widths"):
+        if key in model:
+            model[key] = tuple(int(w) for w in model[key])
+    protect_raw = dict(raw.get("protect", {}))
+    pnames = {f.name for f in fields(ProtectConfig)}
+    bad = set(protect_raw) - pnames
+    if bad:
+        raise ConfigError(f"{source}: [protect] has unknown key(s) {sorted(bad)}")
+    plaintext = bool(job.get("plaintext", False))
+    if plaintext and not allow_plaintext:
+        raise InsecureConfigError(
+            f"{source}: plaintext = true sends everything unencrypted; pass --plaintext "
+            "(experiments only) or remove it"
+        )
+    try:
+        if "mode" in protect_raw:
+            protect_raw["mode"] = ProtectMode(protect_raw["mode"])
+        train = TrainConfig(**model, protect=ProtectConfig(**protect_raw))
+        split_job = SplitJob(
+            job_id=str(job.get("id") or f"split-{uuid.uuid4().hex[:12]}"),
+            train=train,
+            mode=SplitMode(job.get("mode", "p1")),
+            batch=int(job.get("batch", 256)),
+            batch_eval=int(job.get("batch_eval", 1024)),
+            epochs=int(job.get("epochs", 12)),
+            patience=int(job.get("patience", 3)),
+            encrypted=not plaintext,
+        )
+        return TrainJobFile(
+            job=split_job,
+            guest_data=job["guest_data"],
+            host_data=job["host_data"],
+            id_column=str(job.get("id_column", "id")),
+            label_column=str(job.get("label_column", "y")),
+            psi_job=str(job.get("psi_job", "")),
+            test_fraction=float(job.get("test_fraction", 0.2)),
+            validation_fraction=float(job.get("validation_fraction", 0.1)),
+            split_seed=int(job.get("split_seed", 0)),
+            impute=ImputePolicy(job.get("impute", "error")),
+        )
+    except InsecureConfigError as exc:
+        raise InsecureConfigError(f"{source}: {exc}") from None
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
