@@ -211,10 +211,19 @@ class DecryptionPolicy:
             return {tag: n for (job, tag), n in self._counts.items() if job == job_id}
 
 
+_WORKER_KEYS: dict[int, PrivateKey] = {}
+
+
 def _decrypt_chunk(args: tuple[mpz, mpz, mpz, mpz, int, list[mpz]]) -> list[mpz]:
-    """Decrypt a slice of values in a worker process (the key stays on this machine)."""
+    """Decrypt a slice of values in a worker process (the key stays on this machine).
+
+    Each worker builds the key's CRT constants once and keeps them for later requests.
+    """
     p, q, n, h_s, bits, values = args
-    key = PrivateKey(public=PublicKey(n=n, h_s=h_s, bits=bits), p=p, q=q)
+    key = _WORKER_KEYS.get(int(n))
+    if key is None:
+        key = PrivateKey(public=PublicKey(n=n, h_s=h_s, bits=bits), p=p, q=q)
+        _WORKER_KEYS[int(n)] = key
     return [key.decrypt(c) for c in values]
 
 

@@ -365,30 +365,43 @@ def test_l7_update_tracking_is_no_better_than_the_direction_attack(mode: str, sh
     assert tracked <= direct + 0.05, (tracked, direct)
 
 
-def test_l7_the_attack_recovers_the_true_gradient_without_protection() -> None:
-    """With B ≤ d − k the host reads off the B2 gradient up to a k×k transform, exactly."""
+def tracked_gram_error(r: Run, k: int, *, projected: bool) -> float:
+    """Relative error of ``R_t R_tᵀ = η² Π δ_t (δ̃_{t+1}ᵀδ̃_{t+1}) δ_tᵀ Π``, summed over the steps.
+
+    That identity says the attack reads off ``Π δ_t`` up to a k×k transform (invertible when
+    δ̃_{t+1} has rank k): ``Π = I`` when ``B ≤ d − k``, else the projection onto the columns of
+    ``α_t P⊥`` (P⊥ from ``g_t``).
+    """
+    errors, sizes = 0.0, 0.0
+    recovered = track_updates(r.view, k)
+    assert len(recovered) > 0.8 * len(r.view.rows)  # steps with rank-deficient g_t are skipped
+    for t, basis in recovered.items():
+        delta = r.deltas[t]
+        if projected:
+            _, _, vt = np.linalg.svd(r.view.gradients[t], full_matrices=False)
+            a = r.view.embeddings[t] @ (np.eye(vt.shape[1]) - vt[:k].T @ vt[:k])
+            delta = a @ np.linalg.pinv(a, rcond=1e-10) @ delta
+        nxt = r.protected[t + 1]
+        expected = 0.01 * delta @ (nxt.T @ nxt) @ delta.T  # η_W = 0.1
+        errors += float(np.linalg.norm(basis @ basis.T - expected))
+        sizes += float(np.linalg.norm(expected))
+    return errors / sizes
+
+
+def test_l7_without_protection_the_attack_recovers_the_true_gradient() -> None:
+    """With B ≤ d − k the host reads off δ_t up to a k×k transform (up to fixed-point rounding)."""
     kw = SHAPES["B<=d-k"]
     r, y = run(NONE, **kw), dataset(0.2).y
-    recovered = track_updates(r.view, 4)
-    for t, basis in enumerate(recovered):
-        q, _ = np.linalg.qr(basis)
-        delta = r.deltas[t]
-        assert np.linalg.norm(delta - q @ (q.T @ delta)) < 1e-6 * np.linalg.norm(delta)
+    assert tracked_gram_error(r, 4, projected=False) < 1e-5
     assert update_tracking_attack(r.view, y, 4) > 0.9
 
 
 def test_l7_with_a_large_batch_the_attack_recovers_a_projection() -> None:
-    """With B > d − k it recovers exactly the projection of δ onto the columns of α_t P⊥."""
+    """With B > d − k it recovers exactly the projection of δ_t onto the columns of α_t P⊥
+    (which carries less label information: leak AUC about 0.6 here)."""
     r = run(NONE)
-    recovered = track_updates(r.view, 4)
-    for t in range(0, len(recovered), 10):
-        g = r.view.gradients[t]
-        _, _, vt = np.linalg.svd(g, full_matrices=False)
-        p_perp = np.eye(8) - vt[:4].T @ vt[:4]
-        a = r.view.embeddings[t] @ p_perp
-        projected = a @ np.linalg.pinv(a, rcond=1e-10) @ r.deltas[t]
-        q, _ = np.linalg.qr(recovered[t])
-        assert np.linalg.norm(projected - q @ (q.T @ projected)) < 1e-6 * np.linalg.norm(projected)
+    assert tracked_gram_error(r, 4, projected=True) < 1e-5
+    assert tracked_gram_error(r, 4, projected=False) > 0.1
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "marvell"])

@@ -46,7 +46,7 @@ from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import unpack_rows
 from protocols.crypto.paillier import PrivateKey, PublicKey
-from protocols.crypto.tensor import EncryptedTensor, encrypt
+from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, IndexBlock, PlainBlock
 from protocols.errors import (
     ConfigError,
@@ -944,7 +944,7 @@ def test_s7_host_view(
     * H's transcript: ciphertexts from G (``INIT_WG``, ``B1``, ``B2_1``), row indices
       (``BATCH``), ``STEP_ACK``, A's ``JOB_READY`` — and plaintext values only in A's
       ``G_BWD`` replies;
-    * ``g_h`` equals ``dec(δ̂·enc(W_t)ᵀ)`` bit for bit and float64 ``δ̃W_tᵀ`` within 1e-9;
+    * ``g_h`` equals ``dec(δ̂·enc(W_t)ᵀ)`` bit for bit and float64 ``δ̃W_tᵀ`` within 1e-7;
     * ``[[D̂]]`` decrypts (test key) to ``enc_{f_d}(η_W·δ̃)``;
     * no plaintext H received or unmasked equals an entry of ``enc(δ̃)``, ``D̂``, ``enc(y)``
       (at ``f_a``, ``f_d``, ``f_w``), any ``W^G_t`` or ``∇W_h`` (``âᵀδ̂``, ``âᵀD̂``).
@@ -978,7 +978,7 @@ def test_s7_host_view(
         d_hat = encode(run.deltas[t], scale=FP.f_d, bound=FP.delta_max)
         exact = decode(ring(d_hat.dot(run.weights(t).T), n), n, scale=FP.f_g, bound=FP.g_bound(k))
         assert np.array_equal(run.g[t], exact), f"g_h of step {t}"
-        assert np.abs(run.g[t] - run.deltas[t] @ float_weights(run, t).T).max() < 1e-9
+        assert np.abs(run.g[t] - run.deltas[t] @ float_weights(run, t).T).max() < 1e-7
         big_d = encode(run.eta * run.deltas[t], scale=FP.f_d, bound=FP.delta_max)
         (b21,) = run.trio.book.envelopes("retailer", tags={SplitTag.B2_1.value}, step=t)
         assert (decrypt_block(b21, run, sk, k) == big_d).all(), f"D̂ of step {t}"
@@ -1038,10 +1038,426 @@ def test_s8_share_hygiene(
         enc_wg = EncryptedTensor(cipher=cipher, values=run.enc_wg[t], scale=FP.f_w)
         e_dec = [int(sk.decrypt(c)) for c in enc_e.values.reshape(-1)]
         wg_dec = [int(sk.decrypt(c)) for c in enc_wg.values.reshape(-1)]
-        e_t, wg_t = run.e[t], run.wg[t]
-        assert unpacked(run, e_dec, enc_e.shape, run.spec.d) == flat_ints([e_t.T]) or (
-            mode is SplitMode.P0 and e_dec == flat_ints([e_t.T])
+        if mode is SplitMode.P0:  # [[E]] at G holds Eᵀ, [[W^G]] at H holds W^G, as residues
+            assert e_dec == flat_ints([run.e[t].T]) and wg_dec == flat_ints([run.wg[t]])
+        else:  # column-packed Eᵀ and row-packed W^G
+            assert unpacked(run, e_dec, enc_e.shape, run.spec.d) == flat_ints([run.e[t].T])
+            assert unpacked(run, wg_dec, enc_wg.shape, run.spec.k) == flat_ints([run.wg[t]])
+
+
+# ---------------------------------------------------------------------------------------------
+# S9 — joint initialisation
+
+
+def no_step(*_: Any) -> np.ndarray:
+    """For runs without training steps."""
+    raise AssertionError("no training step expected")
+
+
+@pytest.mark.parametrize("mode", [SplitMode.P0, SplitMode.P1])
+def test_s9_joint_init_hides_w0_from_both_parties(
+    mode: SplitMode, pk: PublicKey, sk: PrivateKey
+) -> None:
+    """S9: neither party's state gives ``W_0``; H's init message is masked.
+
+    d = k = 16 (N = 256 weights):
+
+    * ``M_init`` in G's transcript is uniform mod n (P0) / ``λ(M_init)/2^L ~ U(−½, ½)``
+      (P1), KS p > 0.01; control: ``enc(W_0^H)`` alone is not;
+    * the shares sum to ``enc(W_0^G) + enc(W_0^H)`` exactly (each component encoded alone);
+    * G's share differs from ``enc(W_0)`` in every entry and, like H's ``E_0``, is
+      uncorrelated with it (``|corr| < 4/√N``);
+    * each party's own component has correlation ``1/√2 ± 0.1`` with the ``W_0`` the
+      protocol holds (neither component alone is ``W_0``).
+    """
+    spec = job_spec(pk, mode, 2, 16, 16, "init")
+    run = run_split(pk, sk, spec, steps=0, alpha_fn=no_step, delta_fn=no_step, seed=9)
+    try:
+        n = run.n
+        (init_m,) = run.trio.book.envelopes("bank", tags={SplitTag.INIT_M.value})
+        m_init = plain_residues([init_m], pk.n_bytes)
+        assert len(m_init) == 256
+        w0_h = flat_ints([encode(run.w0_host, scale=FP.f_w, bound=FP.w_max)])
+        if mode is SplitMode.P0:
+            assert ks_pvalue([v / int(n) for v in m_init], uniform01) > 0.01
+            assert ks_pvalue([v % int(n) / int(n) for v in w0_h], uniform01) < 1e-6
+        else:
+            half = 1 << BIG_L
+            assert ks_pvalue([v / half for v in signed(m_init, n)], uniform_centred) > 0.01
+            assert ks_pvalue([v / half for v in w0_h], uniform_centred) < 1e-6
+
+        enc_w0 = encode(run.w0_guest, scale=FP.f_w, bound=FP.w_max) + encode(
+            run.w0_host, scale=FP.f_w, bound=FP.w_max
         )
-        assert unpacked(run, wg_dec, enc_wg.shape, run.spec.k) == flat_ints([wg_t]) or (
-            mode is SplitMode.P0 and wg_dec == flat_ints([wg_t])
+        assert (run.weights(0) == enc_w0).all()
+        w0 = flat_ints([enc_w0])
+        wg0 = flat_ints([run.wg[0]]) if mode is SplitMode.P1 else signed(flat_ints([run.wg[0]]), n)
+        e0 = flat_ints([run.e[0]]) if mode is SplitMode.P1 else signed(flat_ints([run.e[0]]), n)
+        assert all(a != b for a, b in zip(wg0, w0, strict=True))
+        for share in (wg0, e0):
+            assert abs(pearson(scaled(share), scaled(w0))) < corr_bound(len(w0))
+        for own in (run.w0_guest, run.w0_host):
+            assert abs(pearson(own.reshape(-1), scaled(w0)) - math.sqrt(0.5)) < 0.1
+    finally:
+        run.trio.close()
+
+
+def test_s9_arbiter_sampled_w0_init_messages_are_masked() -> None:
+    """S9, ``w0_init = arbiter``: G's and H's init messages from A are uniform / masked."""
+    pytest.skip(
+        reason="needs hook: w0_init = arbiter (§4.3) is not implemented — no arbiter-side "
+        "init handler in protocols/crypto/arbiter.py and no GuestLayer/HostLayer init that "
+        "receives W^G_0, [[E_0]] / E_0, [[enc(W_0) − E_0]] from A in vfl/splitnn/interactive.py"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# S10 — operation counts per step
+
+
+COUNT_CASES = [
+    (SplitMode.P0, (8, 4, 3)),
+    (SplitMode.P1, (8, 4, 3)),
+    (SplitMode.P0, (32, 16, 8)),
+    (SplitMode.P1, (32, 16, 8)),
+    (SplitMode.P1, (64, 33, 17)),
+]
+
+
+@pytest.mark.parametrize(("mode", "shape"), COUNT_CASES)
+def test_s10_instrumented_counts_equal_section_4_9(
+    mode: SplitMode, shape: tuple[int, int, int], pk: PublicKey, sk: PrivateKey
+) -> None:
+    """S10: one real step's instrumented counts equal ``JobSpec.step_counts()`` (§4.9).
+
+    Counted at the dispatch sites of the crypto layer (:mod:`protocols.crypto.counters`):
+    scalar multiplications, fresh encryptions, obfuscations, ``ρ`` values taken (also per
+    party, from each pool), the arbiter's decryptions and H's inversions; counted on the
+    wire (transcripts): ciphertexts H→G, G→H and to A, plaintexts from A; and A's audit log.
+    P0 at (64, 33, 17) is left out: one step takes about 8 s with the 1024-bit test key.
+    """
+    b, d, k = shape
+    spec = job_spec(pk, mode, b, d, k, "counts")
+
+    def alpha(t: int, rows: np.ndarray) -> np.ndarray:
+        return np.tanh(np.random.default_rng([b, d, k, t]).normal(size=(rows.size, d)))
+
+    def delta(t: int, rows: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return np.random.default_rng([k, t]).normal(0, 0.05, (rows.size, k))
+
+    run = run_split(pk, sk, spec, steps=1, alpha_fn=alpha, delta_fn=delta, seed=10)
+    try:
+        want = spec.step_counts()
+        assert run.counts_at_end - run.counts_after_init == OpCounts(
+            scalar_mults=want.scalar_mults,
+            fresh_encryptions=want.fresh_encryptions,
+            obfuscations=want.obfuscations,
+            obfuscators=want.obfuscators,
+            decryptions=want.decryptions,
+            inverses=want.inverses,
         )
+        kk, kd = spec.kappa_k, spec.kappa_d
+        rho_g = run.guest.pool.handed_out - run.rho_after_init[0]
+        rho_h = run.host.pool.handed_out - run.rho_after_init[1]
+        assert (rho_g, rho_h) == (b * kk + b * kd, k * kd + b * kk + d * kk)  # §4.9 by party
+
+        book = run.trio.book
+        assert cipher_count(book.envelopes("bank", tags=STEP_TAGS, sender="retailer")) == (
+            want.ciphertexts_host_to_guest
+        )
+        assert cipher_count(book.envelopes("retailer", tags=STEP_TAGS, sender="bank")) == (
+            want.ciphertexts_guest_to_host
+        )
+        assert cipher_count(book.envelopes("arbiter", tags=DEC_TAGS)) == want.ciphertexts_to_arbiter
+        replies = [
+            env
+            for party in ("bank", "retailer")
+            for env in book.envelopes(party, tags=DEC_TAGS, sender="arbiter")
+        ]
+        assert len(plain_residues(replies, pk.n_bytes)) == want.decryptions
+        assert run.trio.policy.counts(spec.job_id) == {
+            DecTag.Z_FWD.value: b * kk,
+            DecTag.G_BWD.value: b * kd,
+            DecTag.V_WUPD.value: d * kk,
+        }
+    finally:
+        run.trio.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# S11 — obfuscation
+
+
+def randomness(c: mpz, sk: PrivateKey) -> mpz:
+    """``ρ = r^n`` of a ciphertext, as the key holder can extract it: ``c·(1 − m·n) mod n²``."""
+    key = sk.public
+    return c * (1 - sk.decrypt(c) * key.n) % key.n2
+
+
+def products_rerandomised(
+    out: np.ndarray, scalars: np.ndarray, bases: np.ndarray, sk: PrivateKey
+) -> bool:
+    """Whether no ``out[b, c]`` has the randomness of ``⊕_i scalars[b, i] ⊙ bases[i, c]``.
+
+    A product that left a party without ``Obf`` keeps ``Π_i ρ(bases[i, c])^{scalars[b, i]}``
+    (a plaintext addend changes no randomness), which A could test.
+    """
+    n2 = sk.public.n2
+    rho_in = np.vectorize(lambda c: randomness(c, sk), otypes=[object])(bases)
+    return all(
+        randomness(out[b, c], sk)
+        != multi_exp(list(rho_in[:, c]), [int(x) for x in scalars[b, :]], n2)
+        for b in range(out.shape[0])
+        for c in range(out.shape[1])
+    )
+
+
+def cipher_values(env: Envelope, cipher: PaillierCipher) -> np.ndarray:
+    """The ciphertexts of a cipher block."""
+    assert isinstance(env.body, CipherBlock)
+    return EncryptedTensor.from_block(env.body, cipher=cipher, key_id=env.key_id).values
+
+
+def test_s11_evaluated_ciphertexts_are_rerandomised(
+    pk: PublicKey, sk: PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S11: every evaluated ciphertext leaves obfuscated; a re-run gives new ciphertexts.
+
+    Two P0 runs with the same inputs, shares and masks (so every plaintext is the same):
+
+    * every tensor sent in ``INIT_WG``, ``F1``, ``B1``, ``B2_2`` had ``obfuscated=True``;
+    * with the test key (what A could do): the randomness of each ``F1``, ``B1``, ``B2_2``
+      ciphertext is not the product of its inputs' randomness raised to the scalars;
+      control: an un-obfuscated product of the same inputs is caught;
+    * every ciphertext of the second run (G, H and A transcripts) differs from the first
+      run's at the same place, although it decrypts to the same value.
+    """
+    flags: dict[bytes, bool] = {}
+    to_block = EncryptedTensor.to_block
+
+    def recording(self: EncryptedTensor) -> CipherBlock:
+        block = to_block(self)
+        flags[block.data] = self.obfuscated
+        return block
+
+    monkeypatch.setattr(EncryptedTensor, "to_block", recording)
+    data = dataset(3, 2, real=True)
+    pair = [
+        run_split(
+            pk,
+            sk,
+            job_spec(pk, SplitMode.P0, 2, 3, 2, "obf"),
+            steps=2,
+            alpha_fn=data.alpha,
+            delta_fn=data.delta,
+            seed=21,
+        )
+        for _ in range(2)
+    ]
+    try:
+        first, second = pair
+        cipher = first.guest.cipher
+        for run in pair:
+            sent = [
+                env
+                for party in ("bank", "retailer")
+                for env in run.trio.book.envelopes(party, tags=EVALUATED_TAGS)
+            ]
+            assert len(sent) == 1 + 3 * run.steps
+            assert all(flags[env.payload] for env in sent)
+
+        book = first.trio.book
+        for t in range(first.steps):
+            a_hat = encode(first.alphas[t], scale=FP.f_a, bound=FP.a_max)
+            d_hat = encode(first.deltas[t], scale=FP.f_d, bound=FP.delta_max)
+            (f1,) = book.envelopes("bank", tags={SplitTag.F1.value}, step=t)
+            (b1,) = book.envelopes("retailer", tags={SplitTag.B1.value}, step=t)
+            (b21,) = book.envelopes("retailer", tags={SplitTag.B2_1.value}, step=t)
+            (b22,) = book.envelopes("bank", tags={SplitTag.B2_2.value}, step=t)
+            f1_v, b21_v = cipher_values(f1, cipher), cipher_values(b21, cipher)
+            assert products_rerandomised(f1_v, a_hat, first.enc_wg[t], sk)
+            assert products_rerandomised(cipher_values(b1, cipher), d_hat, first.enc_e[t], sk)
+            assert products_rerandomised(cipher_values(b22, cipher), a_hat.T, b21_v, sk)
+        bare = plain_matmul(
+            encode(first.alphas[0], scale=FP.f_a, bound=FP.a_max),
+            EncryptedTensor(cipher=cipher, values=first.enc_wg[0], scale=FP.f_w),
+            executor=InlineExecutor(),
+            scale=FP.f_z,
+        ).add_plain(np.ones((2, 2), dtype=object))
+        assert not products_rerandomised(
+            bare.values, encode(first.alphas[0], scale=FP.f_a, bound=FP.a_max), first.enc_wg[0], sk
+        )  # control: a product sent without Obf is recognisable
+
+        compared = 0
+        for party in ("bank", "retailer", "arbiter"):
+            one = {
+                (e.tag, e.step): e
+                for e in first.trio.book.envelopes(party)
+                if isinstance(e.body, CipherBlock)
+            }
+            two = {
+                (e.tag, e.step): e
+                for e in second.trio.book.envelopes(party)
+                if isinstance(e.body, CipherBlock)
+            }
+            assert one.keys() == two.keys()
+            for key, env in one.items():
+                c1, c2 = cipher_values(env, cipher).reshape(-1), cipher_values(two[key], cipher).reshape(-1)
+                assert all(x != y for x, y in zip(c1, c2, strict=True)), key
+                assert [sk.decrypt(x) for x in c1] == [sk.decrypt(y) for y in c2], key
+                compared += c1.size
+        assert compared == 2 * 6 + first.steps * (4 + 6 + 4 + 6 + 6 + 4 + 6 + 6)
+    finally:
+        for run in pair:
+            run.trio.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# S12 — bounds and robustness
+
+
+def initialised(pk: PublicKey, sk: PrivateKey, mode: SplitMode, name: str) -> SplitRun:
+    """A B = d = k = 2 job after the joint initialisation, channels open."""
+    spec = job_spec(pk, mode, 2, 2, 2, name)
+    return run_split(pk, sk, spec, steps=0, alpha_fn=no_step, delta_fn=no_step, seed=12)
+
+
+def one_step(
+    run: SplitRun, alpha: np.ndarray, delta: np.ndarray, eta: float = 0.1
+) -> tuple[BaseException | None, BaseException | None]:
+    """Step 0 of an initialised run with fixed ``α`` and ``δ̃``; each side's exception."""
+    guest, host, rows = run.guest, run.host, np.arange(run.spec.batch)
+
+    def guest_side() -> None:
+        guest.step(0, rows, lambda z: delta, eta)
+        guest.ack(0)
+
+    def host_side() -> None:
+        host.step(0, host.rows_of(host.recv(SplitTag.BATCH, 0), run.spec.batch), lambda r: alpha)
+        host.wait_ack(0)
+
+    with seeded(run.hook.seed + 1):
+        return two_party(run.trio, guest_side, host_side)
+
+
+def test_s12_host_embedding_above_a_max_fails_before_encryption(
+    pk: PublicKey, sk: PrivateKey
+) -> None:
+    """S12: ``|α| > A_max`` raises at H before anything is multiplied, encrypted or sent."""
+    run = initialised(pk, sk, SplitMode.P0, "amax")
+    try:
+        before, sent = snapshot(), len(run.trio.book.of("bank"))
+        alpha = np.array([[0.5, -FP.a_max - 0.5], [0.1, 0.2]])
+        with pytest.raises(EncodingBoundError, match="exceeds its bound"):
+            run.host.step(0, np.arange(2), lambda rows: alpha)
+        assert snapshot() == before  # no product, encryption, obfuscation or ρ
+        assert len(run.trio.book.of("bank")) == sent  # and no F1
+        # control: the same step with |α| = A_max runs to the end
+        assert one_step(run, np.clip(alpha, -FP.a_max, FP.a_max), np.full((2, 2), 0.1)) == (
+            None,
+            None,
+        )
+    finally:
+        run.trio.close()
+
+
+def test_s12_gaussian_protection_is_clipped_and_never_aborts(pk: PublicKey, sk: PrivateKey) -> None:
+    """S12: δ̃ with Gaussian noise far above ``Δ_max`` is clipped to ``±Δ_max``; no abort.
+
+    Noise of σ = 50 makes most entries hit the clip; with ``η_W = 1`` (the largest allowed)
+    ``D̂`` sits exactly at the bound of §2.2, and three steps complete.
+    """
+    config = ProtectConfig(mode=ProtectMode.GAUSSIAN, clip_norm=1.0, noise_multiplier=50.0)
+    rng = np.random.default_rng(12)
+    data = dataset(2, 2, real=True)
+
+    def noisy(t: int, rows: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return protect(data.delta(t, rows, z), config, rng=rng)
+
+    spec = job_spec(pk, SplitMode.P0, 4, 2, 2, "gauss")
+    run = run_split(pk, sk, spec, steps=3, alpha_fn=data.alpha, delta_fn=noisy, eta=1.0, seed=4)
+    try:
+        deltas = np.stack(run.deltas)
+        assert np.abs(deltas).max() == FP.delta_max  # clipped, and the clip was active
+        for t in range(run.steps):
+            (b21,) = run.trio.book.envelopes("retailer", tags={SplitTag.B2_1.value}, step=t)
+            sent = decrypt_block(b21, run, sk, spec.k)
+            assert max(abs(int(v)) for v in sent.reshape(-1)) <= int(FP.delta_max) << FP.f_d
+    finally:
+        run.trio.close()
+
+
+def test_s12_eta_above_one_is_a_config_error() -> None:
+    """S12: ``η_W > 1`` (or ``<= 0``) is refused by the configuration; ``η_W = 1`` is allowed."""
+    with pytest.raises(ConfigError, match="eta_w"):
+        TrainConfig(eta_w=1.5)
+    with pytest.raises(ConfigError, match="eta_w"):
+        TrainConfig(eta_w=0.0)
+    assert TrainConfig(eta_w=1.0).eta_w == 1.0
+
+
+BIG_W = 1e4  # far above W_max = 128
+
+
+@pytest.mark.parametrize(
+    ("mode", "quantity"),
+    [
+        (SplitMode.P0, "z_h"),
+        (SplitMode.P0, "g_h"),
+        (SplitMode.P1, "z_h"),
+        (SplitMode.P1, "g_h"),
+        (SplitMode.P1, "V"),
+    ],
+)
+def test_s12_decoded_value_out_of_range_aborts(
+    mode: SplitMode, quantity: str, pk: PublicKey, sk: PrivateKey
+) -> None:
+    """S12: a decoded value outside its §2.2 range aborts the party that decodes it.
+
+    The invariant is broken on purpose after the initialisation: H's ``E`` (used in F1)
+    or G's ``W^G`` (used in B1) is shifted by ``enc(10⁴) > enc(W_max)``, or (P1) H's ``E``
+    is set near ``1.5·2^L`` so ``V̂`` leaves ``|V̂| < 2^L + B·2^{b_a+b_d}`` but stays inside
+    its slot. ``z_h`` aborts G before B1, ``g_h`` aborts H before B2-2, ``V̂`` aborts G before
+    it updates ``W^G`` or acknowledges the step.
+    """
+    run = initialised(pk, sk, mode, f"range-{quantity}")
+    shift = encode(np.full((2, 2), BIG_W), scale=FP.f_w, bound=BIG_W)
+    alpha, delta = np.full((2, 2), 1.0), np.full((2, 2), 1.0)
+    if quantity == "z_h":
+        run.host.e = run.host.reduce(run.host.e + shift)
+    elif quantity == "g_h":
+        run.guest.wg = run.guest.reduce(run.guest.wg + shift)
+    else:
+        run.host.e = np.full((2, 2), (1 << BIG_L) + (1 << (BIG_L - 1)) - (1 << 120), dtype=object)
+        alpha = np.zeros((2, 2))  # keeps Ẑ = â·(W^G + E) = 0 in range
+    wg_before = run.guest.wg.copy()
+    guest_err, host_err = one_step(run, alpha, delta)
+    book = run.trio.book
+    if quantity == "g_h":
+        assert type(host_err) is DecodingOverflowError, host_err
+        assert isinstance(guest_err, TransportError | TimeoutError)
+        assert not book.envelopes("bank", tags={SplitTag.B2_2.value})
+    else:
+        assert isinstance(host_err, TransportError | TimeoutError)
+        if quantity == "z_h":
+            assert type(guest_err) is DecodingOverflowError, guest_err
+            assert not book.envelopes("retailer", tags={SplitTag.B1.value})
+        else:
+            assert type(guest_err) is ProtocolError and "V_WUPD" in str(guest_err), guest_err
+            assert not book.envelopes("retailer", tags={SplitTag.STEP_ACK.value})
+            assert (run.guest.wg == wg_before).all()
+
+
+def test_s12_p0_weight_update_share_is_never_range_checked(
+    runs: dict[tuple[SplitMode, bool], SplitRun],
+) -> None:
+    """S12: P0's ``V̂`` is a raw residue: G accepted values far outside any §2.2 bound.
+
+    Every ``λ(V̂)`` G applied exceeds ``2^{b_a+b_d+⌈log2 B⌉}`` (the bound of ``âᵀD̂``) and
+    most are of the size of n, yet every step completed.
+    """
+    run = runs[(SplitMode.P0, True)]
+    values = signed(flat_ints([run.v_hat(t) for t in range(run.steps)]), run.n)
+    assert len(run.wg) == run.steps + 1  # all steps completed
+    assert min(abs(v) for v in values).bit_length() > 28 + 36 + 2
+    assert max(abs(v) for v in values).bit_length() >= int(run.n).bit_length() - 2

@@ -179,8 +179,8 @@ def direction_attack(view: HostView, labels: np.ndarray) -> float:
     return leak_auc(scores, truth)
 
 
-def track_updates(view: HostView, k: int, *, rcond: float = 1e-10) -> list[np.ndarray]:
-    """The host's estimate of the B2 gradient ``D_t`` of every step but the last (§4.7).
+def track_updates(view: HostView, k: int, *, rcond: float = 1e-9) -> dict[int, np.ndarray]:
+    """The host's estimate of the B2 gradient ``D_t`` of every usable step (§4.7).
 
     Parameters
     ----------
@@ -189,28 +189,31 @@ def track_updates(view: HostView, k: int, *, rcond: float = 1e-10) -> list[np.nd
     k
         The interactive width (public, in the ``JOB_SPEC``).
     rcond
-        Relative cut-off for the pseudo-inverse of ``α_t P⊥``.
+        Relative cut-off for the numerical ranks of ``g_t`` and ``α_t P⊥``.
 
     Returns
     -------
-    list of numpy.ndarray
-        For each step t < T − 1 a B×k matrix ``R_t`` whose columns span the recovered column
-        space of ``D_t``: ``R_t = D_t·X`` for some k×k ``X`` when ``B ≤ d − k`` (exact), else
-        the same for ``D_t`` projected onto the column space of ``α_t P⊥``. The scale of
-        ``η_W`` is not needed: it only rescales ``R_t``.
+    dict of int to numpy.ndarray
+        For each step t < T − 1 whose ``g_t`` has rank k (so that it spans the column space of
+        ``W_t``; the host can see this) and whose ``g_{t+1}`` is not zero, a B×k matrix ``R_t``
+        with ``R_t R_tᵀ = η_W² Π D_t (δ̃_{t+1}ᵀδ̃_{t+1}) D_tᵀ Π``: the rows of ``Π D_t`` up to a
+        k×k transform, where ``Π = I`` when ``B ≤ d − k`` (exact recovery) and otherwise the
+        projection onto the column space of ``α_t P⊥``. ``η_W`` only rescales ``R_t``.
     """
-    out: list[np.ndarray] = []
+    out: dict[int, np.ndarray] = {}
     for t in range(len(view.gradients) - 1):
         g_t, g_next, alpha = view.gradients[t], view.gradients[t + 1], view.embeddings[t]
-        d = g_t.shape[1]
-        rank = min(k, *g_t.shape)
-        _, _, vt = np.linalg.svd(g_t, full_matrices=False)
-        q = vt[:rank].T  # d × rank: the column space of W_t
-        p_perp = np.eye(d) - q @ q.T
+        _, sv, vt = np.linalg.svd(g_t, full_matrices=False)
+        if sv.size < k or sv[0] == 0 or sv[k - 1] <= rcond * sv[0]:
+            continue  # g_t does not reveal the whole column space of W_t
+        q = vt[:k].T  # d × k: the column space of W_t
+        p_perp = np.eye(g_t.shape[1]) - q @ q.T
         a = alpha @ p_perp  # B × d, rank ≤ d − k
-        m_hat = -(g_next @ p_perp) @ np.linalg.pinv(a, rcond=rcond)  # ∝ δ̃_{t+1} D_tᵀ Π
+        m_hat = -(g_next @ p_perp) @ np.linalg.pinv(a, rcond=rcond)  # = η_W δ̃_{t+1} D_tᵀ Π
+        if not np.any(m_hat):
+            continue
         u, s, _ = np.linalg.svd(m_hat.T, full_matrices=False)
-        out.append(u[:, :k] * s[:k])
+        out[t] = u[:, :k] * s[:k]
     return out
 
 
@@ -236,7 +239,9 @@ def update_tracking_attack(view: HostView, labels: np.ndarray, k: int) -> float:
         ``max(AUC, 1 − AUC)`` of the better of the two scorings.
     """
     recovered = track_updates(view, k)
-    batch_labels = _labels_of(view, labels)[: len(recovered)]
-    by_norm = leak_auc(norm_scores(recovered), np.concatenate(batch_labels))
-    by_direction = leak_auc(*direction_scores(recovered, batch_labels))
+    steps = sorted(recovered)
+    batches = [recovered[t] for t in steps]
+    batch_labels = [np.asarray(labels)[view.rows[t]] for t in steps]
+    by_norm = leak_auc(norm_scores(batches), np.concatenate(batch_labels))
+    by_direction = leak_auc(*direction_scores(batches, batch_labels))
     return max(by_norm, by_direction)

@@ -406,7 +406,6 @@ class GuestSession(_Common):
         assert self.table.labels is not None
         cipher = self.cipher(key, encrypted=job.encrypted)
         pool = ObfuscatorPool(key, executor=self.executor)
-        pool.keep_filled(self.pool_target)
         layer = GuestLayer(
             channel=self.channel,
             peer=self.peer,
@@ -438,6 +437,7 @@ class GuestSession(_Common):
                 step = t
                 logger.info("job %s resumed at step %d (run %s)", job.job_id, t, self.run_id)
             setup_s = time.monotonic() - started
+            pool.keep_filled(self.pool_target)  # generated while waiting, from here on
             result = self._train(layer, trainer, state, step, setup_s)
         finally:
             pool.close()
@@ -674,7 +674,6 @@ class HostSession(_Common):
         )
         self.register(spec)  # J3
         pool = ObfuscatorPool(key, executor=self.executor)
-        pool.keep_filled(self.pool_target)
         layer = HostLayer(
             channel=self.channel,
             peer=self.peer,
@@ -700,6 +699,7 @@ class HostSession(_Common):
                 self.resume_at_arbiter(job.job_id, t, eval_step)
                 trainer.restore(ckpt.load(ckpt_dir, t))
                 step = t
+            pool.keep_filled(self.pool_target)
             self._serve(job, layer, trainer, ckpt_dir, step)
         finally:
             pool.close()
