@@ -7,9 +7,10 @@ still counted here):
 1. ``scalar_mults``: small-scalar products ``k ⊙ c`` of :func:`protocols.crypto.tensor.plain_matmul`
    (``m·r·q`` for an ``m×r`` plaintext times an ``r×q`` ciphertext matrix);
 2. ``fresh_encryptions``: values encrypted by :func:`protocols.crypto.tensor.encrypt`;
-3. ``obfuscations``: values re-randomised by :meth:`~protocols.crypto.tensor.EncryptedTensor.obfuscate`;
-4. ``obfuscators``: ``ρ`` values handed out by :meth:`~protocols.crypto.obfuscators.ObfuscatorPool.take`
-   (fresh encryptions + obfuscations);
+3. ``obfuscations``: values re-randomised by
+   :meth:`~protocols.crypto.tensor.EncryptedTensor.obfuscate`;
+4. ``obfuscators``: ``ρ`` values handed out by
+   :meth:`~protocols.crypto.obfuscators.ObfuscatorPool.take` (fresh encryptions + obfuscations);
 5. ``decryptions``: values the arbiter's service decrypts (a request answered from its
    reply cache costs none);
 6. ``inverses``: ciphertext inversions of :meth:`~protocols.crypto.tensor.EncryptedTensor.sub`.

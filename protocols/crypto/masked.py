@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -42,6 +43,18 @@ def sample_masks(
     return [mpz(randbelow(bound)) for _ in range(count)]
 
 
+@dataclass(frozen=True)
+class PendingDecryption:
+    """A sent request: what :meth:`MaskedDecryptionClient.collect` needs to finish it."""
+
+    job_id: str
+    tag: str
+    step: int
+    run_id: str
+    shape: tuple[int, ...]
+    masks: np.ndarray
+
+
 class MaskedDecryptionClient:
     """Runs steps 1-3 of the module docstring over a channel."""
 
@@ -57,6 +70,12 @@ class MaskedDecryptionClient:
         self, tensor: EncryptedTensor, *, job_id: str, tag: Enum | str, step: int, run_id: str = ""
     ) -> np.ndarray:
         """Residues ``m = Dec(c)`` in ``[0, n)``, shaped like ``tensor`` (not yet decoded)."""
+        return self.collect(self.request(tensor, job_id=job_id, tag=tag, step=step, run_id=run_id))
+
+    def request(
+        self, tensor: EncryptedTensor, *, job_id: str, tag: Enum | str, step: int, run_id: str = ""
+    ) -> PendingDecryption:
+        """Step 1: send ``c ⊕ R``; the caller may work while A decrypts, then :meth:`collect`."""
         key = self._cipher.key
         masks = np.empty(tensor.values.shape, dtype=object)
         masks.reshape(-1)[:] = sample_masks(key.n, tensor.values.size)  # step 1
@@ -74,12 +93,20 @@ class MaskedDecryptionClient:
                 body=masked.to_block(),
             )
         )
+        return PendingDecryption(
+            job_id=job_id, tag=tag, step=step, run_id=run_id, shape=tensor.shape, masks=masks
+        )
+
+    def collect(self, pending: PendingDecryption) -> np.ndarray:
+        """Steps 2-3: wait for A's reply and remove the masks."""
+        key = self._cipher.key
+        step = pending.step
         reply = self._channel.recv(  # step 2
-            job_id=job_id,
+            job_id=pending.job_id,
             sender=self._arbiter,
-            tag=tag,
+            tag=pending.tag,
             step=step,
-            run_id=run_id,
+            run_id=pending.run_id,
             timeout=self._timeout,
         )
         if isinstance(reply.body, ControlBlock):
@@ -87,11 +114,11 @@ class MaskedDecryptionClient:
             raise PolicyViolationError(
                 f"the arbiter refused decryption {reply.tag} step {step}: {reason}"
             )
-        if not isinstance(reply.body, PlainBlock) or tuple(reply.body.shape) != tensor.shape:
+        if not isinstance(reply.body, PlainBlock) or tuple(reply.body.shape) != pending.shape:
             raise MalformedEnvelopeError(
                 f"decryption reply for {reply.tag} step {step} has the wrong shape"
             )
         key.check_key_id(reply.key_id)
-        y = np.empty(tensor.values.shape, dtype=object)
-        y.reshape(-1)[:] = key.residues_from_bytes(reply.body.data, count=tensor.values.size)
-        return unmask(y, masks, key.n)  # step 3
+        y = np.empty(pending.shape, dtype=object)
+        y.reshape(-1)[:] = key.residues_from_bytes(reply.body.data, count=pending.masks.size)
+        return unmask(y, pending.masks, key.n)  # step 3

@@ -194,26 +194,33 @@ def track_updates(view: HostView, k: int, *, rcond: float = 1e-9) -> dict[int, n
     Returns
     -------
     dict of int to numpy.ndarray
-        For each step t < T − 1 whose ``g_t`` has rank k (so that it spans the column space of
-        ``W_t``; the host can see this) and whose ``g_{t+1}`` is not zero, a B×k matrix ``R_t``
-        with ``R_t R_tᵀ = η_W² Π D_t (δ̃_{t+1}ᵀδ̃_{t+1}) D_tᵀ Π``: the rows of ``Π D_t`` up to a
-        k×k transform, where ``Π = I`` when ``B ≤ d − k`` (exact recovery) and otherwise the
-        projection onto the column space of ``α_t P⊥``. ``η_W`` only rescales ``R_t``.
+        For each step t < T − 1 with ``g_t ≠ 0`` and ``g_{t+1} ≠ 0``, a B×k matrix ``R_t``.
+        When ``g_t`` has rank k (it then spans the column space of ``W_t``),
+        ``R_t R_tᵀ = η_W² Π D_t (δ̃_{t+1}ᵀδ̃_{t+1}) D_tᵀ Π``: the rows of ``Π D_t`` up to a k×k
+        transform, where ``Π = I`` when ``B ≤ d − k`` (exact recovery) and otherwise the
+        projection onto the column space of ``α_t P⊥``. A lower rank (e.g. a unit of the
+        guest's ReLU that is dead for the whole batch) leaves part of ``W_t`` unseen; the
+        identity still holds when δ̃_{t+1} does not excite that part. ``η_W`` only rescales
+        ``R_t``.
     """
     out: dict[int, np.ndarray] = {}
     for t in range(len(view.gradients) - 1):
         g_t, g_next, alpha = view.gradients[t], view.gradients[t + 1], view.embeddings[t]
         _, sv, vt = np.linalg.svd(g_t, full_matrices=False)
-        if sv.size < k or sv[0] == 0 or sv[k - 1] <= rcond * sv[0]:
-            continue  # g_t does not reveal the whole column space of W_t
-        q = vt[:k].T  # d × k: the column space of W_t
+        rank = min(k, int(np.sum(sv > rcond * sv[0]))) if sv.size and sv[0] > 0 else 0
+        if rank == 0:
+            continue
+        q = vt[:rank].T  # d × rank: the column space of W_t (the part δ̃_t excites)
         p_perp = np.eye(g_t.shape[1]) - q @ q.T
         a = alpha @ p_perp  # B × d, rank ≤ d − k
-        m_hat = -(g_next @ p_perp) @ np.linalg.pinv(a, rcond=rcond)  # = η_W δ̃_{t+1} D_tᵀ Π
-        if not np.any(m_hat):
+        # M̂ = −g_{t+1}P⊥A⁺ = η_W δ̃_{t+1} D_tᵀ Π (B×B, rank ≤ k); its left factor (A⁺)ᵀ is B×d,
+        # so the SVD of M̂ᵀ = (A⁺)ᵀ(−P⊥g_{t+1}ᵀ) is taken through a thin QR of that factor.
+        q_a, r_a = np.linalg.qr(np.linalg.pinv(a, rcond=rcond).T)
+        small = r_a @ -(p_perp @ g_next.T)  # d × B
+        if not np.any(small):
             continue
-        u, s, _ = np.linalg.svd(m_hat.T, full_matrices=False)
-        out[t] = u[:, :k] * s[:k]
+        u, s, _ = np.linalg.svd(small, full_matrices=False)
+        out[t] = (q_a @ u[:, :k]) * s[:k]
     return out
 
 

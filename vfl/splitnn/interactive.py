@@ -40,7 +40,7 @@ import numpy as np
 
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring
-from protocols.crypto.masked import MaskedDecryptionClient
+from protocols.crypto.masked import MaskedDecryptionClient, PendingDecryption
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import pack_rows, unpack_rows
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
@@ -53,7 +53,7 @@ from protocols.envelope import (
     Packing,
     PlainBlock,
 )
-from protocols.errors import ProtocolError
+from protocols.errors import ConfigError, ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party
 from protocols.transport.base import Channel
@@ -182,9 +182,16 @@ class _Party:
         bound: float,
     ) -> np.ndarray:
         """Masked decryption, then decode (P0) or unpack every slot (P1)."""
-        residues = self.md.decrypt(
+        pending = self.md.request(
             tensor, job_id=self.spec.job_id, tag=tag, step=step, run_id=self.run_id
         )
+        return self.finish_reveal(pending, width=width, scale=scale, bound=bound)
+
+    def finish_reveal(
+        self, pending: PendingDecryption, *, width: int, scale: int, bound: float
+    ) -> np.ndarray:
+        """Collect a masked decryption sent earlier, then decode or unpack it."""
+        residues = self.md.collect(pending)
         if self.p1:
             ints = unpack_rows(
                 residues, self.n, slot_bits=self.spec.slot_bits, slots=self.spec.slots, width=width
@@ -219,6 +226,8 @@ class GuestLayer(_Party):
         self, step: int, rows: np.ndarray, delta_fn: Callable[[np.ndarray], np.ndarray], eta: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """S1-S6; ``delta_fn(z_h) -> δ̃`` is the guest's forward/backward on top."""
+        if not 0 < eta <= 1:
+            raise ConfigError(f"eta_w = {eta}: the shared weights need 0 < eta_w <= 1 (§2.2)")
         fp, k, d = self.fp, self.spec.k, self.spec.d
         self.send(SplitTag.BATCH, step, IndexBlock.from_indices(rows))  # S1
         z = self.reveal(
@@ -358,14 +367,13 @@ class HostLayer(_Party):
         alpha = alpha_fn(rows)
         a_hat, z = self._forward(alpha)
         self.send(SplitTag.F1, step, z.to_block())  # S2
-        g = self.reveal(
+        pending = self.md.request(
             self.recv_tensor(SplitTag.B1, step),
-            DecTag.G_BWD,
-            step,
-            width=d,
-            scale=fp.f_g,
-            bound=fp.g_bound(self.spec.k),
-        )  # S3
+            job_id=self.spec.job_id,
+            tag=DecTag.G_BWD,
+            step=step,
+            run_id=self.run_id,
+        )  # S3: A decrypts while H runs B2 (§4.4.1 order: B2-2, B2-3 before B1-3)
         enc_d = self.recv_tensor(SplitTag.B2_1, step)  # S4
         e_new = self.fresh_share(self.e.shape)
         v = plain_matmul(a_hat.T.copy(), enc_d, executor=self.executor, scale=fp.f_w)
@@ -374,6 +382,7 @@ class HostLayer(_Party):
         self.send(SplitTag.B2_3, step, self._encrypt_cols(e_new).to_block())
         self.enc_wg = self.enc_wg.sub(v)
         self.e = e_new
+        g = self.finish_reveal(pending, width=d, scale=fp.f_g, bound=fp.g_bound(self.spec.k))
         return alpha, g
 
     def wait_ack(self, step: int) -> None:
