@@ -14,6 +14,7 @@ into integers first). ``gmpy2`` does not speed up with threads, hence processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -103,10 +104,18 @@ class LocalProcessExecutor(Executor):
         How many consecutive fruitless pool failures are retried before giving up.
     start_method
         ``"forkserver"`` (default; safe beside gRPC's threads) or ``"spawn"``.
+    nice
+        Added to the workers' nice value: background work (e.g. filling obfuscator pools)
+        then only uses CPU time the protocol's critical path leaves idle.
     """
 
     def __init__(
-        self, *, workers: int | None = None, retries: int = 2, start_method: str = "forkserver"
+        self,
+        *,
+        workers: int | None = None,
+        retries: int = 2,
+        start_method: str = "forkserver",
+        nice: int = 0,
     ) -> None:
         self._workers = workers or os.cpu_count() or 1
         if self._workers < 1 or retries < 0:
@@ -116,6 +125,7 @@ class LocalProcessExecutor(Executor):
         if start_method == "forkserver":
             self._context.set_forkserver_preload(["gmpy2", "numpy", "protocols.crypto.paillier"])
         self._pool: ProcessPoolExecutor | None = None
+        self._nice = nice
 
     @property
     def workers(self) -> int:
@@ -123,7 +133,11 @@ class LocalProcessExecutor(Executor):
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=self._context)
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=self._context,
+                initializer=functools.partial(os.nice, self._nice) if self._nice else None,
+            )
         return self._pool
 
     def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:

@@ -82,6 +82,9 @@ def _generate_chunk(args: tuple[mpz, mpz, int, str, int]) -> list[mpz]:
     return generate(n, h_s, bits, ObfuscatorKind(kind), count)
 
 
+REFILL_CHUNK = 32
+
+
 class ObfuscatorPool:
     """A pool of single-use ``ρ`` values for one public key.
 
@@ -174,16 +177,20 @@ class ObfuscatorPool:
         self._wake.set()
 
     def _refill_loop(self) -> None:
+        """Top up in rounds of ``REFILL_CHUNK`` values per worker (≈ 40 ms each at 2048 bits),
+        so a protocol step's own work never queues behind a long generation task."""
         while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
             with self._lock:
                 deficit = self._target - len(self._values)
-            if deficit > 0 and not self._stop.is_set():
-                try:
-                    self.fill(deficit)
-                except Exception:  # keep the party alive; take() generates online instead
-                    logger.exception("background obfuscator generation failed")
+            if deficit <= 0:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.fill(min(deficit, REFILL_CHUNK * self._executor.workers))
+            except Exception:  # keep the party alive; take() generates online instead
+                logger.exception("background obfuscator generation failed")
+                self._stop.wait(1.0)
 
     def close(self) -> None:
         """Stop background generation."""
@@ -191,3 +198,17 @@ class ObfuscatorPool:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+class PlaintextPool(ObfuscatorPool):
+    """The pool of a plaintext experiment: ``ρ = 1``, nothing generated (nothing is hidden)."""
+
+    def fill(self, count: int) -> None:
+        """Nothing to generate."""
+
+    def take(self, count: int) -> list[mpz]:
+        """``count`` ones."""
+        return [mpz(1)] * count
+
+    def keep_filled(self, target: int) -> None:
+        """Nothing to keep."""

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, InsecureConfigError
 from protocols.roles import Role
 from vfl.config import load_config
+from vfl.splitnn.jobfile import load_job_file
 
 GOOD = """
 [party]
@@ -97,7 +98,35 @@ def test_unknown_peer_lists_known_ones(tmp_path: Path) -> None:
 
 def test_example_configs_load() -> None:
     folder = Path(__file__).resolve().parents[2] / "examples" / "three_parties"
-    configs = [load_config(p) for p in sorted(folder.glob("*.toml"))]
+    tomls = sorted(folder.glob("*.toml"))
+    configs = [load_config(p) for p in tomls if not p.name.endswith("_job.toml")]
     assert {c.party.party_id for c in configs} == {"arbiter", "bank", "retailer"}
     for c in configs:
         assert all(path.is_file() for path in c.data.values()), c.data
+    jobs = [load_job_file(p) for p in tomls if p.name.endswith("_job.toml")]
+    aliases = {c.party.party_id: set(c.data) for c in configs}
+    assert jobs and all(
+        j.guest_data in aliases["bank"] and j.host_data in aliases["retailer"] for j in jobs
+    )
+
+
+def test_job_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[job]\nguest_data = "credit"\nhost_data = "credit"\nbatchsize = 3\n')
+    with pytest.raises(
+        ConfigError, match=r"job.toml: \[job\] has unknown key\(s\) \['batchsize'\]"
+    ):
+        load_job_file(job)
+    job.write_text('[job]\nguest_data = "credit"\nhost_data = "credit"\n[model]\neta_w = 2.0\n')
+    with pytest.raises(ConfigError, match="job.toml: eta_w = 2.0"):
+        load_job_file(job)
+    job.write_text('[job]\nguest_data = "c"\nhost_data = "c"\nplaintext = true\n')
+    with pytest.raises(InsecureConfigError, match="--plaintext"):
+        load_job_file(job)
+    job.write_text('[job]\nguest_data = "c"\nhost_data = "c"\n[protect]\nmode = "none"\n')
+    with pytest.raises(InsecureConfigError, match="allow_label_leak"):
+        load_job_file(job)
+    job.write_text('[job]\nguest_data = "c"\nhost_data = "h"\nepochs = 3\n[model]\nd = 4\n')
+    parsed = load_job_file(job)
+    assert parsed.job.epochs == 3 and parsed.job.train.d == 4 and parsed.host_data == "h"
+    assert parsed.job.train.protect.mode.value == "marvell"  # a protecting default

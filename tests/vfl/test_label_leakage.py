@@ -109,7 +109,7 @@ class FloatLayer:
         return alpha, alpha @ self.w
 
     def backward(self, alpha: np.ndarray, b1: np.ndarray, b2: np.ndarray, eta: float) -> np.ndarray:
-        g = b1 @ self.w.T
+        g: np.ndarray = b1 @ self.w.T
         self.w = self.w - eta * alpha.T @ b2
         return g
 
@@ -252,7 +252,10 @@ def _run(
         torch.set_num_threads(threads)
 
 
-WARM = 50  # the attacker looks at the steps after the model has started to learn
+def windows(view: HostView) -> list[HostView]:
+    """The whole run and its halves (the attacker may look at any window of steps)."""
+    half = len(view.rows) // 2
+    return [view, view.window(0, half), view.window(half)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +265,7 @@ WARM = 50  # the attacker looks at the steps after the model has started to lear
 def test_l1_no_protection_leaks() -> None:
     r, y = run(NONE), dataset(0.05).y
     assert r.guest_auc > 0.8  # the model learns
-    late = r.view.window(WARM)
-    norm, direction = norm_attack(late, y), direction_attack(late, y)
+    norm, direction = norm_attack(r.view, y), direction_attack(r.view, y)
     assert norm > 0.9 and direction > 0.9, (norm, direction)  # documents the risk
 
 
@@ -272,12 +274,12 @@ def test_l1_no_protection_leaks() -> None:
 
 
 def test_l2_max_norm_on_the_protected_gradient() -> None:
-    """L2 as the spec states it, on δ̃ = max_norm(δ) for the δ of a training run with k = 8.
+    """L2 as the spec states it, on δ̃ = max_norm(δ), for the δ of a training run with k = 8.
 
-    At small k it does not hold even on δ̃: every row gets the largest norm only in expectation,
-    and the noise norms spread like χ²_k/k (k = 2: the median negative row has 0.69 of the
+    At small k it does not hold even on δ̃: every row gets the largest norm only in expectation
+    and the noise norms spread like χ²_k/k (k = 2: the median negative row ends at 0.69 of the
     positive's squared norm; measured 0.60-0.63)."""
-    r, y = run(MARVELL, k=8), dataset(0.05).y  # any run: δ̃ = max_norm(δ) depends on δ only
+    r, y = run(MARVELL, k=8), dataset(0.05).y  # any run: max_norm(δ) depends on δ only
     rng = np.random.default_rng(2)
     tilde = [protect(delta, MAX_NORM, rng=rng) for delta in r.deltas]
     labels = np.concatenate([y[rows] for rows in r.view.rows])
@@ -287,25 +289,27 @@ def test_l2_max_norm_on_the_protected_gradient() -> None:
 
 def test_l2_max_norm_does_not_protect_what_the_host_sees() -> None:
     """Documents the g_h figure: H sees g_h = δ̃W_tᵀ and W_tᵀW_t is not ∝ I, so the label-aligned
-    signal and the isotropic noise of δ̃ are weighted differently and the norms differ again."""
+    signal and the isotropic noise of δ̃ are weighted differently and the norms differ again
+    (over 5 seeds × k ∈ {2, 4, 8}: 0.50-0.81)."""
     r, y = run(MAX_NORM, k=4), dataset(0.05).y
-    late = r.view.window(WARM)
-    assert norm_attack(late, y) > 0.6
-    assert direction_attack(late, y) > 0.8  # max_norm never claimed to stop this one
+    assert norm_attack(r.view, y) > 0.65
+    assert direction_attack(r.view, y) > 0.9  # max_norm never claimed to stop this one
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
-def test_l2_marvell_protects_what_the_host_sees(k: int) -> None:
-    """Marvell (s = 4) bounds the symmetrised KL of the classes' δ̃ by J ≈ 1/s, and g_h is a
-    linear image of δ̃, so no attack on g_h beats Φ(√(J/2)) ≈ 0.64 for Gaussian classes. The
-    norm and direction attacks stay below 0.6 once the model learns; in the first steps, when
-    p ≈ ½ for every row, they come closer to that bound (0.61-0.64 on some seeds)."""
+def test_l2_l3_marvell_protects_what_the_host_sees(k: int) -> None:
+    """L2 on g_h, with Marvell (s = 4): the norm attack stays below 0.6 over the run.
+
+    L3's target: Marvell makes the symmetrised KL of the classes' δ̃ J ≈ 1/s, and g_h is a
+    linear image of δ̃, so for Gaussian classes no attack on g_h beats Φ(√(J/2)) ≈ 0.64 at
+    s = 4; the norm and the direction attack stay below it on every window (they come
+    closest in the first steps, when p ≈ ½ for every row)."""
     r, y = run(MARVELL, k=k), dataset(0.05).y
-    late = r.view.window(WARM)
-    norm, direction = norm_attack(late, y), direction_attack(late, y)
-    assert norm < 0.6 and direction < 0.6, (norm, direction)
-    bound = NormalDist().cdf(math.sqrt(1 / 4 / 2))
-    assert max(norm_attack(r.view, y), direction_attack(r.view, y)) < bound
+    assert norm_attack(r.view, y) < 0.6
+    target = NormalDist().cdf(math.sqrt(1 / MARVELL.power_scale / 2))
+    for view in windows(r.view):
+        norm, direction = norm_attack(view, y), direction_attack(view, y)
+        assert norm < target and direction < target, (norm, direction)
     assert r.guest_auc > 0.65  # it still learns (0.81 without protection on this data)
 
 
@@ -370,18 +374,39 @@ def test_l6_gaussian_sampler() -> None:
 # ---------------------------------------------------------------------------------------------
 # L7: tracking the public W_h update recovers nothing beyond δ̃ — because B2 uses δ̃ too
 
+
+@dataclass(frozen=True)
+class Shape:
+    """(B, d, k) of an L7 case and the positive rate of its data."""
+
+    batch: int
+    d: int
+    k: int
+    positive_rate: float
+
+    def run(self, config: ProtectConfig, *, leaky_b2: bool = False) -> Run:
+        return run(
+            config,
+            d=self.d,
+            k=self.k,
+            batch=self.batch,
+            positive_rate=self.positive_rate,
+            leaky_b2=leaky_b2,
+        )
+
+
 SHAPES = {
-    "B<=d-k": dict(batch=12, d=16, k=4, positive_rate=0.2),  # exact recovery; 20 % positives
-    "B>d-k": dict(batch=64, d=8, k=4, positive_rate=0.05),  # so that small batches hold some
+    "B<=d-k": Shape(batch=12, d=16, k=4, positive_rate=0.2),  # exact; 20 % so that batches of
+    "B>d-k": Shape(batch=64, d=8, k=4, positive_rate=0.05),  # 12 hold several positives
 }
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mode", list(PROTECTING))
 def test_l7_update_tracking_is_no_better_than_the_direction_attack(mode: str, shape: str) -> None:
-    kw = SHAPES[shape]
-    r, y = run(PROTECTING[mode], **kw), dataset(float(kw["positive_rate"])).y
-    tracked = update_tracking_attack(r.view, y, int(kw["k"]))
+    case = SHAPES[shape]
+    r, y = case.run(PROTECTING[mode]), dataset(case.positive_rate).y
+    tracked = update_tracking_attack(r.view, y, case.k)
     direct = direction_attack(r.view, y)
     assert tracked <= direct + 0.05, (tracked, direct)
 
@@ -416,24 +441,25 @@ def tracked_gram_error(r: Run, k: int, *, projected: bool) -> float:
 
 def test_l7_without_protection_the_attack_recovers_the_true_gradient() -> None:
     """With B ≤ d − k the host reads off δ_t up to a k×k transform (up to fixed-point rounding)."""
-    kw = SHAPES["B<=d-k"]
-    r, y = run(NONE, **kw), dataset(0.2).y
-    assert tracked_gram_error(r, 4, projected=False) < 1e-5
-    assert update_tracking_attack(r.view, y, 4) > 0.85  # measured 0.90
+    case = SHAPES["B<=d-k"]
+    r, y = case.run(NONE), dataset(case.positive_rate).y
+    assert tracked_gram_error(r, case.k, projected=False) < 1e-5
+    assert update_tracking_attack(r.view, y, case.k) > 0.85  # measured 0.90
 
 
 def test_l7_with_a_large_batch_the_attack_recovers_a_projection() -> None:
     """With B > d − k it recovers exactly the projection of δ_t onto the columns of α_t P⊥
-    (which carries less label information: leak AUC about 0.6 here)."""
-    r = run(NONE)
-    assert tracked_gram_error(r, 4, projected=True) < 1e-5
-    assert tracked_gram_error(r, 4, projected=False) > 0.1
+    (which carries less label information: leak AUC 0.63 here, against 0.98 for the norm)."""
+    case = SHAPES["B>d-k"]
+    r = case.run(NONE)
+    assert tracked_gram_error(r, case.k, projected=True) < 1e-5
+    assert tracked_gram_error(r, case.k, projected=False) > 0.1
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "marvell"])
 def test_l7_fails_when_the_guest_puts_the_true_gradient_into_b2(mode: str) -> None:
     """The control that shows L7 can fail: B1 with δ̃ but B2 with δ bypasses the protection."""
-    kw = SHAPES["B<=d-k"]
-    r, y = run(PROTECTING[mode], leaky_b2=True, **kw), dataset(0.2).y
-    tracked, direct = update_tracking_attack(r.view, y, 4), direction_attack(r.view, y)
-    assert direct < 0.6 and tracked > 0.9, (tracked, direct)
+    case = SHAPES["B<=d-k"]
+    r, y = case.run(PROTECTING[mode], leaky_b2=True), dataset(case.positive_rate).y
+    tracked, direct = update_tracking_attack(r.view, y, case.k), direction_attack(r.view, y)
+    assert tracked > direct + 0.3 and tracked > 0.95, (tracked, direct)

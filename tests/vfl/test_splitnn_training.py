@@ -74,7 +74,7 @@ def test_encrypted_training_on_breast_data_learns(
         guest_widths=(8, 4),
         host_widths=(8, 4),
         learning_rate=0.02,
-        protect=ProtectConfig(mode=ProtectMode.MAX_NORM),
+        protect=ProtectConfig(mode=ProtectMode.MARVELL),
     )
     job = SplitJob(job_id="train", train=config, batch=32, batch_eval=64, epochs=3)
     out = run_job(trio(tmp_path, pk, sk), job, guest, host, splits)

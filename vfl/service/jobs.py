@@ -23,7 +23,7 @@ from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.envelope import Envelope
 from protocols.errors import ConfigError, VflError
-from protocols.executor import Executor
+from protocols.executor import Executor, LocalProcessExecutor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
@@ -127,8 +127,22 @@ class JobRunner:
         self.run_psi = run_psi
         self._lock = threading.Lock()
         self.jobs: dict[str, dict[str, Any]] = {}
+        self._background: LocalProcessExecutor | None = None
         if config.party.role is Role.HOST:
             channel.add_handler(MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start)
+
+    def background(self) -> LocalProcessExecutor:
+        """Low-priority workers that fill obfuscator pools with otherwise idle CPU time."""
+        with self._lock:
+            if self._background is None:
+                self._background = LocalProcessExecutor(nice=10)
+            return self._background
+
+    def close(self) -> None:
+        """Stop the background workers."""
+        with self._lock:
+            if self._background is not None:
+                self._background.close()
 
     def status(self) -> dict[str, Any]:
         """Progress of every job this service ran since it started."""
@@ -205,6 +219,7 @@ class JobRunner:
                 impute=job_file.impute,
                 allow_test_key=self.config.allow_test_key,
                 progress=lambda p: self._on_progress(p),
+                pool_executor=self.background(),
                 host_request={
                     "data": job_file.host_data,
                     "id_column": job_file.id_column,
@@ -251,6 +266,7 @@ class JobRunner:
             executor=self.executor,
             state_dir=self.config.state_dir,
             allow_test_key=self.config.allow_test_key,
+            pool_executor=self.background(),
         )
         try:
             session.run(envelope)

@@ -146,6 +146,7 @@ class PartyService:
             return
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
         self.channel.close(grace)
+        self.jobs.close()
         with self._executor_lock:
             self._closing.set()
             executor, self._executor = self._executor, None

@@ -25,7 +25,7 @@ Example (every key but the data aliases is optional)::
     k = 8
 
     [protect]                    # label protection of the host-bound gradient (§4.7)
-    mode = "max_norm"
+    mode = "marvell"            # default; binary labels (s = power_scale = 4)
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ def run_in_process(
     host_seed: int | None = None,
     allow_test_key: bool = False,
     timeout: float = 3600.0,
+    pool_executor: Executor | None = None,
 ) -> LocalRun:
     """Run ``job`` between an in-process guest, host and arbiter; raise if any party fails."""
     net = InMemoryNetwork()
@@ -88,6 +89,7 @@ def run_in_process(
                 seed=host_seed,
                 timeout=timeout,
                 allow_test_key=allow_test_key,
+                pool_executor=pool_executor,
             )
             host_out["trainer"] = session.run(wait_job_start(channels["host"], timeout=timeout))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -109,6 +111,7 @@ def run_in_process(
         order_seed=order_seed,
         timeout=timeout,
         allow_test_key=allow_test_key,
+        pool_executor=pool_executor,
     )
     try:
         result = guest.run()

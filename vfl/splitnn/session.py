@@ -43,7 +43,7 @@ import torch
 from protocols.crypto.arbiter import SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
-from protocols.crypto.obfuscators import ObfuscatorPool
+from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
 from protocols.crypto.paillier import PublicKey
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
@@ -207,6 +207,7 @@ class _Common:
     state_dir: Path
     timeout: float
     allow_test_key: bool
+    pool_executor: Executor | None = None
 
     def __post_init__(self) -> None:
         self.run_id = ""
@@ -262,6 +263,11 @@ class _Common:
         self.send(job_id, self.arbiter, SetupTag.RESUME, step, ControlBlock.from_obj(body))
         self.control(job_id, self.arbiter, SetupTag.RESUMED, step)
 
+    def pool(self, key: PublicKey, *, encrypted: bool) -> ObfuscatorPool:
+        if encrypted:
+            return ObfuscatorPool(key, executor=self.pool_executor or self.executor)
+        return PlaintextPool(key, executor=self.executor)
+
     def cipher(self, key: PublicKey, *, encrypted: bool) -> Cipher:
         if encrypted:
             return PaillierCipher(key)
@@ -302,7 +308,10 @@ class GuestSession(_Common):
     splits
         Train / validation / test rows (positions in ``table``), test rows untouched until J7.
     executor
-        Worker processes for the Paillier work.
+        Worker processes for the Paillier work on the critical path.
+    pool_executor
+        Worker processes that fill the obfuscator pool in the background (default:
+        ``executor``); the services give them a higher nice value so they only use idle CPU.
     state_dir
         Where this party keeps the job's checkpoints and result (``<state_dir>/jobs/<job>``).
     w0_seed, order_seed
@@ -330,6 +339,7 @@ class GuestSession(_Common):
         allow_test_key: bool = False,
         progress: Callable[[Progress], None] | None = None,
         host_request: dict[str, Any] | None = None,
+        pool_executor: Executor | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -339,6 +349,7 @@ class GuestSession(_Common):
             state_dir=state_dir,
             timeout=timeout,
             allow_test_key=allow_test_key,
+            pool_executor=pool_executor,
         )
         if table.labels is None:
             raise ConfigError("the guest's table has no label column")
@@ -405,7 +416,7 @@ class GuestSession(_Common):
         )
         assert self.table.labels is not None
         cipher = self.cipher(key, encrypted=job.encrypted)
-        pool = ObfuscatorPool(key, executor=self.executor)
+        pool = self.pool(key, encrypted=job.encrypted)
         layer = GuestLayer(
             channel=self.channel,
             peer=self.peer,
@@ -625,6 +636,7 @@ class HostSession(_Common):
         pool_target: int = 2000,
         timeout: float = 600.0,
         allow_test_key: bool = False,
+        pool_executor: Executor | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -634,6 +646,7 @@ class HostSession(_Common):
             state_dir=state_dir,
             timeout=timeout,
             allow_test_key=allow_test_key,
+            pool_executor=pool_executor,
         )
         self.table_for, self.impute, self.seed = table_for, impute, seed
         self.pool_target = pool_target
@@ -673,7 +686,7 @@ class HostSession(_Common):
             ControlBlock.from_obj({"checkpoints": mine}),
         )
         self.register(spec)  # J3
-        pool = ObfuscatorPool(key, executor=self.executor)
+        pool = self.pool(key, encrypted=job.encrypted)
         layer = HostLayer(
             channel=self.channel,
             peer=self.peer,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,14 @@ from torch import nn
 
 from protocols.errors import ConfigError
 from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
-from vfl.privacy.label_protection import ProtectConfig, embedding_noise, new_generator, protect
+from vfl.privacy.label_protection import (
+    MarvellNoise,
+    MarvellState,
+    ProtectConfig,
+    embedding_noise,
+    new_generator,
+    protect,
+)
 from vfl.splitnn.checkpoint import Checkpoint
 from vfl.splitnn.interactive import GuestLayer, HostLayer
 
@@ -82,6 +89,20 @@ def joint_init_component(d: int, k: int, *, seed: int | None) -> np.ndarray:
     """
     rng = new_generator() if seed is None else np.random.default_rng(seed)
     return rng.normal(0.0, np.sqrt(1.0 / (d + k)), size=(d, k))
+
+
+def _marvell_to_json(state: MarvellState) -> dict[str, Any] | None:
+    if state.direction is None or state.noise is None:
+        return None
+    return {"direction": state.direction.tolist(), "noise": asdict(state.noise)}
+
+
+def _marvell_from_json(obj: dict[str, Any] | None) -> MarvellState:
+    if not obj:
+        return MarvellState()
+    return MarvellState(
+        direction=np.array(obj["direction"], dtype=np.float64), noise=MarvellNoise(**obj["noise"])
+    )
 
 
 _SEEDED = threading.Lock()  # seeding + building is atomic when parties share a process
@@ -142,6 +163,7 @@ class GuestTrainer:
         self.loss = loss_for(Task.BINARY)
         self.optimizer = make_optimizer(list(self.models.parameters()), config)
         self.rng = new_generator()
+        self.marvell = MarvellState()
         self.losses: list[float] = []
 
     def init(self, w0_guest: np.ndarray) -> None:
@@ -164,7 +186,13 @@ class GuestTrainer:
             torch.autograd.backward(z_own, grad_tensors=delta)  # W_g, b, f_g learn from the true δ
             self.optimizer.step()
             self.losses.append(float(loss.detach()))
-            return protect(delta.double().numpy(), self.config.protect, rng=self.rng)
+            return protect(
+                delta.double().numpy(),
+                self.config.protect,
+                rng=self.rng,
+                labels=self.y[rows].numpy(),
+                state=self.marvell,
+            )
 
         self.layer.step(step, rows, delta_fn, self.config.eta_w)
 
@@ -182,7 +210,11 @@ class GuestTrainer:
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        meta = {"protect_rng": self.rng.bit_generator.state, "losses": self.losses}
+        meta = {
+            "protect_rng": self.rng.bit_generator.state,
+            "losses": self.losses,
+            "marvell": _marvell_to_json(self.marvell),
+        }
         return trees, self.layer.state(), meta
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -192,6 +224,7 @@ class GuestTrainer:
         torch.set_rng_state(ckpt.tree("torch_rng"))
         self.rng.bit_generator.state = ckpt.meta["protect_rng"]
         self.losses = [float(v) for v in ckpt.meta["losses"]]
+        self.marvell = _marvell_from_json(ckpt.meta.get("marvell"))
         self.layer.restore(ckpt.big_ints)
 
 
@@ -295,6 +328,7 @@ class FloatSplitModel:
         self.opt_h = make_optimizer(list(self.host.parameters()), config)
         self.loss = loss_for(Task.BINARY)
         self.rng = new_generator()
+        self.marvell = MarvellState()
         self.losses: list[float] = []
 
     def step(self, rows: np.ndarray) -> None:
@@ -315,7 +349,15 @@ class FloatSplitModel:
         torch.autograd.backward(z_own, grad_tensors=delta)
         self.opt_g.step()
         self.losses.append(float(loss.detach()))
-        d_t = torch.tensor(protect(delta.double().numpy(), self.config.protect, rng=self.rng))
+        d_t = torch.tensor(
+            protect(
+                delta.double().numpy(),
+                self.config.protect,
+                rng=self.rng,
+                labels=self.y[rows].numpy(),
+                state=self.marvell,
+            )
+        )
         g_h = d_t @ self.w_h.T
         self.w_h = self.w_h - self.config.eta_w * (a.T @ d_t)
         torch.autograd.backward(alpha, grad_tensors=g_h.float())
