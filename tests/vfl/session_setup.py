@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
-from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
@@ -24,9 +23,10 @@ from vfl.splitnn.session import (
     JobTag,
     SplitJob,
     SplitResult,
+    serve_decryptions,
     wait_job_start,
 )
-from vfl.splitnn.spec import DecTag, JobSpec
+from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import HostTrainer
 
 TAGS = [SplitTag, DecTag, SetupTag, JobTag]
@@ -66,15 +66,9 @@ def trio(tmp: Path, pk: PublicKey, sk: PrivateKey) -> Trio:
     """An arbiter serving decryptions and setup messages on a fresh network."""
     net = InMemoryNetwork()
     channel = net.channel(ARBITER, tags=TagRegistry(TAGS))
-    service = ArbiterService(
-        channel=channel,
-        cipher=PaillierCipher(pk),
-        private_key=sk,
-        policy=DecryptionPolicy(),
-        executor=InlineExecutor(),
+    service = serve_decryptions(
+        channel=channel, public_key=pk, private_key=sk, executor=InlineExecutor()
     )
-    service.serve(DecTag)
-    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy())
     return Trio(net=net, arbiter=service, state=tmp)
 
 

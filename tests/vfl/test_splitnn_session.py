@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,10 +13,13 @@ import pytest
 from protocols.crypto.fixedpoint import FixedPointConfig, decode
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.envelope import Envelope
+from protocols.errors import ConfigError
 from protocols.tags import tag_value
 from protocols.transport.base import DeliveryStatus
 from protocols.transport.inmemory import InMemoryChannel
 from tests.vfl.session_setup import Outcome, run_job, synthetic_tables, trio
+from vfl.data.tables import split_rows
+from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.session import SplitJob
@@ -189,3 +193,41 @@ def test_p0_job_runs(tmp_path: Path, pk: PublicKey, sk: PrivateKey, data: Any) -
     out = run_job(t, job, *data)
     assert not out.errors and out.result is not None
     assert out.result.test["roc_auc"] > 0.6
+
+
+@pytest.mark.parametrize("task", [Task.MULTICLASS, Task.REGRESSION])
+def test_multiclass_and_regression_jobs(
+    tmp_path: Path, pk: PublicKey, sk: PrivateKey, data: Any, task: Task
+) -> None:
+    """Other tasks through the loss choice; marvell is refused for them (§4.7)."""
+    guest, host, _ = data
+    rng = np.random.default_rng(1)
+    score = guest.features[:, 0] + host.features[:, 0] + 0.2 * rng.normal(size=len(guest))
+    if task is Task.MULTICLASS:
+        labels = np.digitize(score, [-0.5, 0.5]).astype(np.float64)  # three classes
+    else:
+        labels = score
+    guest = dataclasses.replace(guest, labels=labels)
+    splits = split_rows(labels, test_fraction=0.2, validation_fraction=0.2, seed=0)
+    top = (3,) if task is Task.MULTICLASS else (1,)
+    with pytest.raises(ConfigError, match="binary labels only"):
+        TrainConfig(d=3, k=2, top_widths=top, task=task)
+    protect = ProtectConfig(mode=ProtectMode.GAUSSIAN, clip_norm=0.05, noise_multiplier=0.1)
+    config = TrainConfig(
+        d=3,
+        k=4,
+        guest_widths=(6, 4),
+        host_widths=(6, 3),
+        top_widths=top,
+        learning_rate=0.05,
+        protect=protect,
+        task=task,
+    )
+    job = SplitJob(job_id=f"task-{task.value}", train=config, batch=16, batch_eval=24, epochs=2)
+    out = run_job(trio(tmp_path, pk, sk), job, guest, host, splits)
+    assert not out.errors and out.result is not None, out.errors
+    if task is Task.MULTICLASS:
+        assert out.result.test["accuracy"] > 0.5  # three balanced-ish classes: chance ~ 0.4
+        assert np.allclose(np.sum(out.result.test_scores, axis=1), 1.0)
+    else:
+        assert out.result.test["rmse"] < 0.9 * float(np.std(labels[splits.test]))

@@ -18,8 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy
-from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.envelope import Envelope
 from protocols.errors import ConfigError, VflError
@@ -31,8 +30,13 @@ from psi.result import read_result
 from vfl.config import PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.splitnn.jobfile import TrainJobFile, parse_job
-from vfl.splitnn.session import GuestSession, HostSession, JobTag, Progress
-from vfl.splitnn.spec import DecTag, JobSpec
+from vfl.splitnn.session import (
+    GuestSession,
+    HostSession,
+    JobTag,
+    Progress,
+    serve_decryptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +74,9 @@ def serve_arbiter(config: PartyConfig, channel: Channel, executor: Executor) -> 
     public, private = arbiter_key(
         config.state_dir, bits=config.key_bits, allow_test_key=config.allow_test_key
     )
-    service = ArbiterService(
-        channel=channel,
-        cipher=PaillierCipher(public),
-        private_key=private,
-        policy=DecryptionPolicy(),
-        executor=executor,
+    return serve_decryptions(
+        channel=channel, public_key=public, private_key=private, executor=executor
     )
-    service.serve(DecTag)
-    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy())
-    return service
 
 
 def _peer_with_role(config: PartyConfig, role: Role) -> Party:

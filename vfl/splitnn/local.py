@@ -11,8 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
-from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.arbiter import SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import Executor
 from protocols.roles import Party, Role
@@ -26,9 +25,10 @@ from vfl.splitnn.session import (
     JobTag,
     SplitJob,
     SplitResult,
+    serve_decryptions,
     wait_job_start,
 )
-from vfl.splitnn.spec import DecTag, JobSpec
+from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import HostTrainer
 
 GUEST = Party("guest", Role.GUEST)
@@ -66,15 +66,12 @@ def run_in_process(
     net = InMemoryNetwork()
     tags = [SplitTag, DecTag, SetupTag, JobTag]
     channels = {p.party_id: net.channel(p, tags=TagRegistry(tags)) for p in (GUEST, HOST, ARBITER)}
-    arbiter = ArbiterService(
+    serve_decryptions(
         channel=channels["arbiter"],
-        cipher=PaillierCipher(public_key),
+        public_key=public_key,
         private_key=private_key,
-        policy=DecryptionPolicy(),
         executor=executor,
     )
-    arbiter.serve(DecTag)
-    arbiter.serve_setup(lambda obj: JobSpec.from_json(obj).policy())
     host_out: dict[str, HostTrainer | BaseException] = {}
 
     def host() -> None:

@@ -1,9 +1,17 @@
-"""Binary-classification metrics the guest computes on its own labels (scikit-learn)."""
+"""Metrics the guest computes on its own labels (scikit-learn), per task."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
+
+from vfl.models.split import Task
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -23,3 +31,27 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "average_precision": float(average_precision_score(y, p)),
         "log_loss": float(log_loss(y, p, labels=[0, 1])),
     }
+
+
+def task_metrics(task: Task, y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Validation/test metrics for ``task`` (binary: :func:`binary_metrics`)."""
+    if task is Task.BINARY:
+        return binary_metrics(y, scores)
+    if task is Task.MULTICLASS:
+        labels = np.asarray(y).astype(int)
+        probs = np.clip(scores, 1e-12, 1.0)
+        return {
+            "accuracy": float(accuracy_score(labels, probs.argmax(axis=1))),
+            "log_loss": float(log_loss(labels, probs, labels=list(range(probs.shape[1])))),
+        }
+    err = np.asarray(scores, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+
+
+def selection_metric(task: Task) -> tuple[str, bool]:
+    """The validation metric early stopping watches, and whether higher is better."""
+    if task is Task.BINARY:
+        return "roc_auc", True
+    if task is Task.MULTICLASS:
+        return "log_loss", False
+    return "rmse", False

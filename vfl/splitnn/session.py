@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
-from protocols.crypto.paillier import PublicKey
+from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor
@@ -55,7 +55,7 @@ from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, 
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
-from vfl.splitnn.metrics import binary_metrics
+from vfl.splitnn.metrics import selection_metric, task_metrics
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 from vfl.splitnn.training import GuestTrainer, HostTrainer, TrainConfig, joint_init_component
 
@@ -148,8 +148,8 @@ class SplitJob:
             if unknown:
                 raise ConfigError(f"JOB_START has unknown model fields {sorted(unknown)}")
             train["host_widths"] = tuple(int(w) for w in train["host_widths"])
-            # the guest's protection is none of the host's business; any valid one will do
-            protect = ProtectConfig(mode=ProtectMode.NONE, allow_label_leak=True)
+            # the guest's protection is none of the host's business (unused at the host)
+            protect = ProtectConfig(mode=ProtectMode.MAX_NORM)
             return cls(
                 job_id=str(obj["job_id"]),
                 train=TrainConfig(**train, protect=protect),
@@ -188,7 +188,7 @@ class SplitResult:
     best_epoch: int
     history: list[dict[str, float]]
     test: dict[str, float]
-    test_scores: list[float]
+    test_scores: list[Any]
     timings: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
@@ -532,13 +532,14 @@ class GuestSession(_Common):
         assert self.table.labels is not None
         rows = self.splits.validation
         scores = self._scores(layer, trainer, rows, state)
-        metrics = binary_metrics(self.table.labels[rows], scores)
+        metrics = task_metrics(self.job.train.task, self.table.labels[rows], scores)
         spe = self.steps_per_epoch
         metrics["train_loss"] = float(np.mean(trainer.losses[-spe:])) if trainer.losses else 0.0
         metrics["epoch"] = epoch
         state["history"].append(metrics)
         best = state["best_epoch"]
-        if best < 0 or metrics["roc_auc"] > state["history"][best]["roc_auc"]:
+        key, higher = selection_metric(self.job.train.task)
+        if best < 0 or (metrics[key] > state["history"][best][key]) == higher:
             state["best_epoch"] = epoch
             ckpt.snapshot_best(self.ckpt_dir, step)
             self.send(
@@ -550,13 +551,10 @@ class GuestSession(_Common):
             )
         self._save_progress(state)
         logger.info(
-            "job %s epoch %d: validation AUC %.4f, KS %.4f, AP %.4f, log loss %.4f",
+            "job %s epoch %d: validation %s",
             self.job.job_id,
             epoch,
-            metrics["roc_auc"],
-            metrics["ks"],
-            metrics["average_precision"],
-            metrics["log_loss"],
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"),
         )
         self.progress(
             Progress(
@@ -590,7 +588,7 @@ class GuestSession(_Common):
         t_test = time.monotonic()
         rows = self.splits.test
         scores = self._scores(layer, trainer, rows, state)
-        test = binary_metrics(self.table.labels[rows], scores) if len(rows) else {}
+        test = task_metrics(job.train.task, self.table.labels[rows], scores) if len(rows) else {}
         self._save_progress(state)
         self.send(job.job_id, self.peer, JobTag.JOB_END, 0, ControlBlock.from_obj({}))
         result = SplitResult(
@@ -599,7 +597,7 @@ class GuestSession(_Common):
             best_epoch=int(state["best_epoch"]),
             history=state["history"],
             test=test,
-            test_scores=[float(s) for s in scores],
+            test_scores=scores.tolist(),
             timings={
                 "setup_s": setup_s,
                 "train_s": train_s,
@@ -761,6 +759,22 @@ class HostSession(_Common):
             else:
                 logger.info("job %s finished at the host after %d steps", job.job_id, step)
                 return
+
+
+def serve_decryptions(
+    *, channel: Channel, public_key: PublicKey, private_key: PrivateKey, executor: Executor
+) -> ArbiterService:
+    """The arbiter's part of split-NN jobs: key, JOB_SPEC, RESUME and masked decryptions."""
+    service = ArbiterService(
+        channel=channel,
+        cipher=PaillierCipher(public_key),
+        private_key=private_key,
+        policy=DecryptionPolicy(),
+        executor=executor,
+    )
+    service.serve(DecTag)
+    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy())
+    return service
 
 
 def wait_job_start(channel: Channel, *, timeout: float) -> Envelope:

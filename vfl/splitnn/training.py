@@ -32,6 +32,7 @@ from vfl.privacy.label_protection import (
     MarvellNoise,
     MarvellState,
     ProtectConfig,
+    ProtectMode,
     embedding_noise,
     new_generator,
     protect,
@@ -59,8 +60,20 @@ class TrainConfig:
     host_embedding_noise: float = 0.0
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     seed: int = 0
+    task: Task = Task.BINARY
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task", Task(self.task))
+        outputs = self.top_widths[-1] if self.top_widths else 0
+        if self.task is Task.MULTICLASS and outputs < 3:
+            raise ConfigError("a multiclass task needs top_widths ending in the number of classes")
+        if self.task is not Task.MULTICLASS and outputs != 1:
+            raise ConfigError(f"a {self.task.value} task needs top_widths ending in 1")
+        if self.task is not Task.BINARY and self.protect.mode is ProtectMode.MARVELL:
+            raise ConfigError(
+                f"protect = marvell is for binary labels only; a {self.task.value} task needs "
+                "gaussian (clip_norm near a typical row's gradient norm) or max_norm (§4.7)"
+            )
         if not 0 < self.eta_w <= 1:
             raise ConfigError(
                 f"eta_w = {self.eta_w}: the shared weights need 0 < eta_w <= 1 (§2.2)"
@@ -150,6 +163,29 @@ def _host_bottom(in_features: int, config: TrainConfig, seed: int | None) -> Bot
         )
 
 
+def task_loss(task: Task, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean loss of the top model's ``outputs`` (B×1 or B×C) for labels ``y``."""
+    if task is Task.MULTICLASS:
+        out: torch.Tensor = loss_for(task)(outputs, y.long())
+        return out
+    out = loss_for(task)(outputs.squeeze(1), y)
+    return out
+
+
+def task_scores(task: Task, outputs: torch.Tensor) -> np.ndarray:
+    """Probabilities (binary: of the positive class; multiclass: B×C) or predicted values."""
+    if task is Task.BINARY:
+        return torch.sigmoid(outputs.squeeze(1)).double().numpy()
+    if task is Task.MULTICLASS:
+        return torch.softmax(outputs, dim=1).double().numpy()
+    return outputs.squeeze(1).double().numpy()
+
+
+def protect_labels(task: Task, y: torch.Tensor) -> np.ndarray | None:
+    """Labels for ``protect`` (``marvell`` needs them; only binary tasks have such labels)."""
+    return y.numpy() if task is Task.BINARY else None
+
+
 class GuestTrainer:
     """G's models, optimizer and step function around its :class:`GuestLayer`."""
 
@@ -160,7 +196,6 @@ class GuestTrainer:
         self.x = torch.tensor(x, dtype=torch.float32)
         self.y = torch.tensor(y, dtype=torch.float32)
         self.models = _GuestModels(x.shape[1], config)
-        self.loss = loss_for(Task.BINARY)
         self.optimizer = make_optimizer(list(self.models.parameters()), config)
         self.rng = new_generator()
         self.marvell = MarvellState()
@@ -178,7 +213,7 @@ class GuestTrainer:
             self.optimizer.zero_grad()
             z_own = self.models.own_z(self.x[rows])
             z = (torch.tensor(z_h, dtype=torch.float32) + z_own.detach()).requires_grad_(True)
-            loss = self.loss(self.models.top(z).squeeze(1), self.y[rows])
+            loss = task_loss(self.config.task, self.models.top(z), self.y[rows])
             torch.autograd.backward(loss)  # top model, and δ = ∂L/∂z in z.grad
             delta = z.grad
             if delta is None:
@@ -190,7 +225,7 @@ class GuestTrainer:
                 delta.double().numpy(),
                 self.config.protect,
                 rng=self.rng,
-                labels=self.y[rows].numpy(),
+                labels=protect_labels(self.config.task, self.y[rows]),
                 state=self.marvell,
             )
 
@@ -198,10 +233,10 @@ class GuestTrainer:
 
     @torch.no_grad()
     def scores(self, z_h: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Predicted probabilities for ``rows`` given their ``z_h``."""
+        """Scores for ``rows`` given their ``z_h`` (:func:`task_scores`)."""
         self.models.eval()
         z = torch.tensor(z_h, dtype=torch.float32) + self.models.own_z(self.x[rows])
-        return torch.sigmoid(self.models.top(z).squeeze(1)).double().numpy()
+        return task_scores(self.config.task, self.models.top(z))
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
         """(state dicts, big-integer arrays, JSON) for a checkpoint."""
@@ -326,7 +361,6 @@ class FloatSplitModel:
         self.w_h = torch.tensor(w0_guest + w0_host, dtype=torch.float64)
         self.opt_g = make_optimizer(list(self.guest.parameters()), config)
         self.opt_h = make_optimizer(list(self.host.parameters()), config)
-        self.loss = loss_for(Task.BINARY)
         self.rng = new_generator()
         self.marvell = MarvellState()
         self.losses: list[float] = []
@@ -342,7 +376,7 @@ class FloatSplitModel:
         z_h = a @ self.w_h
         z_own = self.guest.own_z(self.xg[rows])
         z = (z_h.float() + z_own.detach()).requires_grad_(True)
-        loss = self.loss(self.guest.top(z).squeeze(1), self.y[rows])
+        loss = task_loss(self.config.task, self.guest.top(z), self.y[rows])
         torch.autograd.backward(loss)
         delta = z.grad
         assert delta is not None
@@ -354,7 +388,7 @@ class FloatSplitModel:
                 delta.double().numpy(),
                 self.config.protect,
                 rng=self.rng,
-                labels=self.y[rows].numpy(),
+                labels=protect_labels(self.config.task, self.y[rows]),
                 state=self.marvell,
             )
         )
@@ -365,9 +399,9 @@ class FloatSplitModel:
 
     @torch.no_grad()
     def scores(self, rows: np.ndarray) -> np.ndarray:
-        """Predicted probabilities for ``rows``."""
+        """Scores for ``rows`` (:func:`task_scores`)."""
         self.guest.eval()
         self.host.eval()
         a = torch.clamp(self.host(self.xh[rows]).double(), -self.config.a_max, self.config.a_max)
         z = (a @ self.w_h).float() + self.guest.own_z(self.xg[rows])
-        return torch.sigmoid(self.guest.top(z).squeeze(1)).double().numpy()
+        return task_scores(self.config.task, self.guest.top(z))
