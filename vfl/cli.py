@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a split neural network with the host (run at the guest)",
-        description="Submit a split-NN job (TOML, see vfl/splitnn/jobfile.py) to this party's "
-        "service; it runs PSI first unless the job names one, trains encrypted, validates each "
-        "epoch and scores the held-out test rows. Progress shows rows/s and ETA.",
+        description="Submit a split-NN job (TOML; example: "
+        "examples/three_parties/credit_job.toml) to this party's service; it runs PSI first "
+        "unless the job names one, trains encrypted, validates each epoch and scores the "
+        "held-out test rows. Progress shows rows/s and ETA.",
     )
     train.add_argument("job", type=Path, help="the job file (TOML)")
     train.add_argument("--config", type=Path, required=True, help="the guest's party config")

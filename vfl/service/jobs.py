@@ -21,7 +21,7 @@ from typing import Any
 from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.envelope import Envelope
-from protocols.errors import ConfigError, VflError
+from protocols.errors import ConfigError
 from protocols.executor import Executor, LocalProcessExecutor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
@@ -268,6 +268,6 @@ class JobRunner:
         try:
             session.run(envelope)
             self._update(job_id, state="done", phase="done")
-        except (VflError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported through status and the log
             logger.error("job %s failed at the host: %s", job_id, exc)
             self._update(job_id, state="failed", error=f"{type(exc).__name__}: {exc}"[:500])

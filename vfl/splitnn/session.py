@@ -360,6 +360,8 @@ class GuestSession(_Common):
         self.progress = progress or _log_progress()
         self.job_dir = state_dir / "jobs" / job.job_id
         self.ckpt_dir = self.job_dir / "checkpoints"
+        self.resumed_from: int | None = None
+        self._epoch_orders: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(splits.train) // job.batch
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -442,6 +444,7 @@ class GuestSession(_Common):
                 trainer.init(joint_init_component(job.train.d, job.train.k, seed=self.w0_seed))
                 step = 0
                 self._checkpoint(trainer, 0)
+                self._save_progress(state)  # the batch-order seed, before the first batch
             else:
                 self.resume_at_arbiter(job.job_id, t, int(state["eval_step"]))
                 trainer.restore(ckpt.load(self.ckpt_dir, t))
@@ -460,9 +463,10 @@ class GuestSession(_Common):
         ckpt.prune(self.ckpt_dir, keep=(step - 1, step))
 
     def _orders(self, epoch: int) -> list[np.ndarray]:
-        return BatchOrder(self.order_seed, batch_size=self.job.batch).epoch(
-            self.splits.train, epoch
-        )
+        if epoch not in self._epoch_orders:
+            order = BatchOrder(self.order_seed, batch_size=self.job.batch)
+            self._epoch_orders = {epoch: order.epoch(self.splits.train, epoch)}
+        return self._epoch_orders[epoch]
 
     def _train(
         self,
@@ -531,15 +535,22 @@ class GuestSession(_Common):
     ) -> None:
         assert self.table.labels is not None
         rows = self.splits.validation
-        scores = self._scores(layer, trainer, rows, state)
-        metrics = task_metrics(self.job.train.task, self.table.labels[rows], scores)
+        metrics: dict[str, float] = {}
+        if len(rows):  # without validation rows: no early stopping, the last epoch is kept
+            scores = self._scores(layer, trainer, rows, state)
+            metrics = task_metrics(self.job.train.task, self.table.labels[rows], scores)
         spe = self.steps_per_epoch
         metrics["train_loss"] = float(np.mean(trainer.losses[-spe:])) if trainer.losses else 0.0
         metrics["epoch"] = epoch
         state["history"].append(metrics)
         best = state["best_epoch"]
         key, higher = selection_metric(self.job.train.task)
-        if best < 0 or (metrics[key] > state["history"][best][key]) == higher:
+        previous = state["history"][best].get(key) if best >= 0 else None
+        if (
+            previous is None
+            or key not in metrics
+            or (metrics[key] > previous if higher else metrics[key] < previous)
+        ):
             state["best_epoch"] = epoch
             ckpt.snapshot_best(self.ckpt_dir, step)
             self.send(
