@@ -102,6 +102,8 @@ def test_job_runs_validates_and_tests(reference: Outcome, data: Any, tmp_path: P
     host_dir = reference.guest.state_dir.parent / "retailer" / "jobs" / "s14" / "checkpoints"
     assert ckpt.available_steps(host_dir) == [12]
     assert (host_dir / ckpt.BEST).is_dir() and (reference.guest.ckpt_dir / ckpt.BEST).is_dir()
+    for job_dir in (reference.guest.job_dir, host_dir.parent):  # kept with each party's model
+        assert json.loads((job_dir / "preprocessing.json").read_text())["columns"]
 
 
 def test_early_stopping_restores_the_best_epoch(

@@ -208,6 +208,7 @@ class _Common:
     timeout: float
     allow_test_key: bool
     pool_executor: Executor | None = None
+    impute: ImputePolicy = ImputePolicy.ERROR
 
     def __post_init__(self) -> None:
         self.run_id = ""
@@ -262,6 +263,13 @@ class _Common:
         body = {"step": step, "tag_steps": {DecTag.Z_EVAL.value: eval_step}}
         self.send(job_id, self.arbiter, SetupTag.RESUME, step, ControlBlock.from_obj(body))
         self.control(job_id, self.arbiter, SetupTag.RESUMED, step)
+
+    def _preprocess(self, job_dir: Path, table: PartyTable, fit_rows: np.ndarray) -> np.ndarray:
+        """Fit scaling/imputation on the training rows only; keep it with the job's model."""
+        pre = Preprocessor.fit(table, fit_rows, impute=self.impute)
+        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(job_dir / "preprocessing.json", json.dumps(pre.to_json()).encode(), mode=0o600)
+        return pre.transform(table)
 
     def pool(self, key: PublicKey, *, encrypted: bool) -> ObfuscatorPool:
         if encrypted:
@@ -350,11 +358,12 @@ class GuestSession(_Common):
             timeout=timeout,
             allow_test_key=allow_test_key,
             pool_executor=pool_executor,
+            impute=impute,
         )
         if table.labels is None:
             raise ConfigError("the guest's table has no label column")
         self.job, self.table, self.splits = job, table, splits
-        self.impute, self.w0_seed, self.pool_target = impute, w0_seed, pool_target
+        self.w0_seed, self.pool_target = w0_seed, pool_target
         self.host_request = dict(host_request or {})
         self.order_seed = order_seed or secrets.token_bytes(32)
         self.progress = progress or _log_progress()
@@ -413,9 +422,7 @@ class GuestSession(_Common):
         spec = job.spec(key, guest=self.channel.me.party_id, host=self.peer.party_id)
         self.register(spec)  # J3
 
-        x = Preprocessor.fit(self.table, self.splits.train, impute=self.impute).transform(
-            self.table
-        )
+        x = self._preprocess(self.job_dir, self.table, self.splits.train)
         assert self.table.labels is not None
         cipher = self.cipher(key, encrypted=job.encrypted)
         pool = self.pool(key, encrypted=job.encrypted)
@@ -656,8 +663,9 @@ class HostSession(_Common):
             timeout=timeout,
             allow_test_key=allow_test_key,
             pool_executor=pool_executor,
+            impute=impute,
         )
-        self.table_for, self.impute, self.seed = table_for, impute, seed
+        self.table_for, self.seed = table_for, seed
         self.pool_target = pool_target
 
     def run(self, start: Envelope) -> HostTrainer:
@@ -680,7 +688,7 @@ class HostSession(_Common):
             raise ProtocolError("FIT_ROWS carries no row indices")
         try:
             table = self.table_for(dict(body.get("request", {})))
-            x = Preprocessor.fit(table, env.body.indices(), impute=self.impute).transform(table)
+            x = self._preprocess(job_dir, table, env.body.indices())
         except VflError as exc:
             refusal = ControlBlock.from_obj({"refused": str(exc)[:500]})
             self.send(job.job_id, self.peer, JobTag.JOB_ACCEPT, 0, refusal)
