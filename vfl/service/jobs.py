@@ -53,6 +53,7 @@ def arbiter_key(
         public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
         return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
     started = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public, private = generate_keypair(bits=bits, allow_test_key=allow_test_key)
     body = {
         "public": public.to_json(),
