@@ -8,8 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
@@ -80,9 +78,8 @@ def test_encrypted_training_on_breast_data_learns(
     out = run_job(trio(tmp_path, pk, sk), job, guest, host, splits)
     assert not out.errors, out.errors
     assert out.result is not None and out.guest is not None
-    losses = out.guest.final_trainer.losses
-    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
-    assert last < 0.6 * first, (first, last)
+    train_loss = [m["train_loss"] for m in out.result.history]  # mean per epoch
+    assert train_loss[-1] < 0.8 * train_loss[0], train_loss
     assert out.result.test["roc_auc"] > 0.9  # breast cancer data separate well
     for c in ch.values():
         c.close()
