@@ -278,3 +278,11 @@ def test_s3_encrypted_training_tracks_float64_training(
     assert worst < 1e-4, worst
     losses = np.array(out.guest.final_trainer.losses[:steps])
     assert np.max(np.abs(losses - np.array(ref.losses))) < 1e-5
+
+
+def test_job_ids_cannot_leave_the_state_folder() -> None:
+    """A job id names folders at every party: no separators, no leading dot."""
+    for bad in ("../etc", "a/b", ".hidden", "", "x" * 200):
+        with pytest.raises(ConfigError, match="job id"):
+            SplitJob(job_id=bad, train=CONFIG)
+    assert SplitJob(job_id="credit-2026.12_a", train=CONFIG).job_id == "credit-2026.12_a"

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,6 +75,8 @@ class JobTag(StrEnum):
     JOB_END = "splitjob.JOB_END"
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 _HOST_TRAIN_FIELDS = (
     "d",
     "k",
@@ -102,6 +106,11 @@ class SplitJob:
     encrypted: bool = True
 
     def __post_init__(self) -> None:
+        if not _JOB_ID.fullmatch(self.job_id):
+            raise ConfigError(
+                f"job id {self.job_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (it names folders in each party's state)"
+            )
         if min(self.batch, self.batch_eval, self.epochs, self.patience) < 1:
             raise ConfigError("batch, batch_eval, epochs and patience must be positive")
         if not self.encrypted:
@@ -675,13 +684,16 @@ class HostSession(_Common):
             raise ProtocolError("JOB_START carries no control block")
         body = start.body.obj()
         job = SplitJob.from_host_part(body)
+        if job.job_id != start.job_id:
+            raise ProtocolError("JOB_START names another job than its envelope")
         self.run_id = start.run_id
         job_dir = self.state_dir / "jobs" / job.job_id
         ckpt_dir = job_dir / "checkpoints"
         self.next_run(job_dir)
         guest_steps = [int(s) for s in body.get("checkpoints", [])]
-        if not guest_steps:
-            ckpt.prune(ckpt_dir, keep=())  # a new job under an old id: nothing to resume
+        if not guest_steps:  # a new job under an old id: nothing to resume
+            ckpt.prune(ckpt_dir, keep=())
+            shutil.rmtree(ckpt_dir / ckpt.BEST, ignore_errors=True)
         mine = ckpt.available_steps(ckpt_dir)
         env = self.recv(job.job_id, self.peer, JobTag.FIT_ROWS)
         if not isinstance(env.body, IndexBlock):
