@@ -40,6 +40,7 @@ def task_metrics(task: Task, y: np.ndarray, scores: np.ndarray) -> dict[str, flo
     if task is Task.MULTICLASS:
         labels = np.asarray(y).astype(int)
         probs = np.clip(scores, 1e-12, 1.0)
+        probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rounding
         return {
             "accuracy": float(accuracy_score(labels, probs.argmax(axis=1))),
             "log_loss": float(log_loss(labels, probs, labels=list(range(probs.shape[1])))),
