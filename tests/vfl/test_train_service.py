@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from protocols.errors import DataError
 from vfl.config import load_config
 from vfl.data.datasets import data_dir
 from vfl.service.demo import write_demo_setup
+from vfl.service.jobs import arbiter_key
 from vfl.service.local import connect_services, start_services, stop_services
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,3 +76,12 @@ def test_train_job_between_three_services(tmp_path: Path) -> None:
     assert "job breast-1 finished at the host" in host_log
     key = configs["arbiter"].state_dir / "arbiter_key.json"
     assert key.stat().st_mode & 0o077 == 0  # owner-only
+
+
+def test_arbiter_key_is_made_once_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    public, _ = arbiter_key(tmp_path, bits=512, allow_test_key=True)
+    again, _ = arbiter_key(tmp_path, bits=512, allow_test_key=True)
+    assert again.key_id == public.key_id  # kept, not remade
+    (tmp_path / "arbiter_key.json").write_text("{broken")
+    with pytest.raises(DataError, match="arbiter_key.json is unreadable"):
+        arbiter_key(tmp_path, bits=512, allow_test_key=True)

@@ -21,7 +21,7 @@ from typing import Any
 from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.envelope import Envelope
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, CryptoError, DataError
 from protocols.executor import Executor, LocalProcessExecutor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
@@ -49,9 +49,17 @@ def arbiter_key(
     """The arbiter's key pair: loaded from its state folder, or made and saved (0600) once."""
     path = state_dir / KEY_FILE
     if path.is_file():
-        obj = json.loads(path.read_text())
-        public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
-        return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
+        if path.stat().st_mode & 0o077:
+            logger.warning("%s is readable by others; chmod 600 it", path)
+        try:
+            obj = json.loads(path.read_text())
+            public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
+            return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
+        except (OSError, ValueError, KeyError, TypeError, CryptoError) as exc:
+            raise DataError(
+                f"the arbiter's key file {path} is unreadable ({type(exc).__name__}); restore it "
+                "from backup (running jobs need this key), or move it away to make a new key"
+            ) from None
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public, private = generate_keypair(bits=bits, allow_test_key=allow_test_key)
