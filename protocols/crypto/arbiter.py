@@ -262,7 +262,6 @@ class ArbiterService:
         self._key = private_key
         self.policy = policy
         self._executor = executor
-        self._policy_of: Callable[[dict[str, Any]], JobPolicy] | None = None
         self._setup_lock = threading.Lock()
         self._waiting_ready: dict[str, list[Envelope]] = {}
         self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
@@ -275,9 +274,11 @@ class ArbiterService:
 
     def serve_setup(self, policy_of: Callable[[dict[str, Any]], JobPolicy]) -> None:
         """Answer the setup messages S1-S3; ``policy_of`` derives a policy from a JOB_SPEC body."""
-        self._policy_of = policy_of
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.KEY_REQ), self._on_key_request)
-        self._channel.add_handler(MessageFilter.for_tags(SetupTag.JOB_SPEC), self._on_job_spec)
+        self._channel.add_handler(
+            MessageFilter.for_tags(SetupTag.JOB_SPEC),
+            lambda envelope: self._on_job_spec(envelope, policy_of),
+        )
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.RESUME), self._on_resume)
 
     def _setup_reply(self, request: Envelope, tag: SetupTag, obj: dict[str, Any]) -> None:
@@ -297,14 +298,15 @@ class ArbiterService:
         """S1."""
         self._setup_reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
 
-    def _on_job_spec(self, envelope: Envelope) -> None:
+    def _on_job_spec(
+        self, envelope: Envelope, policy_of: Callable[[dict[str, Any]], JobPolicy]
+    ) -> None:
         """S2: register when every requester sent the same spec, then answer them all."""
-        assert self._policy_of is not None
         waiting: list[Envelope] = []
         try:
             if not isinstance(envelope.body, ControlBlock):
                 raise PolicyViolationError("JOB_SPEC carries no control block")
-            policy = self._policy_of(envelope.body.obj())
+            policy = policy_of(envelope.body.obj())
             if policy.job_id != envelope.job_id:
                 raise PolicyViolationError("JOB_SPEC names another job than its envelope")
             if policy.key_id != self._cipher.key.key_id:

@@ -205,7 +205,8 @@ class JobRunner:
                 "psi_job": psi_job,
             }
             table = _aligned_table(self.config, request, labels=job_file.label_column)
-            assert table.labels is not None
+            if table.labels is None:
+                raise ConfigError(f"data {job_file.guest_data!r} has no label column")
             splits = split_rows(
                 table.labels,
                 test_fraction=job_file.test_fraction,

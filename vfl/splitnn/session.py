@@ -371,6 +371,7 @@ class GuestSession(_Common):
         )
         if table.labels is None:
             raise ConfigError("the guest's table has no label column")
+        self.labels: np.ndarray = table.labels
         self.job, self.table, self.splits = job, table, splits
         self.w0_seed, self.pool_target = w0_seed, pool_target
         self.host_request = dict(host_request or {})
@@ -432,7 +433,6 @@ class GuestSession(_Common):
         self.register(spec)  # J3
 
         x = self._preprocess(self.job_dir, self.table, self.splits.train)
-        assert self.table.labels is not None
         cipher = self.cipher(key, encrypted=job.encrypted)
         pool = self.pool(key, encrypted=job.encrypted)
         layer = GuestLayer(
@@ -447,7 +447,7 @@ class GuestSession(_Common):
             timeout=self.timeout,
         )
         layer.run_id = self.run_id
-        trainer = GuestTrainer(layer=layer, x=x, y=self.table.labels, config=job.train)
+        trainer = GuestTrainer(layer=layer, x=x, y=self.labels, config=job.train)
         t = resume_point(mine, theirs)  # J4
         self.resumed_from = t
         if mine and t is None:
@@ -549,12 +549,11 @@ class GuestSession(_Common):
     def _validate(
         self, layer: GuestLayer, trainer: GuestTrainer, state: dict[str, Any], epoch: int, step: int
     ) -> None:
-        assert self.table.labels is not None
         rows = self.splits.validation
         metrics: dict[str, float] = {}
         if len(rows):  # without validation rows: no early stopping, the last epoch is kept
             scores = self._scores(layer, trainer, rows, state)
-            metrics = task_metrics(self.job.train.task, self.table.labels[rows], scores)
+            metrics = task_metrics(self.job.train.task, self.labels[rows], scores)
         spe = self.steps_per_epoch
         metrics["train_loss"] = float(np.mean(trainer.losses[-spe:])) if trainer.losses else 0.0
         metrics["epoch"] = epoch
@@ -607,7 +606,6 @@ class GuestSession(_Common):
         eval_s: float,
     ) -> SplitResult:
         """J7."""
-        assert self.table.labels is not None
         job = self.job
         self.send(job.job_id, self.peer, JobTag.USE_BEST, 0, ControlBlock.from_obj({}))
         if state["best_epoch"] >= 0:
@@ -615,7 +613,7 @@ class GuestSession(_Common):
         t_test = time.monotonic()
         rows = self.splits.test
         scores = self._scores(layer, trainer, rows, state)
-        test = task_metrics(job.train.task, self.table.labels[rows], scores) if len(rows) else {}
+        test = task_metrics(job.train.task, self.labels[rows], scores) if len(rows) else {}
         self._save_progress(state)
         self.send(job.job_id, self.peer, JobTag.JOB_END, 0, ControlBlock.from_obj({}))
         result = SplitResult(

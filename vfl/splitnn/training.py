@@ -172,6 +172,24 @@ def task_loss(task: Task, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return out
 
 
+def guest_backward(
+    task: Task, models: _GuestModels, z_h: torch.Tensor, z_own: torch.Tensor, y: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """The guest's loss and backward pass for ``z = z_h + z_own``.
+
+    The top model's gradients accumulate as usual; ``W_g, b, f_g`` learn from the true
+    ``δ = ∂L/∂z``, which is returned (with the loss) for ``Protect`` and the host's side.
+    """
+    z = (z_h + z_own.detach()).requires_grad_(True)
+    loss = task_loss(task, models.top(z), y)
+    torch.autograd.backward(loss)  # top model, and δ = ∂L/∂z in z.grad
+    delta = z.grad
+    if delta is None:
+        raise RuntimeError("no gradient w.r.t. the interactive pre-activation")
+    torch.autograd.backward(z_own, grad_tensors=delta)
+    return float(loss.detach()), delta
+
+
 def task_scores(task: Task, outputs: torch.Tensor) -> np.ndarray:
     """Probabilities (binary: of the positive class; multiclass: B×C) or predicted values."""
     if task is Task.BINARY:
@@ -212,15 +230,10 @@ class GuestTrainer:
             self.models.train()
             self.optimizer.zero_grad()
             z_own = self.models.own_z(self.x[rows])
-            z = (torch.tensor(z_h, dtype=torch.float32) + z_own.detach()).requires_grad_(True)
-            loss = task_loss(self.config.task, self.models.top(z), self.y[rows])
-            torch.autograd.backward(loss)  # top model, and δ = ∂L/∂z in z.grad
-            delta = z.grad
-            if delta is None:
-                raise RuntimeError("no gradient w.r.t. the interactive pre-activation")
-            torch.autograd.backward(z_own, grad_tensors=delta)  # W_g, b, f_g learn from the true δ
+            z_h_t = torch.tensor(z_h, dtype=torch.float32)
+            loss, delta = guest_backward(self.config.task, self.models, z_h_t, z_own, self.y[rows])
             self.optimizer.step()
-            self.losses.append(float(loss.detach()))
+            self.losses.append(loss)
             return protect(
                 delta.double().numpy(),
                 self.config.protect,
@@ -375,14 +388,9 @@ class FloatSplitModel:
         a = torch.clamp(alpha.detach().double(), -self.config.a_max, self.config.a_max)
         z_h = a @ self.w_h
         z_own = self.guest.own_z(self.xg[rows])
-        z = (z_h.float() + z_own.detach()).requires_grad_(True)
-        loss = task_loss(self.config.task, self.guest.top(z), self.y[rows])
-        torch.autograd.backward(loss)
-        delta = z.grad
-        assert delta is not None
-        torch.autograd.backward(z_own, grad_tensors=delta)
+        loss, delta = guest_backward(self.config.task, self.guest, z_h.float(), z_own, self.y[rows])
         self.opt_g.step()
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss)
         d_t = torch.tensor(
             protect(
                 delta.double().numpy(),
