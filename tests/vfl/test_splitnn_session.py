@@ -225,11 +225,14 @@ def test_multiclass_and_regression_jobs(
         protect=protect,
         task=task,
     )
-    job = SplitJob(job_id=f"task-{task.value}", train=config, batch=16, batch_eval=24, epochs=2)
+    job = SplitJob(
+        job_id=f"task-{task.value}", train=config, batch=16, batch_eval=24, epochs=4, patience=4
+    )
     out = run_job(trio(tmp_path, pk, sk), job, guest, host, splits)
     assert not out.errors and out.result is not None, out.errors
     if task is Task.MULTICLASS:
-        assert out.result.test["accuracy"] > 0.5  # three balanced-ish classes: chance ~ 0.4
+        majority = np.max(np.bincount(labels[splits.test].astype(int))) / len(splits.test)
+        assert out.result.test["accuracy"] > majority + 0.1, (out.result.test, majority)
         assert np.allclose(np.sum(out.result.test_scores, axis=1), 1.0)
     else:
         assert out.result.test["rmse"] < 0.9 * float(np.std(labels[splits.test]))
