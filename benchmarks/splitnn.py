@@ -16,7 +16,11 @@ Figures (``benchmarks/results/splitnn.json``):
 * ``naive_phe_s``: the same epoch's P0 flow with python-paillier's EncryptedNumber API in one
   process, timed on a few rows and scaled (``splitnn_costs.naive_phe_epoch_seconds``);
 * ``setup_s`` (key, registration, joint initialisation; PSI reported as ``psi_s``),
-  ``eval_s`` (validation after the epoch), ``rows_per_s``.
+  ``eval_s`` (validation after the epoch), ``rows_per_s``;
+* ``estimate``: what ``vfl estimate`` predicts before the run
+  (:func:`vfl.splitnn.estimate.estimate_job_file` on :func:`~vfl.splitnn.estimate.quick_costs`
+  timed just before the services start), and ``estimate_epoch_ratio`` / ``estimate_total_ratio``
+  = measured / predicted (epoch; PSI to the end of the test).
 
 Run: ``python benchmarks/splitnn.py`` (about 5 minutes; nothing else should run meanwhile).
 """
@@ -58,9 +62,12 @@ from vfl.service.admin import admin_call
 from vfl.service.demo import write_demo_setup
 from vfl.service.jobs import arbiter_key
 from vfl.service.local import connect_services, start_services, stop_services
+from vfl.splitnn.estimate import estimate_job_file, quick_costs
+from vfl.splitnn.jobfile import parse_job
 from vfl.splitnn.spec import JobSpec, SplitMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATASET_ROWS = 30_000  # default_credit_hetero ids on each side, all aligned
 
 JOB = """
 [job]
@@ -94,6 +101,7 @@ def run_epoch(work: Path, *, key_bits: int, batch: int, d: int, k: int) -> dict[
     # the arbiter's key, made here so the primitive costs can be timed before the epoch too
     keys = arbiter_key(configs["arbiter"].state_dir, bits=key_bits, allow_test_key=key_bits != 2048)
     costs_before = measure_primitive_costs(public_key=keys[0], private_key=keys[1])
+    quick = quick_costs(keypair=keys)  # what `vfl estimate` would measure
     procs = start_services(configs, logs=work / "logs")
     try:
         connect_services(configs, timeout=300)
@@ -118,6 +126,8 @@ def run_epoch(work: Path, *, key_bits: int, batch: int, d: int, k: int) -> dict[
         "total_s": total_s,
         "keys": keys,
         "costs": (costs_before, costs_after),
+        "quick_costs": quick,
+        "job_toml": job_toml,
     }
 
 
@@ -171,6 +181,13 @@ def main() -> None:
         sample_rows=args.naive_rows,
     )
     epoch_wall_s = float(timings["train_s"])
+    estimate = estimate_job_file(
+        parse_job(tomllib.loads(run["job_toml"]), source="benchmark job"),
+        rows=int(run["status"].get("rows", DATASET_ROWS)),
+        costs=run["quick_costs"],
+        cores=os.cpu_count() or 1,
+        run_psi=True,
+    )
     out = {
         "dataset": "default_credit_hetero",
         "rows": steps * args.batch,
@@ -193,6 +210,12 @@ def main() -> None:
         "psi_s": round(run["total_s"] - sum(float(v) for v in timings.values()), 2),
         "eval_s": round(float(timings["eval_s"]), 2),
         "validation_auc": run["result"]["history"][0]["roc_auc"],
+        "estimate_epoch_s": round(estimate.epoch_s, 2),
+        "estimate_epoch_ratio": round(epoch_wall_s / estimate.epoch_s, 3),
+        "estimate_total_s": round(estimate.total_s, 2),
+        "estimate_total_ratio": round(run["total_s"] / estimate.total_s, 3),
+        "estimate": estimate.to_json(),
+        "estimate_costs": run["quick_costs"].to_json(),
         "floor": floor.to_json(),
         "floor_engine": floor_engine.to_json(),
         "costs": costs.to_json(),
@@ -217,6 +240,10 @@ def main() -> None:
         "psi_s",
         "eval_s",
         "validation_auc",
+        "estimate_epoch_s",
+        "estimate_epoch_ratio",
+        "estimate_total_s",
+        "estimate_total_ratio",
     ):
         print(f"{key:24s} {out[key]}")
     print(f"wrote {args.out}")

@@ -2,64 +2,15 @@
 
 A library for ``benchmarks/splitnn.py`` (nothing runs at import). Three parts:
 
-1. :func:`measure_primitive_costs` times, in this process, every primitive one step of the
-   interactive layer is made of, each through the engine's own code path:
-
-   * ``decrypt_s``: :meth:`PrivateKey.decrypt` (CRT), what the arbiter's workers run;
-   * ``obfuscator_s``: :func:`protocols.crypto.obfuscators.generate` with the fixed-base
-     generator (``ρ = h_s^x``, ``x`` of ``|n| + 128`` bits), per ``ρ``, its ``h_s`` table
-     already built; the table's one-off build is ``obfuscator_table_s``;
-   * ``table_a_s`` / ``table_d_s``: one :class:`SignedFixedBase` (tables for ``c`` and
-     ``c⁻¹`` plus one inversion) for a ciphertext multiplied by scalars of ``a_bits`` /
-     ``d_bits`` bits, as :func:`protocols.crypto.tensor.plain_matmul` builds it per reused
-     ciphertext; ``fixed_base_pow_a_s`` / ``fixed_base_pow_d_s``: one signed scalar from those
-     tables. :meth:`PrimitiveCosts.fixed_base_mult_a_s` is the per-scalar cost with the table
-     amortised over its reuses, ``pow + table / reuse``;
-   * ``multi_exp_a_s`` / ``multi_exp_d_s``: :func:`protocols.crypto.fixed_base.multi_exp`
-     (Pippenger buckets, positive and negative scalars apart, one inversion) over
-     ``multi_exp_bases`` ciphertexts, divided by the number of bases: the per-scalar cost
-     of a product whose ciphertexts are reused too rarely for tables (B2), the ``⊕`` of
-     the terms included;
-   * ``powmod_a_s`` / ``powmod_d_s``: ``gmpy2.powmod(c, |x|, n²)``, a small exponent on a
-     ciphertext without any table (the sign would cost one inversion per output with the
-     offset trick of §4.10, not counted);
-   * ``mulmod_s`` (``⊕``, ``Obf``, ``c ⊕ m``), ``invert_s`` (``⊖``) and, for context only,
-     ``rn_s`` = ``r^n mod n²`` (an obfuscator without the fixed base).
-
-   Scalars are drawn uniformly with ``|x| < 2^a_bits`` (``â``, default 28) and
-   ``|x| < 2^d_bits`` (``δ̂``, default 36), the strict bounds of §2.2. Real scalars are often
-   shorter (``|α| < 8`` gives ``|â| < 2^27``; a mean-reduced loss gives ``δ̂`` far below its
-   bound) and the engine sizes its tables to the largest scalar of the chunk, so a run can
-   pass the bit lengths it actually saw.
-
-2. :func:`epoch_floor` multiplies the §4.9 counts of one step
+1. :func:`vfl.splitnn.estimate.measure_primitive_costs` times, in this process, every
+   primitive one step of the interactive layer is made of, each through the engine's own
+   code path (CRT decryption, fixed-base obfuscators, signed fixed-base tables and pows,
+   Pippenger multi-exponentiation, powmod, mulmod, inversion; see that module);
+2. :func:`vfl.splitnn.estimate.epoch_floor` multiplies the §4.9 counts of one step
    (:meth:`vfl.splitnn.spec.JobSpec.step_counts`) by these costs, times the steps, divided by
-   the cores. Which method each product gets is decided exactly as ``plain_matmul`` does:
-   a ciphertext multiplied by ``m >= TABLE_MIN_REUSE`` scalars gets tables, else the product
-   is a multi-exponentiation:
-
-   * F1 at H, ``â ⊙ [[W^G]]`` (B×d times d×κ_k): each of the ``d·κ_k`` ciphertexts of
-     ``[[W^G]]`` serves all B rows ⇒ fixed base, one table pair per ciphertext per step,
-     amortised over B;
-   * B1 at G, ``δ̂ ⊙ [[E]]`` (B×k times k×κ_d): each of the ``k·κ_d`` ciphertexts of ``[[E]]``
-     serves all B rows ⇒ fixed base, amortised over B (``d_bits`` scalars);
-   * B2 at H, ``âᵀ ⊙ [[D̂]]`` (d×B times B×κ_k): each ``[[D̂]]`` ciphertext serves only d
-     scalars (d < 48) ⇒ Pippenger multi-exponentiation, each output over the B/workers
-     ciphertexts of one worker's slice (``multi_exp_bases``, 128 for B = 256 on 2 workers).
-     ``few_reuse="powmod"`` costs these products as plain ``gmpy2.powmod`` instead (the
-     issue's wording "powmod otherwise"), ``"fixed_base"`` as tables amortised over d.
-
-   The three products' scalar counts add up to ``StepCounts.scalar_mults`` (checked).
-   Also counted: one decryption per ``StepCounts.decryptions`` (A), one obfuscator per
-   ``StepCounts.obfuscators`` (fresh encryptions and obfuscations, split between G and H),
-   one ``mulmod`` per ``⊕`` (each table-path term into its output, each plaintext addend,
-   each decryption mask ``c ⊕ R``, each use of a ``ρ``, each ``⊖``), one inversion per
-   ``StepCounts.inverses`` (H's ``[[W^G]] ⊖ [[V̂]]``; the tables' own inversions are inside
-   ``table_*_s``). Not counted: encoding, packing, unpacking, mask sampling, serialisation,
-   transport, the combination of the workers' partial products, and the ``h_s`` tables
-   (``obfuscator_tables`` adds some). The floor is CPU work divided by the cores, i.e.
-   perfect balance of all three parties' work over the machine.
-
+   the cores, each product costed by the method ``plain_matmul`` uses (``few_reuse`` costs
+   B2 otherwise). Both live in :mod:`vfl.splitnn.estimate` (behind ``vfl estimate``) and
+   are imported from there;
 3. :func:`naive_phe_epoch_seconds` writes the same epoch's P0 flow (F1, F2/F3, B1-1..B1-3,
    B2-1..B2-4 and H's ``⊖`` of §4.4) straightforwardly with python-paillier's
    ``EncryptedNumber``: ``EncryptedNumber * int`` for the small scalars, ``+`` for sums and
@@ -84,601 +35,61 @@ Run ``python benchmarks/splitnn_costs.py`` for all three at 2048 bits (10-20 s).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, where benchmarks/psi.py would shadow
+# the psi package that vfl.splitnn.estimate imports: drop the folder (as splitnn.py does).
+if __name__ == "__main__":
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 import argparse
 import json
 import random
 import secrets
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import gmpy2
-from gmpy2 import mpz
 from phe import paillier as phe_paillier
 from phe.encoding import EncodedNumber
 
-from protocols.crypto.fixed_base import FixedBaseTable, SignedFixedBase, multi_exp
-from protocols.crypto.obfuscators import (
-    HS_WINDOW,
-    ObfuscatorKind,
-    exponent_bits,
-    generate,
-    hs_table,
-)
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
-from protocols.crypto.tensor import TABLE_MIN_REUSE
+from vfl.splitnn.estimate import (
+    A_BITS,
+    D_BITS,
+    FloorBreakdown,
+    PrimitiveCosts,
+    _signed_scalars,
+    epoch_floor,
+    measure_primitive_costs,
+)
 from vfl.splitnn.spec import JobSpec, SplitMode
+
+__all__ = [
+    "A_BITS",
+    "BATCH",
+    "D_BITS",
+    "DEFAULT_STEPS",
+    "TRAIN_ROWS",
+    "FloorBreakdown",
+    "NaiveEstimate",
+    "NaiveMessage",
+    "PrimitiveCosts",
+    "epoch_floor",
+    "measure_primitive_costs",
+    "naive_phe_epoch_seconds",
+]
 
 TRAIN_ROWS = 24_000
 BATCH = 256
 DEFAULT_STEPS = TRAIN_ROWS // BATCH  # 93: the last partial batch is dropped
-A_BITS = 28  # |â| < 2^28 (§2.2)
-D_BITS = 36  # |δ̂|, |D̂| < 2^36 (§2.2)
-FIXED_BASE_WINDOW = 5  # plain_matmul's window for reused ciphertexts
 
-FewReuse = Literal["multi_exp", "powmod", "fixed_base"]
 
-
-def _median_per_op(
-    fn: Callable[[], object], ops: int, repeats: int, clock: Callable[[], float]
-) -> float:
-    """Median over ``repeats`` runs of the time of ``fn()`` on ``clock``, divided by ``ops``."""
-    times = []
-    for _ in range(max(1, repeats)):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times) / ops
-
-
-def _signed_scalars(rng: random.Random, bits: int, count: int) -> list[int]:
-    """``count`` integers uniform in ``(-2^bits, 2^bits)``, never zero."""
-    top = (1 << bits) - 1
-    out: list[int] = []
-    while len(out) < count:
-        x = rng.randint(-top, top)
-        if x:
-            out.append(x)
-    return out
-
-
-# -- 1. primitive costs --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrimitiveCosts:
-    """Seconds per operation, measured in one process (see the module docstring).
-
-    Attributes
-    ----------
-    bits
-        Key size.
-    a_bits, d_bits
-        Scalar sizes used: ``|â| < 2^a_bits`` (F1, B2), ``|δ̂| < 2^d_bits`` (B1).
-    decrypt_s
-        One CRT decryption (:meth:`PrivateKey.decrypt`).
-    obfuscator_s
-        One fixed-base ``ρ`` from the engine's generator, table already built.
-    obfuscator_table_s
-        Building the ``h_s`` table once (per process and key; not per ``ρ``).
-    table_a_s, table_d_s
-        One :class:`SignedFixedBase` (``c`` and ``c⁻¹`` tables, one inversion) for
-        ``a_bits`` / ``d_bits`` scalars, window 5.
-    fixed_base_pow_a_s, fixed_base_pow_d_s
-        One signed scalar from such tables (the ``⊕`` into the output not included).
-    multi_exp_a_s, multi_exp_d_s
-        Per scalar of a Pippenger multi-exponentiation over ``multi_exp_bases`` ciphertexts
-        with ``a_bits`` / ``d_bits`` scalars (its ``⊕`` and final inversion included).
-    multi_exp_bases
-        Number of ciphertexts per multi-exponentiation measured.
-    powmod_a_s, powmod_d_s
-        ``gmpy2.powmod(c, |x|, n²)``.
-    mulmod_s
-        ``c·c' mod n²`` on ``mpz``.
-    invert_s
-        ``c⁻¹ mod n²``.
-    rn_s
-        ``r^n mod n²`` (context: an obfuscator without the fixed base).
-    measure_s
-        Wall time of the whole measurement.
-    clock
-        The clock the costs were read from (``thread_time``: CPU time of the thread).
-    """
-
-    bits: int
-    a_bits: int
-    d_bits: int
-    decrypt_s: float
-    obfuscator_s: float
-    obfuscator_table_s: float
-    table_a_s: float
-    table_d_s: float
-    fixed_base_pow_a_s: float
-    fixed_base_pow_d_s: float
-    multi_exp_a_s: float
-    multi_exp_d_s: float
-    multi_exp_bases: int
-    powmod_a_s: float
-    powmod_d_s: float
-    mulmod_s: float
-    invert_s: float
-    rn_s: float
-    measure_s: float
-    clock: str
-
-    def fixed_base_mult_a_s(self, reuse: int) -> float:
-        """Per-scalar cost of an ``a_bits`` product on a ciphertext reused ``reuse`` times.
-
-        Parameters
-        ----------
-        reuse
-            Scalars each table pair serves (B for F1).
-
-        Returns
-        -------
-        float
-            ``fixed_base_pow_a_s + table_a_s / reuse`` seconds.
-        """
-        return self.fixed_base_pow_a_s + self.table_a_s / max(1, reuse)
-
-    def fixed_base_mult_d_s(self, reuse: int) -> float:
-        """Per-scalar cost of a ``d_bits`` product on a ciphertext reused ``reuse`` times.
-
-        Parameters
-        ----------
-        reuse
-            Scalars each table pair serves (B for B1).
-
-        Returns
-        -------
-        float
-            ``fixed_base_pow_d_s + table_d_s / reuse`` seconds.
-        """
-        return self.fixed_base_pow_d_s + self.table_d_s / max(1, reuse)
-
-    def to_json(self) -> dict[str, Any]:
-        """All fields (seconds), for a results file."""
-        return asdict(self)
-
-
-def measure_primitive_costs(
-    *,
-    public_key: PublicKey,
-    private_key: PrivateKey,
-    repeats: int = 3,
-    a_bits: int = A_BITS,
-    d_bits: int = D_BITS,
-    multi_exp_bases: int = BATCH // 2,
-    seed: int = 0,
-    clock: Callable[[], float] = time.thread_time,
-) -> PrimitiveCosts:
-    """Time every primitive of a split-NN step through the engine's own code.
-
-    Each figure is the median over ``repeats`` batches of operations. About 3-4 s at
-    2048 bits, plus about 1.3 s to build the ``h_s`` table (about 120 MB at 2048 bits).
-    The table is left in :func:`protocols.crypto.obfuscators.hs_table`'s cache, as any
-    use of the generator would; if this process already had it, a second one is built
-    and dropped, to time the build.
-
-    Parameters
-    ----------
-    public_key, private_key
-        The engine's key pair (:func:`protocols.crypto.paillier.generate_keypair`).
-    repeats
-        Batches per figure; the median is kept.
-    a_bits, d_bits
-        Scalar sizes: ``|â| < 2^a_bits``, ``|δ̂| < 2^d_bits``.
-    multi_exp_bases
-        Ciphertexts per multi-exponentiation (B / workers in the engine's B2).
-    seed
-        Seed of the scalars (the ciphertexts and obfuscators use the OS CSPRNG).
-    clock
-        What is timed: by default this thread's CPU time, i.e. the CPU work of each
-        operation (everything runs in the calling thread), which other processes on a
-        shared machine disturb far less than wall time; ``time.perf_counter`` for wall time
-        (equal on an idle machine).
-
-    Returns
-    -------
-    PrimitiveCosts
-        Seconds per operation.
-    """
-    started = time.perf_counter()
-    pk, sk = public_key, private_key
-    n, n2 = pk.n, pk.n2
-    rng = random.Random(seed)
-
-    # obfuscators: the h_s table (one-off), then the generator per ρ
-    exp_bits = exponent_bits(pk.bits, ObfuscatorKind.FIXED_BASE)
-    misses = hs_table.cache_info().misses
-    t = clock()
-    hs_table(n, pk.h_s, exp_bits)
-    table_build_s = clock() - t
-    if hs_table.cache_info().misses == misses:  # already cached here: time a fresh build
-        t = clock()
-        FixedBaseTable(pk.h_s, n2, exp_bits=exp_bits, window=HS_WINDOW)
-        table_build_s = clock() - t
-    obf_count = 120
-    rhos: list[mpz] = []
-
-    def make_rhos() -> None:
-        rhos.extend(generate(n, pk.h_s, pk.bits, ObfuscatorKind.FIXED_BASE, obf_count))
-
-    obfuscator_s = _median_per_op(make_rhos, obf_count, repeats, clock)
-    need = max(200, multi_exp_bases)
-    if len(rhos) < need:  # untimed top-up: enough distinct ciphertexts for what follows
-        rhos.extend(generate(n, pk.h_s, pk.bits, ObfuscatorKind.FIXED_BASE, need - len(rhos)))
-    cts = [pk.encrypt(secrets.randbelow(int(n)), rho) for rho in rhos]
-    ms = [secrets.randbelow(int(n)) for _ in range(8)]
-    if [sk.decrypt(pk.encrypt(m, rho)) for m, rho in zip(ms, rhos, strict=False)] != ms:
-        raise AssertionError("decryption of fresh encryptions failed")
-
-    # decryption (the arbiter's path)
-    dec_cts = cts[:48]
-    decrypt_s = _median_per_op(
-        lambda: [sk.decrypt(c) for c in dec_cts], len(dec_cts), repeats, clock
-    )
-
-    # fixed-base tables and pows, as plain_matmul builds them per reused ciphertext
-    def table_costs(bits: int) -> tuple[float, float]:
-        bases = cts[:8]
-        tables: list[SignedFixedBase] = []
-
-        def build() -> None:
-            tables.clear()
-            tables.extend(
-                SignedFixedBase(c, n2, exp_bits=bits, window=FIXED_BASE_WINDOW) for c in bases
-            )
-
-        table_s = _median_per_op(build, len(bases), repeats, clock)
-        xs = _signed_scalars(rng, bits, 400)
-        pow_s = _median_per_op(
-            lambda: [tables[i % len(tables)].pow(x) for i, x in enumerate(xs)],
-            len(xs),
-            repeats,
-            clock,
-        )
-        if tables[0].pow(xs[0]) != pk.mul_scalar(bases[0], xs[0]):
-            raise AssertionError("fixed-base table disagrees with powmod")
-        return table_s, pow_s
-
-    table_a_s, pow_a_s = table_costs(a_bits)
-    table_d_s, pow_d_s = table_costs(d_bits)
-
-    # Pippenger multi-exponentiation (B2's method), per scalar
-    me_bases = cts[:multi_exp_bases]
-
-    def multi_exp_cost(bits: int) -> float:
-        outputs = 4
-        exps = [_signed_scalars(rng, bits, len(me_bases)) for _ in range(outputs)]
-        per_scalar = _median_per_op(
-            lambda: [multi_exp(me_bases, x, n2) for x in exps],
-            outputs * len(me_bases),
-            repeats,
-            clock,
-        )
-        check = mpz(1)
-        for c, x in zip(me_bases[:6], exps[0][:6], strict=True):
-            check = check * pk.mul_scalar(c, x) % n2
-        if multi_exp(me_bases[:6], exps[0][:6], n2) != check:
-            raise AssertionError("multi_exp disagrees with powmod")
-        return per_scalar
-
-    multi_exp_a_s = multi_exp_cost(a_bits)
-    multi_exp_d_s = multi_exp_cost(d_bits)
-
-    # plain powmod with a small exponent, mulmod, inversion, r^n
-    def powmod_cost(bits: int) -> float:
-        xs = [abs(x) for x in _signed_scalars(rng, bits, 150)]
-        return _median_per_op(
-            lambda: [gmpy2.powmod(cts[i % 64], x, n2) for i, x in enumerate(xs)],
-            len(xs),
-            repeats,
-            clock,
-        )
-
-    powmod_a_s = powmod_cost(a_bits)
-    powmod_d_s = powmod_cost(d_bits)
-    pairs = list(zip(cts[:100], cts[100:200], strict=True))
-    mulmod_s = _median_per_op(
-        lambda: [a * b % n2 for _ in range(20) for a, b in pairs], 20 * len(pairs), repeats, clock
-    )
-    invert_s = _median_per_op(
-        lambda: [gmpy2.invert(c, n2) for c in cts[:200]], len(cts[:200]), repeats, clock
-    )
-    rs = [mpz(secrets.randbelow(int(n) - 1) + 1) for _ in range(12)]
-    rn_s = _median_per_op(lambda: [gmpy2.powmod(r, n, n2) for r in rs], len(rs), repeats, clock)
-
-    return PrimitiveCosts(
-        bits=pk.bits,
-        a_bits=a_bits,
-        d_bits=d_bits,
-        decrypt_s=decrypt_s,
-        obfuscator_s=obfuscator_s,
-        obfuscator_table_s=table_build_s,
-        table_a_s=table_a_s,
-        table_d_s=table_d_s,
-        fixed_base_pow_a_s=pow_a_s,
-        fixed_base_pow_d_s=pow_d_s,
-        multi_exp_a_s=multi_exp_a_s,
-        multi_exp_d_s=multi_exp_d_s,
-        multi_exp_bases=len(me_bases),
-        powmod_a_s=powmod_a_s,
-        powmod_d_s=powmod_d_s,
-        mulmod_s=mulmod_s,
-        invert_s=invert_s,
-        rn_s=rn_s,
-        measure_s=time.perf_counter() - started,
-        clock=getattr(clock, "__name__", repr(clock)),
-    )
-
-
-# -- 2. the floor ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FloorItem:
-    """One line of the floor: ``count_per_step`` operations at ``cost_s`` each.
-
-    Attributes
-    ----------
-    name
-        What is counted.
-    party
-        Who does it: ``"G"``, ``"H"`` or ``"A"``.
-    method
-        How the engine does it (and how the cost was measured).
-    count_per_step
-        Operations per training step.
-    cost_s
-        Seconds per operation.
-    """
-
-    name: str
-    party: str
-    method: str
-    count_per_step: int
-    cost_s: float
-
-    @property
-    def cpu_s_per_step(self) -> float:
-        """CPU seconds per step."""
-        return self.count_per_step * self.cost_s
-
-
-@dataclass(frozen=True)
-class FloorBreakdown:
-    """The §4.9 floor of one epoch.
-
-    Attributes
-    ----------
-    mode, batch, d, k, slots
-        The job's shape (``slots`` = 1 in P0).
-    steps
-        Training steps in the epoch.
-    cores
-        The CPU seconds are divided by this.
-    few_reuse
-        How products on rarely reused ciphertexts (B2) were costed.
-    items
-        The lines; their CPU seconds add up to ``cpu_s_per_step``.
-    obfuscator_tables
-        ``h_s`` tables counted as built during the epoch (a one-off each).
-    """
-
-    mode: str
-    batch: int
-    d: int
-    k: int
-    slots: int
-    steps: int
-    cores: int
-    few_reuse: str
-    items: tuple[FloorItem, ...]
-    obfuscator_tables: int
-    obfuscator_table_s: float
-
-    @property
-    def cpu_s_per_step(self) -> float:
-        """CPU seconds of one step, all parties."""
-        return sum(item.cpu_s_per_step for item in self.items)
-
-    @property
-    def cpu_s(self) -> float:
-        """CPU seconds of the epoch, all parties (table builds included)."""
-        return self.cpu_s_per_step * self.steps + self.obfuscator_tables * self.obfuscator_table_s
-
-    @property
-    def floor_s(self) -> float:
-        """The floor: epoch CPU seconds divided by the cores."""
-        return self.cpu_s / self.cores
-
-    def by_party(self) -> dict[str, float]:
-        """CPU seconds of the epoch per party (tables not included)."""
-        out: dict[str, float] = {}
-        for item in self.items:
-            out[item.party] = out.get(item.party, 0.0) + item.cpu_s_per_step * self.steps
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        """Everything, with per-item epoch seconds, for a results file."""
-        return {
-            "mode": self.mode,
-            "batch": self.batch,
-            "d": self.d,
-            "k": self.k,
-            "slots": self.slots,
-            "steps": self.steps,
-            "cores": self.cores,
-            "few_reuse": self.few_reuse,
-            "items": [
-                {
-                    **asdict(item),
-                    "cpu_s_per_step": item.cpu_s_per_step,
-                    "cpu_s_epoch": item.cpu_s_per_step * self.steps,
-                }
-                for item in self.items
-            ],
-            "obfuscator_tables": self.obfuscator_tables,
-            "cpu_s_per_step": self.cpu_s_per_step,
-            "cpu_s": self.cpu_s,
-            "cpu_s_by_party": self.by_party(),
-            "floor_s": self.floor_s,
-        }
-
-
-def _product_item(
-    *,
-    name: str,
-    party: str,
-    scalars: int,
-    reuse: int,
-    small: bool,
-    costs: PrimitiveCosts,
-    few_reuse: FewReuse,
-) -> tuple[FloorItem, bool]:
-    """Cost one product the way ``plain_matmul`` evaluates it (``small``: ``a_bits`` scalars).
-
-    Returns the item and whether it takes the table path, where each term costs one more
-    ``⊕`` into its output (a multi-exponentiation includes its own).
-    """
-    tables = reuse >= TABLE_MIN_REUSE or few_reuse == "fixed_base"
-    if tables:
-        cost = costs.fixed_base_mult_a_s(reuse) if small else costs.fixed_base_mult_d_s(reuse)
-        table = costs.table_a_s if small else costs.table_d_s
-        method = (
-            f"fixed-base pow (w={FIXED_BASE_WINDOW}) + c/c⁻¹ table "
-            f"({table * 1e3:.2f} ms) / {reuse} reuses"
-        )
-    elif few_reuse == "multi_exp":
-        cost = costs.multi_exp_a_s if small else costs.multi_exp_d_s
-        method = f"Pippenger multi_exp over {costs.multi_exp_bases} ciphertexts, per scalar"
-    else:
-        cost = costs.powmod_a_s if small else costs.powmod_d_s
-        method = "gmpy2.powmod, small exponent"
-    return FloorItem(name, party, method, scalars, cost), tables
-
-
-def epoch_floor(
-    *,
-    spec: JobSpec,
-    steps: int,
-    costs: PrimitiveCosts,
-    cores: int = 2,
-    few_reuse: FewReuse = "multi_exp",
-    obfuscator_tables: int = 0,
-) -> FloorBreakdown:
-    """The §4.9 operation counts of ``steps`` training steps times measured costs, per core.
-
-    Parameters
-    ----------
-    spec
-        The job (mode, B, d, k, slots); its :meth:`JobSpec.step_counts` gives the counts.
-    steps
-        Training steps in the epoch (93 for 24,000 rows at B = 256).
-    costs
-        From :func:`measure_primitive_costs`, same key size.
-    cores
-        CPU cores the work is spread over.
-    few_reuse
-        Method for products whose ciphertexts serve fewer than ``TABLE_MIN_REUSE`` scalars
-        (B2 at d < 48): ``"multi_exp"`` (what ``plain_matmul`` does, default), ``"powmod"``
-        or ``"fixed_base"`` (tables amortised over the few reuses).
-    obfuscator_tables
-        ``h_s`` tables built during the epoch (0: built at set-up by the initialisation's
-        encryptions in every generating process).
-
-    Returns
-    -------
-    FloorBreakdown
-        Items per party and category, and the total.
-    """
-    if steps < 0 or cores < 1:
-        raise ValueError("steps must be >= 0 and cores >= 1")
-    if not getattr(spec, "encrypted", True):
-        raise ValueError("a plaintext-mode job has no cryptographic floor")
-    if spec.key_bits != costs.bits:
-        raise ValueError(f"costs were measured at {costs.bits} bits, the job uses {spec.key_bits}")
-    counts = spec.step_counts()
-    b, d, k, kk, kd = spec.batch, spec.d, spec.k, spec.kappa_k, spec.kappa_d
-    f1, f1_tables = _product_item(
-        name="F1 â ⊙ [[W^G]]",
-        party="H",
-        scalars=b * d * kk,
-        reuse=b,
-        small=True,
-        costs=costs,
-        few_reuse=few_reuse,
-    )
-    b1, b1_tables = _product_item(
-        name="B1 δ̂ ⊙ [[E]]",
-        party="G",
-        scalars=b * k * kd,
-        reuse=b,
-        small=False,
-        costs=costs,
-        few_reuse=few_reuse,
-    )
-    b2, b2_tables = _product_item(
-        name="B2 âᵀ ⊙ [[D̂]]",
-        party="H",
-        scalars=d * b * kk,
-        reuse=d,
-        small=True,
-        costs=costs,
-        few_reuse=few_reuse,
-    )
-    products = (f1, b1, b2)
-    if sum(p.count_per_step for p in products) != counts.scalar_mults:
-        raise AssertionError("the products' scalars do not add up to StepCounts.scalar_mults")
-
-    # decryptions per tag (A), and the obfuscators each data party consumes
-    dec_z, dec_g, dec_v = b * kk, b * kd, d * kk
-    if dec_z + dec_g + dec_v != counts.decryptions:
-        raise AssertionError("decryptions per tag do not add up to StepCounts.decryptions")
-    rho_g = b * kk + b * kd  # D̂ fresh (B2-1), Obf of Ĝ (B1-1)
-    rho_h = k * kd + b * kk + d * kk  # E' fresh (B2-3), Obf of Ẑ (F1) and V̂ (B2-2)
-    if rho_g + rho_h != counts.obfuscators:
-        raise AssertionError("obfuscators per party do not add up to StepCounts.obfuscators")
-
-    # ⊕ (mulmod): table-path terms into their outputs, plaintext addends, masks, ρ, ⊖
-    terms_g = b1.count_per_step * b1_tables
-    terms_h = f1.count_per_step * f1_tables + b2.count_per_step * b2_tables
-    mul_g = terms_g + b * kd + dec_z + dec_v + rho_g
-    mul_h = terms_h + b * kk + d * kk + dec_g + rho_h + counts.inverses
-
-    fixed = "fixed-base h_s^x, x of |n|+128 bits, table built"
-    items = (
-        FloorItem(
-            "decryptions (Z_FWD, G_BWD, V_WUPD)", "A", "CRT", counts.decryptions, costs.decrypt_s
-        ),
-        FloorItem("obfuscators (D̂ fresh, Obf Ĝ)", "G", fixed, rho_g, costs.obfuscator_s),
-        FloorItem("obfuscators (E' fresh, Obf Ẑ, V̂)", "H", fixed, rho_h, costs.obfuscator_s),
-        *products,
-        FloorItem("⊕ terms, addends, masks, ρ", "G", "mulmod", mul_g, costs.mulmod_s),
-        FloorItem("⊕ terms, addends, masks, ρ, ⊖", "H", "mulmod", mul_h, costs.mulmod_s),
-        FloorItem(
-            "inverses ([[W^G]] ⊖ [[V̂]])", "H", "gmpy2.invert", counts.inverses, costs.invert_s
-        ),
-    )
-    return FloorBreakdown(
-        mode=spec.mode.value,
-        batch=b,
-        d=d,
-        k=k,
-        slots=spec.slots,
-        steps=steps,
-        cores=cores,
-        few_reuse=few_reuse,
-        items=items,
-        obfuscator_tables=obfuscator_tables,
-        obfuscator_table_s=costs.obfuscator_table_s,
-    )
-
-
-# -- 3. the naive phe baseline ------------------------------------------------------------
+# -- the naive phe baseline --- ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -1019,6 +430,8 @@ def _print_costs(costs: PrimitiveCosts) -> None:
         ("mulmod (⊕)", costs.mulmod_s),
         ("invert mod n²", costs.invert_s),
         ("r^n mod n² (context)", costs.rn_s),
+        ("PSI hash to curve, per id", costs.hash_to_curve_s),
+        ("PSI X25519 mask, per point", costs.x25519_s),
     ]
     print(
         f"\nPrimitive costs, {costs.bits}-bit key, {costs.clock} "
