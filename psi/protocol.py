@@ -113,6 +113,10 @@ class PsiResult:
     own_list_size: int
     peer_list_size: int
     summary: dict[str, Any] = field(default_factory=dict)
+    # GUEST_ONLY, for batch scoring (§5.2): at G, the position in ``A_H`` of each row's
+    # match; at H, its own input row at each position of ``A_H`` (-1: a padding dummy)
+    peer_positions: np.ndarray | None = None
+    list_rows: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +207,8 @@ class _Run:
         *,
         peer_size: int,
         started: float,
+        peer_positions: np.ndarray | None = None,
+        list_rows: np.ndarray | None = None,
     ) -> PsiResult:
         """This party's outcome with its summary (counts only)."""
         summary: dict[str, Any] = {
@@ -222,6 +228,8 @@ class _Run:
             own_list_size=self.size,
             peer_list_size=peer_size,
             summary=summary,
+            peer_positions=peer_positions,
+            list_rows=list_rows,
         )
 
     def abort(self, reason: str) -> None:
@@ -468,7 +476,10 @@ def _guest_exchange(
         run.size,
         host_size,
     )
-    return run.result("guest", len(rows), rows, peer_size=host_size, started=started)
+    positions = idx_h.astype(np.int64) if options.mode is PsiMode.GUEST_ONLY else None
+    return run.result(
+        "guest", len(rows), rows, peer_size=host_size, started=started, peer_positions=positions
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -576,6 +587,13 @@ def _host_exchange(run: _Run, *, guest_size: int, started: float) -> PsiResult:
     received.clear()
     join_sender()
 
+    if options.mode is PsiMode.GUEST_ONLY:
+        real = run.perm < run.n_real
+        list_rows = np.full(run.size, -1, dtype=np.int64)
+        list_rows[real] = run.ids.rows[run.perm[real]]
+        return run.result(
+            "host", None, None, peer_size=guest_size, started=started, list_rows=list_rows
+        )
     if options.mode is not PsiMode.BOTH:
         return run.result("host", None, None, peer_size=guest_size, started=started)
     message = run.recv(PsiTag.RESULT, 0)  # step 4

@@ -2,7 +2,8 @@
 
 Layout under ``<state_dir>/psi/<job_id>/``: ``rows.npy`` (this party's row indices in the
 shared order, ``np.save`` without pickle; absent where the party learns no
-intersection) and ``summary.json`` (counts only). The folder is assembled under a
+intersection), in ``GUEST_ONLY`` mode ``peer_positions.npy`` (G) or ``list_rows.npy`` (H)
+for batch scoring, and ``summary.json`` (counts only). The folder is assembled under a
 temporary name and renamed into place in one step.
 """
 
@@ -34,9 +35,16 @@ def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(mode=0o700)
     try:
-        if result.rows is not None:
-            with (tmp / "rows.npy").open("wb") as handle:
-                np.save(handle, result.rows.astype(np.int64), allow_pickle=False)
+        arrays = {
+            "rows": result.rows,
+            "peer_positions": result.peer_positions,
+            "list_rows": result.list_rows,
+        }
+        for name, array in arrays.items():
+            if array is None:
+                continue
+            with (tmp / f"{name}.npy").open("wb") as handle:
+                np.save(handle, array.astype(np.int64), allow_pickle=False)
                 handle.flush()
                 os.fsync(handle.fileno())
         summary = {
@@ -69,6 +77,15 @@ def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def read_array(state_dir: Path, job_id: str, name: str) -> np.ndarray:
+    """One of a finished PSI's index arrays (``rows``, ``peer_positions``, ``list_rows``)."""
+    path = result_dir(state_dir, job_id) / f"{name}.npy"
+    if not path.is_file():
+        raise AlignmentError(f"PSI {job_id} kept no {name} (wrong mode, or not run here)")
+    array: np.ndarray = np.load(path, allow_pickle=False)
+    return array
 
 
 def read_result(state_dir: Path, job_id: str) -> tuple[dict[str, Any], np.ndarray | None]:

@@ -12,13 +12,17 @@ agree and refuses the job otherwise):
    decryption, so a lost reply cannot deadlock;
 3. anything else (unknown job or tag, wrong requester, wrong count, a different second
    request for a served step) is refused with an alert, and the requester is told why;
-4. ``RESUME{job, step}`` re-opens steps ``>= step`` and drops their cached replies.
+4. ``RESUME{job, step}`` re-opens steps ``>= step`` and drops their cached replies;
+5. a scoring grant (:meth:`DecryptionPolicy.grant`, set up by the arbiter's own operator
+   policy, not by agreement) admits up to ``count`` values per request in whole rows, until
+   its quota of values is used up or it expires; its replies are not cached.
 
 Setup messages (:class:`SetupTag`), answered by :meth:`ArbiterService.serve_setup`:
 
 S1. ``KEY_REQ`` from a configured peer → ``KEY``: the public key (never anything else);
 S2. ``JOB_SPEC`` from each requester of a job → ``JOB_READY`` to all of them once they agree
-    (the reply waits for the last one), or a refusal to all if they disagree;
+    (the reply waits for the last one), or a refusal to all if they disagree or the spec is
+    outside A's own acceptance policy (the ``admit`` hook of :meth:`ArbiterService.serve_setup`);
 S3. ``RESUME{step, tag_steps}`` from each requester → rule 4 applied once all requesters sent
     the same body, then ``RESUMED`` to all; disagreeing bodies are refused.
 
@@ -32,6 +36,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -46,6 +51,7 @@ from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
 from protocols.errors import CryptoError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor, split
+from protocols.roles import Party
 from protocols.tags import tag_value
 from protocols.transport.base import Channel, MessageFilter
 
@@ -65,11 +71,16 @@ class SetupTag(StrEnum):
 
 @dataclass(frozen=True)
 class PolicyRule:
-    """Tag ``tag`` may be decrypted for ``requester`` (party id), ``count`` values per step."""
+    """Tag ``tag`` may be decrypted for ``requester`` (party id), ``count`` values per step.
+
+    With ``unit > 0`` (scoring), ``count`` is a maximum and a request must hold a positive
+    multiple of ``unit`` values (whole rows of ``unit`` ciphertexts each).
+    """
 
     tag: str
     requester: str
     count: int
+    unit: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,9 @@ class JobPolicy:
     key_id: bytes
     rules: tuple[PolicyRule, ...]
     encrypted: bool = True  # False: a plaintext experiment, A returns the values as they are
+    quota: int | None = None  # values this job may have decrypted in all (scoring grants)
+    expires_at: float | None = None  # unix time after which every request is refused
+    cache_replies: bool = True  # False: scoring, whose requests are never repeated
 
     @property
     def requesters(self) -> frozenset[str]:
@@ -165,9 +179,22 @@ class DecryptionPolicy:
                 raise PolicyViolationError(
                     f"{requester} may not request {tag} (only {rule.requester})"
                 )
-            if count != rule.count:
+            if rule.unit:
+                if count < 1 or count > rule.count or count % rule.unit:
+                    raise PolicyViolationError(
+                        f"{tag} step {step}: {count} values requested; the policy allows up to "
+                        f"{rule.count} in whole rows of {rule.unit}"
+                    )
+            elif count != rule.count:
                 raise PolicyViolationError(
                     f"{tag} step {step}: {count} values requested, policy allows {rule.count}"
+                )
+            if job.expires_at is not None and time.time() > job.expires_at:
+                raise PolicyViolationError(f"the decryption grant of {job_id} has expired")
+            used = sum(n for (j, _), n in self._counts.items() if j == job_id)
+            if job.quota is not None and used + count > job.quota:
+                raise PolicyViolationError(
+                    f"{job_id} would exceed its quota ({used} of {job.quota} values used)"
                 )
             key = (job_id, step, tag)
             served = self._served.get(key)
@@ -179,10 +206,21 @@ class DecryptionPolicy:
             self._counts[(job_id, tag)] = self._counts.get((job_id, tag), 0) + count
             return Admission.NEW
 
+    def grant(self, policy: JobPolicy, *, used: Mapping[str, int] | None = None) -> None:
+        """Register a single-requester policy directly (a scoring grant), with the counts
+        it already used before a restart."""
+        with self._lock:
+            self._jobs[policy.job_id] = policy
+            for tag, n in (used or {}).items():
+                self._counts[(policy.job_id, tag)] = int(n)
+        logger.info("decryption grant %s registered", policy.job_id)
+
     def cache_reply(self, *, job_id: str, step: int, tag: str, reply: Envelope) -> None:
         """Keep the reply sent for a served request (rule 2)."""
         with self._lock:
-            self._replies[(job_id, step, tag)] = reply
+            job = self._jobs.get(job_id)
+            if job is not None and job.cache_replies:
+                self._replies[(job_id, step, tag)] = reply
 
     def cached_reply(self, *, job_id: str, step: int, tag: str) -> Envelope | None:
         """The reply sent earlier for this request, if any."""
@@ -265,6 +303,7 @@ class ArbiterService:
         self._setup_lock = threading.Lock()
         self._waiting_ready: dict[str, list[Envelope]] = {}
         self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
+        self._served_listeners: list[Callable[[str, str, int], None]] = []
 
     def serve(self, tags: Iterable[Enum | str]) -> None:
         """Answer requests with these tags from now on."""
@@ -272,12 +311,30 @@ class ArbiterService:
             MessageFilter.for_tags(*tags), self._on_request, on_duplicate=self._on_duplicate
         )
 
-    def serve_setup(self, policy_of: Callable[[dict[str, Any]], JobPolicy]) -> None:
-        """Answer the setup messages S1-S3; ``policy_of`` derives a policy from a JOB_SPEC body."""
+    @property
+    def key_id(self) -> bytes:
+        """The id of the key this service decrypts with."""
+        return self._cipher.key.key_id
+
+    def on_served(self, listener: Callable[[str, str, int], None]) -> None:
+        """Call ``listener(job_id, tag, count)`` after each answered request (usage records)."""
+        self._served_listeners.append(listener)
+
+    def serve_setup(
+        self,
+        policy_of: Callable[[dict[str, Any]], JobPolicy],
+        *,
+        admit: Callable[[dict[str, Any], Party], None] | None = None,
+    ) -> None:
+        """Answer the setup messages S1-S3; ``policy_of`` derives a policy from a JOB_SPEC body.
+
+        ``admit(body, sender)`` is A's own acceptance policy, applied to every JOB_SPEC before
+        it is proposed: a :class:`VflError` it raises refuses the job with its message.
+        """
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.KEY_REQ), self._on_key_request)
         self._channel.add_handler(
             MessageFilter.for_tags(SetupTag.JOB_SPEC),
-            lambda envelope: self._on_job_spec(envelope, policy_of),
+            lambda envelope: self._on_job_spec(envelope, policy_of, admit),
         )
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.RESUME), self._on_resume)
 
@@ -299,13 +356,18 @@ class ArbiterService:
         self._setup_reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
 
     def _on_job_spec(
-        self, envelope: Envelope, policy_of: Callable[[dict[str, Any]], JobPolicy]
+        self,
+        envelope: Envelope,
+        policy_of: Callable[[dict[str, Any]], JobPolicy],
+        admit: Callable[[dict[str, Any], Party], None] | None,
     ) -> None:
         """S2: register when every requester sent the same spec, then answer them all."""
         waiting: list[Envelope] = []
         try:
             if not isinstance(envelope.body, ControlBlock):
                 raise PolicyViolationError("JOB_SPEC carries no control block")
+            if admit is not None:
+                admit(envelope.body.obj(), envelope.sender)
             policy = policy_of(envelope.body.obj())
             if policy.job_id != envelope.job_id:
                 raise PolicyViolationError("JOB_SPEC names another job than its envelope")
@@ -400,6 +462,8 @@ class ArbiterService:
         body = PlainBlock(self._cipher.key.residues_to_bytes(plain), shape=envelope.body.shape)
         sent = self._channel.send(self._reply(envelope, body))
         self.policy.cache_reply(job_id=envelope.job_id, step=envelope.step, tag=tag, reply=sent)
+        for listener in self._served_listeners:
+            listener(envelope.job_id, tag, count)
         logger.info(
             "decrypted %d values for %s: %s step %d",
             count,

@@ -238,15 +238,21 @@ def test_p7_runs_are_unlinkable() -> None:
 
 
 def test_guest_only_mode() -> None:
-    out = run(
-        ids("q", range(20)), ids("q", range(10, 30)), options=PsiOptions(mode=PsiMode.GUEST_ONLY)
-    )
+    g, h = ids("q", range(20)), ids("q", range(10, 30))
+    out = run(g, h, options=PsiOptions(mode=PsiMode.GUEST_ONLY, pad_to=25))
     assert (
         out.guest.intersection_size == 10
         and out.host.rows is None
         and out.host.intersection_size is None
     )
     assert not any(e.tag == PsiTag.RESULT for e in out.sent["guest"])
+    # batch scoring (§5.2): G's positions in A_H point at H's rows of the same ids
+    assert out.guest.rows is not None and out.guest.peer_positions is not None
+    list_rows = out.host.list_rows
+    assert list_rows is not None and list_rows.shape == (25,)
+    assert sorted(list_rows[list_rows >= 0].tolist()) == list(range(20))
+    matched = list_rows[out.guest.peer_positions]
+    assert [g[i] for i in out.guest.rows] == [h[i] for i in matched]
 
 
 def test_p8_a_malformed_chunk_aborts_with_a_typed_error() -> None:

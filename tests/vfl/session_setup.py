@@ -14,8 +14,10 @@ from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
+from psi.protocol import PsiTag
 from tests.conftest import ARBITER, BANK, RETAILER
 from vfl.data.tables import PartyTable, Splits, split_rows
+from vfl.scoring.protocol import ScoreTag
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import (
     GuestSession,
@@ -29,7 +31,7 @@ from vfl.splitnn.session import (
 from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import HostTrainer
 
-TAGS = [SplitTag, DecTag, SetupTag, JobTag]
+TAGS = [SplitTag, DecTag, SetupTag, JobTag, ScoreTag, PsiTag]
 
 
 def synthetic_tables(rows: int = 240, seed: int = 0) -> tuple[PartyTable, PartyTable, Splits]:
@@ -69,7 +71,7 @@ def trio(tmp: Path, pk: PublicKey, sk: PrivateKey) -> Trio:
     service = serve_decryptions(
         channel=channel, public_key=pk, private_key=sk, executor=InlineExecutor()
     )
-    return Trio(net=net, arbiter=service, state=tmp)
+    return Trio(net=net, arbiter=service, state=tmp, channels={"arbiter": channel})
 
 
 @dataclass

@@ -85,7 +85,7 @@ HOST_THREAD = "host"
 STEP_TAGS = {
     t.value for t in (SplitTag.F1, SplitTag.B1, SplitTag.B2_1, SplitTag.B2_2, SplitTag.B2_3)
 }
-DEC_TAGS = {t.value for t in DecTag}
+DEC_TAGS = {t.value for t in DecTag} - {DecTag.INF_Z.value}  # training only; scoring: test_scoring
 EVALUATED_TAGS = {t.value for t in (SplitTag.INIT_WG, SplitTag.F1, SplitTag.B1, SplitTag.B2_2)}
 
 

@@ -105,7 +105,6 @@ def save(
     meta: Mapping[str, Any],
 ) -> Path:
     """Write checkpoint ``step`` atomically (owner-only permissions) and return its folder."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     tensors: dict[str, torch.Tensor] = {}
     flat = {name: flatten(name, tree, tensors) for name, tree in trees.items()}
     state = {
@@ -118,40 +117,60 @@ def save(
         **dict(meta),
     }
     final = step_dir(folder, step)
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
+    tmp = write_folder(folder, f".tmp-{final.name}", tensors=tensors, state=state)
+    replace_folder(tmp, final)
+    return final
+
+
+def write_folder(
+    parent: Path, name: str, *, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+) -> Path:
+    """``tensors.safetensors`` and ``state.json`` in a new owner-only folder under ``parent``
+    (a temporary name: :func:`replace_folder` moves it into place)."""
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = parent / f"{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
-    save_file(tensors, str(tmp / "tensors.safetensors"))
+    save_file(dict(tensors), str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
-    for name in ("tensors.safetensors", "state.json"):
-        fd = os.open(tmp / name, os.O_RDONLY)
+    for file in ("tensors.safetensors", "state.json"):
+        fd = os.open(tmp / file, os.O_RDONLY)
         try:
             os.fchmod(fd, 0o600)
             os.fsync(fd)
         finally:
             os.close(fd)
+    return tmp
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a folder written by :func:`write_folder` into place (replacing an old one)."""
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(folder)
-    return final
+    _fsync_dir(final.parent)
+
+
+def read_folder(where: Path) -> Checkpoint:
+    """Read what :func:`write_folder` wrote (``OSError``/``ValueError`` if broken)."""
+    state = json.loads((where / "state.json").read_text())
+    tensors = load_file(str(where / "tensors.safetensors"))
+    big = {
+        name: np.array([int(h, 16) for h in v["hex"]], dtype=object).reshape(tuple(v["shape"]))
+        for name, v in state.pop("big_ints").items()
+    }
+    return Checkpoint(step=int(state.get("step", 0)), tensors=tensors, big_ints=big, meta=state)
 
 
 def load(folder: Path, step: int | str) -> Checkpoint:
     """Read checkpoint ``step`` (or the ``best`` snapshot), naming what is wrong if it is broken."""
     where = folder / BEST if step == BEST else step_dir(folder, int(step))
     try:
-        state = json.loads((where / "state.json").read_text())
-        tensors = load_file(str(where / "tensors.safetensors"))
+        return read_folder(where)
     except (OSError, ValueError) as exc:
         raise DataError(
             f"checkpoint {where} is unreadable ({exc}); delete it to resume from the one before"
         ) from None
-    big = {
-        name: np.array([int(h, 16) for h in v["hex"]], dtype=object).reshape(tuple(v["shape"]))
-        for name, v in state.pop("big_ints").items()
-    }
-    return Checkpoint(step=int(state["step"]), tensors=tensors, big_ints=big, meta=state)
 
 
 def prune(folder: Path, keep: Iterable[int]) -> None:

@@ -337,7 +337,7 @@ class HostLayer(_Party):
             )
         return rows
 
-    def _forward(self, alpha: np.ndarray) -> tuple[np.ndarray, EncryptedTensor]:
+    def forward(self, alpha: np.ndarray) -> tuple[np.ndarray, EncryptedTensor]:
         """``â`` and ``[[Ẑ]] = Obf(â ⊙ [[W^G]] ⊕ â·E)`` (S2)."""
         fp = self.fp
         a_hat = encode(alpha, scale=fp.f_a, bound=fp.a_max)
@@ -346,7 +346,7 @@ class HostLayer(_Party):
 
     def evaluate(self, eval_step: int, alpha: np.ndarray) -> None:
         """Answer ``EVAL_BATCH{eval_step}``: ``EVAL_F1`` for the rows' ``α``, no state change."""
-        self.send(SplitTag.EVAL_F1, eval_step, self._forward(alpha)[1].to_block())
+        self.send(SplitTag.EVAL_F1, eval_step, self.forward(alpha)[1].to_block())
 
     def state(self) -> dict[str, np.ndarray]:
         """What a checkpoint must keep of the interactive layer (§4.4.1)."""
@@ -365,7 +365,7 @@ class HostLayer(_Party):
         """S2-S5 at the host for the ``rows`` of ``BATCH{step}``; ``alpha_fn(rows) -> α``."""
         fp, d = self.fp, self.spec.d
         alpha = alpha_fn(rows)
-        a_hat, z = self._forward(alpha)
+        a_hat, z = self.forward(alpha)
         self.send(SplitTag.F1, step, z.to_block())  # S2
         pending = self.md.request(
             self.recv_tensor(SplitTag.B1, step),

@@ -48,6 +48,7 @@ class DecTag(StrEnum):
     G_BWD = "splitnn.G_BWD"
     V_WUPD = "splitnn.V_WUPD"
     Z_EVAL = "splitnn.Z_EVAL"
+    INF_Z = "splitnn.INF_Z"  # scoring (§5), under a grant of the arbiter's own policy
 
 
 @dataclass(frozen=True)

@@ -413,3 +413,25 @@ class FloatSplitModel:
         a = torch.clamp(self.host(self.xh[rows]).double(), -self.config.a_max, self.config.a_max)
         z = (a @ self.w_h).float() + self.guest.own_z(self.xg[rows])
         return task_scores(self.config.task, self.guest.top(z))
+
+
+def guest_models(in_features: int, config: TrainConfig) -> nn.Module:
+    """G's bottom, ``W_g, b`` and top model as one module (what a saved model reloads into)."""
+    return _GuestModels(in_features, config)
+
+
+def host_bottom(in_features: int, config: TrainConfig) -> nn.Module:
+    """H's bottom model (what a saved model reloads into; its weights are then loaded)."""
+    return _host_bottom(in_features, config, 0)
+
+
+@torch.no_grad()
+def guest_scores(models: nn.Module, task: Task, z_h: np.ndarray, x_guest: np.ndarray) -> np.ndarray:
+    """Scores from ``z_h`` and G's preprocessed features, with reloaded :func:`guest_models`."""
+    if not isinstance(models, _GuestModels):
+        raise ConfigError("guest_scores needs the module built by guest_models")
+    models.eval()
+    z = torch.tensor(z_h, dtype=torch.float32) + models.own_z(
+        torch.tensor(x_guest, dtype=torch.float32)
+    )
+    return task_scores(task, models.top(z))
