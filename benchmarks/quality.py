@@ -54,8 +54,8 @@ from vfl.splitnn.metrics import binary_metrics
 from vfl.splitnn.session import SplitJob
 from vfl.splitnn.training import (
     FloatSplitModel,
+    GuestModels,
     TrainConfig,
-    _GuestModels,
     joint_init_component,
     make_optimizer,
 )
@@ -169,7 +169,7 @@ def guest_only(guest: PartyTable, splits: Splits, config: TrainConfig) -> dict[s
         dtype=torch.float32,
     )
     y = torch.tensor(guest.labels, dtype=torch.float32)
-    models = _GuestModels(x.shape[1], config)
+    models = GuestModels(x.shape[1], config)
     opt = make_optimizer(list(models.parameters()), config)
     loss_fn = loss_for(Task.BINARY)
     order = BatchOrder(ORDER_SEED, batch_size=BATCH)

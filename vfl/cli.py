@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from protocols.errors import VflError
+from protocols.errors import ConfigError, VflError
 from protocols.roles import Party, Role
 from protocols.transport import tls
 from psi.canon import DuplicatePolicy, IdType
@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     psi.add_argument("--job-id", help="job id (default: a fresh one)")
 
     train = sub.add_parser(
-        "train",
-        help="train a split neural network with the host (run at the guest)",
+        "run",
+        aliases=["train"],
+        help="run a split-NN training job with the host and arbiter (at the guest)",
         description="Submit a split-NN job (TOML; example: "
         "examples/three_parties/credit_job.toml) to this party's service; it runs PSI first "
         "unless the job names one, trains encrypted, validates each epoch and scores the "
@@ -139,6 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--plaintext", action="store_true", help="allow plaintext = true (experiments only)"
     )
     train.add_argument("--no-wait", action="store_true", help="submit and return at once")
+
+    estimate = sub.add_parser(
+        "estimate",
+        help="predict a job's run time before starting it",
+        description="Measure this machine's primitive costs (about 2 s at 2048 bits) and "
+        "apply them to the job's per-step operation counts (PROTOCOL.md §4.9). The row "
+        "count is the job's PSI result if it names one, else the guest's data rows (an upper "
+        "bound on the intersection), unless --rows is given.",
+    )
+    estimate.add_argument("job", type=Path, help="the job file (TOML)")
+    estimate.add_argument("--config", type=Path, required=True, help="the guest's party config")
+    estimate.add_argument("--rows", type=int, help="aligned rows to assume")
+    estimate.add_argument("--key-bits", type=int, default=2048, help="the arbiter's key size")
+    estimate.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    score = sub.add_parser(
+        "score",
+        help="score customers with a trained model (at the guest)",
+        description="Online: --ids scores the named customers one request each (§5.1). "
+        "Batch: --out scores every row of --data after a GUEST_ONLY PSI with the host "
+        "(§5.2). The scores exist only here; customers the host does not hold get its "
+        "default embedding.",
+    )
+    score.add_argument("--config", type=Path, required=True, help="the guest's party config")
+    score.add_argument("--model", required=True, help="model id (= the training job's id)")
+    score.add_argument("--data", required=True, help="data alias of the customers to score")
+    score.add_argument("--id-column", default="id")
+    score.add_argument("--id-type", default="generic", choices=[t.value for t in IdType])
+    target = score.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ids", nargs="+", help="online: these customer ids")
+    target.add_argument("--out", type=Path, help="batch: write the scores CSV here")
+    score.add_argument("--decoys", type=int, default=0, help="online: decoy pseudonyms per id")
 
     data = sub.add_parser("data", help="check the real data sets against their sha256 list")
     data.add_argument("action", choices=["check"])
@@ -209,8 +242,29 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    if args.command == "train":
+    if args.command in ("run", "train"):
         return _train(args)
+    if args.command == "estimate":
+        return _estimate(args)
+    if args.command == "score":
+        from vfl.service.admin import admin_call
+
+        scoring: dict[str, object] = {
+            "model": args.model,
+            "data": args.data,
+            "id_column": args.id_column,
+            "id_type": args.id_type,
+        }
+        if args.ids:
+            scoring.update(ids=args.ids, decoys=args.decoys)
+        else:
+            scoring["out"] = str(args.out.resolve())
+        print(
+            json.dumps(
+                admin_call(load_config(args.config), "score", scoring, timeout=3600), indent=2
+            )
+        )
+        return 0
     if args.command == "data":
         folder = data_dir(os.environ)
         for ds in verify_all(folder=folder):
@@ -221,8 +275,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.out.exists():
             shutil.rmtree(args.out)
-        run_demo(args.out, data_folder=data_dir(os.environ), echo=print)
-        print(f"demo finished; certificates, configs and logs are in {args.out}/")
+        report = run_demo(args.out, data_folder=data_dir(os.environ), echo=print)
+        print(f"demo finished; configs, logs and state are in {args.out}/; report: {report}")
         return 0
     raise AssertionError(args.command)  # pragma: no cover - argparse restricts commands
 
@@ -245,6 +299,30 @@ def _train(args: argparse.Namespace) -> int:
     final = follow_job(config, reply["job_id"])
     print(json.dumps(final, indent=2))
     return 0 if final.get("state") == "done" else 1
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from psi.result import read_result
+    from vfl.data.tables import TableSpec, load_table
+    from vfl.splitnn.estimate import estimate_job_file, format_estimate, quick_costs
+    from vfl.splitnn.jobfile import load_job_file
+
+    job = load_job_file(args.job, allow_plaintext=True)
+    config = load_config(args.config)
+    rows = args.rows
+    if rows is None and job.psi_job:
+        rows = int(read_result(config.state_dir, job.psi_job)[0]["intersection_size"])
+    if rows is None:
+        if job.guest_data not in config.data:
+            raise ConfigError(f"{config.source}: no data alias {job.guest_data!r}")
+        spec = TableSpec(path=config.data[job.guest_data], id_column=job.id_column)
+        rows = len(load_table(spec))
+    costs = quick_costs(key_bits=args.key_bits)
+    estimate = estimate_job_file(
+        job, rows=rows, costs=costs, cores=os.cpu_count() or 1, run_psi=not job.psi_job
+    )
+    print(json.dumps(estimate.to_json(), indent=2) if args.json else format_estimate(estimate))
+    return 0
 
 
 def _certs(args: argparse.Namespace) -> int:

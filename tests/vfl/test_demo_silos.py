@@ -71,11 +71,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 def test_counts(built: Built) -> None:
     f = built.files
     assert f.summary() == {
-        "bank_rows": 26000,
-        "retailer_rows": 23600,
+        "bank_rows": 25600,
+        "retailer_rows": 24000,
         "shared": 20000,
-        "bank_only": 6000,
-        "retailer_only": 2000,
+        "bank_only": 5600,
+        "retailer_only": 2400,
         "new_customers": 2000,
         "new_known_to_retailer": 1600,
     }
@@ -90,11 +90,11 @@ def test_overlaps_after_canonicalisation(built: Built) -> None:
     bank = set(_canon(built.bank["id"]))
     retailer = set(_canon(built.retailer["id"]))
     new = set(_canon(built.new["id"]))
-    assert len(bank) == 26000 and len(retailer) == 23600 and len(new) == 2000
+    assert len(bank) == 25600 and len(retailer) == 24000 and len(new) == 2000
     assert len(bank & retailer) == 20000
     assert not new & bank  # new applicants are in no training row of the bank
     assert len(new & retailer) == 1600  # ... but the retailer knows 80% of them
-    assert len(retailer - bank - new) == 2000
+    assert len(retailer - bank - new) == 2400
 
 
 def test_psi_preparation_accepts_every_id(built: Built) -> None:
@@ -155,8 +155,8 @@ def test_files_load_as_party_tables(built: Built) -> None:
     bank = load_table(TableSpec(path=built.files.bank, label_column="y"))
     retailer = load_table(TableSpec(path=built.files.retailer))
     new = load_table(TableSpec(path=built.files.new_customers))
-    assert bank.features.shape == (26000, 13) and bank.labels is not None
-    assert retailer.features.shape == (23600, 10) and retailer.labels is None
+    assert bank.features.shape == (25600, 13) and bank.labels is not None
+    assert retailer.features.shape == (24000, 10) and retailer.labels is None
     assert new.features.shape == (2000, 13)
     ids, _ = load_id_column(built.files.retailer, "id")
     assert ids == built.retailer["id"].tolist()  # surrounding whitespace survives the CSV

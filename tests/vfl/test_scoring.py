@@ -25,16 +25,10 @@ from psi.protocol import PsiMode, PsiOptions, PsiTag, run_guest, run_host
 from psi.result import read_array, write_result
 from tests.conftest import ARBITER, RETAILER
 from tests.vfl.session_setup import Trio, run_job, synthetic_tables, trio
+from vfl.config import ScoringGrant
 from vfl.data.tables import PartyTable
 from vfl.scoring.model import SavedModel, load_model
-from vfl.scoring.protocol import (
-    GrantKeeper,
-    ScoreTag,
-    ScoringClient,
-    ScoringGrant,
-    ScoringHost,
-    grant_id,
-)
+from vfl.scoring.protocol import GrantKeeper, ScoreTag, ScoringClient, ScoringHost, grant_id
 from vfl.splitnn.session import SplitJob
 from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import TrainConfig, guest_scores
@@ -76,7 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pk: PublicKey, sk: PrivateKe
     GrantKeeper(
         service=t.arbiter,
         channel=t.channels["arbiter"],
-        grant_for=lambda model_id: grants[model_id],
+        grant_for=lambda model_id, first: grants[model_id],
         state_dir=t.state / "arbiter",
     )
     return Setup(
@@ -130,7 +124,7 @@ def harness(setup: Setup, guest_rows: np.ndarray, host_rows: list[int | None]) -
     gm, hm, n = setup.gm, setup.hm, setup.pk.n
     fp = hm.fixed_point
     w = gm.big_ints["wg"] + hm.big_ints["e"]  # P1: the shares add up over the integers
-    bottom = hm.module()
+    bottom = hm.host_module()
     x_h = hm.preprocessor.transform(setup.host)
     with torch.no_grad():
         alpha_all = bottom(torch.tensor(x_h, dtype=torch.float32)).double().numpy()
@@ -139,7 +133,7 @@ def harness(setup: Setup, guest_rows: np.ndarray, host_rows: list[int | None]) -
     a_hat = encode(alpha, scale=fp.f_a, bound=fp.a_max)
     z = decode(ring(a_hat.dot(w), n), n, scale=fp.f_z, bound=fp.z_bound(3))
     x_g = gm.preprocessor.transform(setup.guest.take(guest_rows))
-    return guest_scores(gm.module(), gm.config.task, z, x_g)
+    return guest_scores(gm.guest_module(), gm.config.task, z, x_g)
 
 
 def test_export_holds_only_each_partys_own_parts(setup: Setup) -> None:

@@ -58,9 +58,9 @@ GUEST_FEATURES = tuple(f"x{i}" for i in range(13))
 HOST_FEATURES = tuple(f"x{i}" for i in range(10))
 
 N_SHARED = 20_000
-N_BANK_ONLY = 6_000
+N_BANK_ONLY = 5_600
 N_NEW = 2_000
-# retailer-only customers: the rest of the source rows (2,000 of 30,000), at least one
+# retailer-only customers: the rest of the source rows (2,400 of 30,000), at least one
 NEW_KNOWN_TO_RETAILER = 0.8
 
 _FIRST = (

@@ -36,7 +36,7 @@ from vfl.data.tables import Preprocessor
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn import checkpoint as ckpt
-from vfl.splitnn.training import TrainConfig, guest_models, host_bottom
+from vfl.splitnn.training import GuestModels, TrainConfig, guest_models, host_bottom
 
 MODEL_FORMAT = 1
 _FILES = ("tensors.safetensors", "state.json")
@@ -114,14 +114,20 @@ class SavedModel:
         """The id of the arbiter's key that ``[[W^G]]`` is encrypted under."""
         return bytes.fromhex(self.manifest["key_id"])
 
-    def module(self) -> nn.Module:
-        """The party's torch module with the saved weights loaded (guest: bottom + top)."""
-        columns = len(self.manifest["columns"])
-        built = (
-            guest_models(columns, self.config)
-            if self.manifest["role"] == "guest"
-            else host_bottom(columns, self.config)
-        )
+    def guest_module(self) -> GuestModels:
+        """The guest's bottom, ``W_g, b`` and top model with the saved weights."""
+        if self.manifest["role"] != "guest":
+            raise ConfigError(f"model {self.model_id} here is the host's part")
+        built = guest_models(len(self.manifest["columns"]), self.config)
+        built.load_state_dict(self.weights)
+        built.eval()
+        return built
+
+    def host_module(self) -> nn.Module:
+        """The host's bottom model with the saved weights."""
+        if self.manifest["role"] != "host":
+            raise ConfigError(f"model {self.model_id} here is the guest's part")
+        built = host_bottom(len(self.manifest["columns"]), self.config)
         built.load_state_dict(self.weights)
         built.eval()
         return built

@@ -68,6 +68,7 @@ from protocols.files import atomic_write
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from psi.canon import DuplicatePolicy, IdType, prepare_ids
+from vfl.config import ScoringGrant
 from vfl.data.tables import PartyTable
 from vfl.models.split import Task
 from vfl.scoring.model import SavedModel, load_model
@@ -98,16 +99,6 @@ class ScoreMode(StrEnum):
 
     ONLINE = "online"
     BATCH = "batch"
-
-
-@dataclass(frozen=True)
-class ScoringGrant:
-    """What the arbiter's policy allows for one model."""
-
-    model_id: str
-    requesters: frozenset[str]
-    quota_rows: int
-    expires_at: float
 
 
 def grant_id(model_id: str) -> str:
@@ -152,8 +143,10 @@ def _fresh_stream(channel: Channel, job_id: str, *peers: Party) -> None:
 class GrantKeeper:
     """The arbiter's scoring grants (G1): its own policy, usage kept across restarts.
 
-    ``grant_for(model_id)`` applies the arbiter's configuration; usage per grant is written
-    atomically to ``<state_dir>/scoring_usage.json`` after every answered request.
+    ``grant_for(model_id, first)`` applies the arbiter's configuration to a model first
+    granted at unix time ``first`` (expiry counts from then); usage per grant and the first
+    grant times are written atomically to ``<state_dir>/scoring_usage.json`` after every
+    answered request and every new grant.
     """
 
     def __init__(
@@ -161,34 +154,40 @@ class GrantKeeper:
         *,
         service: ArbiterService,
         channel: Channel,
-        grant_for: Callable[[str], ScoringGrant],
+        grant_for: Callable[[str, float], ScoringGrant],
         state_dir: Path,
     ) -> None:
         self.service, self.channel, self.grant_for = service, channel, grant_for
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / "scoring_usage.json"
         self._lock = threading.Lock()
-        self.usage: dict[str, int] = self._load()
+        self.usage, self.first = self._load()
         service.on_served(self._served)
         channel.add_handler(MessageFilter.for_tags(ScoreTag.GRANT_REQ), self._on_request)
 
-    def _load(self) -> dict[str, int]:
+    def _load(self) -> tuple[dict[str, int], dict[str, float]]:
         if not self.path.is_file():
-            return {}
+            return {}, {}
         try:
-            return {str(k): int(v) for k, v in json.loads(self.path.read_text()).items()}
-        except (OSError, ValueError, AttributeError) as exc:
+            obj = json.loads(self.path.read_text())
+            used = {str(k): int(v) for k, v in obj["used"].items()}
+            return used, {str(k): float(v) for k, v in obj["first"].items()}
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigError(
                 f"{self.path} is unreadable ({type(exc).__name__}); restore it from backup "
                 "(it holds the scoring quotas used so far)"
             ) from None
+
+    def _save(self) -> None:
+        body = {"used": self.usage, "first": self.first}
+        atomic_write(self.path, json.dumps(body).encode(), mode=0o600)
 
     def _served(self, job_id: str, tag: str, count: int) -> None:
         if tag != DecTag.INF_Z.value:
             return
         with self._lock:
             self.usage[job_id] = self.usage.get(job_id, 0) + count
-            atomic_write(self.path, json.dumps(self.usage).encode(), mode=0o600)
+            self._save()
 
     def _on_request(self, envelope: Envelope) -> None:
         """G1 at the arbiter."""
@@ -202,7 +201,12 @@ class GrantKeeper:
                 raise ProtocolError("GRANT_REQ names another model than its envelope")
             if not (1 <= kappa <= 64 and 1 <= max_rows <= CHUNK_ROWS + 1):
                 raise ProtocolError("GRANT_REQ asks for an implausible request size")
-            grant = self.grant_for(model_id)
+            with self._lock:
+                if envelope.job_id not in self.first:
+                    self.first[envelope.job_id] = time.time()
+                    self._save()
+                first = self.first[envelope.job_id]
+            grant = self.grant_for(model_id, first)
             requester = envelope.sender.party_id
             if requester not in grant.requesters:
                 raise PolicyViolationError(f"{requester} may not score model {model_id}")
@@ -342,7 +346,7 @@ class ScoringHost:
             data = model.manifest["data"]
             table = self.table_for(str(data["alias"]), str(data["id_column"]))
             x = model.preprocessor.transform(table)
-            bottom = model.module()
+            bottom = model.host_module()
             with torch.no_grad():
                 alpha = bottom(torch.tensor(x, dtype=torch.float32)).double().numpy()
                 default = bottom(torch.zeros(1, x.shape[1])).double().numpy()
@@ -478,7 +482,7 @@ class ScoringClient:
         )
         self.layer.run_id = self.run_id
         _fresh_stream(channel, self.job_id, host, arbiter)
-        self.models = model.module()
+        self.models = model.guest_module()
         self.task = Task(model.manifest["train"]["task"])
         self.preprocessor = model.preprocessor
         self._k_ps: bytes | None = None

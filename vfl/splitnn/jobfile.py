@@ -7,6 +7,7 @@ Example (every key but the data aliases is optional)::
     guest_data = "credit"        # the guest's own data alias ([data] of its party config)
     host_data = "credit"         # the host's alias; the host refuses aliases it lacks
     id_column = "id"
+    id_type = "generic"          # PSI canonicalisation: generic, email, phone, national_id
     label_column = "y"
     psi_job = ""                 # an earlier PSI's job id; empty: run PSI first
     test_fraction = 0.2          # stratified hold-out, untouched until the end
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
+from psi.canon import IdType
 from vfl.data.tables import ImputePolicy
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.session import SplitJob
@@ -48,6 +50,7 @@ _JOB_KEYS = {
     "guest_data",
     "host_data",
     "id_column",
+    "id_type",
     "label_column",
     "psi_job",
     "test_fraction",
@@ -71,6 +74,7 @@ class TrainJobFile:
     guest_data: str
     host_data: str
     id_column: str = "id"
+    id_type: str = "generic"
     label_column: str = "y"
     psi_job: str = ""
     test_fraction: float = 0.2
@@ -86,6 +90,7 @@ class TrainJobFile:
                 "guest_data": self.guest_data,
                 "host_data": self.host_data,
                 "id_column": self.id_column,
+                "id_type": self.id_type,
                 "label_column": self.label_column,
                 "psi_job": self.psi_job,
                 "test_fraction": self.test_fraction,
@@ -184,6 +189,7 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             guest_data=job["guest_data"],
             host_data=job["host_data"],
             id_column=str(job.get("id_column", "id")),
+            id_type=IdType(job.get("id_type", "generic")).value,
             label_column=str(job.get("label_column", "y")),
             psi_job=str(job.get("psi_job", "")),
             test_fraction=float(job.get("test_fraction", 0.2)),

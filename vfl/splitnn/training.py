@@ -121,8 +121,12 @@ def _marvell_from_json(obj: dict[str, Any] | None) -> MarvellState:
 _SEEDED = threading.Lock()  # seeding + building is atomic when parties share a process
 
 
-class _GuestModels(nn.Module):
+class GuestModels(nn.Module):
     """``f_g``, ``W_g, b`` and the top model (built in a fixed order from ``config.seed``)."""
+
+    bottom: BottomModel
+    w_g: nn.Linear
+    top: TopModel
 
     def __init__(self, in_features: int, config: TrainConfig) -> None:
         super().__init__()
@@ -173,7 +177,7 @@ def task_loss(task: Task, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def guest_backward(
-    task: Task, models: _GuestModels, z_h: torch.Tensor, z_own: torch.Tensor, y: torch.Tensor
+    task: Task, models: GuestModels, z_h: torch.Tensor, z_own: torch.Tensor, y: torch.Tensor
 ) -> tuple[float, torch.Tensor]:
     """The guest's loss and backward pass for ``z = z_h + z_own``.
 
@@ -213,7 +217,7 @@ class GuestTrainer:
         self.layer, self.config = layer, config
         self.x = torch.tensor(x, dtype=torch.float32)
         self.y = torch.tensor(y, dtype=torch.float32)
-        self.models = _GuestModels(x.shape[1], config)
+        self.models = GuestModels(x.shape[1], config)
         self.optimizer = make_optimizer(list(self.models.parameters()), config)
         self.rng = new_generator()
         self.marvell = MarvellState()
@@ -244,12 +248,9 @@ class GuestTrainer:
 
         self.layer.step(step, rows, delta_fn, self.config.eta_w)
 
-    @torch.no_grad()
     def scores(self, z_h: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores for ``rows`` given their ``z_h`` (:func:`task_scores`)."""
-        self.models.eval()
-        z = torch.tensor(z_h, dtype=torch.float32) + self.models.own_z(self.x[rows])
-        return task_scores(self.config.task, self.models.top(z))
+        return guest_scores(self.models, self.config.task, z_h, self.x[rows].numpy())
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
         """(state dicts, big-integer arrays, JSON) for a checkpoint."""
@@ -366,7 +367,7 @@ class FloatSplitModel:
         host_seed: int = 1,
     ) -> None:
         self.config = config
-        self.guest = _GuestModels(x_guest.shape[1], config)
+        self.guest = GuestModels(x_guest.shape[1], config)
         self.host = _host_bottom(x_host.shape[1], config, host_seed)
         self.xg = torch.tensor(x_guest, dtype=torch.float32)
         self.xh = torch.tensor(x_host, dtype=torch.float32)
@@ -415,9 +416,9 @@ class FloatSplitModel:
         return task_scores(self.config.task, self.guest.top(z))
 
 
-def guest_models(in_features: int, config: TrainConfig) -> nn.Module:
+def guest_models(in_features: int, config: TrainConfig) -> GuestModels:
     """G's bottom, ``W_g, b`` and top model as one module (what a saved model reloads into)."""
-    return _GuestModels(in_features, config)
+    return GuestModels(in_features, config)
 
 
 def host_bottom(in_features: int, config: TrainConfig) -> nn.Module:
@@ -426,10 +427,10 @@ def host_bottom(in_features: int, config: TrainConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def guest_scores(models: nn.Module, task: Task, z_h: np.ndarray, x_guest: np.ndarray) -> np.ndarray:
+def guest_scores(
+    models: GuestModels, task: Task, z_h: np.ndarray, x_guest: np.ndarray
+) -> np.ndarray:
     """Scores from ``z_h`` and G's preprocessed features, with reloaded :func:`guest_models`."""
-    if not isinstance(models, _GuestModels):
-        raise ConfigError("guest_scores needs the module built by guest_models")
     models.eval()
     z = torch.tensor(z_h, dtype=torch.float32) + models.own_z(
         torch.tensor(x_guest, dtype=torch.float32)

@@ -1,0 +1,288 @@
+"""Scoring inside the party services (PROTOCOL.md §5; protocol in :mod:`vfl.scoring.protocol`).
+
+Roles: the arbiter's service keeps scoring grants under its ``[scoring]`` policy; the host's
+service answers scoring sessions for models it saved, on its own data alias named in its
+manifest, if its ``[accept]`` policy admits the guest and ``scoring`` jobs; the guest's
+operator scores through its own service with the admin command ``score``:
+
+* ``{"model", "data", "ids": [...]}``: online (§5.1), each id looked up in the guest's data
+  alias ``data``; one session per model stays open, so later calls cost one request each;
+* ``{"model", "data", "out"}``: batch (§5.2) for every row of ``data``: a ``GUEST_ONLY`` PSI
+  with the host's data, then the scores, written atomically to the CSV ``out`` (guest side).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.crypto.paillier import PublicKey
+from protocols.envelope import ControlBlock, Envelope
+from protocols.errors import ConfigError, ProtocolError
+from protocols.executor import Executor
+from protocols.files import atomic_write
+from protocols.roles import Party, Role
+from protocols.transport.base import Channel
+from psi.canon import IdType
+from psi.result import read_array
+from vfl.config import JobType, PartyConfig
+from vfl.data.tables import PartyTable, TableSpec, load_table
+from vfl.scoring.model import SavedModel, load_model
+from vfl.scoring.protocol import GrantKeeper, ScoringClient, ScoringHost, grant_id
+from vfl.service.accept import check_guest
+
+logger = logging.getLogger(__name__)
+
+
+def fetch_public_key(
+    channel: Channel, arbiter: Party, *, allow_test_key: bool, timeout: float = 30.0
+) -> PublicKey:
+    """The arbiter's public key (a ``KEY_REQ`` outside any job's run)."""
+    job_id, run_id = "scoring.key", secrets.token_hex(8)
+    channel.restore_stream_state(job_id, {arbiter.party_id: time.time_ns() // 1000})
+    channel.send(
+        Envelope(
+            job_id=job_id,
+            sender=channel.me,
+            receiver=arbiter,
+            tag=SetupTag.KEY_REQ,
+            run_id=run_id,
+            body=ControlBlock.from_obj({}),
+        )
+    )
+    reply = channel.recv(
+        job_id=job_id, sender=arbiter, tag=SetupTag.KEY, step=0, run_id=run_id, timeout=timeout
+    )
+    if not isinstance(reply.body, ControlBlock):
+        raise ProtocolError("KEY carries no control block")
+    return PublicKey.from_json(reply.body.obj()["public_key"], allow_test_key=allow_test_key)
+
+
+def _peer(config: PartyConfig, role: Role) -> Party:
+    found = [p.party for p in config.peers if p.party.role is role]
+    if len(found) != 1:
+        raise ConfigError(
+            f"{config.source}: needs exactly one [[peers]] entry with role {role.value}"
+        )
+    return found[0]
+
+
+class ScoringService:
+    """A party service's part in scoring, by role."""
+
+    def __init__(
+        self,
+        *,
+        config: PartyConfig,
+        channel: Channel,
+        executor: Executor,
+        run_psi: Any,
+        arbiter_service: ArbiterService | None = None,
+        pool_executor: Executor | None = None,
+    ) -> None:
+        self.config, self.channel, self.executor = config, channel, executor
+        self.run_psi = run_psi
+        self._lock = threading.Lock()
+        self._tables: dict[tuple[str, str], tuple[float, PartyTable]] = {}
+        self._clients: dict[str, ScoringClient] = {}
+        self._key: PublicKey | None = None
+        self.host: ScoringHost | None = None
+        role = config.party.role
+        if role is Role.ARBITER and arbiter_service is not None:
+            GrantKeeper(
+                service=arbiter_service,
+                channel=channel,
+                grant_for=lambda model_id, first: config.scoring.grant(model_id, now=first),
+                state_dir=config.state_dir,
+            )
+        elif role is Role.HOST:
+            self.host = ScoringHost(
+                channel=channel,
+                arbiter=_peer(config, Role.ARBITER),
+                state_dir=config.state_dir,
+                executor=executor,
+                table_for=lambda alias, column: self.table(alias, column, labels=None),
+                public_key=self.public_key,
+                pool_executor=pool_executor,
+                allow=self._allow,
+                list_rows=lambda psi_job: read_array(config.state_dir, psi_job, "list_rows"),
+            )
+
+    def close(self) -> None:
+        """Stop pools and sessions."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                logger.debug("closing a scoring session failed", exc_info=True)
+        if self.host is not None:
+            self.host.close()
+
+    def public_key(self) -> PublicKey:
+        """The arbiter's key, fetched once."""
+        if self._key is None:
+            self._key = fetch_public_key(
+                self.channel,
+                _peer(self.config, Role.ARBITER),
+                allow_test_key=self.config.allow_test_key,
+            )
+        return self._key
+
+    def table(self, alias: str, id_column: str, *, labels: str | None) -> PartyTable:
+        """One of this party's data aliases, loaded once per file version."""
+        if alias not in self.config.data:
+            known = ", ".join(sorted(self.config.data)) or "none"
+            raise ConfigError(
+                f"{self.config.party.party_id} has no data alias {alias!r} (aliases: {known})"
+            )
+        path = self.config.data[alias]
+        stamp = path.stat().st_mtime if path.is_file() else 0.0
+        with self._lock:
+            cached = self._tables.get((alias, id_column))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        table = load_table(TableSpec(path=path, id_column=id_column, label_column=labels))
+        with self._lock:
+            self._tables[(alias, id_column)] = (stamp, table)
+        return table
+
+    def _allow(self, guest: str, model: SavedModel) -> None:
+        check_guest(self.config, guest=guest, job_type=JobType.SCORING)
+
+    # -- guest -----------------------------------------------------------------------
+
+    def _client(self, model_id: str, id_type: IdType) -> ScoringClient:
+        with self._lock:
+            client = self._clients.get(model_id)
+        if client is not None and client.id_type is id_type:
+            return client
+        model = load_model(self.config.state_dir, model_id)
+        client = ScoringClient(
+            channel=self.channel,
+            host=_peer(self.config, Role.HOST),
+            arbiter=_peer(self.config, Role.ARBITER),
+            model=model,
+            executor=self.executor,
+            public_key=self.public_key(),
+        )
+        client.open_online(id_type=id_type)
+        with self._lock:
+            self._clients[model_id] = client
+        return client
+
+    def score(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Admin ``score`` (module docstring)."""
+        if self.config.party.role is not Role.GUEST:
+            raise ConfigError("only the guest (label holder) scores customers")
+        model_id = str(request.get("model", ""))
+        alias = str(request.get("data", ""))
+        id_column = str(request.get("id_column", "id"))
+        id_type = IdType(request.get("id_type", "generic"))
+        table = self.table(alias, id_column, labels=None)
+        if "ids" in request:
+            return self._online(model_id, table, list(request["ids"]), id_type, request)
+        return self._batch(model_id, alias, table, id_column, id_type, request)
+
+    def _online(
+        self,
+        model_id: str,
+        table: PartyTable,
+        ids: list[Any],
+        id_type: IdType,
+        request: dict[str, Any],
+    ) -> dict[str, Any]:
+        client = self._client(model_id, id_type)
+        where = {str(v): i for i, v in enumerate(table.ids)}
+        decoys = int(request.get("decoys", 0))
+        out = []
+        for customer in ids:
+            row = where.get(str(customer))
+            if row is None:
+                raise ConfigError(f"customer {str(customer)[:40]!r} is not in {table.source}")
+            pool = [
+                str(v) for v in table.ids[np.random.default_rng().integers(0, len(table), decoys)]
+            ]
+            started = time.perf_counter()
+            score = client.score_one(str(customer), table.take(np.array([row])), decoys=pool)
+            out.append(
+                {"id": str(customer), "score": score, "ms": 1e3 * (time.perf_counter() - started)}
+            )
+        return {"model": model_id, "scores": out}
+
+    def _batch(
+        self,
+        model_id: str,
+        alias: str,
+        table: PartyTable,
+        id_column: str,
+        id_type: IdType,
+        request: dict[str, Any],
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        model = load_model(self.config.state_dir, model_id)
+        out = Path(str(request.get("out", "")))
+        if not out.name:
+            raise ConfigError("batch scoring needs an output file (out)")
+        psi_job = f"{grant_id(model_id)}.psi-{secrets.token_hex(4)}"
+        summary = self.run_psi(
+            {
+                "peer": _peer(self.config, Role.HOST).party_id,
+                "data": alias,
+                "host_data": model.manifest["data"].get("host_alias", ""),
+                "id_column": id_column,
+                "host_id_column": request.get("host_id_column", id_column),
+                "id_type": id_type.value,
+                "mode": "guest_only",
+                "job_id": psi_job,
+                "duplicates": request.get("duplicates", "error"),
+            }
+        )
+        rows = read_array(self.config.state_dir, psi_job, "rows")
+        positions = read_array(self.config.state_dir, psi_job, "peer_positions")
+        client = ScoringClient(
+            channel=self.channel,
+            host=_peer(self.config, Role.HOST),
+            arbiter=_peer(self.config, Role.ARBITER),
+            model=model,
+            executor=self.executor,
+            public_key=self.public_key(),
+            timeout=600.0,
+        )
+        try:
+            scores = client.score_batch(table, psi_job=psi_job, rows=rows, positions=positions)
+        finally:
+            client.close()
+        values = scores.scores
+        frame = pd.DataFrame({"id": [str(v) for v in table.ids]})
+        if values.ndim == 2 and values.shape[1] > 1:
+            for c in range(values.shape[1]):
+                frame[f"score_{c}"] = values[:, c]
+        else:
+            frame["score"] = values.reshape(-1)
+        frame["host_known"] = scores.host_known
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, buffer.getvalue().encode(), mode=0o600)
+        seconds = time.monotonic() - started
+        return {
+            "model": model_id,
+            "rows": len(table),
+            "host_known": int(scores.host_known.sum()),
+            "psi": {k: summary.get(k) for k in ("intersection_size", "job_id")},
+            "out": str(out),
+            "seconds": round(seconds, 3),
+            "scoring_seconds": round(scores.seconds, 3),
+            "rows_per_s": round(len(table) / seconds, 1),
+        }
