@@ -33,12 +33,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from protocols.files import atomic_write
 from vfl.config import load_config
 from vfl.data.datasets import data_dir
-from vfl.data.demo_silos import BANK_FILE, NEW_CUSTOMERS_FILE, RETAILER_FILE, build_silos
 from vfl.service.admin import admin_call
-from vfl.service.demo import ARBITER_SCORING, DEMO_JOB, write_demo_setup
+from vfl.service.demo import DEMO_JOB, fraud_setup
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.splitnn.estimate import estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import parse_job
@@ -71,16 +72,7 @@ def main() -> None:
 
 
 def run(work: Path) -> dict[str, Any]:
-    silos = build_silos(data_dir=data_dir(os.environ), out=work / "data")
-    configs = write_demo_setup(
-        work,
-        data_folder=work / "data",
-        data={
-            "bank": {"customers": BANK_FILE, "new": NEW_CUSTOMERS_FILE},
-            "retailer": {"customers": RETAILER_FILE},
-        },
-        extra={"arbiter": ARBITER_SCORING},
-    )
+    silos, configs = fraud_setup(work, data_folder=data_dir(os.environ))
     parsed = {pid: load_config(path) for pid, path in configs.items()}
     procs = start_services(parsed, logs=work / "logs")
     try:
@@ -109,7 +101,10 @@ def _measure(bank: Any, silos: dict[str, int]) -> dict[str, Any]:
     job = parse_job(raw, source="benchmark job")
     costs = quick_costs()
     estimate = estimate_job_file(
-        job, rows=int(psi["intersection_size"]), costs=costs, cores=os.cpu_count() or 1,
+        job,
+        rows=int(psi["intersection_size"]),
+        costs=costs,
+        cores=os.cpu_count() or 1,
         run_psi=False,
     )
     started = time.monotonic()
@@ -125,8 +120,6 @@ def _measure(bank: Any, silos: dict[str, int]) -> dict[str, Any]:
     print(f"1-epoch job: estimated {estimate.total_s:.1f} s, took {actual:.1f} s", file=sys.stderr)
 
     new = bank.data["new"]
-    import pandas as pd
-
     ids = [str(v) for v in pd.read_csv(new, usecols=["id"])["id"].head(ONLINE_REQUESTS)]
     online = admin_call(
         bank,
@@ -138,9 +131,7 @@ def _measure(bank: Any, silos: dict[str, int]) -> dict[str, Any]:
     p50 = statistics.median(ms)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
     kappa = 1  # d = k = 8 fit one 2048-bit ciphertext row (15 slots)
-    floor_ms = 1e3 * (
-        8 * kappa * costs.powmod_a_s + costs.obfuscator_s + kappa * costs.decrypt_s
-    )
+    floor_ms = 1e3 * (8 * kappa * costs.powmod_a_s + costs.obfuscator_s + kappa * costs.decrypt_s)
     batch = admin_call(
         bank,
         "score",

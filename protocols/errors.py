@@ -33,6 +33,11 @@ class PeerUnavailableError(TransportError):
     """The peer could not be reached within the retry budget."""
 
 
+class RunAbortedError(TransportError):
+    """A run of a job was stopped (its party's service stops, or a newer run replaces it);
+    the receive that was waiting for it gives up. The job's checkpoints stay valid."""
+
+
 class HandshakeFailure(Enum):
     """Why a TLS handshake with a peer failed, as far as the client can tell."""
 
@@ -110,6 +115,14 @@ class PackingOverflowError(DecodingOverflowError):
 
 class PolicyViolationError(ProtocolError):
     """The arbiter refused a decryption request (wrong requester, count, step or a repeat)."""
+
+
+class JobRefusedError(PolicyViolationError):
+    """A party refused a job under its own acceptance policy (its ``[accept]`` config).
+
+    Not retried: the message names the party and its reason; change the job or ask that
+    party's operator to allow it.
+    """
 
 
 class InvalidPointError(AlignmentError):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from protocols.errors import ConfigError, VflError
+from protocols.errors import VflError
 from protocols.roles import Party, Role
 from protocols.transport import tls
 from psi.canon import DuplicatePolicy, IdType
@@ -247,23 +247,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "estimate":
         return _estimate(args)
     if args.command == "score":
-        from vfl.service.admin import admin_call
+        from vfl import api
 
-        scoring: dict[str, object] = {
-            "model": args.model,
-            "data": args.data,
-            "id_column": args.id_column,
-            "id_type": args.id_type,
-        }
-        if args.ids:
-            scoring.update(ids=args.ids, decoys=args.decoys)
-        else:
-            scoring["out"] = str(args.out.resolve())
-        print(
-            json.dumps(
-                admin_call(load_config(args.config), "score", scoring, timeout=3600), indent=2
-            )
+        reply = api.score(
+            config=args.config,
+            model=args.model,
+            data=args.data,
+            ids=args.ids,
+            out=args.out,
+            id_column=args.id_column,
+            id_type=args.id_type,
+            decoys=args.decoys,
         )
+        print(json.dumps(reply, indent=2))
         return 0
     if args.command == "data":
         folder = data_dir(os.environ)
@@ -282,46 +278,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import tomllib
-
-    from vfl.service.admin import admin_call
+    from vfl import api
     from vfl.service.progress import follow_job
-    from vfl.splitnn.jobfile import load_job_file
 
-    job = load_job_file(args.job, allow_plaintext=args.plaintext)  # fail here, not remotely
+    job_id = api.submit_job(args.job, config=args.config, plaintext=bool(args.plaintext))
     config = load_config(args.config)
-    raw = tomllib.loads(args.job.read_text(encoding="utf-8"))
-    raw.setdefault("job", {})["id"] = job.job.job_id
-    reply = admin_call(config, "train", {"job_file": raw, "allow_plaintext": bool(args.plaintext)})
-    print(f"job {reply['job_id']} submitted to {config.party.party_id}")
+    print(f"job {job_id} submitted to {config.party.party_id}")
     if args.no_wait:
         return 0
-    final = follow_job(config, reply["job_id"])
+    final = follow_job(config, job_id)
     print(json.dumps(final, indent=2))
     return 0 if final.get("state") == "done" else 1
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from psi.result import read_result
-    from vfl.data.tables import TableSpec, load_table
-    from vfl.splitnn.estimate import estimate_job_file, format_estimate, quick_costs
-    from vfl.splitnn.jobfile import load_job_file
+    from vfl import api
+    from vfl.splitnn.estimate import format_estimate
 
-    job = load_job_file(args.job, allow_plaintext=True)
-    config = load_config(args.config)
-    rows = args.rows
-    if rows is None and job.psi_job:
-        rows = int(read_result(config.state_dir, job.psi_job)[0]["intersection_size"])
-    if rows is None:
-        if job.guest_data not in config.data:
-            raise ConfigError(f"{config.source}: no data alias {job.guest_data!r}")
-        spec = TableSpec(path=config.data[job.guest_data], id_column=job.id_column)
-        rows = len(load_table(spec))
-    costs = quick_costs(key_bits=args.key_bits)
-    estimate = estimate_job_file(
-        job, rows=rows, costs=costs, cores=os.cpu_count() or 1, run_psi=not job.psi_job
-    )
-    print(json.dumps(estimate.to_json(), indent=2) if args.json else format_estimate(estimate))
+    found = api.estimate(args.job, config=args.config, rows=args.rows, key_bits=args.key_bits)
+    print(json.dumps(found.to_json(), indent=2) if args.json else format_estimate(found))
     return 0
 
 

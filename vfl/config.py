@@ -28,22 +28,75 @@ Example (relative paths are resolved against the config file's folder)::
     [arbiter]                    # arbiter only, optional
     key_bits = 2048              # Paillier key made at first start, kept in state_dir
     allow_test_key = false       # true admits < 2048-bit keys: tests only, never for data
+
+    [accept]                     # optional: what this party takes part in (host, arbiter)
+    guests = ["bank"]            # who may submit jobs; default: every [[peers]] guest
+    job_types = ["split_nn", "psi", "scoring"]   # default: all
+    data = ["credit"]            # aliases a guest may name; default: every [data] alias
+    max_d = 64                   # host embedding width d (default 64)
+    max_k = 64                   # interactive width k (default 64)
+    max_host_params = 1000000    # parameters of the host bottom model a guest asks for
+    min_key_bits = 2048          # arbiter key size; default 2048, or no minimum when
+                                 # [arbiter] allow_test_key = true (so test keys pass)
+    protect_modes = ["gaussian", "max_norm", "marvell"]  # default: every mode but "none"
+    allow_plaintext = false      # plaintext experiments (nothing encrypted)
+
+    [scoring]                    # arbiter only, optional: who may score with which model
+    requesters = ["bank"]        # default: every [[peers]] guest
+    quota_rows = 1000000         # rows each model may score in all
+    valid_days = 365             # a grant ends this long after it is made ...
+    [scoring.models."credit-2026-12"]
+    quota_rows = 50000           # ... unless a model overrides it
+    expires = "2027-06-30"       # the grant ends at 00:00 UTC of this day
+    requesters = ["bank"]
+
+    [testing]                    # optional, reproducible experiments only: never with data
+    seed = 7                     # fixes this party's own random draws (its W_0 component,
+                                 # its model's initialisation, the guest's batch order)
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from protocols.errors import ConfigError
 from protocols.roles import Party, PartyAddress, Role, check_party_id
 from protocols.transport.options import TransportOptions
 from protocols.transport.tls import TlsIdentity, load_identity
+from vfl.privacy.label_protection import ProtectMode
 
-_SECTIONS = {"party", "tls", "peers", "data", "transport", "arbiter"}
+_SECTIONS = {
+    "party",
+    "tls",
+    "peers",
+    "data",
+    "transport",
+    "arbiter",
+    "accept",
+    "scoring",
+    "testing",
+}
+_ACCEPT_KEYS = {
+    "guests",
+    "job_types",
+    "data",
+    "max_d",
+    "max_k",
+    "max_host_params",
+    "min_key_bits",
+    "protect_modes",
+    "allow_plaintext",
+}
+_SCORING_KEYS = {"requesters", "quota_rows", "valid_days", "models"}
+_SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
+_TESTING_KEYS = {"seed"}
+_E = TypeVar("_E", bound=StrEnum)
 _ARBITER_KEYS = {"key_bits", "allow_test_key"}
 _PARTY_KEYS = {"id", "role", "listen", "state_dir"}
 _TLS_KEYS = {"ca", "certificate", "key"}
@@ -86,6 +139,113 @@ class PeerConfig:
         return PartyAddress(party=self.party, address=self.address, certificate_pem=pem)
 
 
+class JobType(StrEnum):
+    """Kinds of job a party may be asked to take part in (``[accept] job_types``)."""
+
+    SPLIT_NN = "split_nn"
+    PSI = "psi"
+    SCORING = "scoring"
+
+
+_SAFE_PROTECT_MODES = frozenset(m for m in ProtectMode if m is not ProtectMode.NONE)
+
+
+@dataclass(frozen=True)
+class AcceptPolicy:
+    """What this party accepts from a guest (``[accept]``); the defaults are the safe choice.
+
+    Parameters
+    ----------
+    guests
+        Party ids that may submit jobs. :func:`parse_config` fills in every ``[[peers]]``
+        entry with role guest when the key is absent; the empty default admits nobody.
+    job_types
+        Kinds of job this party takes part in (default: all).
+    data
+        The data aliases a guest may name (hosts). :func:`parse_config` fills in every
+        ``[data]`` alias when the key is absent; the empty default admits none.
+    max_d, max_k
+        Largest host embedding width ``d`` and interactive width ``k``.
+    max_host_params
+        Most parameters of the host bottom model a guest may ask the host to train.
+    min_key_bits
+        Smallest arbiter key accepted. :func:`parse_config` defaults it to 2048, or to 0 (no
+        minimum beyond the key's own floor) when ``[arbiter] allow_test_key = true``.
+    protect_modes
+        Label-protection modes of the guest the host accepts (default: all but ``none``).
+    allow_plaintext
+        Whether plaintext experiments (nothing encrypted) are accepted.
+    """
+
+    guests: frozenset[str] = frozenset()
+    job_types: frozenset[JobType] = frozenset(JobType)
+    data: frozenset[str] = frozenset()
+    max_d: int = 64
+    max_k: int = 64
+    max_host_params: int = 1_000_000
+    min_key_bits: int = 2048
+    protect_modes: frozenset[ProtectMode] = _SAFE_PROTECT_MODES
+    allow_plaintext: bool = False
+
+
+@dataclass(frozen=True)
+class ScoringGrant:
+    """What the arbiter's operator allows for one model's scoring (see
+    :meth:`ScoringPolicyConfig.grant`)."""
+
+    model_id: str
+    requesters: frozenset[str]
+    quota_rows: int
+    expires_at: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class ScoringModelPolicy:
+    """``[scoring.models."<model_id>"]``: overrides of the defaults for one model."""
+
+    quota_rows: int | None = None
+    expires_at: float | None = None  # 00:00 UTC of the configured date, unix seconds
+    requesters: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ScoringPolicyConfig:
+    """The arbiter's scoring policy (``[scoring]``): who may score, how much, how long.
+
+    Parameters
+    ----------
+    requesters
+        Party ids that may request scores (:func:`parse_config` fills in the guest peers).
+    quota_rows
+        Rows each model may score in all.
+    valid_days
+        How long a grant lasts from when it is made.
+    models
+        Per-model overrides by model id.
+    """
+
+    requesters: tuple[str, ...] = ()
+    quota_rows: int = 1_000_000
+    valid_days: float = 365.0
+    models: Mapping[str, ScoringModelPolicy] = field(default_factory=dict)
+
+    def grant(self, model_id: str, *, now: float) -> ScoringGrant:
+        """The grant for ``model_id`` made at unix time ``now``: the model's overrides where
+        it has them, the section's defaults otherwise."""
+        override = self.models.get(model_id, ScoringModelPolicy())
+        requesters = override.requesters if override.requesters is not None else self.requesters
+        return ScoringGrant(
+            model_id=model_id,
+            requesters=frozenset(requesters),
+            quota_rows=override.quota_rows if override.quota_rows is not None else self.quota_rows,
+            expires_at=(
+                override.expires_at
+                if override.expires_at is not None
+                else now + self.valid_days * 86400.0
+            ),
+        )
+
+
 @dataclass(frozen=True)
 class PartyConfig:
     """One party's service configuration."""
@@ -100,6 +260,9 @@ class PartyConfig:
     transport: TransportOptions = field(default_factory=TransportOptions)
     key_bits: int = 2048
     allow_test_key: bool = False
+    accept: AcceptPolicy = field(default_factory=AcceptPolicy)
+    scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
+    seed: int | None = None  # [testing] seed: reproducible experiments only
 
     def peer(self, party_id: str) -> PeerConfig:
         """The configured peer ``party_id``."""
@@ -203,6 +366,17 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     if not isinstance(allow_test_key, bool):
         raise ConfigError(f"{where}: arbiter.allow_test_key must be true or false")
 
+    guest_peers = tuple(p.party.party_id for p in peers if p.party.role is Role.GUEST)
+    accept = _accept(raw, where, guest_peers, peers, data, allow_test_key)
+    scoring = _scoring(raw, where, guest_peers, peers)
+    testing_t = raw.get("testing", {})
+    if not isinstance(testing_t, dict):
+        raise ConfigError(f"{where}: [testing] must be a table")
+    _only(testing_t, _TESTING_KEYS, f"{where}: [testing]")
+    seed = testing_t.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ConfigError(f"{where}: testing.seed must be a non-negative integer, got {seed!r}")
+
     return PartyConfig(
         source=source,
         party=party,
@@ -214,7 +388,166 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         transport=transport,
         key_bits=key_bits,
         allow_test_key=allow_test_key,
+        accept=accept,
+        scoring=scoring,
+        seed=seed,
     )
+
+
+def _accept(
+    raw: Mapping[str, Any],
+    where: str,
+    guest_peers: tuple[str, ...],
+    peers: list[PeerConfig],
+    data: Mapping[str, Path],
+    allow_test_key: bool,
+) -> AcceptPolicy:
+    table = raw.get("accept", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [accept] must be a table")
+    _only(table, _ACCEPT_KEYS, f"{where}: [accept]")
+    guests = _peer_ids(table, "guests", f"{where}: accept.guests", peers, Role.GUEST)
+    aliases = _strings(table, "data", f"{where}: accept.data")
+    for alias in aliases or ():
+        if alias not in data:
+            known = ", ".join(sorted(data)) or "none"
+            raise ConfigError(
+                f"{where}: accept.data: {alias!r} is not an alias in [data] (aliases: {known})"
+            )
+    types = _enums(table, "job_types", f"{where}: accept.job_types", JobType)
+    modes = _enums(table, "protect_modes", f"{where}: accept.protect_modes", ProtectMode)
+    min_key_bits = _positive(table, "min_key_bits", f"{where}: accept.min_key_bits")
+    if min_key_bits is not None and min_key_bits < 2048 and not allow_test_key:
+        raise ConfigError(
+            f"{where}: accept.min_key_bits = {min_key_bits} is below the 2048-bit floor; "
+            "raise it (smaller keys need [arbiter] allow_test_key = true, tests only)"
+        )
+    allow_plaintext = table.get("allow_plaintext", False)
+    if not isinstance(allow_plaintext, bool):
+        raise ConfigError(f"{where}: accept.allow_plaintext must be true or false")
+    default = AcceptPolicy()
+    return AcceptPolicy(
+        guests=frozenset(guest_peers if guests is None else guests),
+        job_types=default.job_types if types is None else frozenset(types),
+        data=frozenset(data if aliases is None else aliases),
+        max_d=_positive(table, "max_d", f"{where}: accept.max_d") or default.max_d,
+        max_k=_positive(table, "max_k", f"{where}: accept.max_k") or default.max_k,
+        max_host_params=(
+            _positive(table, "max_host_params", f"{where}: accept.max_host_params")
+            or default.max_host_params
+        ),
+        min_key_bits=(
+            min_key_bits if min_key_bits is not None else (0 if allow_test_key else 2048)
+        ),
+        protect_modes=default.protect_modes if modes is None else frozenset(modes),
+        allow_plaintext=allow_plaintext,
+    )
+
+
+def _scoring(
+    raw: Mapping[str, Any], where: str, guest_peers: tuple[str, ...], peers: list[PeerConfig]
+) -> ScoringPolicyConfig:
+    table = raw.get("scoring", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [scoring] must be a table")
+    _only(table, _SCORING_KEYS, f"{where}: [scoring]")
+    requesters = _peer_ids(table, "requesters", f"{where}: scoring.requesters", peers, None)
+    default = ScoringPolicyConfig()
+    valid_days = table.get("valid_days", default.valid_days)
+    if (
+        not isinstance(valid_days, int | float)
+        or isinstance(valid_days, bool)
+        or not valid_days > 0
+    ):
+        raise ConfigError(
+            f"{where}: scoring.valid_days must be a positive number of days, got {valid_days!r}"
+        )
+    models_t = table.get("models", {})
+    if not isinstance(models_t, dict):
+        raise ConfigError(f'{where}: scoring.models must be tables [scoring.models."<model id>"]')
+    models: dict[str, ScoringModelPolicy] = {}
+    for model_id, model_t in models_t.items():
+        mw = f'{where}: scoring.models."{model_id}"'
+        if not isinstance(model_t, dict):
+            raise ConfigError(f"{mw} must be a table")
+        _only(model_t, _SCORING_MODEL_KEYS, mw)
+        models[model_id] = ScoringModelPolicy(
+            quota_rows=_positive(model_t, "quota_rows", f"{mw}.quota_rows"),
+            expires_at=_expiry(model_t.get("expires"), f"{mw}.expires"),
+            requesters=_peer_ids(model_t, "requesters", f"{mw}.requesters", peers, None),
+        )
+    return ScoringPolicyConfig(
+        requesters=guest_peers if requesters is None else requesters,
+        quota_rows=_positive(table, "quota_rows", f"{where}: scoring.quota_rows")
+        or default.quota_rows,
+        valid_days=float(valid_days),
+        models=models,
+    )
+
+
+def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _peer_ids(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    peers: list[PeerConfig],
+    role: Role | None,
+) -> tuple[str, ...] | None:
+    ids = _strings(table, key, where)
+    wanted = [p.party.party_id for p in peers if role is None or p.party.role is role]
+    for party_id in ids or ():
+        if party_id not in wanted:
+            kind = f"[[peers]] entry with role {role.value}" if role else "[[peers]] entry"
+            raise ConfigError(
+                f"{where}: {party_id!r} is not a {kind} (known: {', '.join(wanted) or 'none'})"
+            )
+    return ids
+
+
+def _enums(table: Mapping[str, Any], key: str, where: str, kind: type[_E]) -> tuple[_E, ...] | None:
+    names = _strings(table, key, where)
+    if names is None:
+        return None
+    out = []
+    for name in names:
+        try:
+            out.append(kind(name))
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {name!r} is not one of {', '.join(m.value for m in kind)}"
+            ) from None
+    return tuple(out)
+
+
+def _positive(table: Mapping[str, Any], key: str, where: str) -> int | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _expiry(value: Any, where: str) -> float | None:
+    """A date ("YYYY-MM-DD", quoted or a TOML date) as 00:00 UTC of that day, unix seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.date.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a date like 2027-06-30") from None
+    if isinstance(value, dt.datetime) or not isinstance(value, dt.date):
+        raise ConfigError(f"{where} must be a date like 2027-06-30, got {value!r}")
+    return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC).timestamp()
 
 
 def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -26,7 +26,10 @@ S2. ``JOB_SPEC`` from each requester of a job → ``JOB_READY`` to all of them o
 S3. ``RESUME{step, tag_steps}`` from each requester → rule 4 applied once all requesters sent
     the same body, then ``RESUMED`` to all; disagreeing bodies are refused.
 
-A logs counts per tag only, never values.
+A logs counts per tag only, never values. A keeps registrations, served-step marks and
+cached replies in memory: a restarted A has forgotten them (the parties' next run registers
+again, S2, and re-opens its steps, S3). Its replies to each party start, per job and process,
+at sequence number "now in microseconds", so a restarted A never reuses one.
 """
 
 from __future__ import annotations
@@ -304,6 +307,8 @@ class ArbiterService:
         self._waiting_ready: dict[str, list[Envelope]] = {}
         self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
         self._served_listeners: list[Callable[[str, str, int], None]] = []
+        self._stream_lock = threading.Lock()
+        self._streams: set[tuple[str, str]] = set()
 
     def serve(self, tags: Iterable[Enum | str]) -> None:
         """Answer requests with these tags from now on."""
@@ -338,7 +343,20 @@ class ArbiterService:
         )
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.RESUME), self._on_resume)
 
+    def _fresh_stream(self, job_id: str, receiver: Party) -> None:
+        """Before A's first message to ``receiver`` for ``job_id`` in this process, move its
+        sequence numbers to the current time in microseconds: past every number an earlier
+        process of A used (the receivers' replay guards remember those across A's restarts),
+        as A sends far fewer than one message per microsecond."""
+        key = (job_id, receiver.party_id)
+        with self._stream_lock:
+            if key not in self._streams:
+                self._streams.add(key)
+                base = time.time_ns() // 1000
+                self._channel.restore_stream_state(job_id, {receiver.party_id: base})
+
     def _setup_reply(self, request: Envelope, tag: SetupTag, obj: dict[str, Any]) -> None:
+        self._fresh_stream(request.job_id, request.sender)
         self._channel.send(
             Envelope(
                 job_id=request.job_id,
@@ -493,6 +511,7 @@ class ArbiterService:
         return [m for chunk in self._executor.map(_decrypt_chunk, chunks) for m in chunk]
 
     def _reply(self, request: Envelope, body: PlainBlock | ControlBlock) -> Envelope:
+        self._fresh_stream(request.job_id, request.sender)
         return Envelope(
             job_id=request.job_id,
             sender=self._channel.me,

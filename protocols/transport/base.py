@@ -15,7 +15,8 @@ Receiving an envelope (both implementations run exactly these steps):
 5. apply the replay rules (:mod:`protocols.transport.replay`); a byte-identical
    repeat is acknowledged as a duplicate and not processed again (a handler may
    register ``on_duplicate`` to resend a cached reply, e.g. the arbiter's);
-6. dispatch to the first matching handler, else store in the mailbox.
+6. dispatch to the first matching handler, else store in the mailbox (or drop it if
+   its run was stopped with :meth:`Channel.abort_run`).
 
 Sequence numbers are assigned by the sender's channel, strictly increasing per
 ``(job_id, receiver)``; :meth:`Channel.stream_state` exports them for checkpoints.
@@ -37,6 +38,7 @@ from protocols.errors import (
     OversizedEnvelopeError,
     PeerIdentityError,
     ProtocolError,
+    RunAbortedError,
     TransportError,
     WrongReceiverError,
 )
@@ -59,11 +61,12 @@ class DeliveryStatus(Enum):
 
 @dataclass(frozen=True)
 class MessageFilter:
-    """Selects envelopes by job, sender and tag; ``None`` matches anything."""
+    """Selects envelopes by job, sender, tag and run; ``None`` matches anything."""
 
     job_id: str | None = None
     sender: str | None = None
     tags: frozenset[str] | None = None
+    run_id: str | None = None
 
     @classmethod
     def for_tags(cls, *tags: Enum | str, job_id: str | None = None) -> MessageFilter:
@@ -76,6 +79,7 @@ class MessageFilter:
             (self.job_id is None or envelope.job_id == self.job_id)
             and (self.sender is None or envelope.sender.party_id == self.sender)
             and (self.tags is None or envelope.tag in self.tags)
+            and (self.run_id is None or envelope.run_id == self.run_id)
         )
 
 
@@ -101,6 +105,7 @@ class Mailbox:
         self._handlers: list[tuple[MessageFilter, Handler, Handler | None]] = []
         self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
         self._closed = False
+        self._aborted: set[tuple[str, str]] = set()  # (job_id, run_id) of stopped runs
 
     def add_handler(
         self, message_filter: MessageFilter, handler: Handler, on_duplicate: Handler | None = None
@@ -157,6 +162,9 @@ class Mailbox:
                 if message_filter.matches(envelope):
                     self._pool.submit(self._run_handler, handler, envelope)
                     return
+            if (envelope.job_id, envelope.run_id) in self._aborted:
+                logger.debug("dropped a message of a stopped run: %s", envelope.describe())
+                return
             key: MailKey = (
                 envelope.job_id,
                 envelope.run_id,
@@ -185,28 +193,53 @@ class Mailbox:
 
     def take(self, key: MailKey, timeout: float | None) -> Envelope:
         """Remove and return the envelope under ``key``, waiting up to ``timeout`` s."""
+        run = (key[0], key[1])
+
+        def ready() -> bool:
+            return key in self._box or self._closed or run in self._aborted
+
         with self._cond:
-            if not self._cond.wait_for(lambda: key in self._box or self._closed, timeout):
+            if not self._cond.wait_for(ready, timeout):
                 raise TimeoutError(
                     f"{self.me}: no message job={key[0]} run={key[1] or '-'} from {key[2]} "
                     f"tag={key[3]} step={key[4]} within {timeout} s"
                 )
+            self._check_aborted(run)
             return self._pop(key)
 
     def take_any(self, message_filter: MessageFilter, timeout: float | None) -> Envelope:
         """Remove and return the oldest envelope matching ``message_filter``."""
         found: list[MailKey] = []
+        run = (message_filter.job_id, message_filter.run_id)
 
         def ready() -> bool:
             found[:] = [k for k, e in self._box.items() if message_filter.matches(e)][:1]
-            return bool(found) or self._closed
+            return bool(found) or self._closed or run in self._aborted
 
         with self._cond:
             if not self._cond.wait_for(ready, timeout):
                 raise TimeoutError(
                     f"{self.me}: no message matching {message_filter} in {timeout} s"
                 )
+            if message_filter.job_id is not None and message_filter.run_id is not None:
+                self._check_aborted((message_filter.job_id, message_filter.run_id))
             return self._pop(found[0] if found else None)
+
+    def _check_aborted(self, run: tuple[str, str]) -> None:
+        if run in self._aborted:
+            raise RunAbortedError(f"{self.me}: run {run[1] or '-'} of job {run[0]} was stopped")
+
+    def abort_run(self, job_id: str, run_id: str) -> int:
+        """Stop run ``run_id`` of ``job_id``: its waiting receives (and any later ones) raise
+        :class:`RunAbortedError`, its unread messages are dropped, and so are any that still
+        arrive. Returns the number of messages dropped."""
+        with self._cond:
+            self._aborted.add((job_id, run_id))
+            stale = [k for k in self._box if k[0] == job_id and k[1] == run_id]
+            for key in stale:
+                self._queued_bytes -= len(self._box.pop(key).payload)
+            self._cond.notify_all()
+        return len(stale)
 
     def _pop(self, key: MailKey | None) -> Envelope:
         if key is None or key not in self._box:
@@ -328,6 +361,11 @@ class Channel(ABC):
         ``on_duplicate`` receives byte-identical repeats of envelopes already handled.
         """
         self._mailbox.add_handler(message_filter, handler, on_duplicate)
+
+    def abort_run(self, job_id: str, run_id: str) -> int:
+        """Stop one run of a job: its receives raise :class:`RunAbortedError` (see
+        :meth:`Mailbox.abort_run`); returns the number of its unread messages dropped."""
+        return self._mailbox.abort_run(job_id, run_id)
 
     def close(self) -> None:
         """Stop receiving; waiters get a :class:`TransportError`."""

@@ -139,6 +139,10 @@ class PeerClient:
         while True:
             try:
                 return call(attempt_deadline)
+            except ValueError:  # grpc: "Cannot invoke RPC on closed channel!"
+                if self._closed.is_set():
+                    raise TransportError(f"channel to {peer} closed during a send") from None
+                raise
             except grpc.RpcError as err:
                 code = err.code()
                 if self._closed.is_set():

@@ -19,7 +19,13 @@ from protocols.envelope import (
     PointBlock,
     Uint64Block,
 )
-from protocols.errors import ProtocolError, ReplayConflictError, UnknownTagError, WrongReceiverError
+from protocols.errors import (
+    ProtocolError,
+    ReplayConflictError,
+    RunAbortedError,
+    UnknownTagError,
+    WrongReceiverError,
+)
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
 from tests.conftest import ARBITER, BANK, RETAILER, TestTag
@@ -220,3 +226,36 @@ def test_three_parties_concurrently_in_both_directions(
     for t in threads:
         t.join(120)
     assert not errors, errors
+
+
+def test_abort_run_wakes_its_receives_and_drops_its_messages(
+    channels: dict[str, Channel], job_id: str
+) -> None:
+    """A stopped run (a newer run replaces it, or the service stops): its waiting and later
+    receives raise, its unread messages and any that still arrive are dropped; other runs
+    of the job are untouched."""
+    bank, retailer = channels["bank"], channels["retailer"]
+    bank.send(env(job_id, BANK, RETAILER, 1, run_id="old"))
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            retailer.recv(
+                job_id=job_id, sender=BANK, tag=TestTag.DATA, step=2, run_id="old", timeout=10
+            )
+        except RunAbortedError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert retailer.abort_run(job_id, "old") == 1  # the unread step-1 message
+    waiter.join(5)
+    assert len(errors) == 1 and "was stopped" in str(errors[0])
+    bank.send(env(job_id, BANK, RETAILER, 3, run_id="old"))  # arrives late: dropped
+    bank.send(env(job_id, BANK, RETAILER, 3, run_id="new"))
+    with pytest.raises(RunAbortedError):
+        retailer.recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=3, run_id="old")
+    with pytest.raises(RunAbortedError):
+        retailer.recv_any(MessageFilter(job_id=job_id, run_id="old"), timeout=1)
+    got = retailer.recv_any(MessageFilter(job_id=job_id, run_id="new"), timeout=5)
+    assert (got.run_id, got.step) == ("new", 3)

@@ -94,9 +94,12 @@ def run_job(
     guest_cls: type[InMemoryChannel] | None = None,
     host_cls: type[InMemoryChannel] | None = None,
     timeout: float = 20.0,
+    host_kwargs: dict[str, Any] | None = None,
     **guest_kwargs: Any,
 ) -> Outcome:
     """One attempt: fresh channels for G and H (as after a restart), both sessions to the end.
+
+    ``host_kwargs`` go to the :class:`HostSession` (e.g. its ``accept`` policy hook).
 
     If either party fails, both channels are closed so the other stops waiting at once.
     """
@@ -121,6 +124,7 @@ def run_job(
                 pool_target=64,
                 timeout=timeout,
                 allow_test_key=True,
+                **(host_kwargs or {}),
             )
             out.host = session.run(wait_job_start(h_ch, timeout=timeout))
         except BaseException as exc:  # noqa: BLE001 - reported through ``out``

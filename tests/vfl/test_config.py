@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
 
 from protocols.errors import ConfigError, InsecureConfigError
 from protocols.roles import Role
-from vfl.config import load_config
+from vfl.config import AcceptPolicy, JobType, ScoringGrant, load_config
+from vfl.privacy.label_protection import ProtectMode
 from vfl.splitnn.jobfile import load_job_file
 
 GOOD = """
@@ -130,3 +132,154 @@ def test_job_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
     parsed = load_job_file(job)
     assert parsed.job.epochs == 3 and parsed.job.train.d == 4 and parsed.host_data == "h"
     assert parsed.job.train.protect.mode.value == "marvell"  # a protecting default
+
+
+HOST = """
+[party]
+id = "retailer"
+role = "host"
+listen = "127.0.0.1:0"
+state_dir = "state"
+
+[tls]
+ca = "ca.pem"
+certificate = "retailer.pem"
+key = "retailer.key"
+
+[[peers]]
+id = "bank"
+role = "guest"
+address = "127.0.0.1:1"
+
+[[peers]]
+id = "arbiter"
+role = "arbiter"
+address = "127.0.0.1:2"
+
+[data]
+credit = "credit.csv"
+breast = "breast.csv"
+"""
+
+
+def test_accept_defaults_are_the_safe_choice(tmp_path: Path) -> None:
+    """Without [accept]: the configured guests, every alias, all job types, d, k <= 64,
+    2048-bit keys (no minimum with allow_test_key), every protection but none, no plaintext."""
+    cfg = load_config(write(tmp_path, HOST))
+    accept = cfg.accept
+    assert accept.guests == {"bank"} and accept.data == {"credit", "breast"}
+    assert accept.job_types == set(JobType)
+    assert (accept.max_d, accept.max_k, accept.max_host_params) == (64, 64, 1_000_000)
+    assert accept.min_key_bits == 2048 and not accept.allow_plaintext
+    assert accept.protect_modes == set(ProtectMode) - {ProtectMode.NONE}
+    test_key = load_config(write(tmp_path, HOST + "\n[arbiter]\nallow_test_key = true\n"))
+    assert test_key.accept.min_key_bits == 0  # test keys pass; set it to test the check
+    assert cfg.seed is None
+
+
+def test_accept_section_is_parsed(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            HOST
+            + """
+[accept]
+guests = ["bank"]
+job_types = ["split_nn"]
+data = ["credit"]
+max_d = 8
+max_k = 16
+max_host_params = 5000
+min_key_bits = 3072
+protect_modes = ["marvell", "none"]
+allow_plaintext = true
+
+[testing]
+seed = 7
+""",
+        )
+    )
+    assert cfg.accept == AcceptPolicy(
+        guests=frozenset({"bank"}),
+        job_types=frozenset({JobType.SPLIT_NN}),
+        data=frozenset({"credit"}),
+        max_d=8,
+        max_k=16,
+        max_host_params=5000,
+        min_key_bits=3072,
+        protect_modes=frozenset({ProtectMode.MARVELL, ProtectMode.NONE}),
+        allow_plaintext=True,
+    )
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ('[accept]\nguests = ["retailer2"]', "accept.guests: 'retailer2' is not a [[peers]] entry"),
+        (
+            '[accept]\nguests = ["arbiter"]',
+            "accept.guests: 'arbiter' is not a [[peers]] entry with",
+        ),
+        ('[accept]\nguests = "bank"', "accept.guests must be a list of strings"),
+        ('[accept]\ndata = ["credt"]', "accept.data: 'credt' is not an alias in [data]"),
+        ('[accept]\njob_types = ["fedavg"]', "accept.job_types: 'fedavg' is not one of"),
+        ('[accept]\nprotect_modes = ["dp"]', "accept.protect_modes: 'dp' is not one of"),
+        ("[accept]\nmax_d = 0", "accept.max_d must be a positive integer, got 0"),
+        ('[accept]\nmax_k = "8"', "accept.max_k must be a positive integer"),
+        ("[accept]\nmax_host_params = true", "accept.max_host_params must be a positive"),
+        ("[accept]\nmin_key_bits = 1024", "accept.min_key_bits = 1024 is below the 2048-bit"),
+        ('[accept]\nallow_plaintext = "yes"', "accept.allow_plaintext must be true or false"),
+        ("[accept]\nmax_dd = 3", "[accept]: unknown key 'max_dd'"),
+        ("[scoring]\nquota_rows = -5", "scoring.quota_rows must be a positive integer"),
+        ("[scoring]\nvalid_days = 0", "scoring.valid_days must be a positive number of days"),
+        ('[scoring]\nrequesters = ["mallory"]', "scoring.requesters: 'mallory' is not a [[peers]]"),
+        ('[scoring.models."m"]\nexpires = "June"', "scoring.models.\"m\".expires: 'June' is not a"),
+        ('[scoring.models."m"]\nquota = 5', "unknown key 'quota'"),
+        ("[testing]\nseed = -1", "testing.seed must be a non-negative integer"),
+    ],
+)
+def test_bad_policies_name_the_key(tmp_path: Path, section: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, HOST + "\n" + section + "\n"))
+    assert needle in str(info.value) and "party.toml" in str(info.value), str(info.value)
+
+
+def test_scoring_grants(tmp_path: Path) -> None:
+    """Defaults for every model; per-model overrides; expiry at 00:00 UTC of the date."""
+    cfg = load_config(write(tmp_path, HOST))
+    assert cfg.scoring.requesters == ("bank",)
+    now = 1_800_000_000.0
+    grant = cfg.scoring.grant("any", now=now)
+    assert grant == ScoringGrant(
+        model_id="any",
+        requesters=frozenset({"bank"}),
+        quota_rows=1_000_000,
+        expires_at=now + 365 * 86400,
+    )
+    cfg = load_config(
+        write(
+            tmp_path,
+            HOST
+            + """
+[scoring]
+quota_rows = 500
+valid_days = 1.5
+
+[scoring.models."credit-1"]
+quota_rows = 20
+expires = "2027-06-30"
+requesters = []
+
+[scoring.models."credit-2"]
+expires = 2027-07-01
+""",
+        )
+    )
+    one = cfg.scoring.grant("credit-1", now=now)
+    assert one.quota_rows == 20 and one.requesters == frozenset()
+    assert one.expires_at == dt.datetime(2027, 6, 30, tzinfo=dt.UTC).timestamp()
+    two = cfg.scoring.grant("credit-2", now=now)
+    assert two.quota_rows == 500 and two.requesters == {"bank"}
+    assert two.expires_at == dt.datetime(2027, 7, 1, tzinfo=dt.UTC).timestamp()
+    assert cfg.scoring.grant("other", now=now).expires_at == now + 1.5 * 86400

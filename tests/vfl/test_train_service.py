@@ -1,22 +1,39 @@
-"""A split-NN job between three party services (processes, mutual TLS), started with
-`vfl train` at the guest: PSI, encrypted training, validation, test scores."""
+"""Split-NN jobs between three party services (processes, mutual TLS): `vfl train` at the
+guest (PSI, encrypted training, validation, test scores), each party's audit log and
+owner-only state, and a host stopped and restarted mid-job that resumes to the same result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from protocols.errors import DataError
-from vfl.config import load_config
+from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
+from vfl.service.admin import admin_call
+from vfl.service.audit import AUDIT_FILE, read_audit
 from vfl.service.demo import write_demo_setup
 from vfl.service.jobs import arbiter_key
-from vfl.service.local import connect_services, start_services, stop_services
+from vfl.service.local import (
+    Processes,
+    connect_services,
+    reconnect_service,
+    start_services,
+    stop_services,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,44 +55,263 @@ host_widths = [8, 4]
 learning_rate = 0.02
 """
 
+AUDIT_FIELDS = {
+    "time",
+    "party",
+    "job_id",
+    "event",
+    "submitter",
+    "config_sha256",
+    "input_sha256",
+    "code_version",
+    "key_id",
+}
 
-def test_train_job_between_three_services(tmp_path: Path) -> None:
-    paths = write_demo_setup(tmp_path / "setup", data_folder=data_dir(os.environ))
+
+@dataclass
+class Cluster:
+    """Three running services and where they keep things."""
+
+    tmp: Path
+    paths: dict[str, Path]
+    configs: dict[str, PartyConfig]
+    procs: Processes
+
+    def audit(self, party: str) -> list[dict[str, Any]]:
+        return read_audit(self.configs[party].state_dir / AUDIT_FILE)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        state: dict[str, Any] = admin_call(self.configs["bank"], "status")["jobs"].get(job_id, {})
+        return state
+
+    def wait(
+        self, job_id: str, until: Callable[[dict[str, Any]], bool], *, timeout: float
+    ) -> dict[str, Any]:
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            state = self.job(job_id)
+            if until(state) or state.get("state") == "failed":
+                return state
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Bank, retailer and arbiter services with a 512-bit test key; both data parties fix
+    their random draws ([testing] seed) so that two runs of one job can be compared, and
+    the retailer also accepts protect = "none" (the comparison needs noise-free jobs)."""
+    tmp = tmp_path_factory.mktemp("services")
+    paths = write_demo_setup(tmp / "setup", data_folder=data_dir(os.environ))
     with paths["arbiter"].open("a") as f:
         f.write("\n[arbiter]\nkey_bits = 512\nallow_test_key = true  # test only\n")
     for pid in ("bank", "retailer"):
         with paths[pid].open("a") as f:
             f.write("\n[arbiter]\nallow_test_key = true  # accept the test key\n")
+            f.write("\n[testing]\nseed = 11\n")
+    with paths["retailer"].open("a") as f:
+        f.write('\n[accept]\nprotect_modes = ["none", "marvell", "gaussian", "max_norm"]\n')
     configs = {pid: load_config(p) for pid, p in paths.items()}
-    job_file = tmp_path / "job.toml"
-    job_file.write_text(JOB)
-    procs = start_services(configs, logs=tmp_path / "logs")
+    procs = start_services(configs, logs=tmp / "logs")
+    cluster = Cluster(tmp=tmp, paths=paths, configs=configs, procs=procs)
     try:
         connect_services(configs)
-        out = subprocess.run(
-            [sys.executable, "-m", "vfl", "train", str(job_file), "--config", str(paths["bank"])],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        final = json.loads(out.stdout[out.stdout.index("{") :])
-        assert final["state"] == "done", final
-        assert final["test"]["roc_auc"] > 0.9
+        yield cluster
     finally:
-        codes = list(stop_services(procs).values())
-    assert codes == [0, 0, 0]
+        codes = stop_services(cluster.procs)
+    assert codes == {"bank": 0, "retailer": 0, "arbiter": 0}, codes  # SIGTERM stops cleanly
+    at_stop = [r for r in cluster.audit("arbiter") if r.get("cause") == "service stop"]
+    assert "breast-1" in {r["job_id"] for r in at_stop}  # every job's decryption counts
+    assert all(r["counts"]["splitnn.Z_FWD"] > 0 for r in at_stop)
+
+
+def loose_files(state_dir: Path) -> list[str]:
+    """Everything under ``state_dir`` that others could read or enter, if they could get
+    into ``state_dir`` (which is 0700 itself), except the service's port number and the PSI
+    results, which psi.result writes 0644 inside 0700 folders."""
+    loose = []
+    for path in [state_dir, *state_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if not mode & 0o077 or path.is_symlink():
+            continue
+        rel = path.relative_to(state_dir)
+        if rel.parts == ("service.port",) or (
+            rel.parts[0] == "psi"
+            and path.is_file()
+            and not stat.S_IMODE(path.parent.stat().st_mode) & 0o077
+        ):
+            continue
+        loose.append(f"{rel} {mode:o}")
+    return loose
+
+
+def test_train_job_between_three_services(cluster: Cluster) -> None:
+    job_file = cluster.tmp / "job.toml"
+    job_file.write_text(JOB)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfl",
+            "train",
+            str(job_file),
+            "--config",
+            str(cluster.paths["bank"]),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout[out.stdout.index("{") :])
+    assert final["state"] == "done", final
+    assert final["test"]["roc_auc"] > 0.9
+    configs = cluster.configs
     result = json.loads(
         (configs["bank"].state_dir / "jobs" / "breast-1" / "result.json").read_text()
     )
     assert len(result["history"]) == 2 and result["test"]["roc_auc"] > 0.9
-    arbiter_log = (tmp_path / "logs" / "arbiter.log").read_text()
+    arbiter_log = (cluster.tmp / "logs" / "arbiter.log").read_text()
     assert "job breast-1 registered" in arbiter_log
-    host_log = (tmp_path / "logs" / "retailer.log").read_text()
+    host_log = (cluster.tmp / "logs" / "retailer.log").read_text()
     assert "job breast-1 finished at the host" in host_log
-    key = configs["arbiter"].state_dir / "arbiter_key.json"
-    assert key.stat().st_mode & 0o077 == 0  # owner-only
+
+    # every party's audit log: JSON lines with all fields, nothing but ids and hashes
+    key_file = json.loads((configs["arbiter"].state_dir / "arbiter_key.json").read_text())
+    events: dict[str, list[str]] = {}
+    for party in ("bank", "retailer", "arbiter"):
+        records = [r for r in cluster.audit(party) if r["job_id"] == "breast-1"]
+        assert all(set(r) >= AUDIT_FIELDS and r["party"] == party for r in records), records
+        events[party] = [r["event"] for r in records]
+        assert all(r["key_id"] for r in records if r["event"] != "job_submitted")
+        assert len({r["key_id"] for r in records if r["key_id"]}) == 1
+        assert all(str(key_file["p"]) not in json.dumps(r) for r in records)
+    assert events["bank"] == ["job_submitted", "job_finished"]
+    assert events["retailer"] == ["job_accepted", "job_finished"]
+    assert events["arbiter"] == ["job_accepted", "job_accepted"]  # one JOB_SPEC from each
+    bank = cluster.audit("bank")[0]
+    assert bank["submitter"] == "bank" and bank["input_sha256"] == _sha256(
+        configs["bank"].data["breast"]
+    )
+    host = next(r for r in cluster.audit("retailer") if r["event"] == "job_accepted")
+    assert host["submitter"] == "bank" and host["input_sha256"] == _sha256(
+        configs["retailer"].data["breast"]
+    )
+    assert bank["code_version"].startswith("0.")
+
+    # secrets and shares are owner-only: key, checkpoints, preprocessing, progress, result
+    for party in ("bank", "retailer", "arbiter"):
+        state_dir = configs[party].state_dir
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        private = [
+            state_dir / AUDIT_FILE,
+            *state_dir.glob("jobs"),
+            *(state_dir / "jobs").rglob("*"),
+            *state_dir.glob("arbiter_key.json"),
+        ]
+        loose = [
+            f"{p} {stat.S_IMODE(p.stat().st_mode):o}"
+            for p in private
+            if stat.S_IMODE(p.stat().st_mode) & 0o077
+        ]
+        assert not loose, loose
+        assert not loose_files(state_dir), loose_files(state_dir)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _job(job_id: str) -> dict[str, Any]:
+    raw = tomllib.loads(JOB)
+    raw["job"].update(id=job_id, psi_job="breast-psi", epochs=2)
+    raw["protect"] = {"mode": "none", "allow_label_leak": True}  # no noise: comparable runs
+    return {"job_file": raw}
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster) -> dict[str, Any]:
+    """One PSI (one row order for every job below) and the job run without interruption."""
+    bank = cluster.configs["bank"]
+    psi = {"peer": "retailer", "data": "breast", "id_column": "id", "job_id": "breast-psi"}
+    admin_call(bank, "psi", psi, timeout=120)
+    admin_call(bank, "train", _job("breast-ref"))
+    ref = cluster.wait("breast-ref", lambda s: s.get("state") == "done", timeout=120)
+    assert ref["state"] == "done", ref
+    result: dict[str, Any] = json.loads(
+        (bank.state_dir / "jobs" / "breast-ref" / "result.json").read_text()
+    )
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("party", "how"),
+    [
+        ("retailer", signal.SIGTERM),
+        ("retailer", signal.SIGKILL),
+        ("bank", signal.SIGTERM),
+        ("arbiter", signal.SIGTERM),
+    ],
+    ids=["host-sigterm", "host-sigkill", "guest-sigterm", "arbiter-sigterm"],
+)
+def test_service_restarted_mid_job_resumes_with_the_same_result(
+    cluster: Cluster, reference: dict[str, Any], party: str, how: signal.Signals
+) -> None:
+    """A party's service stopped (SIGTERM: cleanly; SIGKILL: at any instruction) a few
+    steps into a job and started again with the same config. Host: the guest starts a new
+    run (at once when the host reports its restart). Guest: its service resubmits the job
+    on start and the host drops the run it was still serving. Arbiter: it has forgotten the
+    job, refuses the current run's decryptions, and the new run registers the job again.
+    Both data parties resume from their checkpoints, and the job ends with exactly the
+    scores of the uninterrupted run."""
+    bank = cluster.configs["bank"]
+    job_id = f"breast-{party}-{how.name.lower()}"
+    admin_call(bank, "train", _job(job_id))
+    cluster.wait(job_id, lambda s: s.get("step", 0) >= 3, timeout=60)
+    proc = cluster.procs[party]
+    stopped = time.monotonic()
+    proc.send_signal(how)
+    code = proc.wait(timeout=30)
+    if how is signal.SIGTERM:
+        assert code == 0, f"{party} did not stop cleanly mid-job"
+        assert time.monotonic() - stopped < 15, f"{party} did not stop promptly"
+    if party != "bank":
+        assert cluster.job(job_id)["state"] == "running"  # the guest waits for it
+    cluster.procs.update(start_services({party: cluster.configs[party]}, logs=cluster.tmp / "logs"))
+    reconnect_service(cluster.configs, party)
+    done = cluster.wait(job_id, lambda s: s.get("state") == "done", timeout=120)
+    assert done["state"] == "done", done
+
+    got = json.loads((bank.state_dir / "jobs" / job_id / "result.json").read_text())
+    assert got["test_scores"] == reference["test_scores"]
+    assert got["history"] == reference["history"] and got["test"] == reference["test"]
+
+    events = [r["event"] for r in cluster.audit("bank") if r["job_id"] == job_id]
+    assert events[0] == "job_submitted" and events[-1] == "job_finished"
+    assert "job_finished" not in events[:-1] and "job_failed" not in events
+    host_runs = [
+        r["run_id"]
+        for r in cluster.audit("retailer")
+        if r["job_id"] == job_id and r["event"] == "job_accepted"
+    ]
+    assert len(host_runs) >= 2 and len(set(host_runs)) == len(host_runs)
+    counts = [
+        r
+        for r in cluster.audit("arbiter")
+        if r["job_id"] == job_id and r["event"] == "decryption_counts"
+    ]
+    # the counts so far, when the job registers again (or when the arbiter itself stops)
+    assert counts[0]["cause"] == ("service stop" if party == "arbiter" else "registered again")
+    assert set(counts[0]["counts"]) >= {"splitnn.Z_FWD", "splitnn.G_BWD", "splitnn.V_WUPD"}
+    if party == "retailer":
+        assert "job_retried" in events
+        host_log = (cluster.tmp / "logs" / "retailer.log").read_text()
+        assert f"job {job_id}: told bank that run" in host_log
+    elif party == "bank":
+        guest_log = (cluster.tmp / "logs" / "bank.log").read_text()
+        assert f"resuming job {job_id} (unfinished when the service stopped)" in guest_log
 
 
 def test_arbiter_key_is_made_once_and_a_broken_file_is_named(tmp_path: Path) -> None:

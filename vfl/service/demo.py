@@ -150,21 +150,9 @@ def write_demo_setup(
     return paths
 
 
-def run_demo(out: Path, *, data_folder: Path, echo: Callable[[str], None]) -> Path:
-    """Run steps 1-9 of the module docstring; return the report folder."""
-    started = time.monotonic()
-    echo(f"1. data sets in {data_folder}:")
-    for ds in verify_all(folder=data_folder):
-        echo(f"   ok  {ds.name:36s} {ds.size / 1e6:7.2f} MB  sha256 {ds.sha256[:12]}...")
+def fraud_setup(out: Path, *, data_folder: Path) -> tuple[SiloFiles, dict[str, Path]]:
+    """The fraud demo's silos, certificates and party configs under ``out`` (steps 2-3)."""
     silos = build_silos(data_dir=data_folder, out=out / "data")
-    counts = silos.summary()
-    echo(
-        f"2. two silos from default_credit_hetero in {out / 'data'}: the bank holds "
-        f"{counts['bank_rows']:,} customers with fraud labels, the retailer "
-        f"{counts['retailer_rows']:,}, {counts['shared']:,} of them shared; ids are e-mail "
-        f"addresses with each side's own case and whitespace noise; "
-        f"{counts['new_customers']:,} new applicants wait at the bank for scoring"
-    )
     configs = write_demo_setup(
         out,
         data_folder=out / "data",
@@ -173,6 +161,24 @@ def run_demo(out: Path, *, data_folder: Path, echo: Callable[[str], None]) -> Pa
             "retailer": {"customers": RETAILER_FILE},
         },
         extra={"arbiter": ARBITER_SCORING},
+    )
+    return silos, configs
+
+
+def run_demo(out: Path, *, data_folder: Path, echo: Callable[[str], None]) -> Path:
+    """Run steps 1-9 of the module docstring; return the report folder."""
+    started = time.monotonic()
+    echo(f"1. data sets in {data_folder}:")
+    for ds in verify_all(folder=data_folder):
+        echo(f"   ok  {ds.name:36s} {ds.size / 1e6:7.2f} MB  sha256 {ds.sha256[:12]}...")
+    silos, configs = fraud_setup(out, data_folder=data_folder)
+    counts = silos.summary()
+    echo(
+        f"2. two silos from default_credit_hetero in {out / 'data'}: the bank holds "
+        f"{counts['bank_rows']:,} customers with fraud labels, the retailer "
+        f"{counts['retailer_rows']:,}, {counts['shared']:,} of them shared; ids are e-mail "
+        f"addresses with each side's own case and whitespace noise; "
+        f"{counts['new_customers']:,} new applicants wait at the bank for scoring"
     )
     parsed = {pid: load_config(path) for pid, path in configs.items()}
     procs = start_services(parsed, logs=out / "logs")

@@ -5,23 +5,63 @@ owner-only in its state folder) and answers key requests, JOB_SPEC registrations
 and masked decryptions under the job's policy. The guest's operator submits a job to the
 guest's own service (admin command ``train``); the guest runs PSI if needed, then the
 session of :mod:`vfl.splitnn.session`. The host's service answers ``JOB_START`` for one of
-its own data aliases and the PSI result it holds, and refuses anything else.
+its own data aliases and the PSI result it holds, and refuses anything else. Host and
+arbiter apply their own acceptance policy (:mod:`vfl.service.accept`) first.
+
+Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.audit`):
+
+1. G persists each submitted request (``jobs/<id>/request.json``, 0600) before it runs, and
+   ``jobs/<id>/outcome.json`` once the job is done or has failed for good. On start, G's
+   service resubmits every job with a request and no outcome.
+2. A run that fails with a transport error, a timeout, an arbiter refusal (a restarted
+   arbiter forgot the job) or because H reported ``RUN_STOPPED`` is followed by a new run
+   (J1-J4 with a new run id: both parties resume from their checkpoints), after a backoff
+   of ``RETRY_DELAYS_S`` (none after ``RUN_STOPPED{restarted}``), at most ``RETRY_LIMIT``
+   times in a row without progress (a run that advanced the step resets the count). A
+   refusal under a party's acceptance policy is not retried.
+3. H records each accepted run (``jobs/<id>/host_run.json``); on start, its service sends
+   ``RUN_STOPPED{restarted}`` to the guest of every run that was still going when it
+   stopped, retrying until the guest is reachable; a run of H that fails sends
+   ``RUN_STOPPED{failed}``.
+4. A ``JOB_START`` for a job whose older run is still being served at H stops that run
+   first (its receives raise :class:`RunAbortedError`) and waits for it to end.
+5. On SIGTERM (:meth:`JobRunner.close`, before the channel closes) every run is stopped the
+   same way: checkpoints are written per step, so nothing needs saving; the jobs resume
+   when the service is started again.
+
+The arbiter keeps job registrations, served-step marks and cached replies in memory only.
+After a restart it has forgotten them: the parties' current run is refused (no registered
+policy) and both start a new run, whose J3 registers the job again and whose RESUME
+re-opens the steps to repeat. Decryption counts restart from zero in memory; the audit log
+keeps the counts logged before the restart. Because the served-step marks are gone too, a
+step served before the restart could be asked for once more without a RESUME: the "served
+once" rule holds per arbiter process, and the audit log's counts show any excess.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 import traceback
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
-from protocols.envelope import Envelope
-from protocols.errors import ConfigError, CryptoError, DataError
+from protocols.envelope import ControlBlock, Envelope
+from protocols.errors import (
+    ConfigError,
+    CryptoError,
+    DataError,
+    JobRefusedError,
+    PolicyViolationError,
+    TransportError,
+    VflError,
+)
 from protocols.executor import Executor, LocalProcessExecutor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
@@ -29,18 +69,50 @@ from protocols.transport.base import Channel, MessageFilter
 from psi.result import read_result
 from vfl.config import PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
+from vfl.service.accept import check_offer, check_spec
+from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.splitnn.jobfile import TrainJobFile, parse_job
 from vfl.splitnn.session import (
     GuestSession,
     HostSession,
+    JobOffer,
     JobTag,
     Progress,
+    SplitResult,
+    claim_run,
     serve_decryptions,
 )
 
 logger = logging.getLogger(__name__)
 
 KEY_FILE = "arbiter_key.json"
+REQUEST_FILE = "request.json"  # G: the submitted request, kept until the job is over
+OUTCOME_FILE = "outcome.json"  # G: done or failed for good (not resubmitted on start)
+HOST_RUN_FILE = "host_run.json"  # H: the run it serves, for RUN_STOPPED after a restart
+RETRY_LIMIT = 6
+RETRY_DELAYS_S = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0)
+NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
+COUNTS_EVERY_S = 60.0  # the arbiter's periodic decryption-count records (when they changed)
+STOP_WAIT_S = 10.0  # how long close() waits for runs to end
+
+
+class RunStop(StrEnum):
+    """Why H reports that a run ended early (``RUN_STOPPED``, R1 of the session module)."""
+
+    RESTARTED = "restarted"
+    FAILED = "failed"
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a new run of the job may succeed where this one failed (lifecycle step 2)."""
+    if isinstance(exc, JobRefusedError):
+        return False
+    return isinstance(exc, TransportError | TimeoutError | PolicyViolationError)
+
+
+def order_seed_for(seed: int) -> bytes:
+    """The guest's batch-order seed derived from its ``[testing] seed``."""
+    return hashlib.sha256(f"vfl-batch-order-{seed}".encode()).digest()
 
 
 def arbiter_key(
@@ -78,14 +150,117 @@ def arbiter_key(
     return public, private
 
 
-def serve_arbiter(config: PartyConfig, channel: Channel, executor: Executor) -> ArbiterService:
-    """Start answering key, setup and decryption requests."""
+def serve_arbiter(
+    config: PartyConfig,
+    channel: Channel,
+    executor: Executor,
+    *,
+    watch: ArbiterWatch | None = None,
+) -> ArbiterService:
+    """Start answering key, setup and decryption requests (``watch``: acceptance policy and
+    audit records; without it, the acceptance policy alone)."""
     public, private = arbiter_key(
         config.state_dir, bits=config.key_bits, allow_test_key=config.allow_test_key
     )
-    return serve_decryptions(
-        channel=channel, public_key=public, private_key=private, executor=executor
+
+    def admit(body: dict[str, Any], sender: Party) -> None:
+        check_spec(config, body, sender)
+
+    service = serve_decryptions(
+        channel=channel,
+        public_key=public,
+        private_key=private,
+        executor=executor,
+        admit=admit if watch is None else watch.admit,
     )
+    if watch is not None:
+        watch.attach(service)
+    return service
+
+
+class ArbiterWatch:
+    """The arbiter's acceptance policy for JOB_SPECs and its audit records.
+
+    Records ``job_accepted``/``job_refused`` per JOB_SPEC, and ``decryption_counts`` (values
+    decrypted per tag, :meth:`DecryptionPolicy.counts`) when a registered job registers
+    again (a new run: resume), every ``COUNTS_EVERY_S`` when they changed, and at close
+    for every job registered since the service started.
+    """
+
+    def __init__(self, *, config: PartyConfig, audit: AuditLog) -> None:
+        self.config, self.audit = config, audit
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict[str, int]] = {}  # job -> counts last recorded
+        self._service: ArbiterService | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, service: ArbiterService) -> None:
+        """The decryption service whose counts are recorded."""
+        self._service = service
+
+    def admit(self, body: dict[str, Any], sender: Party) -> None:
+        """The ``admit`` hook of :meth:`ArbiterService.serve_setup`."""
+        job_id = str(body.get("job_id", ""))[:128]
+        key_id = self._service.key_id.hex() if self._service is not None else None
+        fields: dict[str, Any] = {
+            "submitter": sender.party_id,
+            "config_sha256": config_digest(body),
+            "key_id": key_id,
+            "guest": str(body.get("guest", ""))[:64],
+        }
+        try:
+            spec = check_spec(self.config, body, sender)
+        except JobRefusedError as exc:
+            self.audit.record(
+                event=AuditEvent.JOB_REFUSED, job_id=job_id, reason=str(exc), **fields
+            )
+            logger.warning("refused JOB_SPEC of job %s from %s: %s", job_id, sender, exc)
+            raise
+        if self._service is not None and self._service.policy.job(spec.job_id) is not None:
+            self.record_counts(spec.job_id, cause="registered again")  # a new run: resume
+        self.audit.record(event=AuditEvent.JOB_ACCEPTED, job_id=spec.job_id, **fields)
+        with self._lock:
+            self._jobs.setdefault(spec.job_id, {})
+
+    def record_counts(self, job_id: str, *, cause: str, force: bool = False) -> None:
+        """Record the job's decryption counts if they changed since the last record."""
+        if self._service is None:
+            return
+        counts = self._service.policy.counts(job_id)
+        with self._lock:
+            if not force and self._jobs.get(job_id) == counts:
+                return
+            self._jobs[job_id] = counts
+        key_id = self._service.key_id.hex()
+        self.audit.record(
+            event=AuditEvent.DECRYPTION_COUNTS,
+            job_id=job_id,
+            key_id=key_id,
+            counts=counts,
+            cause=cause,
+        )
+
+    def start(self) -> None:
+        """Record changed counts every ``COUNTS_EVERY_S`` seconds from now on."""
+        self._thread = threading.Thread(target=self._every, name="audit-counts", daemon=True)
+        self._thread.start()
+
+    def _every(self) -> None:
+        while not self._stop.wait(COUNTS_EVERY_S):
+            for job_id in self.jobs():
+                self.record_counts(job_id, cause="periodic")
+
+    def jobs(self) -> list[str]:
+        """Jobs registered since the service started."""
+        with self._lock:
+            return sorted(self._jobs)
+
+    def close(self) -> None:
+        """Record every job's counts (service stop) and stop the periodic records."""
+        self._stop.set()
+        for job_id in self.jobs():
+            self.record_counts(job_id, cause="service stop", force=True)
 
 
 def _peer_with_role(config: PartyConfig, role: Role) -> Party:
@@ -118,8 +293,39 @@ def _aligned_table(
     return table.take(rows)
 
 
+class _GuestJob:
+    """G's bookkeeping of one job across its runs (lifecycle steps 1-2)."""
+
+    def __init__(self, job_file: TrainJobFile, request: dict[str, Any]) -> None:
+        self.job_file, self.request = job_file, request
+        self.wake = threading.Event()  # cuts a retry's backoff short
+        self.session: GuestSession | None = None
+        self.notice: dict[str, Any] | None = None  # H's RUN_STOPPED for the current run
+        self.thread: threading.Thread | None = None
+
+
+class _HostRun:
+    """H's bookkeeping of the run it serves for one job (lifecycle steps 3-4)."""
+
+    def __init__(self, session: HostSession, envelope: Envelope) -> None:
+        self.session, self.envelope = session, envelope
+        self.done = threading.Event()
+
+
 class JobRunner:
-    """The service's split-NN jobs: started, tracked for ``status``, one thread each."""
+    """The service's split-NN jobs: started, tracked for ``status``, resumed after restarts.
+
+    Parameters
+    ----------
+    config
+        This party's configuration (its ``[accept]`` policy applies to what guests ask).
+    channel
+        The service's channel.
+    executor
+        Worker processes for the Paillier work on the critical path.
+    run_psi
+        The guest's PSI admin command (a job without ``psi_job`` runs PSI first).
+    """
 
     def __init__(
         self,
@@ -134,8 +340,30 @@ class JobRunner:
         self._lock = threading.Lock()
         self.jobs: dict[str, dict[str, Any]] = {}
         self._background: LocalProcessExecutor | None = None
-        if config.party.role is Role.HOST:
+        self._stopping = threading.Event()
+        self._guest_jobs: dict[str, _GuestJob] = {}
+        self._host_runs: dict[str, _HostRun] = {}
+        self._job_locks: dict[str, threading.Lock] = {}
+        self.audit = AuditLog(config.state_dir / AUDIT_FILE, party=config.party.party_id)
+        self.watch: ArbiterWatch | None = None
+        if config.seed is not None:
+            logger.warning(
+                "%s: [testing] seed = %d fixes this party's random draws (W_0 component, model "
+                "initialisation, batch order): reproducible experiments only, never real data",
+                config.source,
+                config.seed,
+            )
+        role = config.party.role
+        if role is Role.HOST:
             channel.add_handler(MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start)
+        if role is Role.GUEST:
+            channel.add_handler(MessageFilter.for_tags(JobTag.RUN_STOPPED), self._on_run_stopped)
+
+    def serve_arbiter(self) -> ArbiterService:
+        """Arbiter: answer key, setup and decryption requests under the acceptance policy,
+        with audit records (:class:`ArbiterWatch`); returns the decryption service."""
+        self.watch = ArbiterWatch(config=self.config, audit=self.audit)
+        return serve_arbiter(self.config, self.channel, self.executor, watch=self.watch)
 
     def background(self) -> LocalProcessExecutor:
         """Low-priority workers that fill obfuscator pools with otherwise idle CPU time."""
@@ -144,8 +372,40 @@ class JobRunner:
                 self._background = LocalProcessExecutor(nice=10)
             return self._background
 
+    def start(self) -> None:
+        """Once the service listens: resubmit G's unfinished jobs, send H's restart notices,
+        start the arbiter's periodic count records (lifecycle steps 1 and 3)."""
+        role = self.config.party.role
+        if role is Role.GUEST:
+            self._resume_unfinished()
+        elif role is Role.HOST:
+            self._notify_restarts()
+        if self.watch is not None:
+            self.watch.start()
+
     def close(self) -> None:
-        """Stop the background workers."""
+        """Stop every run (lifecycle step 5), record the arbiter's counts, stop workers."""
+        self._stopping.set()
+        with self._lock:
+            guest_jobs = list(self._guest_jobs.values())
+            host_runs = list(self._host_runs.values())
+        for entry in guest_jobs:
+            alive = entry.thread is not None and entry.thread.is_alive()
+            if entry.session is not None and alive:
+                entry.session.stop()
+            entry.wake.set()
+        for run in host_runs:
+            if not run.done.is_set():
+                run.session.stop()
+        give_up = time.monotonic() + STOP_WAIT_S
+        for entry in guest_jobs:
+            if entry.thread is not None:
+                entry.thread.join(max(0.0, give_up - time.monotonic()))
+        for run in host_runs:
+            run.done.wait(max(0.0, give_up - time.monotonic()))
+        if self.watch is not None:
+            self.watch.close()
+        self.audit.close()
         with self._lock:
             if self._background is not None:
                 self._background.close()
@@ -159,93 +419,272 @@ class JobRunner:
         with self._lock:
             self.jobs.setdefault(job_id, {}).update(fields)
 
+    def _job_lock(self, job_id: str) -> threading.Lock:
+        with self._lock:
+            return self._job_locks.setdefault(job_id, threading.Lock())
+
+    def _job_dir(self, job_id: str) -> Path:
+        jobs = self.config.state_dir / "jobs"
+        jobs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = jobs / job_id
+        folder.mkdir(exist_ok=True, mode=0o700)
+        return folder
+
     # -- guest -----------------------------------------------------------------------
 
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Admin ``train``: validate the job now, run it in the background."""
+        """Admin ``train``: validate the job now, keep the request, run it in the background."""
         if self.config.party.role is not Role.GUEST:
             raise ConfigError("only the guest (label holder) submits training jobs")
-        job_file = parse_job(
-            dict(request.get("job_file", {})),
-            source="train request",
-            allow_plaintext=bool(request.get("allow_plaintext", False)),
-        )
-        if job_file.guest_data not in self.config.data:
-            known = ", ".join(sorted(self.config.data)) or "none"
-            raise ConfigError(f"no data alias {job_file.guest_data!r} here (aliases: {known})")
+        job_file = self._parse(request, source="train request")
         job_id = job_file.job.job_id
         with self._lock:
             if self.jobs.get(job_id, {}).get("state") == "running":
                 raise ConfigError(f"job {job_id} is already running")
             self.jobs[job_id] = {"state": "running", "phase": "starting", "started": time.time()}
-        threading.Thread(
-            target=self._guest_job, args=(job_file,), name=f"job-{job_id}", daemon=True
-        ).start()
+        try:  # kept before it runs: a restarted service resubmits it (lifecycle step 1)
+            folder = self._job_dir(job_id)
+            atomic_write(folder / REQUEST_FILE, json.dumps(request).encode(), mode=0o600)
+            (folder / OUTCOME_FILE).unlink(missing_ok=True)
+        except OSError as exc:
+            self._update(job_id, state="failed", phase="failed", error=str(exc)[:300])
+            raise DataError(
+                f"cannot keep job {job_id} in {self.config.state_dir}: {exc}; check the state "
+                "folder's space and permissions"
+            ) from None
+        self.audit.record(
+            event=AuditEvent.JOB_SUBMITTED,
+            job_id=job_id,
+            submitter=self.config.party.party_id,  # its own operator (admin certificate)
+            config_sha256=config_digest(request),
+            input_sha256=file_digest(self.config.data[job_file.guest_data]),
+            host=_peer_with_role(self.config, Role.HOST).party_id,
+        )
+        self._launch(job_file, request)
         return {"job_id": job_id, "state": "running"}
 
-    def _guest_job(self, job_file: TrainJobFile) -> None:
+    def _parse(self, request: dict[str, Any], *, source: str) -> TrainJobFile:
+        job_file = parse_job(
+            dict(request.get("job_file", {})),
+            source=source,
+            allow_plaintext=bool(request.get("allow_plaintext", False)),
+        )
+        if job_file.guest_data not in self.config.data:
+            known = ", ".join(sorted(self.config.data)) or "none"
+            raise ConfigError(f"no data alias {job_file.guest_data!r} here (aliases: {known})")
+        return job_file
+
+    def _launch(self, job_file: TrainJobFile, request: dict[str, Any]) -> None:
+        entry = _GuestJob(job_file, request)
         job_id = job_file.job.job_id
-        try:
-            psi_job = job_file.psi_job
-            if not psi_job:
-                self._update(job_id, phase="psi")
-                psi_job = f"{job_id}.psi"
-                self.run_psi(
-                    {
-                        "peer": _peer_with_role(self.config, Role.HOST).party_id,
-                        "data": job_file.guest_data,
-                        "host_data": job_file.host_data,
-                        "id_column": job_file.id_column,
-                        "job_id": psi_job,
-                    }
+        entry.thread = threading.Thread(
+            target=self._guest_job, args=(entry,), name=f"job-{job_id}", daemon=True
+        )
+        with self._lock:
+            self._guest_jobs[job_id] = entry
+        entry.thread.start()
+
+    def _resume_unfinished(self) -> None:
+        """Lifecycle step 1: resubmit every job with a request and no outcome."""
+        for path in sorted((self.config.state_dir / "jobs").glob(f"*/{REQUEST_FILE}")):
+            job_id = path.parent.name
+            if (path.parent / OUTCOME_FILE).is_file():
+                continue
+            try:
+                request = json.loads(path.read_text())
+                job_file = self._parse(request, source=str(path))
+            except (OSError, ValueError, VflError) as exc:
+                logger.error("job %s cannot be resumed: %s", job_id, exc)
+                error = f"cannot be resumed: {exc}"[:500]
+                self.audit.record(event=AuditEvent.JOB_FAILED, job_id=job_id, reason=error)
+                self._finish(job_id, state="failed", error=error)
+                continue
+            logger.info("resuming job %s (unfinished when the service stopped)", job_id)
+            self._update(job_id, state="running", phase="resuming", started=time.time())
+            self._launch(job_file, request)
+
+    def _finish(self, job_id: str, *, state: str, **fields: Any) -> None:
+        """Record that the job is over for good (not resubmitted on start)."""
+        self._update(job_id, state=state, phase=state, **fields)
+        body = {"state": state, "time": time.time(), **fields}
+        atomic_write(self._job_dir(job_id) / OUTCOME_FILE, json.dumps(body).encode(), mode=0o600)
+
+    def _guest_job(self, entry: _GuestJob) -> None:
+        """Lifecycle step 2: runs until the job is done, fails for good, or the service stops."""
+        job_id = entry.job_file.job.job_id
+        host = _peer_with_role(self.config, Role.HOST).party_id
+        attempt = 0
+        while True:
+            entry.notice = None
+            entry.wake.clear()
+            step_before = self.status().get(job_id, {}).get("step", 0)
+            try:
+                result = self._guest_attempt(entry)
+            except Exception as exc:  # noqa: BLE001 - reported through status and the audit log
+                if self.status().get(job_id, {}).get("step", 0) > step_before:
+                    attempt = 0  # the run made progress: the retry limit counts from here
+                key_id = entry.session.key_id if entry.session is not None else None
+                notice = entry.notice
+                error = f"{type(exc).__name__}: {exc}"
+                if notice is not None and notice.get("reason") == RunStop.FAILED.value:
+                    error = f"{host} failed: {notice.get('error', 'no reason given')}"
+                if self._stopping.is_set():
+                    logger.info("job %s interrupted by the service stop; resumes on start", job_id)
+                    self._update(job_id, state="interrupted", phase="stopped")
+                    return
+                if notice is not None:
+                    again = notice.get("reason") == RunStop.RESTARTED.value or bool(
+                        notice.get("retry", False)
+                    )
+                else:
+                    again = retryable(exc)
+                if not again or attempt >= RETRY_LIMIT:
+                    logger.error("job %s failed: %s", job_id, error)
+                    logger.debug("%s", traceback.format_exc())
+                    self.audit.record(  # before the status says failed
+                        event=AuditEvent.JOB_FAILED,
+                        job_id=job_id,
+                        key_id=key_id,
+                        reason=error[:500],
+                        attempts=attempt + 1,
+                    )
+                    self._finish(job_id, state="failed", error=error[:500])
+                    return
+                attempt += 1
+                restarted = notice is not None and notice.get("reason") == RunStop.RESTARTED.value
+                delay = 0.0 if restarted else RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S)) - 1]
+                logger.warning(
+                    "job %s: run failed (%s); new run (%d of at most %d) in %.0f s",
+                    job_id,
+                    error[:300],
+                    attempt,
+                    RETRY_LIMIT,
+                    delay,
                 )
-            request = {
-                "data": job_file.guest_data,
-                "id_column": job_file.id_column,
-                "psi_job": psi_job,
-            }
-            table = _aligned_table(self.config, request, labels=job_file.label_column)
-            if table.labels is None:
-                raise ConfigError(f"data {job_file.guest_data!r} has no label column")
-            splits = split_rows(
-                table.labels,
-                test_fraction=job_file.test_fraction,
-                validation_fraction=job_file.validation_fraction,
-                seed=job_file.split_seed,
+                self._update(job_id, phase="retrying", attempts=attempt, last_error=error[:300])
+                self.audit.record(
+                    event=AuditEvent.JOB_RETRIED,
+                    job_id=job_id,
+                    key_id=key_id,
+                    reason=error[:500],
+                    attempt=attempt,
+                )
+                entry.wake.wait(delay)
+                if self._stopping.is_set():
+                    self._update(job_id, state="interrupted", phase="stopped")
+                    return
+                continue
+            session = entry.session
+            self.audit.record(  # before the status says done
+                event=AuditEvent.JOB_FINISHED,
+                job_id=job_id,
+                key_id=session.key_id if session is not None else None,
+                runs=attempt + 1,
             )
-            self._update(job_id, phase="training", rows=len(table))
-            session = GuestSession(
-                channel=self.channel,
-                host=_peer_with_role(self.config, Role.HOST),
-                arbiter=_peer_with_role(self.config, Role.ARBITER),
-                job=job_file.job,
-                table=table,
-                splits=splits,
-                executor=self.executor,
-                state_dir=self.config.state_dir,
-                impute=job_file.impute,
-                allow_test_key=self.config.allow_test_key,
-                progress=lambda p: self._on_progress(p),
-                pool_executor=self.background(),
-                host_request={
-                    "data": job_file.host_data,
-                    "id_column": job_file.id_column,
-                    "psi_job": psi_job,
-                },
-            )
-            result = session.run()
-            self._update(
+            self._finish(
                 job_id,
                 state="done",
-                phase="done",
                 test=result.test,
                 best_epoch=result.best_epoch,
-                result=str(session.job_dir / "result.json"),
+                result=str(self.config.state_dir / "jobs" / job_id / "result.json"),
             )
-        except Exception as exc:  # noqa: BLE001 - reported through status
-            logger.error("job %s failed: %s", job_id, exc)
-            logger.debug("%s", traceback.format_exc())
-            self._update(job_id, state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            return
+
+    def _has_psi(self, psi_job: str) -> bool:
+        try:
+            read_result(self.config.state_dir, psi_job)
+        except (VflError, OSError, ValueError):
+            return False
+        return True
+
+    def _guest_attempt(self, entry: _GuestJob) -> SplitResult:
+        """One run of the job (PSI first unless it has a result already)."""
+        job_file = entry.job_file
+        job_id = job_file.job.job_id
+        psi_job = job_file.psi_job or f"{job_id}.psi"
+        if not job_file.psi_job and not self._has_psi(psi_job):
+            self._update(job_id, phase="psi")
+            self.run_psi(
+                {
+                    "peer": _peer_with_role(self.config, Role.HOST).party_id,
+                    "data": job_file.guest_data,
+                    "host_data": job_file.host_data,
+                    "id_column": job_file.id_column,
+                    "id_type": job_file.id_type,
+                    "job_id": psi_job,
+                }
+            )
+        request = {"data": job_file.guest_data, "id_column": job_file.id_column, "psi_job": psi_job}
+        table = _aligned_table(self.config, request, labels=job_file.label_column)
+        if table.labels is None:
+            raise ConfigError(f"data {job_file.guest_data!r} has no label column")
+        splits = split_rows(
+            table.labels,
+            test_fraction=job_file.test_fraction,
+            validation_fraction=job_file.validation_fraction,
+            seed=job_file.split_seed,
+        )
+        self._update(job_id, phase="training", rows=len(table))
+        seed = self.config.seed
+        session = GuestSession(
+            channel=self.channel,
+            host=_peer_with_role(self.config, Role.HOST),
+            arbiter=_peer_with_role(self.config, Role.ARBITER),
+            job=job_file.job,
+            table=table,
+            splits=splits,
+            executor=self.executor,
+            state_dir=self.config.state_dir,
+            impute=job_file.impute,
+            w0_seed=seed,
+            order_seed=None if seed is None else order_seed_for(seed),
+            allow_test_key=self.config.allow_test_key,
+            progress=lambda p: self._on_progress(p),
+            pool_executor=self.background(),
+            host_request={
+                "data": job_file.host_data,
+                "id_column": job_file.id_column,
+                "psi_job": psi_job,
+            },
+        )
+        with self._lock:
+            entry.session = session
+        if self._stopping.is_set():
+            session.stop()
+        try:
+            return session.run()
+        finally:
+            if session.run_id:  # drop whatever of this run is still unread (R2)
+                self.channel.abort_run(job_id, session.run_id)
+
+    def _on_run_stopped(self, envelope: Envelope) -> None:
+        """R1 at G: H says a run ended early; stop it now if it is the current one."""
+        host = _peer_with_role(self.config, Role.HOST)
+        if envelope.sender != host or not isinstance(envelope.body, ControlBlock):
+            logger.warning("ignored a RUN_STOPPED from %s", envelope.sender)
+            return
+        body = envelope.body.obj()
+        with self._lock:
+            entry = self._guest_jobs.get(envelope.job_id)
+        if entry is None:
+            logger.info("RUN_STOPPED for job %s, which is not running here", envelope.job_id)
+            return
+        session = entry.session
+        run_id = str(body.get("run_id", ""))
+        logger.warning(
+            "job %s: %s reports run %s %s%s",
+            envelope.job_id,
+            host.party_id,
+            run_id or "-",
+            body.get("reason"),
+            f": {body.get('error')}" if body.get("error") else "",
+        )
+        # a restarted H serves no earlier run of G at all; a failure concerns its own run
+        restarted = body.get("reason") == RunStop.RESTARTED.value
+        if session is not None and session.run_id and (restarted or session.run_id == run_id):
+            entry.notice = body
+            session.stop()
+        entry.wake.set()
 
     def _on_progress(self, p: Progress) -> None:
         fields: dict[str, Any] = {
@@ -263,21 +702,196 @@ class JobRunner:
     # -- host ------------------------------------------------------------------------
 
     def _on_job_start(self, envelope: Envelope) -> None:
+        """A guest's JOB_START: stop an older run of the job, then serve this one."""
         job_id = envelope.job_id
+        if self._stopping.is_set():
+            return  # the guest tries again once this service is back
+        with self._job_lock(job_id):
+            with self._lock:
+                old = self._host_runs.get(job_id)
+            if old is not None and not old.done.is_set():
+                logger.info(
+                    "job %s: run %s replaces run %s, which is stopped first",
+                    job_id,
+                    envelope.run_id,
+                    old.envelope.run_id,
+                )
+                old.session.stop()
+                while not old.done.wait(1.0):
+                    if self._stopping.is_set():
+                        return
+            session = HostSession(
+                channel=self.channel,
+                guest=envelope.sender,
+                arbiter=_peer_with_role(self.config, Role.ARBITER),
+                table_for=lambda request: _aligned_table(self.config, request, labels=None),
+                executor=self.executor,
+                state_dir=self.config.state_dir,
+                seed=self.config.seed,
+                allow_test_key=self.config.allow_test_key,
+                pool_executor=self.background(),
+                accept=lambda offer: self._accept(offer, envelope),
+            )
+            run = _HostRun(session, envelope)
+            with self._lock:
+                self._host_runs[job_id] = run
         self._update(job_id, state="running", phase="training", started=time.time())
-        session = HostSession(
-            channel=self.channel,
-            guest=envelope.sender,
-            arbiter=_peer_with_role(self.config, Role.ARBITER),
-            table_for=lambda request: _aligned_table(self.config, request, labels=None),
-            executor=self.executor,
-            state_dir=self.config.state_dir,
-            allow_test_key=self.config.allow_test_key,
-            pool_executor=self.background(),
-        )
         try:
             session.run(envelope)
+        except JobRefusedError as exc:
+            self.audit.record(
+                event=AuditEvent.JOB_REFUSED,
+                job_id=job_id,
+                submitter=envelope.sender.party_id,
+                config_sha256=self._start_digest(envelope),
+                key_id=session.key_id,
+                reason=str(exc)[:500],
+            )
+            self._update(job_id, state="refused", phase="refused", error=str(exc)[:500])
+        except Exception as exc:  # noqa: BLE001 - reported through status, audit and R1
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            if self._stopping.is_set():
+                logger.info("job %s: run %s stopped with the service", job_id, envelope.run_id)
+                self._update(job_id, state="interrupted", phase="stopped")
+            elif session.stopped:
+                logger.info(
+                    "job %s: run %s ended, a newer run replaces it", job_id, envelope.run_id
+                )
+            else:
+                logger.error("job %s failed at the host: %s", job_id, error)
+                self.audit.record(
+                    event=AuditEvent.JOB_FAILED,
+                    job_id=job_id,
+                    submitter=envelope.sender.party_id,
+                    key_id=session.key_id,
+                    reason=error,
+                )
+                self._host_run_state(job_id, envelope, state="failed")
+                self._update(job_id, state="failed", error=error)
+                body = {"reason": RunStop.FAILED.value, "error": error, "retry": retryable(exc)}
+                threading.Thread(
+                    target=self._send_notice,
+                    args=(job_id, envelope.sender, envelope.run_id, body, 60.0),
+                    daemon=True,
+                ).start()
+        else:
+            self.audit.record(
+                event=AuditEvent.JOB_FINISHED,
+                job_id=job_id,
+                submitter=envelope.sender.party_id,
+                key_id=session.key_id,
+            )
+            self._host_run_state(job_id, envelope, state="done")
             self._update(job_id, state="done", phase="done")
-        except Exception as exc:  # noqa: BLE001 - reported through status and the log
-            logger.error("job %s failed at the host: %s", job_id, exc)
-            self._update(job_id, state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            run.done.set()
+            self.channel.abort_run(job_id, envelope.run_id)  # drop leftovers of this run
+
+    @staticmethod
+    def _start_digest(envelope: Envelope) -> str | None:
+        """``config_sha256`` of a JOB_START: the job as received, without the run's own
+        resume bookkeeping (checkpoints, evaluation counter)."""
+        if not isinstance(envelope.body, ControlBlock):
+            return None
+        body = {
+            k: v for k, v in envelope.body.obj().items() if k not in ("checkpoints", "eval_step")
+        }
+        return config_digest(body)
+
+    def _accept(self, offer: JobOffer, envelope: Envelope) -> None:
+        """H's acceptance policy (the session's ``accept`` hook); records the accepted run."""
+        check_offer(self.config, offer)
+        if offer.key_bits is None:
+            return
+        alias = str(offer.request.get("data", ""))
+        path = self.config.data.get(alias)
+        self._host_run_state(offer.job.job_id, envelope, state="running")
+        self.audit.record(
+            event=AuditEvent.JOB_ACCEPTED,
+            job_id=offer.job.job_id,
+            submitter=offer.guest,
+            config_sha256=self._start_digest(envelope),
+            input_sha256=file_digest(path) if path is not None else None,
+            key_id=offer.key_id,
+            run_id=envelope.run_id,
+        )
+
+    def _host_run_state(self, job_id: str, envelope: Envelope, *, state: str) -> None:
+        body = {"guest": envelope.sender.party_id, "run_id": envelope.run_id, "state": state}
+        atomic_write(self._job_dir(job_id) / HOST_RUN_FILE, json.dumps(body).encode(), mode=0o600)
+
+    def _notify_restarts(self) -> None:
+        """Lifecycle step 3: RUN_STOPPED{restarted} for every run still going at the stop."""
+        for path in sorted((self.config.state_dir / "jobs").glob(f"*/{HOST_RUN_FILE}")):
+            try:
+                info = json.loads(path.read_text())
+                if info.get("state") != "running":
+                    continue
+                guest = self.config.peer(str(info["guest"])).party
+            except (OSError, ValueError, KeyError, VflError) as exc:
+                logger.warning("%s is unreadable (%s); no restart notice sent", path, exc)
+                continue
+            body = {"reason": RunStop.RESTARTED.value}
+            threading.Thread(
+                target=self._send_notice,
+                args=(
+                    path.parent.name,
+                    guest,
+                    str(info.get("run_id", "")),
+                    body,
+                    NOTICE_PATIENCE_S,
+                ),
+                name=f"notice-{path.parent.name}",
+                daemon=True,
+            ).start()
+
+    def _send_notice(
+        self, job_id: str, guest: Party, run_id: str, body: dict[str, Any], patience: float
+    ) -> None:
+        """R1: tell G, retrying until it is reachable, the service stops or ``patience`` ends."""
+        give_up = time.monotonic() + patience
+        delay = 1.0
+        while not self._stopping.is_set():
+            with self._lock:
+                resumed = body["reason"] == RunStop.RESTARTED.value and job_id in self._host_runs
+            if resumed:  # G has started a new run with this process already: nothing to say
+                return
+            try:
+                with self._job_lock(job_id):
+                    number = claim_run(self.channel, self._job_dir(job_id), (guest,))
+                self.channel.send(
+                    Envelope(
+                        job_id=job_id,
+                        sender=self.channel.me,
+                        receiver=guest,
+                        tag=JobTag.RUN_STOPPED,
+                        step=number,
+                        body=ControlBlock.from_obj({"run_id": run_id, **body}),
+                    )
+                )
+            except (VflError, OSError, ValueError) as exc:
+                if time.monotonic() + delay > give_up:
+                    logger.warning(
+                        "job %s: could not tell %s that run %s stopped: %s",
+                        job_id,
+                        guest,
+                        run_id,
+                        exc,
+                    )
+                    return
+                self._stopping.wait(delay)
+                delay = min(2 * delay, 10.0)
+                continue
+            logger.info(
+                "job %s: told %s that run %s %s", job_id, guest.party_id, run_id, body["reason"]
+            )
+            if body["reason"] == RunStop.RESTARTED.value:
+                path = self._job_dir(job_id) / HOST_RUN_FILE
+                try:
+                    info = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return
+                if info.get("run_id") == run_id and info.get("state") == "running":
+                    info["state"] = "notified"
+                    atomic_write(path, json.dumps(info).encode(), mode=0o600)
+            return

@@ -3,7 +3,8 @@
 1. :func:`start_services` runs ``vfl serve --config ...`` per party, logging to a file each;
 2. :func:`connect_services` waits until each reports SERVING on the gRPC health service,
    then tells each where the others listen (they may have bound port 0);
-3. :func:`stop_services` sends SIGTERM (graceful shutdown) and collects exit codes.
+3. :func:`stop_services` sends SIGTERM (graceful shutdown) and collects exit codes;
+4. :func:`reconnect_service` re-links one service that was restarted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ def connect_services(configs: Mapping[str, PartyConfig], *, timeout: float = 60.
                     "set_peer_address",
                     {"peer": peer.party.party_id, "address": service_address(other)},
                 )
+
+
+def reconnect_service(
+    configs: Mapping[str, PartyConfig], party_id: str, *, timeout: float = 60.0
+) -> None:
+    """After ``party_id``'s service restarted (perhaps on another port): wait for SERVING,
+    tell it where its peers listen, then tell them where it listens now. Other addresses
+    are left alone (replacing a peer's client cuts the sends in flight to it)."""
+    cfg = configs[party_id]
+    wait_healthy(cfg, timeout=timeout)
+    for peer in cfg.peers:
+        other = configs.get(peer.party.party_id)
+        if other is not None:
+            admin_call(
+                cfg,
+                "set_peer_address",
+                {"peer": peer.party.party_id, "address": service_address(other)},
+            )
+    for other in configs.values():
+        if other is not cfg and any(p.party.party_id == party_id for p in other.peers):
+            admin_call(
+                other, "set_peer_address", {"peer": party_id, "address": service_address(cfg)}
+            )
 
 
 def stop_services(

@@ -13,10 +13,15 @@ What it does now (later capabilities add protocols to this same service):
    its result to ``<state_dir>/psi/<job_id>/``;
 4. runs split-NN jobs (:mod:`vfl.service.jobs`): the arbiter answers key, setup and masked
    decryption requests; the guest runs jobs its operator submits (``train``); the host
-   follows a guest's ``JOB_START`` for one of its own data aliases;
-5. serves its own operator's admin commands (``status``, ``ping``, ``psi``, ``train``,
-   ``set_peer_address``), authenticated by the party's own certificate;
-6. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
+   follows a guest's ``JOB_START`` for one of its own data aliases; host and arbiter check
+   what a guest asks (PSI too) against their ``[accept]`` policy (:mod:`vfl.service.accept`);
+   every party appends its job events to ``<state_dir>/audit.jsonl``; jobs a stop
+   interrupted resume when the services start again (lifecycle in :mod:`vfl.service.jobs`);
+5. scores new customers after training (:mod:`vfl.service.scoring`): the arbiter keeps
+   scoring grants, the host answers scoring sessions, the guest's operator scores;
+6. serves its own operator's admin commands (``status``, ``ping``, ``psi``, ``train``,
+   ``score``, ``set_peer_address``), authenticated by the party's own certificate;
+7. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
 
 Logs carry ids, tags, steps, sizes and timings only, never data values.
 """
@@ -48,9 +53,12 @@ from protocols.transport.tls import TlsIdentity
 from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
 from psi.protocol import PsiMode, PsiOptions, PsiTag, read_hello, refuse, run_guest, run_host
 from psi.result import write_result
-from vfl.config import PartyConfig
+from vfl.config import JobType, PartyConfig
 from vfl.data.ids import load_id_column
-from vfl.service.jobs import JobRunner, serve_arbiter
+from vfl.scoring.protocol import ScoreTag
+from vfl.service.accept import check_data, check_guest
+from vfl.service.jobs import JobRunner
+from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import JobTag
 from vfl.splitnn.spec import DecTag
@@ -75,6 +83,7 @@ class AdminCommand(StrEnum):
     PING = "ping"
     PSI = "psi"
     TRAIN = "train"
+    SCORE = "score"
     SET_PEER_ADDRESS = "set_peer_address"
 
 
@@ -93,7 +102,7 @@ class PartyService:
                     f"names {identity.party}"
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tags = TagRegistry([ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag])
+        tags = TagRegistry([ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag])
         self.channel = GrpcChannel(
             me=config.party,
             identity=identity,
@@ -114,10 +123,19 @@ class PartyService:
         self._received: dict[str, int] = {}
         self._stopped = threading.Event()
         self._closing = threading.Event()
-        if config.party.role is Role.ARBITER:
-            serve_arbiter(config, self.channel, self.executor())
         self.jobs = JobRunner(
             config=config, channel=self.channel, executor=self.executor(), run_psi=self._admin_psi
+        )
+        arbiter = None
+        if config.party.role is Role.ARBITER:  # with its [accept] policy and audit records
+            arbiter = self.jobs.serve_arbiter()
+        self.scoring = ScoringService(
+            config=config,
+            channel=self.channel,
+            executor=self.executor(),
+            run_psi=self._admin_psi,
+            arbiter_service=arbiter,
+            pool_executor=self.jobs.background() if config.party.role is Role.HOST else None,
         )
 
     # -- lifecycle ----------------------------------------------------------
@@ -127,6 +145,7 @@ class PartyService:
         port = self.channel.start()
         threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
         atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n".encode())
+        self.jobs.start()  # resubmit / announce jobs a stop interrupted
         logger.info(
             "%s serving on port %d with %d peer(s): %s",
             self.party,
@@ -145,8 +164,9 @@ class PartyService:
         if self._stopped.is_set():
             return
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
+        self.scoring.close()
+        self.jobs.close()  # stops the runs first, so their receives end at once
         self.channel.close(grace)
-        self.jobs.close()
         with self._executor_lock:
             self._closing.set()
             executor, self._executor = self._executor, None
@@ -276,6 +296,8 @@ class PartyService:
         hello = read_hello(envelope)
         request = hello.get("request", {})
         try:
+            check_guest(self.config, guest=envelope.sender.party_id, job_type=JobType.PSI)
+            check_data(self.config, alias=str(request.get("data", "")))
             ids = self._prepare(request, id_type=IdType(hello["id_type"]))
         except VflError as exc:
             logger.warning("%s: refused PSI %s: %s", self.party.party_id, envelope.job_id, exc)
@@ -331,13 +353,20 @@ class PartyService:
                 f"unknown admin command {command[:40]!r}; one of "
                 f"{', '.join(c.value for c in AdminCommand)}"
             ) from None
-        logger.info("%s: admin command %s", self.party.party_id, cmd.value)
+        logger.log(
+            logging.DEBUG if cmd is AdminCommand.STATUS else logging.INFO,
+            "%s: admin command %s",
+            self.party.party_id,
+            cmd.value,
+        )
         if cmd is AdminCommand.STATUS:
             return self._status()
         if cmd is AdminCommand.PSI:
             return self._admin_psi(data)
         if cmd is AdminCommand.TRAIN:
             return self.jobs.submit(data)
+        if cmd is AdminCommand.SCORE:
+            return self.scoring.score(data)
         if cmd is AdminCommand.SET_PEER_ADDRESS:
             peer_cfg = self.config.peer(str(data.get("peer", "")))
             address = str(data.get("address", ""))

@@ -162,20 +162,23 @@ class ScoringService:
 
     # -- guest -----------------------------------------------------------------------
 
-    def _client(self, model_id: str, id_type: IdType) -> ScoringClient:
-        with self._lock:
-            client = self._clients.get(model_id)
-        if client is not None and client.id_type is id_type:
-            return client
-        model = load_model(self.config.state_dir, model_id)
-        client = ScoringClient(
+    def _new_client(self, model: SavedModel, *, timeout: float = 120.0) -> ScoringClient:
+        return ScoringClient(
             channel=self.channel,
             host=_peer(self.config, Role.HOST),
             arbiter=_peer(self.config, Role.ARBITER),
             model=model,
             executor=self.executor,
             public_key=self.public_key(),
+            timeout=timeout,
         )
+
+    def _client(self, model_id: str, id_type: IdType) -> ScoringClient:
+        with self._lock:
+            client = self._clients.get(model_id)
+        if client is not None and client.id_type is id_type:
+            return client
+        client = self._new_client(load_model(self.config.state_dir, model_id))
         client.open_online(id_type=id_type)
         with self._lock:
             self._clients[model_id] = client
@@ -250,15 +253,7 @@ class ScoringService:
         )
         rows = read_array(self.config.state_dir, psi_job, "rows")
         positions = read_array(self.config.state_dir, psi_job, "peer_positions")
-        client = ScoringClient(
-            channel=self.channel,
-            host=_peer(self.config, Role.HOST),
-            arbiter=_peer(self.config, Role.ARBITER),
-            model=model,
-            executor=self.executor,
-            public_key=self.public_key(),
-            timeout=600.0,
-        )
+        client = self._new_client(model, timeout=600.0)
         try:
             scores = client.score_batch(table, psi_job=psi_job, rows=rows, positions=positions)
         finally:

@@ -10,8 +10,12 @@ Job sequence (every message carries the run id of this (re)start, §4.4.1):
 
 J1. G and H → A ``KEY_REQ``; A → ``KEY`` (the public key).
 J2. G → H ``JOB_START{job, run id, G's checkpoints}`` and ``FIT_ROWS`` (the training rows,
-    so H fits its preprocessing on them only); H → G ``JOB_ACCEPT{H's checkpoints}``.
-J3. G and H → A ``JOB_SPEC``; A → ``JOB_READY`` once both sent the same (policy, §2.6).
+    so H fits its preprocessing on them only); H checks the job against its acceptance
+    policy (its ``accept`` hook: guest, data alias, shapes, protection mode, then its
+    column count and the arbiter's key size) and answers ``JOB_ACCEPT{H's checkpoints}``
+    or ``JOB_ACCEPT{refused: reason}`` (G raises :class:`JobRefusedError`, not retried).
+J3. G and H → A ``JOB_SPEC``; A → ``JOB_READY`` once both sent the same (policy, §2.6), or
+    ``JOB_READY{refused: reason}`` if the job is outside A's own acceptance policy.
 J4. Resume point ``t`` = the newest step both still hold. If there is one, both send
     ``RESUME{t, Z_EVAL counter}`` to A (which re-opens those steps once both asked) and load
     checkpoint ``t``; otherwise the joint initialisation I1-I3 and checkpoint 0.
@@ -23,17 +27,30 @@ J6. After each epoch, validation (``EVAL_BATCH``/``EVAL_F1``/``Z_EVAL``) and the
     Training stops early after ``patience`` epochs without improvement.
 J7. G → H ``USE_BEST``; both restore the best snapshot; G evaluates the held-out test rows
     (never used before), writes ``result.json``, and sends ``JOB_END``.
+
+Outside a run (the services, :mod:`vfl.service.jobs`):
+
+R1. H → G ``RUN_STOPPED{run id, reason}`` when H's service starts again after it stopped
+    during a run (reason ``restarted``; not sent once G has started a run with the new H)
+    or when H's part of a run failed (``failed``, with the error and whether a new run may
+    help). G stops its current run (for ``failed`` only if it is the one named) and starts
+    a new one (J1-J4 again with a new run id: both resume from their checkpoints) instead
+    of waiting for its receive timeout. Its step is a fresh run number of H (never a replay).
+R2. A session's :meth:`_Common.stop` ends its run: every receive of that run raises
+    :class:`RunAbortedError` (a newer run of the same job replaces it, or the service stops).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import secrets
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -48,13 +65,22 @@ from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
+from protocols.errors import (
+    ConfigError,
+    JobRefusedError,
+    PolicyViolationError,
+    ProtocolError,
+    RunAbortedError,
+    TransportError,
+    VflError,
+)
 from protocols.executor import Executor
 from protocols.files import atomic_write
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.scoring.model import config_to_json, save_model
 from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
 from vfl.splitnn.metrics import selection_metric, task_metrics
@@ -73,6 +99,7 @@ class JobTag(StrEnum):
     BEST = "splitjob.BEST"
     USE_BEST = "splitjob.USE_BEST"
     JOB_END = "splitjob.JOB_END"
+    RUN_STOPPED = "splitjob.RUN_STOPPED"  # R1: H tells G that a run of it ended early
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -145,6 +172,7 @@ class SplitJob:
             "batch": self.batch,
             "batch_eval": self.batch_eval,
             "encrypted": self.encrypted,
+            "protect": self.train.protect.mode.value,  # checked by the host's accept policy
             "train": train,
         }
 
@@ -157,8 +185,9 @@ class SplitJob:
             if unknown:
                 raise ConfigError(f"JOB_START has unknown model fields {sorted(unknown)}")
             train["host_widths"] = tuple(int(w) for w in train["host_widths"])
-            # the guest's protection is none of the host's business (unused at the host)
-            protect = ProtectConfig(mode=ProtectMode.MAX_NORM)
+            # only the guest's protection mode reaches the host (for its accept policy)
+            mode = ProtectMode(obj["protect"])
+            protect = ProtectConfig(mode=mode, allow_label_leak=mode is ProtectMode.NONE)
             return cls(
                 job_id=str(obj["job_id"]),
                 train=TrainConfig(**train, protect=protect),
@@ -171,6 +200,22 @@ class SplitJob:
             raise ConfigError(f"JOB_START lacks field {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"JOB_START is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class JobOffer:
+    """What H is asked to do at J2, as far as it knows yet (for its acceptance policy).
+
+    ``features`` (H's column count for the named data) and ``key_bits``/``key_id`` (the
+    arbiter's key) are ``None``/empty until H has loaded its table and fetched the key.
+    """
+
+    guest: str
+    job: SplitJob
+    request: Mapping[str, Any]
+    features: int | None = None
+    key_bits: int | None = None
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,6 +266,33 @@ class _Common:
 
     def __post_init__(self) -> None:
         self.run_id = ""
+        self.job_id = ""
+        self.key_id = ""  # hex id of the arbiter's key once fetched (J1), for audit logs
+        self._stop_lock = threading.Lock()
+        self.stopped = False
+
+    def stop(self) -> None:
+        """R2: end this session's run; its receives raise :class:`RunAbortedError`.
+
+        Safe from any thread, also before the run has started (it then stops at once).
+        """
+        with self._stop_lock:
+            self.stopped = True
+            job_id, run_id = self.job_id, self.run_id
+        if job_id and run_id:
+            dropped = self.channel.abort_run(job_id, run_id)
+            logger.info(
+                "job %s run %s stopped (%d unread messages dropped)", job_id, run_id, dropped
+            )
+
+    def _begin(self, job_id: str, run_id: str) -> None:
+        """Set the run's ids; a :meth:`stop` that came first takes effect now."""
+        with self._stop_lock:
+            self.job_id, self.run_id = job_id, run_id
+            stopped = self.stopped
+        if stopped:
+            self.channel.abort_run(job_id, run_id)
+            raise RunAbortedError(f"job {job_id} run {run_id} was stopped before it started")
 
     def send(self, job_id: str, receiver: Party, tag: StrEnum, step: int, body: Any) -> None:
         self.channel.send(
@@ -251,6 +323,11 @@ class _Common:
             raise ProtocolError(f"{tag} from {sender} carries no control block")
         obj = env.body.obj()
         if "refused" in obj:
+            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY):  # its acceptance policy
+                raise JobRefusedError(
+                    f"{sender.party_id} refused job {job_id}: {obj['refused']} (change the job, "
+                    f"or ask {sender.party_id}'s operator to allow it in its [accept] config)"
+                )
             raise PolicyViolationError(f"{sender} refused job {job_id}: {obj['refused']}")
         return obj
 
@@ -258,7 +335,9 @@ class _Common:
         """J1."""
         self.send(job_id, self.arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
         obj = self.control(job_id, self.arbiter, SetupTag.KEY)
-        return PublicKey.from_json(obj["public_key"], allow_test_key=self.allow_test_key)
+        key = PublicKey.from_json(obj["public_key"], allow_test_key=self.allow_test_key)
+        self.key_id = key.key_id.hex()
+        return key
 
     def register(self, spec: JobSpec) -> None:
         """J3."""
@@ -276,9 +355,48 @@ class _Common:
     def _preprocess(self, job_dir: Path, table: PartyTable, fit_rows: np.ndarray) -> np.ndarray:
         """Fit scaling/imputation on the training rows only; keep it with the job's model."""
         pre = Preprocessor.fit(table, fit_rows, impute=self.impute)
+        self.preprocessor = pre
         job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(job_dir / "preprocessing.json", json.dumps(pre.to_json()).encode(), mode=0o600)
         return pre.transform(table)
+
+    def export(
+        self,
+        *,
+        job: SplitJob,
+        spec: JobSpec,
+        module: torch.nn.Module,
+        big_ints: dict[str, np.ndarray],
+        data: dict[str, Any],
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Save this party's part of the trained model for scoring (model id = job id)."""
+        role = "guest" if isinstance(self, GuestSession) else "host"
+        manifest = {
+            "job_id": job.job_id,
+            "role": role,
+            "party": self.channel.me.party_id,
+            "peer": self.peer.party_id,
+            "arbiter": self.arbiter.party_id,
+            "columns": list(self.preprocessor.columns),
+            "preprocessing": self.preprocessor.to_json(),
+            "train": config_to_json(job.train),
+            "spec": spec.to_json(),
+            "fixed_point": asdict(FixedPointConfig()),
+            "key_id": spec.key_id,
+            "key_bits": spec.key_bits,
+            "encrypted": job.encrypted,
+            "metrics": metrics or {},
+            "data": data,
+        }
+        folder = save_model(
+            state_dir=self.state_dir,
+            model_id=job.job_id,
+            manifest=manifest,
+            module=module,
+            big_ints=big_ints,
+        )
+        logger.info("job %s: %s part of the model saved in %s", job.job_id, role, folder)
 
     def pool(self, key: PublicKey, *, encrypted: bool) -> ObfuscatorPool:
         if encrypted:
@@ -296,13 +414,21 @@ class _Common:
         Sequence numbers of run ``r`` start at ``r·2^40``, past anything an interrupted run
         may have sent (the receivers' replay guards remember those).
         """
-        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = job_dir / "runs"
-        runs = int(path.read_text()) + 1 if path.is_file() else 1
-        atomic_write(path, f"{runs}\n".encode(), mode=0o600)
-        for party in (self.peer, self.arbiter):
-            self.channel.restore_stream_state(job_dir.name, {party.party_id: runs << 40})
-        return runs
+        return claim_run(self.channel, job_dir, (self.peer, self.arbiter))
+
+
+def claim_run(channel: Channel, job_dir: Path, receivers: Iterable[Party]) -> int:
+    """Persist the next run number of the job in ``job_dir`` and move the channel's sequence
+    numbers to ``runs·2^40`` for ``receivers`` (see :meth:`_Common.next_run`); the services
+    also claim one for each ``RUN_STOPPED`` notice, which may follow a restart."""
+    job_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # jobs/ holds shares too
+    job_dir.mkdir(exist_ok=True, mode=0o700)
+    path = job_dir / "runs"
+    runs = int(path.read_text()) + 1 if path.is_file() else 1
+    atomic_write(path, f"{runs}\n".encode(), mode=0o600)
+    for party in receivers:
+        channel.restore_stream_state(job_dir.name, {party.party_id: runs << 40})
+    return runs
 
 
 def resume_point(guest_steps: list[int], host_steps: list[int]) -> int | None:
@@ -411,7 +537,7 @@ class GuestSession(_Common):
         torch.set_num_threads(1)
         started = time.monotonic()
         job = self.job
-        self.run_id = f"run{self.next_run(self.job_dir)}"
+        self._begin(job.job_id, f"run{self.next_run(self.job_dir)}")
         key = self.public_key(job.job_id)  # J1
         state = self._load_progress()
         self.order_seed = bytes.fromhex(state["order_seed"])
@@ -633,6 +759,17 @@ class GuestSession(_Common):
         atomic_write(
             self.job_dir / "result.json", json.dumps(result.to_json()).encode(), mode=0o600
         )
+        self.export(
+            job=job,
+            spec=layer.spec,
+            module=trainer.models,
+            big_ints={"wg": layer.wg},
+            data={
+                "host_alias": self.host_request.get("data", ""),
+                "id_column": self.host_request.get("id_column", "id"),
+            },
+            metrics=test,
+        )
         self.final_trainer = trainer
         return result
 
@@ -642,7 +779,11 @@ class HostSession(_Common):
 
     ``table_for(request)`` returns H's rows in the PSI order for the job (from its own data
     alias and PSI result named in the guest's request; a :class:`VflError` refuses the job);
-    ``seed`` seeds H's own initialisation (None: OS CSPRNG).
+    ``seed`` seeds H's own initialisation (None: OS CSPRNG). ``accept(offer)`` is H's
+    acceptance policy: called at J2 before anything is written, again with H's column count
+    once its table is loaded and again with the arbiter's key once fetched; a
+    :class:`VflError` it raises refuses the job with its message (``JOB_ACCEPT{refused}``)
+    and :meth:`run` raises :class:`JobRefusedError`.
     """
 
     def __init__(
@@ -660,6 +801,7 @@ class HostSession(_Common):
         timeout: float = 600.0,
         allow_test_key: bool = False,
         pool_executor: Executor | None = None,
+        accept: Callable[[JobOffer], None] | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -674,6 +816,16 @@ class HostSession(_Common):
         )
         self.table_for, self.seed = table_for, seed
         self.pool_target = pool_target
+        self.accept = accept or (lambda offer: None)
+
+    def _refuse(self, job_id: str, exc: VflError) -> JobRefusedError:
+        """J2: tell G why the job is refused; the error for :meth:`run` to raise."""
+        reason = str(exc)[:500]
+        self.send(
+            job_id, self.peer, JobTag.JOB_ACCEPT, 0, ControlBlock.from_obj({"refused": reason})
+        )
+        logger.warning("refused job %s of %s: %s", job_id, self.peer.party_id, reason)
+        return JobRefusedError(f"refused job {job_id} of {self.peer.party_id}: {reason}")
 
     def run(self, start: Envelope) -> HostTrainer:
         """Serve the job that ``start`` (a ``JOB_START``) opens, until ``JOB_END``."""
@@ -681,13 +833,21 @@ class HostSession(_Common):
         if not isinstance(start.body, ControlBlock):
             raise ProtocolError("JOB_START carries no control block")
         body = start.body.obj()
-        job = SplitJob.from_host_part(body)
-        if job.job_id != start.job_id:
-            raise ProtocolError("JOB_START names another job than its envelope")
-        self.run_id = start.run_id
-        job_dir = self.state_dir / "jobs" / job.job_id
+        if not _JOB_ID.fullmatch(start.job_id):
+            raise ProtocolError("JOB_START names an invalid job id")
+        self._begin(start.job_id, start.run_id)
+        job_dir = self.state_dir / "jobs" / start.job_id
         ckpt_dir = job_dir / "checkpoints"
         self.next_run(job_dir)
+        self.request = dict(body.get("request", {}))
+        try:
+            job = SplitJob.from_host_part(body)
+            if job.job_id != start.job_id:
+                raise ProtocolError("JOB_START names another job than its envelope")
+            offer = JobOffer(guest=self.peer.party_id, job=job, request=self.request)
+            self.accept(offer)  # J2, before anything is written
+        except VflError as exc:
+            raise self._refuse(start.job_id, exc) from None
         guest_steps = [int(s) for s in body.get("checkpoints", [])]
         if not guest_steps:  # a new job under an old id: nothing to resume
             ckpt.prune(ckpt_dir, keep=())
@@ -697,13 +857,16 @@ class HostSession(_Common):
         if not isinstance(env.body, IndexBlock):
             raise ProtocolError("FIT_ROWS carries no row indices")
         try:
-            table = self.table_for(dict(body.get("request", {})))
+            table = self.table_for(self.request)
+            offer = dataclasses.replace(offer, features=len(table.columns))
+            self.accept(offer)
             x = self._preprocess(job_dir, table, env.body.indices())
+            key = self.public_key(job.job_id)  # J1
+            self.accept(dataclasses.replace(offer, key_bits=key.bits, key_id=self.key_id))
+        except TransportError:
+            raise  # not the job's fault: the guest tries again with a new run
         except VflError as exc:
-            refusal = ControlBlock.from_obj({"refused": str(exc)[:500]})
-            self.send(job.job_id, self.peer, JobTag.JOB_ACCEPT, 0, refusal)
-            raise
-        key = self.public_key(job.job_id)  # J1
+            raise self._refuse(job.job_id, exc) from None
         spec = job.spec(key, guest=self.peer.party_id, host=self.channel.me.party_id)
         self.send(
             job.job_id,
@@ -766,11 +929,10 @@ class HostSession(_Common):
                     SplitTag.EVAL_BATCH,
                 )
             ),
+            run_id=self.run_id,  # messages of other runs are never taken (R2)
         )
         while True:
             env = self.channel.recv_any(wanted, timeout=self.timeout)
-            if env.run_id != self.run_id:
-                continue  # left over from an interrupted run
             if env.tag == SplitTag.BATCH.value:
                 if env.step != step:
                     raise ProtocolError(f"BATCH for step {env.step}, expected step {step}")
@@ -786,14 +948,33 @@ class HostSession(_Common):
                 if (folder / ckpt.BEST).is_dir():
                     trainer.restore(ckpt.load(folder, ckpt.BEST))
             else:
+                self.export(
+                    job=job,
+                    spec=layer.spec,
+                    module=trainer.bottom,
+                    big_ints=layer.state(),
+                    data={
+                        "alias": str(self.request.get("data", "")),
+                        "id_column": str(self.request.get("id_column", "id")),
+                    },
+                )
                 logger.info("job %s finished at the host after %d steps", job.job_id, step)
                 return
 
 
 def serve_decryptions(
-    *, channel: Channel, public_key: PublicKey, private_key: PrivateKey, executor: Executor
+    *,
+    channel: Channel,
+    public_key: PublicKey,
+    private_key: PrivateKey,
+    executor: Executor,
+    admit: Callable[[dict[str, Any], Party], None] | None = None,
 ) -> ArbiterService:
-    """The arbiter's part of split-NN jobs: key, JOB_SPEC, RESUME and masked decryptions."""
+    """The arbiter's part of split-NN jobs: key, JOB_SPEC, RESUME and masked decryptions.
+
+    ``admit(spec_body, sender)`` is the arbiter's acceptance policy for JOB_SPECs (see
+    :meth:`ArbiterService.serve_setup`).
+    """
     service = ArbiterService(
         channel=channel,
         cipher=PaillierCipher(public_key),
@@ -802,7 +983,7 @@ def serve_decryptions(
         executor=executor,
     )
     service.serve(DecTag)
-    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy())
+    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy(), admit=admit)
     return service
 
 

@@ -1,0 +1,372 @@
+"""The services' job lifecycle in one process: resubmission after a restart, RUN_STOPPED at
+the guest, a new run replacing one the host still serves, and the audit log file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.envelope import ControlBlock, Envelope
+from protocols.errors import (
+    ConfigError,
+    JobRefusedError,
+    PeerUnavailableError,
+    PolicyViolationError,
+)
+from protocols.executor import InlineExecutor
+from protocols.tags import TagRegistry
+from protocols.transport.inmemory import InMemoryNetwork
+from tests.conftest import ARBITER, BANK, RETAILER
+from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
+from tests.vfl.test_splitnn_session import CONFIG, Crash, crashing
+from vfl.config import PartyConfig, parse_config
+from vfl.service import jobs as jobs_module
+from vfl.service.audit import (
+    AuditEvent,
+    AuditLog,
+    code_version,
+    config_digest,
+    file_digest,
+    read_audit,
+)
+from vfl.service.jobs import (
+    OUTCOME_FILE,
+    REQUEST_FILE,
+    ArbiterWatch,
+    JobRunner,
+    _GuestJob,
+    retryable,
+)
+from vfl.splitnn.jobfile import parse_job
+from vfl.splitnn.session import GuestSession, JobTag, SplitJob
+
+PARTY = """
+[party]
+id = "{me}"
+role = "{role}"
+listen = "127.0.0.1:0"
+state_dir = "state/{me}"
+
+[tls]
+ca = "ca.pem"
+certificate = "me.pem"
+key = "me.key"
+
+[[peers]]
+id = "{peer}"
+role = "{peer_role}"
+address = "127.0.0.1:1"
+
+[[peers]]
+id = "arbiter"
+role = "arbiter"
+address = "127.0.0.1:2"
+
+[data]
+credit = "credit.csv"
+
+[arbiter]
+allow_test_key = true
+
+[testing]
+seed = 7
+
+[accept]
+protect_modes = ["none"]
+"""
+
+
+def config(tmp_path: Path, me: str) -> PartyConfig:
+    role, peer, peer_role = (
+        ("guest", "retailer", "host") if me == "bank" else ("host", "bank", "guest")
+    )
+    text = PARTY.format(me=me, role=role, peer=peer, peer_role=peer_role)
+    return parse_config(tomllib.loads(text), source=tmp_path / f"{me}.toml")
+
+
+def request(job_id: str, **job: Any) -> dict[str, Any]:
+    return {
+        "job_file": {"job": {"id": job_id, "guest_data": "credit", "host_data": "credit", **job}}
+    }
+
+
+def test_unfinished_jobs_are_resubmitted_on_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifecycle step 1: a request without an outcome runs again; one with an outcome does
+    not; one that no longer parses is recorded as failed (and not tried again)."""
+    cfg = config(tmp_path, "bank")
+    jobs = cfg.state_dir / "jobs"
+    for job_id, body in (("a", request("a")), ("b", request("b")), ("c", request("c", x=1))):
+        (jobs / job_id).mkdir(parents=True)
+        (jobs / job_id / REQUEST_FILE).write_text(json.dumps(body))
+    (jobs / "b" / OUTCOME_FILE).write_text('{"state": "done"}')
+    net = InMemoryNetwork()
+    runner = JobRunner(
+        config=cfg,
+        channel=net.channel(BANK, tags=TagRegistry(TAGS)),
+        executor=InlineExecutor(),
+        run_psi=None,
+    )
+    launched: list[str] = []
+    monkeypatch.setattr(
+        runner, "_launch", lambda job_file, req: launched.append(job_file.job.job_id)
+    )
+    runner.start()
+    assert launched == ["a"]
+    status = runner.status()
+    assert status["a"]["phase"] == "resuming" and status["c"]["state"] == "failed"
+    assert "unknown key" in status["c"]["error"]
+    assert json.loads((jobs / "c" / OUTCOME_FILE).read_text())["state"] == "failed"
+    runner.close()
+
+
+class StubSession:
+    """Stands in for the guest's current session."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.stopped, self.key_id = run_id, False, ""
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_run_stopped_stops_the_current_run(tmp_path: Path) -> None:
+    """R1 at the guest: a restarted host serves none of G's runs, so G stops its current run
+    (and knows why); a failure report about an older run only cuts a retry's wait short."""
+    net = InMemoryNetwork()
+    runner = JobRunner(
+        config=config(tmp_path, "bank"),
+        channel=net.channel(BANK, tags=TagRegistry(TAGS)),
+        executor=InlineExecutor(),
+        run_psi=None,
+    )
+    host = net.channel(RETAILER, tags=TagRegistry(TAGS))
+    job_file = parse_job(request("j")["job_file"], source="test")
+    entry = _GuestJob(job_file, request("j"))
+    entry.session = StubSession("run3")  # type: ignore[assignment]
+    runner._guest_jobs["j"] = entry
+
+    def notice(step: int, **body: Any) -> None:
+        entry.wake.clear()
+        host.send(
+            Envelope(
+                job_id="j",
+                sender=RETAILER,
+                receiver=BANK,
+                tag=JobTag.RUN_STOPPED,
+                step=step,
+                body=ControlBlock.from_obj(body),
+            )
+        )
+        assert entry.wake.wait(5)
+
+    notice(1, run_id="run2", reason="failed", error="E", retry=True)
+    assert not entry.session.stopped and entry.notice is None  # type: ignore[union-attr]
+    notice(2, run_id="run3", reason="failed", error="E", retry=False)
+    assert entry.session.stopped and entry.notice["error"] == "E"  # type: ignore[union-attr,index]
+    entry.session = StubSession("run4")  # type: ignore[assignment]
+    notice(3, run_id="run1", reason="restarted")
+    assert entry.session.stopped and entry.notice["reason"] == "restarted"  # type: ignore[union-attr,index]
+    runner.close()
+
+
+def test_retryable_errors() -> None:
+    assert retryable(PeerUnavailableError("down")) and retryable(TimeoutError())
+    assert retryable(PolicyViolationError("job x has no registered decryption policy"))
+    assert not retryable(JobRefusedError("d = 99 exceeds accept.max_d = 64"))
+    assert not retryable(ConfigError("bad job"))
+
+
+def test_a_new_run_replaces_the_run_the_host_still_serves(
+    tmp_path: Path, pk: PublicKey, sk: PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifecycle step 4: the guest dies mid-step while the host's service keeps waiting in
+    the old run; the guest's next run makes the host stop the old one first, both resume,
+    and the job ends exactly where an uninterrupted run ends."""
+    guest_table, host_table, splits = synthetic_tables(rows=160)
+    job = SplitJob(job_id="s14", train=CONFIG, batch=16, batch_eval=24, epochs=2, patience=3)
+    reference = run_job(trio(tmp_path / "ref", pk, sk), job, guest_table, host_table, splits)
+    assert reference.result is not None
+
+    t = trio(tmp_path / "run", pk, sk)
+    cfg = config(tmp_path / "run", "retailer")
+    monkeypatch.setattr(jobs_module, "_aligned_table", lambda *args, **kwargs: host_table)
+    runner = JobRunner(
+        config=cfg, channel=t.channel("retailer"), executor=InlineExecutor(), run_psi=None
+    )
+    monkeypatch.setattr(runner, "background", lambda: InlineExecutor())
+    monkeypatch.setattr(jobs_module, "HostSession", _quick(jobs_module.HostSession))
+
+    def guest(cls: Any = None) -> GuestSession:
+        return GuestSession(
+            channel=t.channel("bank", cls),
+            host=RETAILER,
+            arbiter=ARBITER,
+            job=job,
+            table=guest_table,
+            splits=splits,
+            executor=InlineExecutor(),
+            state_dir=t.state / "bank",
+            w0_seed=3,
+            order_seed=bytes(32),
+            pool_target=64,
+            timeout=20,
+            allow_test_key=True,
+            host_request={"data": "credit"},
+        )
+
+    with pytest.raises(Crash):
+        guest(crashing("splitnn.B1", 7)).run()  # the host now waits in run1 for ever
+    assert runner.status()["s14"]["state"] == "running"
+    result = guest().run()
+    assert result.test_scores == reference.result.test_scores
+    assert result.history == reference.result.history
+    give_up = time.monotonic() + 10
+    while runner.status()["s14"]["state"] != "done" and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert runner.status()["s14"]["state"] == "done", runner.status()
+    records = read_audit(cfg.state_dir / "audit.jsonl")
+    assert [r["event"] for r in records] == ["job_accepted", "job_accepted", "job_finished"]
+    assert [r["run_id"] for r in records[:2]] == ["run1", "run2"]
+    runner.close()
+
+
+def _quick(cls: Any) -> Any:
+    """The service's HostSession with the small test pools and timeouts."""
+
+    def make(**kwargs: Any) -> Any:
+        return cls(**kwargs, pool_target=64, timeout=20)
+
+    return make
+
+
+def test_audit_log_appends_json_lines_owner_only(tmp_path: Path) -> None:
+    """One JSON object per line with every field; 0600; appends across reopenings and
+    from many threads without interleaving."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, party="bank")
+    log.record(event=AuditEvent.JOB_SUBMITTED, job_id="j", submitter="bank", config_sha256="ab")
+    threads = [
+        threading.Thread(
+            target=lambda i=i: log.record(event=AuditEvent.JOB_RETRIED, job_id=f"t{i}", attempt=i)
+        )
+        for i in range(20)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    log.close()
+    log.record(event=AuditEvent.JOB_FAILED, job_id="late")  # closed: dropped, not raised
+    again = AuditLog(path, party="bank")
+    again.record(event=AuditEvent.JOB_FINISHED, job_id="j", key_id="00ff")
+    again.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    records = read_audit(path)
+    assert len(records) == 22
+    assert records[0]["event"] == "job_submitted" and records[-1]["key_id"] == "00ff"
+    fields = {
+        "time",
+        "party",
+        "job_id",
+        "event",
+        "submitter",
+        "config_sha256",
+        "input_sha256",
+        "code_version",
+        "key_id",
+    }
+    assert all(fields <= set(r) for r in records)
+    assert sorted(r["attempt"] for r in records[1:21]) == list(range(20))
+    assert records[0]["time"].endswith("+00:00") and records[0]["code_version"] == code_version()
+
+
+def test_digests(tmp_path: Path) -> None:
+    assert config_digest({"a": 1, "b": [1, 2]}) == config_digest({"b": [1, 2], "a": 1})
+    data = tmp_path / "x.csv"
+    data.write_bytes(np.arange(300_000).tobytes())
+    assert file_digest(data, chunk=4096) == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert file_digest(tmp_path / "missing") is None
+
+
+class StubPolicy:
+    def __init__(self) -> None:
+        self.registered: set[str] = set()
+        self.values: dict[str, dict[str, int]] = {}
+
+    def job(self, job_id: str) -> object | None:
+        return object() if job_id in self.registered else None
+
+    def counts(self, job_id: str) -> dict[str, int]:
+        return dict(self.values.get(job_id, {}))
+
+
+class StubService:
+    def __init__(self) -> None:
+        self.policy = StubPolicy()
+        self.key_id = bytes.fromhex("ab" * 8)
+
+
+def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> None:
+    """job_accepted / job_refused per JOB_SPEC; decryption counts when a registered job
+    registers again (resume), periodically only when they changed, and at the stop."""
+    text = PARTY.format(me="arbiter", role="arbiter", peer="retailer", peer_role="host")
+    text = text.replace(
+        'id = "arbiter"\nrole = "arbiter"\naddress', 'id = "bank"\nrole = "guest"\naddress'
+    )
+    text = text.replace('[data]\ncredit = "credit.csv"\n', "").replace(
+        'protect_modes = ["none"]', "max_d = 8"
+    )
+    cfg = parse_config(tomllib.loads(text), source=tmp_path / "arbiter.toml")
+    audit = AuditLog(tmp_path / "audit.jsonl", party="arbiter")
+    watch = ArbiterWatch(config=cfg, audit=audit)
+    service = StubService()
+    watch.attach(service)  # type: ignore[arg-type]
+    spec = {
+        "job_id": "j",
+        "key_id": "ab" * 8,
+        "key_bits": 1024,
+        "mode": "p0",
+        "batch": 4,
+        "d": 3,
+        "k": 2,
+        "batch_eval": 4,
+        "guest": "bank",
+        "host": "retailer",
+    }
+    watch.admit(spec, BANK)
+    with pytest.raises(JobRefusedError, match="d = 9 exceeds accept.max_d = 8"):
+        watch.admit({**spec, "d": 9}, RETAILER)
+    service.policy.registered.add("j")
+    service.policy.values["j"] = {"splitnn.Z_FWD": 12}
+    watch.admit(spec, BANK)  # a new run registers again: the counts so far
+    watch.admit(spec, RETAILER)  # unchanged: not recorded twice
+    watch.record_counts("j", cause="periodic")  # unchanged: nothing
+    service.policy.values["j"] = {"splitnn.Z_FWD": 24}
+    watch.record_counts("j", cause="periodic")
+    watch.close()
+    audit.close()
+    records = read_audit(tmp_path / "audit.jsonl")
+    assert [(r["event"], r.get("cause")) for r in records] == [
+        ("job_accepted", None),
+        ("job_refused", None),
+        ("decryption_counts", "registered again"),
+        ("job_accepted", None),
+        ("job_accepted", None),
+        ("decryption_counts", "periodic"),
+        ("decryption_counts", "service stop"),
+    ]
+    assert records[1]["submitter"] == "retailer" and "max_d" in records[1]["reason"]
+    assert records[5]["counts"] == {"splitnn.Z_FWD": 24} and records[0]["key_id"] == "ab" * 8

@@ -1,0 +1,117 @@
+"""A party's acceptance policy applied to what a guest asks of it (``[accept]`` config).
+
+Roles: the host checks every ``JOB_START`` (and PSI ``HELLO``) a guest sends; the arbiter
+checks every ``JOB_SPEC``. Each check raises :class:`JobRefusedError` with a reason that
+names the rule and the config key, which the refusing party sends back to the guest: the
+guest learns which of the party's limits its job broke (and the limit), nothing else.
+
+Checks, in the order the host learns what it needs (``JobOffer`` of
+:mod:`vfl.splitnn.session`):
+
+1. the submitter is one of ``accept.guests`` and ``split_nn`` one of ``accept.job_types``;
+2. the data alias is one of ``accept.data``; ``d <= max_d``, ``k <= max_k``; the guest's
+   label-protection mode is one of ``accept.protect_modes``; a plaintext job needs
+   ``accept.allow_plaintext``;
+3. with the host's column count: the host bottom model's parameters (from ``d``, the
+   guest's ``host_widths`` and the columns) ``<= max_host_params``;
+4. with the arbiter's key: its size ``>= min_key_bits``.
+
+The arbiter applies 1 (to the spec's guest, and the sender must be the spec's guest or
+host), ``d``/``k`` and plaintext of 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocols.errors import ConfigError, JobRefusedError
+from protocols.roles import Party
+from vfl.config import AcceptPolicy, JobType, PartyConfig
+from vfl.splitnn.session import JobOffer
+from vfl.splitnn.spec import JobSpec
+from vfl.splitnn.training import TrainConfig
+
+
+def host_bottom_params(*, features: int, train: TrainConfig) -> int:
+    """Parameters of the host bottom model (``features`` → ``host_widths[:-1]`` → ``d``),
+    computed without building it (a guest could ask for one too large to build)."""
+    widths = (*train.host_widths[:-1], train.d)
+    total, fan_in = 0, features
+    for width in widths:
+        total += fan_in * width + width  # weights and bias of each linear layer
+        fan_in = width
+    return total
+
+
+def _refuse(reason: str) -> JobRefusedError:
+    """The refusal (sent to the guest as it is: it names the rule, not this party's files)."""
+    return JobRefusedError(reason)
+
+
+def check_guest(config: PartyConfig, *, guest: str, job_type: JobType) -> None:
+    """Check 1: ``guest`` may submit jobs of ``job_type`` here."""
+    policy = config.accept
+    if guest not in policy.guests:
+        raise _refuse(f"{guest} may not submit jobs here (accept.guests)")
+    if job_type not in policy.job_types:
+        raise _refuse(f"{job_type.value} jobs are not accepted here (accept.job_types)")
+
+
+def check_data(config: PartyConfig, *, alias: str) -> None:
+    """Part of check 2: a guest may name the data alias ``alias``."""
+    if alias not in config.accept.data:
+        raise _refuse(f"data alias {alias!r} is not offered to guests (accept.data)")
+
+
+def _check_shapes(config: PartyConfig, *, d: int, k: int, encrypted: bool) -> None:
+    policy: AcceptPolicy = config.accept
+    if d > policy.max_d:
+        raise _refuse(f"d = {d} exceeds accept.max_d = {policy.max_d}")
+    if k > policy.max_k:
+        raise _refuse(f"k = {k} exceeds accept.max_k = {policy.max_k}")
+    if not encrypted and not policy.allow_plaintext:
+        raise _refuse("plaintext jobs are not accepted (accept.allow_plaintext)")
+
+
+def check_offer(config: PartyConfig, offer: JobOffer) -> None:
+    """Checks 1-4 for a split-NN ``JOB_START`` at the host, as far as ``offer`` is known."""
+    policy = config.accept
+    job = offer.job
+    check_guest(config, guest=offer.guest, job_type=JobType.SPLIT_NN)
+    check_data(config, alias=str(offer.request.get("data", "")))
+    _check_shapes(config, d=job.train.d, k=job.train.k, encrypted=job.encrypted)
+    mode = job.train.protect.mode
+    if mode not in policy.protect_modes:
+        allowed = ", ".join(sorted(m.value for m in policy.protect_modes)) or "none"
+        raise _refuse(
+            f"label protection {mode.value!r} is not accepted (accept.protect_modes: {allowed})",
+        )
+    if offer.features is not None:
+        params = host_bottom_params(features=offer.features, train=job.train)
+        if params > policy.max_host_params:
+            raise _refuse(
+                f"the host bottom model would have {params} parameters, more than "
+                f"accept.max_host_params = {policy.max_host_params}",
+            )
+    if offer.key_bits is not None and offer.key_bits < policy.min_key_bits:
+        raise _refuse(
+            f"the arbiter's key has {offer.key_bits} bits, fewer than accept.min_key_bits = "
+            f"{policy.min_key_bits}",
+        )
+
+
+def check_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> JobSpec:
+    """The arbiter's checks of a ``JOB_SPEC`` from ``sender``; returns the parsed spec."""
+    try:
+        spec = JobSpec.from_json(body)
+    except ConfigError as exc:
+        raise _refuse(str(exc)) from None
+    check_guest(config, guest=spec.guest, job_type=JobType.SPLIT_NN)
+    if sender.party_id not in (spec.guest, spec.host):
+        raise _refuse(f"{sender.party_id} is neither the guest nor the host of the job")
+    _check_shapes(config, d=spec.d, k=spec.k, encrypted=spec.encrypted)
+    if spec.key_bits < config.accept.min_key_bits:
+        raise _refuse(
+            f"key of {spec.key_bits} bits < accept.min_key_bits = {config.accept.min_key_bits}",
+        )
+    return spec
