@@ -22,15 +22,22 @@ Writes ``benchmarks/results/scoring.json`` and prints the figures. Takes about 5
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, where benchmarks/psi.py would shadow
+# the psi package: drop the folder (as splitnn_costs.py does).
+if __name__ == "__main__":
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import pandas as pd

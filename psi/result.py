@@ -1,8 +1,8 @@
 """PSI results on disk: written atomically, so a crash never leaves a partial result.
 
-Layout under ``<state_dir>/psi/<job_id>/``: ``rows.npy`` (this party's row indices in the
-shared order, ``np.save`` without pickle; absent where the party learns no
-intersection), in ``GUEST_ONLY`` mode ``peer_positions.npy`` (G) or ``list_rows.npy`` (H)
+Layout under ``<state_dir>/psi/<job_id>/`` (owner-only files): ``rows.npy`` (this party's
+row indices in the shared order, ``np.save`` without pickle; absent where the party learns
+no intersection), in ``GUEST_ONLY`` mode ``peer_positions.npy`` (G) or ``list_rows.npy`` (H)
 for batch scoring, and ``summary.json`` (counts only). The folder is assembled under a
 temporary name and renamed into place in one step.
 """
@@ -43,7 +43,7 @@ def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
         for name, array in arrays.items():
             if array is None:
                 continue
-            with (tmp / f"{name}.npy").open("wb") as handle:
+            with os.fdopen(_private(tmp / f"{name}.npy"), "wb") as handle:
                 np.save(handle, array.astype(np.int64), allow_pickle=False)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -57,7 +57,7 @@ def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
             "peer_list_size": result.peer_list_size,
             **result.summary,
         }
-        with (tmp / "summary.json").open("w", encoding="utf-8") as handle:
+        with os.fdopen(_private(tmp / "summary.json"), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
@@ -77,6 +77,11 @@ def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _private(path: Path) -> int:
+    """A new owner-only file (row indices say who is a shared customer)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def read_array(state_dir: Path, job_id: str, name: str) -> np.ndarray:

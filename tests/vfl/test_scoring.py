@@ -99,7 +99,7 @@ def session(setup: Setup) -> Iterator[tuple[ScoringClient, list[Envelope], list[
         arbiter=ARBITER,
         state_dir=t.state / "retailer",
         executor=InlineExecutor(),
-        table_for=lambda alias, column: setup.host,
+        table_for=lambda alias, column, columns: setup.host,
         public_key=lambda: setup.pk,
         list_rows=lambda psi_job: read_array(t.state / "retailer", psi_job, "list_rows"),
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from protocols.errors import DataError
@@ -126,20 +128,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def loose_files(state_dir: Path) -> list[str]:
-    """Everything under ``state_dir`` that others could read or enter, if they could get
-    into ``state_dir`` (which is 0700 itself), except the service's port number and the PSI
-    results, which psi.result writes 0644 inside 0700 folders."""
+    """Everything under ``state_dir`` that others could read or enter, except the service's
+    port number."""
     loose = []
     for path in [state_dir, *state_dir.rglob("*")]:
         mode = stat.S_IMODE(path.lstat().st_mode)
         if not mode & 0o077 or path.is_symlink():
             continue
         rel = path.relative_to(state_dir)
-        if rel.parts == ("service.port",) or (
-            rel.parts[0] == "psi"
-            and path.is_file()
-            and not stat.S_IMODE(path.parent.stat().st_mode) & 0o077
-        ):
+        if rel.parts == ("service.port",):
             continue
         loose.append(f"{rel} {mode:o}")
     return loose
@@ -243,6 +240,48 @@ def reference(cluster: Cluster) -> dict[str, Any]:
         (bank.state_dir / "jobs" / "breast-ref" / "result.json").read_text()
     )
     return result
+
+
+def test_scoring_through_the_services(cluster: Cluster) -> None:
+    """After training: online and batch scoring via `vfl score`, each party's model export
+    reloaded by its service; the scores exist only at the bank and match each other."""
+    if not (cluster.configs["bank"].state_dir / "models" / "breast-1").is_dir():
+        pytest.skip("needs the model of test_train_job_between_three_services")
+    out_csv = cluster.tmp / "scores.csv"
+    base = ["-m", "vfl", "score", "--config", str(cluster.paths["bank"]), "--model", "breast-1"]
+    batch = subprocess.run(
+        [sys.executable, *base, "--data", "breast", "--out", str(out_csv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    reply = json.loads(batch.stdout)
+    scores = pd.read_csv(out_csv)
+    assert reply["rows"] == len(scores) == 569 and reply["host_known"] == 569
+    assert stat.S_IMODE(out_csv.stat().st_mode) == 0o600
+    ids = [str(i) for i in scores["id"].head(3)]
+    online = subprocess.run(
+        [sys.executable, *base, "--data", "breast", "--ids", *ids, "--decoys", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert online.returncode == 0, online.stderr[-3000:]
+    got = [r["score"] for r in json.loads(online.stdout)["scores"]]
+    assert np.allclose(got, scores["score"].head(3), atol=1e-6)
+    for party in ("bank", "retailer"):
+        manifest = json.loads(
+            (cluster.configs[party].state_dir / "models" / "breast-1" / "manifest.json").read_text()
+        )
+        assert manifest["role"] == {"bank": "guest", "retailer": "host"}[party]
+    spec = manifest["spec"]
+    kappa = -(-spec["k"] // spec["slots"])  # ciphertexts per row
+    usage = json.loads((cluster.configs["arbiter"].state_dir / "scoring_usage.json").read_text())
+    # values decrypted: the matched rows, the default row and the three online rows
+    assert usage["used"]["breast-1.scoring"] == (569 + 1 + 3) * kappa
 
 
 @pytest.mark.slow

@@ -146,7 +146,8 @@ class GrantKeeper:
     ``grant_for(model_id, first)`` applies the arbiter's configuration to a model first
     granted at unix time ``first`` (expiry counts from then); usage per grant and the first
     grant times are written atomically to ``<state_dir>/scoring_usage.json`` after every
-    answered request and every new grant.
+    answered request and every new grant. Usage counts decrypted values: ``κ_k`` per row
+    (the quota in rows is multiplied by ``κ_k`` when a grant is made).
     """
 
     def __init__(
@@ -262,7 +263,8 @@ class _HostSession:
 class ScoringHost:
     """H's side: answers ``OPEN``/``INF_REQ``/``CLOSE`` (G2, O2, B1, C1).
 
-    ``table_for(alias, id_column)`` loads one of H's own data aliases; ``allow(guest, model)``
+    ``table_for(alias, id_column, columns)`` loads those columns of one of H's own data
+    aliases; ``allow(guest, model)``
     raises a :class:`VflError` to refuse (H's acceptance policy).
     """
 
@@ -273,7 +275,7 @@ class ScoringHost:
         arbiter: Party,
         state_dir: Path,
         executor: Executor,
-        table_for: Callable[[str, str], PartyTable],
+        table_for: Callable[[str, str, tuple[str, ...]], PartyTable],
         public_key: Callable[[], PublicKey],
         pool_executor: Executor | None = None,
         allow: Callable[[str, SavedModel], None] | None = None,
@@ -344,7 +346,8 @@ class ScoringHost:
             key = self.public_key()
             key.check_key_id(model.key_id)
             data = model.manifest["data"]
-            table = self.table_for(str(data["alias"]), str(data["id_column"]))
+            columns = tuple(str(c) for c in model.manifest["columns"])
+            table = self.table_for(str(data["alias"]), str(data["id_column"]), columns)
             x = model.preprocessor.transform(table)
             bottom = model.host_module()
             with torch.no_grad():

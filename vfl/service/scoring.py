@@ -92,7 +92,7 @@ class ScoringService:
         self.config, self.channel, self.executor = config, channel, executor
         self.run_psi = run_psi
         self._lock = threading.Lock()
-        self._tables: dict[tuple[str, str], tuple[float, PartyTable]] = {}
+        self._tables: dict[tuple[str, str, tuple[str, ...]], tuple[float, PartyTable]] = {}
         self._clients: dict[str, ScoringClient] = {}
         self._key: PublicKey | None = None
         self.host: ScoringHost | None = None
@@ -110,7 +110,7 @@ class ScoringService:
                 arbiter=_peer(config, Role.ARBITER),
                 state_dir=config.state_dir,
                 executor=executor,
-                table_for=lambda alias, column: self.table(alias, column, labels=None),
+                table_for=self.table,
                 public_key=self.public_key,
                 pool_executor=pool_executor,
                 allow=self._allow,
@@ -139,8 +139,9 @@ class ScoringService:
             )
         return self._key
 
-    def table(self, alias: str, id_column: str, *, labels: str | None) -> PartyTable:
-        """One of this party's data aliases, loaded once per file version."""
+    def table(self, alias: str, id_column: str, columns: tuple[str, ...]) -> PartyTable:
+        """The model's ``columns`` of one of this party's data aliases (other columns, such
+        as labels, are ignored), loaded once per file version."""
         if alias not in self.config.data:
             known = ", ".join(sorted(self.config.data)) or "none"
             raise ConfigError(
@@ -148,13 +149,14 @@ class ScoringService:
             )
         path = self.config.data[alias]
         stamp = path.stat().st_mtime if path.is_file() else 0.0
+        key = (alias, id_column, columns)
         with self._lock:
-            cached = self._tables.get((alias, id_column))
+            cached = self._tables.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        table = load_table(TableSpec(path=path, id_column=id_column, label_column=labels))
+        table = load_table(TableSpec(path=path, id_column=id_column, feature_columns=columns))
         with self._lock:
-            self._tables[(alias, id_column)] = (stamp, table)
+            self._tables[key] = (stamp, table)
         return table
 
     def _allow(self, guest: str, model: SavedModel) -> None:
@@ -192,10 +194,11 @@ class ScoringService:
         alias = str(request.get("data", ""))
         id_column = str(request.get("id_column", "id"))
         id_type = IdType(request.get("id_type", "generic"))
-        table = self.table(alias, id_column, labels=None)
+        model = load_model(self.config.state_dir, model_id)
+        table = self.table(alias, id_column, tuple(model.manifest["columns"]))
         if "ids" in request:
             return self._online(model_id, table, list(request["ids"]), id_type, request)
-        return self._batch(model_id, alias, table, id_column, id_type, request)
+        return self._batch(model, alias, table, id_column, id_type, request)
 
     def _online(
         self,
@@ -225,7 +228,7 @@ class ScoringService:
 
     def _batch(
         self,
-        model_id: str,
+        model: SavedModel,
         alias: str,
         table: PartyTable,
         id_column: str,
@@ -233,7 +236,7 @@ class ScoringService:
         request: dict[str, Any],
     ) -> dict[str, Any]:
         started = time.monotonic()
-        model = load_model(self.config.state_dir, model_id)
+        model_id = model.model_id
         out = Path(str(request.get("out", "")))
         if not out.name:
             raise ConfigError("batch scoring needs an output file (out)")
