@@ -264,6 +264,15 @@ class PartyConfig:
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
     seed: int | None = None  # [testing] seed: reproducible experiments only
 
+    def peer_with_role(self, role: Role) -> Party:
+        """The one configured peer with ``role`` (a job needs exactly one host and arbiter)."""
+        found = [p.party for p in self.peers if p.party.role is role]
+        if len(found) != 1:
+            raise ConfigError(
+                f"{self.source}: needs exactly one [[peers]] entry with role {role.value}"
+            )
+        return found[0]
+
     def peer(self, party_id: str) -> PeerConfig:
         """The configured peer ``party_id``."""
         for peer in self.peers:

@@ -263,15 +263,6 @@ class ArbiterWatch:
             self.record_counts(job_id, cause="service stop", force=True)
 
 
-def _peer_with_role(config: PartyConfig, role: Role) -> Party:
-    found = [p.party for p in config.peers if p.party.role is role]
-    if len(found) != 1:
-        raise ConfigError(
-            f"{config.source}: needs exactly one [[peers]] entry with role {role.value}"
-        )
-    return found[0]
-
-
 def _aligned_table(
     config: PartyConfig, request: dict[str, Any], *, labels: str | None
 ) -> PartyTable:
@@ -458,7 +449,7 @@ class JobRunner:
             submitter=self.config.party.party_id,  # its own operator (admin certificate)
             config_sha256=config_digest(request),
             input_sha256=file_digest(self.config.data[job_file.guest_data]),
-            host=_peer_with_role(self.config, Role.HOST).party_id,
+            host=self.config.peer_with_role(Role.HOST).party_id,
         )
         self._launch(job_file, request)
         return {"job_id": job_id, "state": "running"}
@@ -512,7 +503,7 @@ class JobRunner:
     def _guest_job(self, entry: _GuestJob) -> None:
         """Lifecycle step 2: runs until the job is done, fails for good, or the service stops."""
         job_id = entry.job_file.job.job_id
-        host = _peer_with_role(self.config, Role.HOST).party_id
+        host = self.config.peer_with_role(Role.HOST).party_id
         attempt = 0
         while True:
             entry.notice = None
@@ -606,7 +597,7 @@ class JobRunner:
             self._update(job_id, phase="psi")
             self.run_psi(
                 {
-                    "peer": _peer_with_role(self.config, Role.HOST).party_id,
+                    "peer": self.config.peer_with_role(Role.HOST).party_id,
                     "data": job_file.guest_data,
                     "host_data": job_file.host_data,
                     "id_column": job_file.id_column,
@@ -628,8 +619,8 @@ class JobRunner:
         seed = self.config.seed
         session = GuestSession(
             channel=self.channel,
-            host=_peer_with_role(self.config, Role.HOST),
-            arbiter=_peer_with_role(self.config, Role.ARBITER),
+            host=self.config.peer_with_role(Role.HOST),
+            arbiter=self.config.peer_with_role(Role.ARBITER),
             job=job_file.job,
             table=table,
             splits=splits,
@@ -659,7 +650,7 @@ class JobRunner:
 
     def _on_run_stopped(self, envelope: Envelope) -> None:
         """R1 at G: H says a run ended early; stop it now if it is the current one."""
-        host = _peer_with_role(self.config, Role.HOST)
+        host = self.config.peer_with_role(Role.HOST)
         if envelope.sender != host or not isinstance(envelope.body, ControlBlock):
             logger.warning("ignored a RUN_STOPPED from %s", envelope.sender)
             return
@@ -723,7 +714,7 @@ class JobRunner:
             session = HostSession(
                 channel=self.channel,
                 guest=envelope.sender,
-                arbiter=_peer_with_role(self.config, Role.ARBITER),
+                arbiter=self.config.peer_with_role(Role.ARBITER),
                 table_for=lambda request: _aligned_table(self.config, request, labels=None),
                 executor=self.executor,
                 state_dir=self.config.state_dir,

@@ -43,14 +43,19 @@ def connect_services(configs: Mapping[str, PartyConfig], *, timeout: float = 60.
     for cfg in configs.values():
         wait_healthy(cfg, timeout=timeout)
     for cfg in configs.values():
-        for peer in cfg.peers:
-            other = configs.get(peer.party.party_id)
-            if other is not None:
-                admin_call(
-                    cfg,
-                    "set_peer_address",
-                    {"peer": peer.party.party_id, "address": service_address(other)},
-                )
+        _tell_peer_addresses(cfg, configs)
+
+
+def _tell_peer_addresses(cfg: PartyConfig, configs: Mapping[str, PartyConfig]) -> None:
+    """Tell ``cfg``'s service where each of its peers among ``configs`` listens."""
+    for peer in cfg.peers:
+        other = configs.get(peer.party.party_id)
+        if other is not None:
+            admin_call(
+                cfg,
+                "set_peer_address",
+                {"peer": peer.party.party_id, "address": service_address(other)},
+            )
 
 
 def reconnect_service(
@@ -61,14 +66,7 @@ def reconnect_service(
     are left alone (replacing a peer's client cuts the sends in flight to it)."""
     cfg = configs[party_id]
     wait_healthy(cfg, timeout=timeout)
-    for peer in cfg.peers:
-        other = configs.get(peer.party.party_id)
-        if other is not None:
-            admin_call(
-                cfg,
-                "set_peer_address",
-                {"peer": peer.party.party_id, "address": service_address(other)},
-            )
+    _tell_peer_addresses(cfg, configs)
     for other in configs.values():
         if other is not cfg and any(p.party.party_id == party_id for p in other.peers):
             admin_call(

@@ -67,15 +67,6 @@ def fetch_public_key(
     return PublicKey.from_json(reply.body.obj()["public_key"], allow_test_key=allow_test_key)
 
 
-def _peer(config: PartyConfig, role: Role) -> Party:
-    found = [p.party for p in config.peers if p.party.role is role]
-    if len(found) != 1:
-        raise ConfigError(
-            f"{config.source}: needs exactly one [[peers]] entry with role {role.value}"
-        )
-    return found[0]
-
-
 class ScoringService:
     """A party service's part in scoring, by role."""
 
@@ -107,7 +98,7 @@ class ScoringService:
         elif role is Role.HOST:
             self.host = ScoringHost(
                 channel=channel,
-                arbiter=_peer(config, Role.ARBITER),
+                arbiter=config.peer_with_role(Role.ARBITER),
                 state_dir=config.state_dir,
                 executor=executor,
                 table_for=self.table,
@@ -134,7 +125,7 @@ class ScoringService:
         if self._key is None:
             self._key = fetch_public_key(
                 self.channel,
-                _peer(self.config, Role.ARBITER),
+                self.config.peer_with_role(Role.ARBITER),
                 allow_test_key=self.config.allow_test_key,
             )
         return self._key
@@ -167,8 +158,8 @@ class ScoringService:
     def _new_client(self, model: SavedModel, *, timeout: float = 120.0) -> ScoringClient:
         return ScoringClient(
             channel=self.channel,
-            host=_peer(self.config, Role.HOST),
-            arbiter=_peer(self.config, Role.ARBITER),
+            host=self.config.peer_with_role(Role.HOST),
+            arbiter=self.config.peer_with_role(Role.ARBITER),
             model=model,
             executor=self.executor,
             public_key=self.public_key(),
@@ -243,7 +234,7 @@ class ScoringService:
         psi_job = f"{grant_id(model_id)}.psi-{secrets.token_hex(4)}"
         summary = self.run_psi(
             {
-                "peer": _peer(self.config, Role.HOST).party_id,
+                "peer": self.config.peer_with_role(Role.HOST).party_id,
                 "data": alias,
                 "host_data": model.manifest["data"].get("host_alias", ""),
                 "id_column": id_column,
