@@ -152,6 +152,7 @@ def write_demo_setup(
 
 def fraud_setup(out: Path, *, data_folder: Path) -> tuple[SiloFiles, dict[str, Path]]:
     """The fraud demo's silos, certificates and party configs under ``out`` (steps 2-3)."""
+    out = out.resolve()  # the configs name files by absolute path
     silos = build_silos(data_dir=data_folder, out=out / "data")
     configs = write_demo_setup(
         out,
@@ -167,6 +168,7 @@ def fraud_setup(out: Path, *, data_folder: Path) -> tuple[SiloFiles, dict[str, P
 
 def run_demo(out: Path, *, data_folder: Path, echo: Callable[[str], None]) -> Path:
     """Run steps 1-9 of the module docstring; return the report folder."""
+    out = out.resolve()
     started = time.monotonic()
     echo(f"1. data sets in {data_folder}:")
     for ds in verify_all(folder=data_folder):
