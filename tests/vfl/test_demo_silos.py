@@ -206,3 +206,19 @@ def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
         build_silos(data_dir=tmp_path, out=tmp_path / "out")
     with pytest.raises(ConfigError, match="seed"):
         build_silos(data_dir=FOLDER, out=tmp_path / "out", seed=-1)
+
+
+def test_demo_setup_from_a_relative_folder_names_real_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make demo` runs `vfl demo` with the relative default `.demo`: every party's data
+    alias must still name an existing file (config paths resolve against the config's folder)."""
+    from vfl.config import load_config
+    from vfl.service.demo import fraud_setup
+
+    monkeypatch.chdir(tmp_path)
+    _, configs = fraud_setup(Path(".demo"), data_folder=FOLDER)
+    for path in configs.values():
+        config = load_config(path)
+        assert all(p.is_file() for p in config.data.values()), config.data
+    assert set(load_config(configs["bank"]).data) == {"customers", "new"}
