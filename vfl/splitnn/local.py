@@ -13,6 +13,7 @@ from pathlib import Path
 
 from protocols.crypto.arbiter import SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
@@ -119,6 +120,7 @@ def run_in_process(
     error = host_out.get("error")
     if isinstance(error, BaseException):
         raise error
-    trainer = host_out["trainer"]
-    assert isinstance(trainer, HostTrainer)
+    trainer = host_out.get("trainer")
+    if not isinstance(trainer, HostTrainer):
+        raise ProtocolError(f"job {job.job_id}: the host's side ended without a trainer")
     return LocalRun(result=result, guest=guest, host=trainer)
