@@ -146,13 +146,8 @@ def save_model(
     tmp = ckpt.write_folder(
         final.parent,
         f".tmp-model-{model_id}",
-        tensors={k: v for k, v in module.state_dict().items()},
-        state={
-            "big_ints": {
-                name: {"shape": list(a.shape), "hex": [format(int(v), "x") for v in a.reshape(-1)]}
-                for name, a in (big_ints or {}).items()
-            }
-        },
+        tensors=dict(module.state_dict()),
+        state={"big_ints": ckpt.encode_big_ints(big_ints or {})},
     )
     body = {
         "format": MODEL_FORMAT,

@@ -83,7 +83,9 @@ class ScoringService:
         self.config, self.channel, self.executor = config, channel, executor
         self.run_psi = run_psi
         self._lock = threading.Lock()
-        self._tables: dict[tuple[str, str, tuple[str, ...]], tuple[float, PartyTable]] = {}
+        self._tables: dict[
+            tuple[str, str, tuple[str, ...]], tuple[float, PartyTable, dict[str, int]]
+        ] = {}
         self._clients: dict[str, ScoringClient] = {}
         self._key: PublicKey | None = None
         self.host: ScoringHost | None = None
@@ -133,6 +135,12 @@ class ScoringService:
     def table(self, alias: str, id_column: str, columns: tuple[str, ...]) -> PartyTable:
         """The model's ``columns`` of one of this party's data aliases (other columns, such
         as labels, are ignored), loaded once per file version."""
+        return self._indexed(alias, id_column, columns)[0]
+
+    def _indexed(
+        self, alias: str, id_column: str, columns: tuple[str, ...]
+    ) -> tuple[PartyTable, dict[str, int]]:
+        """:meth:`table` with its row number per id, both kept until the file changes."""
         if alias not in self.config.data:
             known = ", ".join(sorted(self.config.data)) or "none"
             raise ConfigError(
@@ -144,11 +152,12 @@ class ScoringService:
         with self._lock:
             cached = self._tables.get(key)
         if cached is not None and cached[0] == stamp:
-            return cached[1]
+            return cached[1], cached[2]
         table = load_table(TableSpec(path=path, id_column=id_column, feature_columns=columns))
+        index = {str(v): i for i, v in enumerate(table.ids)}
         with self._lock:
-            self._tables[key] = (stamp, table)
-        return table
+            self._tables[key] = (stamp, table, index)
+        return table, index
 
     def _allow(self, guest: str, model: SavedModel) -> None:
         check_guest(self.config, guest=guest, job_type=JobType.SCORING)
@@ -185,22 +194,23 @@ class ScoringService:
         alias = str(request.get("data", ""))
         id_column = str(request.get("id_column", "id"))
         id_type = IdType(request.get("id_type", "generic"))
+        if "ids" in request:  # the open session's model: no reload per call
+            client = self._client(model_id, id_type)
+            columns = tuple(client.model.manifest["columns"])
+            table, where = self._indexed(alias, id_column, columns)
+            return self._online(client, table, where, list(request["ids"]), request)
         model = load_model(self.config.state_dir, model_id)
         table = self.table(alias, id_column, tuple(model.manifest["columns"]))
-        if "ids" in request:
-            return self._online(model_id, table, list(request["ids"]), id_type, request)
         return self._batch(model, alias, table, id_column, id_type, request)
 
     def _online(
         self,
-        model_id: str,
+        client: ScoringClient,
         table: PartyTable,
+        where: dict[str, int],
         ids: list[Any],
-        id_type: IdType,
         request: dict[str, Any],
     ) -> dict[str, Any]:
-        client = self._client(model_id, id_type)
-        where = {str(v): i for i, v in enumerate(table.ids)}
         decoys = int(request.get("decoys", 0))
         out = []
         for customer in ids:
@@ -215,7 +225,7 @@ class ScoringService:
             out.append(
                 {"id": str(customer), "score": score, "ms": 1e3 * (time.perf_counter() - started)}
             )
-        return {"model": model_id, "scores": out}
+        return {"model": client.model.model_id, "scores": out}
 
     def _batch(
         self,

@@ -110,16 +110,21 @@ def save(
     state = {
         "step": step,
         "trees": flat,
-        "big_ints": {
-            name: {"shape": list(a.shape), "hex": [format(int(v), "x") for v in a.reshape(-1)]}
-            for name, a in big_ints.items()
-        },
+        "big_ints": encode_big_ints(big_ints),
         **dict(meta),
     }
     final = step_dir(folder, step)
     tmp = write_folder(folder, f".tmp-{final.name}", tensors=tensors, state=state)
     replace_folder(tmp, final)
     return final
+
+
+def encode_big_ints(big_ints: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Big-integer arrays as JSON: shape and hex digits (what :func:`read_folder` decodes)."""
+    return {
+        name: {"shape": list(a.shape), "hex": [format(int(v), "x") for v in a.reshape(-1)]}
+        for name, a in big_ints.items()
+    }
 
 
 def write_folder(
