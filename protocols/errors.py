@@ -65,6 +65,16 @@ class ProtocolError(VflError):
     """A message violates the protocol (format, order, binding or replay rules)."""
 
 
+class SecAggError(ProtocolError):
+    """Secure aggregation must abort: a key's signature or a key is invalid, or inputs
+    to the masking arithmetic are inconsistent (PROTOCOL.md §7.1)."""
+
+
+class UpdateOverflowError(SecAggError, ValueError):
+    """A client's weighted update is too large for the sum of all clients to fit in
+    ``Z_{2^64}`` (the §7.1 overflow guard, checked by each client on its own values)."""
+
+
 class MalformedEnvelopeError(ProtocolError):
     """An envelope could not be decoded, or is truncated or inconsistent."""
 

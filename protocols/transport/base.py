@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -321,6 +321,14 @@ class Channel(ABC):
                 self._next_seq[(job_id, receiver)] = max(
                     seq, self._next_seq.get((job_id, receiver), 1)
                 )
+
+    def fresh_stream(self, job_id: str, receivers: Iterable[Party]) -> None:
+        """Move this party's sequence numbers of ``job_id`` towards ``receivers`` to the current
+        time in microseconds: past every number an earlier session or process of this party
+        used (the receivers' replay guards remember those across restarts), as no party sends
+        one message per microsecond. Sessions call it before their first message of a run."""
+        base = time.time_ns() // 1000
+        self.restore_stream_state(job_id, {p.party_id: base for p in receivers})
 
     @abstractmethod
     def _transmit(self, envelope: Envelope) -> DeliveryStatus:

@@ -128,14 +128,6 @@ def pseudonyms(key: bytes, canonical: Sequence[bytes]) -> list[bytes]:
     return [hmac.new(key, c, hashlib.sha256).digest() for c in canonical]
 
 
-def _fresh_stream(channel: Channel, job_id: str, *peers: Party) -> None:
-    """Start this session's sequence numbers past every earlier session's (the receivers'
-    replay guards remember those, across restarts): at the current time in microseconds,
-    which no earlier session can have reached sending one message per microsecond at most."""
-    base = time.time_ns() // 1000
-    channel.restore_stream_state(job_id, {p.party_id: base for p in peers})
-
-
 # ---------------------------------------------------------------------------------------
 # arbiter
 
@@ -364,7 +356,7 @@ class ScoringHost:
                 fp=model.fixed_point,
             )
             layer.restore(model.big_ints)
-            _fresh_stream(self.channel, envelope.job_id, envelope.sender)
+            self.channel.fresh_stream(envelope.job_id, (envelope.sender,))
             reply: dict[str, Any] = {"accepted": True}
             index: dict[bytes, int] = {}
             if mode is ScoreMode.ONLINE:
@@ -484,7 +476,7 @@ class ScoringClient:
             timeout=timeout,
         )
         self.layer.run_id = self.run_id
-        _fresh_stream(channel, self.job_id, host, arbiter)
+        channel.fresh_stream(self.job_id, (host, arbiter))
         self.models = model.guest_module()
         self.task = Task(model.manifest["train"]["task"])
         self.preprocessor = model.preprocessor

@@ -1,0 +1,1 @@
+"""Horizontal federated averaging with secure aggregation (PROTOCOL.md §7)."""

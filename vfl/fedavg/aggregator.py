@@ -1,0 +1,414 @@
+"""The aggregator's side of FedAvg runs (steps F2-F7 of :mod:`vfl.fedavg.protocol`).
+
+Roles: A (the arbiter's service) relays the clients' signed keys, sums masked vectors and
+combines the clients' validation metrics. It holds no key of this protocol: every vector it
+receives is uniform on ``Z_2^64`` (H2) and, with the group mask, so is every sum. It keeps
+nothing on disk: after a restart the coordinator's next run starts over at F2 and resumes
+from the clients' saved rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocols import secagg
+from protocols.envelope import ControlBlock, Envelope, Uint64Block
+from protocols.errors import JobRefusedError, ProtocolError, RunAbortedError, VflError
+from protocols.roles import Party, Role
+from protocols.transport.base import Channel, MessageFilter
+from vfl.fedavg.aggregate import combine_metrics, sample_participants
+from vfl.fedavg.protocol import FedJob, FedTag
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 600.0
+Admit = Callable[[FedJob, Party], None]
+Notify = Callable[[str, str, dict[str, Any]], None]  # (job id, event, fields)
+
+
+class _Abort(Exception):
+    """Internal: end the run with ABORT to every client (F7)."""
+
+
+@dataclass
+class _Run:
+    job_id: str
+    run_id: str
+    joins: queue.Queue[Envelope] = field(default_factory=queue.Queue)
+    joined: dict[str, Party] = field(default_factory=dict)  # who sent a JOIN (for ABORT)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+class FedAggregator:
+    """A's FedAvg service: one thread per run, started by the run's first ``JOIN``.
+
+    Parameters
+    ----------
+    channel
+        A's channel.
+    admit
+        A's acceptance policy: raise :class:`JobRefusedError` to refuse a job (checked on
+        the coordinator's own JOIN).
+    notify
+        Called with ``(job_id, event, fields)`` on ``accepted``, ``refused``, ``round``,
+        ``aborted`` and ``done`` (audit records, status).
+    join_timeout
+        How long A waits for every client's JOIN.
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: Channel,
+        admit: Admit | None = None,
+        notify: Notify | None = None,
+        join_timeout: float = JOIN_TIMEOUT_S,
+    ) -> None:
+        self.channel = channel
+        self.admit = admit
+        self.notify = notify
+        self.join_timeout = join_timeout
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, str], _Run] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        channel.add_handler(MessageFilter.for_tags(FedTag.JOIN), self._on_join)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per job: state, round, combined metrics (for ``vfl status`` at the arbiter)."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._status.items()}
+
+    def close(self) -> None:
+        """Stop every run (their receives end at once)."""
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.stopped.set()
+            self.channel.abort_run(run.job_id, run.run_id)
+        for run in runs:
+            if run.thread is not None:
+                run.thread.join(5.0)
+
+    def _on_join(self, envelope: Envelope) -> None:
+        key = (envelope.job_id, envelope.run_id)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None:
+                older = [r for k, r in self._runs.items() if k[0] == envelope.job_id]
+                run = _Run(job_id=envelope.job_id, run_id=envelope.run_id)
+                self._runs[key] = run
+                start = True
+            else:
+                older, start = [], False
+        run.joins.put(envelope)
+        if not start:
+            return
+        for old in older:  # a newer run of the job replaces the older one
+            old.stopped.set()
+            self.channel.abort_run(old.job_id, old.run_id)
+        run.thread = threading.Thread(
+            target=self._serve, args=(run,), name=f"fedavg-{run.job_id}", daemon=True
+        )
+        run.thread.start()
+
+    def _event(self, job_id: str, event: str, **fields: Any) -> None:
+        with self._lock:
+            self._status.setdefault(job_id, {}).update(state=event, **fields)
+        if self.notify is not None:
+            try:
+                self.notify(job_id, event, fields)
+            except Exception:  # noqa: BLE001 - a notification must not end the run
+                logger.exception("notification %s of job %s failed", event, job_id)
+
+    def _serve(self, run: _Run) -> None:
+        clients: list[Party] = []
+        try:
+            job, clients, resume = self._gather(run)
+            self._rounds(run, job, clients, resume)
+        except _Abort as exc:
+            self._abort(run, clients, str(exc))
+        except JobRefusedError as exc:
+            self._abort(run, clients, f"refused by the aggregator: {exc}")
+        except RunAbortedError:
+            logger.info("job %s: run %s stopped", run.job_id, run.run_id)
+        except (VflError, TimeoutError, ValueError) as exc:
+            logger.error("job %s: run %s failed: %s", run.job_id, run.run_id, exc)
+            self._abort(run, clients, f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                if self._runs.get((run.job_id, run.run_id)) is run:
+                    del self._runs[(run.job_id, run.run_id)]
+            self.channel.abort_run(run.job_id, run.run_id)
+
+    # -- F2, F3 -----------------------------------------------------------------------
+
+    def _gather(self, run: _Run) -> tuple[FedJob, list[Party], int]:
+        """F2: every client's JOIN, checked; F3: KEYS (and the relayed group seeds)."""
+        give_up = time.monotonic() + self.join_timeout
+        joins: dict[str, dict[str, Any]] = {}
+        parties = run.joined
+        job: FedJob | None = None
+        expected: tuple[str, ...] = ()
+        while job is None or len(joins) < len(expected):
+            if run.stopped.is_set():
+                raise RunAbortedError(f"run {run.run_id} of job {run.job_id} was stopped")
+            try:
+                envelope = run.joins.get(timeout=max(0.0, min(1.0, give_up - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= give_up:
+                    missing = sorted(set(expected) - set(joins)) or ["every client"]
+                    raise _Abort(f"no JOIN from {', '.join(missing)} in time") from None
+                continue
+            body = _control(envelope)
+            sender = envelope.sender
+            parties[sender.party_id] = sender
+            if job is None:
+                job = FedJob.from_json(body["job"])
+                if job.job_id != run.job_id or job.digest() != body.get("job_sha256"):
+                    raise _Abort(f"{sender.party_id} sent a job that does not match its digest")
+                expected = job.client_ids
+            if sender.party_id not in expected or sender.role is Role.ARBITER:
+                raise _Abort(f"{sender.party_id} is not a client of job {run.job_id}")
+            joins[sender.party_id] = body
+        if job is None:  # pragma: no cover - the loop only ends with a job
+            raise _Abort("no job")
+        coordinator = parties[job.coordinator]
+        if self.admit is not None:
+            try:
+                self.admit(job, coordinator)
+            except JobRefusedError as exc:
+                self._event(run.job_id, "refused", reason=str(exc)[:300])
+                raise
+        reference = joins[job.coordinator]
+        for party_id, body in joins.items():
+            for field_name, what in (
+                ("job_sha256", "job"),
+                ("columns_sha256", "columns (names and order)"),
+                ("init_sha256", "initial model (engine or torch versions differ?)"),
+            ):
+                if body.get(field_name) != reference.get(field_name):
+                    raise _Abort(
+                        f"{party_id}'s {what} differs from {job.coordinator}'s; every client "
+                        "must hold the same columns and run the same job"
+                    )
+        held = [set(int(r) for r in b.get("rounds_held", [])) | {0} for b in joins.values()]
+        common = set.intersection(*held)
+        resume = max(common)
+        clients = [parties[c] for c in job.client_ids]
+        self._event(run.job_id, "accepted", run_id=run.run_id, resume_round=resume)
+        self.channel.fresh_stream(run.job_id, clients)
+        keys = [
+            {"party": c, "public": joins[c]["public"], "signature": joins[c]["signature"]}
+            for c in job.client_ids
+        ]
+        for client in clients:
+            self._send(run, client, FedTag.KEYS, 0, {"keys": keys, "resume_round": resume})
+        if job.group_mask and len(clients) > 2:  # F3: relay the wrapped group seed
+            first = clients[0]
+            body = self._recv_control(run, first, FedTag.GROUP, 0, self.join_timeout)
+            wrapped = body.get("wrapped", {})
+            for client in clients[1:]:
+                blob = wrapped.get(client.party_id)
+                if not isinstance(blob, str):
+                    raise _Abort(f"{first.party_id}'s group seeds lack {client.party_id}")
+                self._send(run, client, FedTag.GROUP, 0, {"wrapped": blob})
+        logger.info(
+            "job %s: run %s with %d clients, from round %d",
+            run.job_id,
+            run.run_id,
+            len(clients),
+            resume,
+        )
+        return job, clients, resume
+
+    # -- F4, F5, F6 -------------------------------------------------------------------
+
+    def _rounds(self, run: _Run, job: FedJob, clients: list[Party], resume: int) -> None:
+        for step in (0, 1):  # F4
+            self._sum(run, job, clients, clients, FedTag.STATS, FedTag.STATS_SUM, step)
+        history: list[dict[str, Any]] = []
+        previous: dict[str, Any] | None = None
+        by_id = {c.party_id: c for c in clients}
+        for round_no in range(resume + 1, job.rounds + 1):  # F5
+            started = time.monotonic()
+            chosen = sample_participants(
+                job.client_ids,
+                per_round=job.clients_per_round,
+                job_id=job.job_id,
+                round_no=round_no,
+            )
+            for client in clients:
+                self._send(
+                    run,
+                    client,
+                    FedTag.ROUND,
+                    round_no,
+                    {"participants": list(chosen), "previous": previous},
+                )
+            participants = [by_id[c] for c in chosen]
+            self._sum(run, job, participants, clients, FedTag.UPDATE, FedTag.AGG, round_no)
+            reports = {}
+            give_up = time.monotonic() + job.round_timeout_s
+            for client in clients:
+                body = self._recv_control(
+                    run, client, FedTag.EVAL, round_no, give_up - time.monotonic(), missing=True
+                )
+                reports[client.party_id] = body
+            previous = self._combine(round_no, reports, time.monotonic() - started)
+            history.append(previous)
+            self._event(
+                job.job_id,
+                "round",
+                round=round_no,
+                rounds=job.rounds,
+                combined=previous,
+                run_id=run.run_id,
+            )
+        for client in clients:  # F6
+            self._send(run, client, FedTag.DONE, 0, {"history": history})
+        self._event(job.job_id, "done", round=job.rounds, rounds=job.rounds, run_id=run.run_id)
+
+    def _sum(
+        self,
+        run: _Run,
+        job: FedJob,
+        senders: Sequence[Party],
+        receivers: Sequence[Party],
+        up: FedTag,
+        down: FedTag,
+        step: int,
+    ) -> None:
+        """Receive every sender's masked vector, send the wrap-around sum to every receiver."""
+        give_up = time.monotonic() + job.round_timeout_s
+        vectors = []
+        for sender in senders:
+            envelope = self._recv(run, sender, up, step, give_up - time.monotonic(), missing=True)
+            if not isinstance(envelope.body, Uint64Block):
+                raise ProtocolError(f"{up.value} from {sender.party_id} must carry uint64 values")
+            vectors.append(np.frombuffer(envelope.body.data, dtype="<u8").astype(np.uint64))
+        total = secagg.sum_updates(vectors)
+        block = Uint64Block(total.astype("<u8").tobytes(), shape=total.shape)
+        for receiver in receivers:
+            self._send_block(run, receiver, down, step, block)
+
+    @staticmethod
+    def _combine(
+        round_no: int, reports: dict[str, dict[str, Any]], seconds: float
+    ) -> dict[str, Any]:
+        validation = combine_metrics(
+            {c: r.get("validation", {}) for c, r in reports.items()}, weight="rows"
+        )
+        out: dict[str, Any] = {
+            "round": round_no,
+            "validation": validation,
+            "clients": {c: r.get("validation", {}) for c, r in reports.items()},
+            "round_s": round(seconds, 4),
+            "end_time": time.time(),
+        }
+        tests = {c: r["test"] for c, r in reports.items() if isinstance(r.get("test"), dict)}
+        if tests:
+            out["test"] = combine_metrics(tests, weight="rows")
+        eps = [r["epsilon"] for r in reports.values() if r.get("epsilon") is not None]
+        if eps:
+            out["epsilon_max"] = max(float(e) for e in eps)
+        return out
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _send(self, run: _Run, to: Party, tag: FedTag, step: int, body: dict[str, Any]) -> None:
+        self._send_block(run, to, tag, step, ControlBlock.from_obj(body))
+
+    def _send_block(
+        self, run: _Run, to: Party, tag: FedTag, step: int, body: ControlBlock | Uint64Block
+    ) -> None:
+        try:
+            self.channel.send(
+                Envelope(
+                    job_id=run.job_id,
+                    run_id=run.run_id,
+                    sender=self.channel.me,
+                    receiver=to,
+                    tag=tag,
+                    step=step,
+                    body=body,
+                )
+            )
+        except VflError as exc:
+            if isinstance(exc, RunAbortedError):
+                raise
+            raise _Abort(f"{to.party_id} is unreachable ({type(exc).__name__})") from None
+
+    def _recv(
+        self,
+        run: _Run,
+        sender: Party,
+        tag: FedTag,
+        step: int,
+        timeout: float,
+        *,
+        missing: bool = False,
+    ) -> Envelope:
+        try:
+            return self.channel.recv(
+                job_id=run.job_id,
+                run_id=run.run_id,
+                sender=sender,
+                tag=tag,
+                step=step,
+                timeout=max(0.0, timeout),
+            )
+        except TimeoutError:
+            what = "round" if tag in (FedTag.UPDATE, FedTag.EVAL) else "step"
+            raise _Abort(
+                f"{sender.party_id} sent no {tag.value} for {what} {step} in time"
+                + ("; nothing of this round is unmasked" if missing else "")
+            ) from None
+
+    def _recv_control(
+        self,
+        run: _Run,
+        sender: Party,
+        tag: FedTag,
+        step: int,
+        timeout: float,
+        *,
+        missing: bool = False,
+    ) -> dict[str, Any]:
+        return _control(self._recv(run, sender, tag, step, timeout, missing=missing))
+
+    def _abort(self, run: _Run, clients: Sequence[Party], reason: str) -> None:
+        """F7: tell every reachable client; no sum of the round is ever sent."""
+        logger.warning("job %s: run %s aborted: %s", run.job_id, run.run_id, reason)
+        self._event(run.job_id, "aborted", reason=reason[:300], run_id=run.run_id)
+        if not clients:  # aborted before every JOIN: tell whoever joined
+            clients = list(run.joined.values())
+        for client in clients:
+            try:
+                self.channel.send(
+                    Envelope(
+                        job_id=run.job_id,
+                        run_id=run.run_id,
+                        sender=self.channel.me,
+                        receiver=client,
+                        tag=FedTag.ABORT,
+                        step=0,
+                        body=ControlBlock.from_obj({"reason": reason[:500]}),
+                    )
+                )
+            except VflError:
+                logger.info("job %s: %s not told of the abort", run.job_id, client.party_id)
+
+
+def _control(envelope: Envelope) -> dict[str, Any]:
+    if not isinstance(envelope.body, ControlBlock):
+        raise ProtocolError(f"{envelope.describe()} must carry a JSON control block")
+    return envelope.body.obj()
