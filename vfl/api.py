@@ -22,19 +22,27 @@ from protocols.errors import ConfigError
 from psi.result import read_result
 from vfl.config import load_config
 from vfl.data.tables import TableSpec, load_table
+from vfl.fedavg.jobfile import job_kind, parse_fed_job, with_defaults
 from vfl.service.admin import admin_call
 from vfl.splitnn.estimate import JobEstimate, estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import load_job_file
 
 
 def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
-    """Check the job file here, submit it to the guest's service; returns the job id."""
-    parsed = load_job_file(job, allow_plaintext=plaintext)  # fail here, not remotely
-    raw = tomllib.loads(job.read_text(encoding="utf-8"))
-    raw.setdefault("job", {})["id"] = parsed.job.job_id
-    reply = admin_call(
-        load_config(config), "train", {"job_file": raw, "allow_plaintext": plaintext}
-    )
+    """Check the job file here (a split-NN job, or a horizontal one with ``[job] type =
+    "horizontal"``), submit it to the guest's service; returns the job id."""
+    party = load_config(config)
+    try:
+        raw = tomllib.loads(job.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read job file {job}: {exc}") from None
+    if job_kind(raw) == "horizontal":
+        raw = with_defaults(raw)
+        parse_fed_job(raw, source=str(job), coordinator=party.party.party_id)  # fail here
+    else:
+        parsed = load_job_file(job, allow_plaintext=plaintext)  # fail here, not remotely
+        raw.setdefault("job", {})["id"] = parsed.job.job_id
+    reply = admin_call(party, "train", {"job_file": raw, "allow_plaintext": plaintext})
     return str(reply["job_id"])
 
 

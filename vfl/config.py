@@ -31,11 +31,12 @@ Example (relative paths are resolved against the config file's folder)::
 
     [accept]                     # optional: what this party takes part in (host, arbiter)
     guests = ["bank"]            # who may submit jobs; default: every [[peers]] guest
-    job_types = ["split_nn", "psi", "scoring"]   # default: all
+    job_types = ["split_nn", "psi", "scoring", "horizontal"]   # default: all
     data = ["credit"]            # aliases a guest may name; default: every [data] alias
     max_d = 64                   # host embedding width d (default 64)
     max_k = 64                   # interactive width k (default 64)
-    max_host_params = 1000000    # parameters of the host bottom model a guest asks for
+    max_host_params = 1000000    # parameters of the model a guest asks this party to train
+                                 # (the host bottom model; a horizontal job's whole model)
     min_key_bits = 2048          # arbiter key size; default 2048, or no minimum when
                                  # [arbiter] allow_test_key = true (so test keys pass)
     protect_modes = ["gaussian", "max_norm", "marvell"]  # default: every mode but "none"
@@ -145,6 +146,7 @@ class JobType(StrEnum):
     SPLIT_NN = "split_nn"
     PSI = "psi"
     SCORING = "scoring"
+    HORIZONTAL = "horizontal"
 
 
 _SAFE_PROTECT_MODES = frozenset(m for m in ProtectMode if m is not ProtectMode.NONE)

@@ -137,7 +137,7 @@ class FedAggregator:
         except _Abort as exc:
             self._abort(run, clients, str(exc))
         except JobRefusedError as exc:
-            self._abort(run, clients, f"refused by the aggregator: {exc}")
+            self._abort(run, clients, f"refused by the aggregator: {exc}", refused=True)
         except RunAbortedError:
             logger.info("job %s: run %s stopped", run.job_id, run.run_id)
         except (VflError, TimeoutError, ValueError) as exc:
@@ -264,6 +264,7 @@ class FedAggregator:
                 )
                 reports[client.party_id] = body
             previous = self._combine(round_no, reports, time.monotonic() - started)
+            previous["participants"] = list(chosen)
             history.append(previous)
             self._event(
                 job.job_id,
@@ -358,14 +359,21 @@ class FedAggregator:
         missing: bool = False,
     ) -> Envelope:
         try:
-            return self.channel.recv(
-                job_id=run.job_id,
-                run_id=run.run_id,
-                sender=sender,
-                tag=tag,
-                step=step,
+            envelope = self.channel.recv_any(
+                MessageFilter(
+                    job_id=run.job_id,
+                    run_id=run.run_id,
+                    sender=sender.party_id,
+                    tags=frozenset({tag.value, FedTag.ABORT.value}),
+                ),
                 timeout=max(0.0, timeout),
             )
+            if envelope.tag == FedTag.ABORT.value:  # the client gave up (F7)
+                reason = str(_control(envelope).get("reason", "no reason given"))[:300]
+                raise _Abort(f"{sender.party_id} left the run: {reason}")
+            if envelope.step != step:
+                raise _Abort(f"{sender.party_id} sent {tag.value} step {envelope.step}, not {step}")
+            return envelope
         except TimeoutError:
             what = "round" if tag in (FedTag.UPDATE, FedTag.EVAL) else "step"
             raise _Abort(
@@ -385,7 +393,9 @@ class FedAggregator:
     ) -> dict[str, Any]:
         return _control(self._recv(run, sender, tag, step, timeout, missing=missing))
 
-    def _abort(self, run: _Run, clients: Sequence[Party], reason: str) -> None:
+    def _abort(
+        self, run: _Run, clients: Sequence[Party], reason: str, *, refused: bool = False
+    ) -> None:
         """F7: tell every reachable client; no sum of the round is ever sent."""
         logger.warning("job %s: run %s aborted: %s", run.job_id, run.run_id, reason)
         self._event(run.job_id, "aborted", reason=reason[:300], run_id=run.run_id)
@@ -401,7 +411,7 @@ class FedAggregator:
                         receiver=client,
                         tag=FedTag.ABORT,
                         step=0,
-                        body=ControlBlock.from_obj({"reason": reason[:500]}),
+                        body=ControlBlock.from_obj({"reason": reason[:500], "refused": refused}),
                     )
                 )
             except VflError:

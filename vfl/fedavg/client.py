@@ -30,7 +30,13 @@ from sklearn.model_selection import train_test_split
 
 from protocols import secagg
 from protocols.envelope import ControlBlock, Envelope, Uint64Block
-from protocols.errors import ConfigError, DataError, ProtocolError
+from protocols.errors import (
+    ConfigError,
+    DataError,
+    JobRefusedError,
+    ProtocolError,
+    RunAbortedError,
+)
 from protocols.files import atomic_write
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
@@ -129,7 +135,21 @@ class FedClient:
         self.channel.abort_run(self.job.job_id, self.run_id)
 
     def run(self) -> FedResult:
-        """F2-F6; raises :class:`RoundAbortedError` if A aborts a round (F7)."""
+        """F2-F6; raises :class:`RoundAbortedError` if A aborts a round (F7). A client that
+        fails for any other reason tells A (``ABORT``), which ends the run for everyone."""
+        try:
+            return self._run()
+        except (RoundAbortedError, JobRefusedError, RunAbortedError):
+            raise  # A ended the run, or this party stopped it
+        except Exception as exc:
+            try:
+                reason = f"{type(exc).__name__}: {exc}"[:400]
+                self._send(FedTag.ABORT, 0, ControlBlock.from_obj({"reason": reason}))
+            except Exception:  # noqa: BLE001 - A may be the reason; the error below stands
+                logger.info("job %s: could not tell the aggregator", self.job.job_id)
+            raise
+
+    def _run(self) -> FedResult:
         job = self.job
         x, y = self._features_and_labels()
         train, val, test = self._split(y)
@@ -306,7 +326,10 @@ class FedClient:
             timeout=timeout,
         )
         if envelope.tag == FedTag.ABORT.value:
-            reason = _control(envelope).get("reason", "no reason given")
+            body = _control(envelope)
+            reason = body.get("reason", "no reason given")
+            if body.get("refused"):
+                raise JobRefusedError(f"job {self.job.job_id}: {str(reason)[:300]}")
             raise RoundAbortedError(
                 f"job {self.job.job_id}: the aggregator aborted the run: {str(reason)[:300]}"
             )

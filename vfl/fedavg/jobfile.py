@@ -43,7 +43,10 @@ Example (only ``type`` and ``[clients]`` are required)::
 from __future__ import annotations
 
 import secrets
+import tomllib
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
@@ -182,3 +185,26 @@ def _int(table: dict[str, Any], key: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class FedJobFile:
+    """A parsed horizontal job file (what the guest's service runs)."""
+
+    job: FedJob
+
+    @property
+    def guest_data(self) -> str:
+        """The coordinator's own data alias."""
+        return self.job.data_alias(self.job.coordinator)
+
+
+def load_fed_job_file(path: Path, *, coordinator: str) -> FedJobFile:
+    """Read and validate a horizontal job file, naming the file and key of any problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return FedJobFile(parse_fed_job(raw, source=str(path), coordinator=coordinator))

@@ -18,6 +18,11 @@ Checks, in the order the host learns what it needs (``JobOffer`` of
 
 The arbiter applies 1 (to the spec's guest, and the sender must be the spec's guest or
 host), ``d``/``k`` and plaintext of 2.
+
+Horizontal (FedAvg) jobs: a client checks the coordinator's ``START`` with 1 (job type
+``horizontal``), that the sender is the job's coordinator, the data alias of 2 and, once
+its column count is known, the model's parameters ``<= max_host_params``; the aggregator
+checks 1 against the coordinator.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 from protocols.errors import ConfigError, JobRefusedError
 from protocols.roles import Party
 from vfl.config import AcceptPolicy, JobType, PartyConfig
+from vfl.fedavg.protocol import FedJob
 from vfl.splitnn.session import JobOffer
 from vfl.splitnn.spec import JobSpec
 from vfl.splitnn.training import TrainConfig
@@ -35,12 +41,7 @@ from vfl.splitnn.training import TrainConfig
 def host_bottom_params(*, features: int, train: TrainConfig) -> int:
     """Parameters of the host bottom model (``features`` → ``host_widths[:-1]`` → ``d``),
     computed without building it (a guest could ask for one too large to build)."""
-    widths = (*train.host_widths[:-1], train.d)
-    total, fan_in = 0, features
-    for width in widths:
-        total += fan_in * width + width  # weights and bias of each linear layer
-        fan_in = width
-    return total
+    return mlp_params(features=features, widths=(*train.host_widths[:-1], train.d))
 
 
 def _refuse(reason: str) -> JobRefusedError:
@@ -115,3 +116,34 @@ def check_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> JobS
             f"key of {spec.key_bits} bits < accept.min_key_bits = {config.accept.min_key_bits}",
         )
     return spec
+
+
+def mlp_params(*, features: int, widths: tuple[int, ...]) -> int:
+    """Parameters of an MLP ``features -> widths`` (weights and biases), without building it."""
+    total, fan_in = 0, features
+    for width in widths:
+        total += fan_in * width + width
+        fan_in = width
+    return total
+
+
+def check_fed_start(
+    config: PartyConfig, job: FedJob, *, sender: str, features: int | None = None
+) -> None:
+    """A client's checks of a horizontal job's ``START`` (``features``: once known)."""
+    check_guest(config, guest=sender, job_type=JobType.HORIZONTAL)
+    if sender != job.coordinator:
+        raise _refuse(f"{sender} sent the START of a job coordinated by {job.coordinator}")
+    check_data(config, alias=job.data_alias(config.party.party_id))
+    if features is not None:
+        params = mlp_params(features=features, widths=job.widths)
+        if params > config.accept.max_host_params:
+            raise _refuse(
+                f"the model would have {params} parameters, more than accept.max_host_params "
+                f"= {config.accept.max_host_params}"
+            )
+
+
+def check_fed_job(config: PartyConfig, job: FedJob, coordinator: Party) -> None:
+    """The aggregator's check of a horizontal job (the coordinator's own JOIN)."""
+    check_guest(config, guest=coordinator.party_id, job_type=JobType.HORIZONTAL)

@@ -22,7 +22,7 @@ import json
 import os
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,17 +102,19 @@ def write_demo_setup(
     data_folder: Path,
     data: Mapping[str, Mapping[str, str]] | None = None,
     extra: Mapping[str, str] | None = None,
+    parties: Sequence[Party] = DEMO_PARTIES,
 ) -> dict[str, Path]:
-    """Certificates and one config per demo party under ``out``; returns config paths.
+    """Certificates and one config per party under ``out``; returns config paths.
 
     ``data`` maps each party to its data aliases (file names under ``data_folder``; default:
-    the credit and breast files); ``extra`` adds TOML text to a party's config.
+    the credit and breast files); ``extra`` adds TOML text to a party's config; ``parties``
+    (default: bank, retailer, arbiter) each get every other one as a pinned peer.
     """
     certs = out / "certs"
-    create_demo_pki(certs, list(DEMO_PARTIES))
+    create_demo_pki(certs, list(parties))
     paths = {}
     aliases = data if data is not None else _DATA
-    for party in DEMO_PARTIES:
+    for party in parties:
         lines = [
             "[party]",
             f'id = "{party.party_id}"',
@@ -126,7 +128,7 @@ def write_demo_setup(
             f'key = "certs/{party.party_id}.key"',
             "",
         ]
-        for peer in DEMO_PARTIES:
+        for peer in parties:
             if peer == party:
                 continue
             lines += [

@@ -69,8 +69,12 @@ from protocols.transport.base import Channel, MessageFilter
 from psi.result import read_result
 from vfl.config import PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
+from vfl.fedavg.client import FedClient
+from vfl.fedavg.jobfile import FedJobFile, job_kind, parse_fed_job, with_defaults
+from vfl.fedavg.protocol import DropoutPolicy, FedResult, RoundAbortedError
 from vfl.service.accept import check_offer, check_spec
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
+from vfl.service.fedjobs import FedJobs
 from vfl.splitnn.jobfile import TrainJobFile, parse_job
 from vfl.splitnn.session import (
     GuestSession,
@@ -287,10 +291,10 @@ def _aligned_table(
 class _GuestJob:
     """G's bookkeeping of one job across its runs (lifecycle steps 1-2)."""
 
-    def __init__(self, job_file: TrainJobFile, request: dict[str, Any]) -> None:
+    def __init__(self, job_file: TrainJobFile | FedJobFile, request: dict[str, Any]) -> None:
         self.job_file, self.request = job_file, request
         self.wake = threading.Event()  # cuts a retry's backoff short
-        self.session: GuestSession | None = None
+        self.session: GuestSession | FedClient | None = None
         self.notice: dict[str, Any] | None = None  # H's RUN_STOPPED for the current run
         self.thread: threading.Thread | None = None
 
@@ -344,9 +348,11 @@ class JobRunner:
                 config.source,
                 config.seed,
             )
+        self.fed = FedJobs(runner=self)
         role = config.party.role
         if role is Role.HOST:
             channel.add_handler(MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start)
+            self.fed.serve_client()
         if role is Role.GUEST:
             channel.add_handler(MessageFilter.for_tags(JobTag.RUN_STOPPED), self._on_run_stopped)
 
@@ -354,6 +360,7 @@ class JobRunner:
         """Arbiter: answer key, setup and decryption requests under the acceptance policy,
         with audit records (:class:`ArbiterWatch`); returns the decryption service."""
         self.watch = ArbiterWatch(config=self.config, audit=self.audit)
+        self.fed.serve_aggregator()
         return serve_arbiter(self.config, self.channel, self.executor, watch=self.watch)
 
     def background(self) -> LocalProcessExecutor:
@@ -394,6 +401,7 @@ class JobRunner:
                 entry.thread.join(max(0.0, give_up - time.monotonic()))
         for run in host_runs:
             run.done.wait(max(0.0, give_up - time.monotonic()))
+        self.fed.close()
         if self.watch is not None:
             self.watch.close()
         self.audit.close()
@@ -404,7 +412,9 @@ class JobRunner:
     def status(self) -> dict[str, Any]:
         """Progress of every job this service ran since it started."""
         with self._lock:
-            return {job_id: dict(state) for job_id, state in self.jobs.items()}
+            out = {job_id: dict(state) for job_id, state in self.jobs.items()}
+        out.update(self.fed.aggregator_status())
+        return out
 
     def _update(self, job_id: str, **fields: Any) -> None:
         with self._lock:
@@ -427,6 +437,8 @@ class JobRunner:
         """Admin ``train``: validate the job now, keep the request, run it in the background."""
         if self.config.party.role is not Role.GUEST:
             raise ConfigError("only the guest (label holder) submits training jobs")
+        if job_kind(dict(request.get("job_file", {}))) == "horizontal":
+            request = {**request, "job_file": with_defaults(dict(request["job_file"]))}
         job_file = self._parse(request, source="train request")
         job_id = job_file.job.job_id
         with self._lock:
@@ -449,23 +461,32 @@ class JobRunner:
             submitter=self.config.party.party_id,  # its own operator (admin certificate)
             config_sha256=config_digest(request),
             input_sha256=file_digest(self.config.data[job_file.guest_data]),
-            host=self.config.peer_with_role(Role.HOST).party_id,
+            **(
+                {"clients": list(job_file.job.client_ids)}
+                if isinstance(job_file, FedJobFile)
+                else {"host": self.config.peer_with_role(Role.HOST).party_id}
+            ),
         )
         self._launch(job_file, request)
         return {"job_id": job_id, "state": "running"}
 
-    def _parse(self, request: dict[str, Any], *, source: str) -> TrainJobFile:
-        job_file = parse_job(
-            dict(request.get("job_file", {})),
-            source=source,
-            allow_plaintext=bool(request.get("allow_plaintext", False)),
-        )
+    def _parse(self, request: dict[str, Any], *, source: str) -> TrainJobFile | FedJobFile:
+        raw = dict(request.get("job_file", {}))
+        job_file: TrainJobFile | FedJobFile
+        if job_kind(raw) == "horizontal":
+            job_file = FedJobFile(
+                parse_fed_job(raw, source=source, coordinator=self.config.party.party_id)
+            )
+        else:
+            job_file = parse_job(
+                raw, source=source, allow_plaintext=bool(request.get("allow_plaintext", False))
+            )
         if job_file.guest_data not in self.config.data:
             known = ", ".join(sorted(self.config.data)) or "none"
             raise ConfigError(f"no data alias {job_file.guest_data!r} here (aliases: {known})")
         return job_file
 
-    def _launch(self, job_file: TrainJobFile, request: dict[str, Any]) -> None:
+    def _launch(self, job_file: TrainJobFile | FedJobFile, request: dict[str, Any]) -> None:
         entry = _GuestJob(job_file, request)
         job_id = job_file.job.job_id
         entry.thread = threading.Thread(
@@ -503,7 +524,6 @@ class JobRunner:
     def _guest_job(self, entry: _GuestJob) -> None:
         """Lifecycle step 2: runs until the job is done, fails for good, or the service stops."""
         job_id = entry.job_file.job.job_id
-        host = self.config.peer_with_role(Role.HOST).party_id
         attempt = 0
         while True:
             entry.notice = None
@@ -518,7 +538,7 @@ class JobRunner:
                 notice = entry.notice
                 error = f"{type(exc).__name__}: {exc}"
                 if notice is not None and notice.get("reason") == RunStop.FAILED.value:
-                    error = f"{host} failed: {notice.get('error', 'no reason given')}"
+                    error = f"{notice.get('from')} failed: {notice.get('error', 'no reason')}"
                 if self._stopping.is_set():
                     logger.info("job %s interrupted by the service stop; resumes on start", job_id)
                     self._update(job_id, state="interrupted", phase="stopped")
@@ -529,6 +549,8 @@ class JobRunner:
                     )
                 else:
                     again = retryable(exc)
+                if isinstance(exc, RoundAbortedError) and isinstance(entry.job_file, FedJobFile):
+                    again = entry.job_file.job.on_dropout is DropoutPolicy.RETRY
                 if not again or attempt >= RETRY_LIMIT:
                     logger.error("job %s failed: %s", job_id, error)
                     logger.debug("%s", traceback.format_exc())
@@ -572,12 +594,22 @@ class JobRunner:
                 key_id=session.key_id if session is not None else None,
                 runs=attempt + 1,
             )
+            path = str(self.config.state_dir / "jobs" / job_id / "result.json")
+            if isinstance(result, FedResult):
+                last = result.history[-1] if result.history else {}
+                self._finish(
+                    job_id,
+                    state="done",
+                    rounds=result.rounds,
+                    validation=last.get("validation"),
+                    test=last.get("test"),
+                    epsilon=result.epsilon,
+                    model=result.model_dir,
+                    result=path,
+                )
+                return
             self._finish(
-                job_id,
-                state="done",
-                test=result.test,
-                best_epoch=result.best_epoch,
-                result=str(self.config.state_dir / "jobs" / job_id / "result.json"),
+                job_id, state="done", test=result.test, best_epoch=result.best_epoch, result=path
             )
             return
 
@@ -588,9 +620,11 @@ class JobRunner:
             return False
         return True
 
-    def _guest_attempt(self, entry: _GuestJob) -> SplitResult:
-        """One run of the job (PSI first unless it has a result already)."""
+    def _guest_attempt(self, entry: _GuestJob) -> SplitResult | FedResult:
+        """One run of the job (split NN: PSI first unless it has a result already)."""
         job_file = entry.job_file
+        if isinstance(job_file, FedJobFile):
+            return self.fed.coordinate(entry, job_file.job)
         job_id = job_file.job.job_id
         psi_job = job_file.psi_job or f"{job_id}.psi"
         if not job_file.psi_job and not self._has_psi(psi_job):
@@ -673,7 +707,7 @@ class JobRunner:
         # a restarted H serves no earlier run of G at all; a failure concerns its own run
         restarted = body.get("reason") == RunStop.RESTARTED.value
         if session is not None and session.run_id and (restarted or session.run_id == run_id):
-            entry.notice = body
+            entry.notice = {**body, "from": host.party_id}
             session.stop()
         entry.wake.set()
 

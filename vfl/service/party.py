@@ -55,6 +55,7 @@ from psi.protocol import PsiMode, PsiOptions, PsiTag, read_hello, refuse, run_gu
 from psi.result import write_result
 from vfl.config import JobType, PartyConfig
 from vfl.data.ids import load_id_column
+from vfl.fedavg.protocol import FedTag
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.accept import check_data, check_guest
 from vfl.service.jobs import JobRunner
@@ -102,7 +103,9 @@ class PartyService:
                     f"names {identity.party}"
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tags = TagRegistry([ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag])
+        tags = TagRegistry(
+            [ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag, FedTag]
+        )
         self.channel = GrpcChannel(
             me=config.party,
             identity=identity,

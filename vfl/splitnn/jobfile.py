@@ -46,6 +46,7 @@ from vfl.splitnn.spec import SplitMode
 from vfl.splitnn.training import TrainConfig
 
 _JOB_KEYS = {
+    "type",  # "split_nn" (the default; "horizontal" jobs are vfl.fedavg.jobfile's)
     "id",
     "guest_data",
     "host_data",
