@@ -181,9 +181,8 @@ def test_secure_fedavg_equals_plaintext_fedavg(
     assert np.max(np.abs(finals[0] - reference)) < 1e-5 + m * 2.0**-secagg.F_H
     history = run.results["bank"].history
     assert [h["round"] for h in history] == [1, 2, 3]
-    assert (
-        history[-1]["validation"]["rows"] == sum(math.ceil(0.2 * len(t)) for t in tables.values())
-        or history[-1]["validation"]["rows"] > 0
+    assert history[-1]["validation"]["rows"] == sum(
+        len(_splits(t, job)[1]) for t in tables.values()
     )
     last_agg = [
         e for e in sent["arbiter"].sent if e.tag == FedTag.AGG.value and e.step == job.rounds
@@ -198,13 +197,18 @@ def test_secure_fedavg_equals_plaintext_fedavg(
         np.testing.assert_allclose(average, finals[0], atol=1e-5)
 
 
-def _train_rows(table: PartyTable, job: FedJob) -> np.ndarray:
+def _splits(table: PartyTable, job: FedJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A client's own train / validation / test rows."""
     from vfl.fedavg.client import FedClient
 
     client = FedClient.__new__(FedClient)
     client.job, client.table = job, table
     _, y = client._features_and_labels()
-    return client._split(y)[0]
+    return client._split(y)
+
+
+def _train_rows(table: PartyTable, job: FedJob) -> np.ndarray:
+    return _splits(table, job)[0]
 
 
 def _final_model(folder: Path, job: FedJob) -> torch.nn.Module:
