@@ -29,7 +29,7 @@ from vfl.fedavg.client import CHECKPOINTS
 from vfl.fedavg.inprocess import run_in_process
 from vfl.fedavg.jobfile import parse_fed_job
 from vfl.fedavg.protocol import FedJob, FedTag, RoundAbortedError
-from vfl.fedavg.train import build_model, local_train
+from vfl.fedavg.train import build_model, client_splits, local_train
 from vfl.privacy.accountant import epsilon
 from vfl.privacy.dp import DPConfig
 from vfl.splitnn import checkpoint
@@ -113,25 +113,19 @@ def recording(
 
 def plaintext_fedavg(job: FedJob, tables: dict[str, PartyTable], seed: int) -> np.ndarray:
     """The same training with the averages taken in float64, no masks (the H1 reference)."""
-    from vfl.fedavg.client import FedClient  # the clients' own split of their rows
-
-    splits, xs = {}, {}
-    for pid in job.client_ids:
-        client = FedClient.__new__(FedClient)
-        client.job, client.table = job, tables[pid]
-        x, y = client._features_and_labels()
-        splits[pid] = (client._split(y), y)
-        xs[pid] = x
-    n = {pid: len(splits[pid][0][0]) for pid in job.client_ids}
+    splits = {pid: _splits(tables[pid], job) for pid in job.client_ids}
+    xs = {pid: tables[pid].features for pid in job.client_ids}
+    ys = {pid: np.asarray(tables[pid].labels) for pid in job.client_ids}
+    n = {pid: len(splits[pid][0]) for pid in job.client_ids}
     total = sum(n.values())
 
     def average(values: dict[str, np.ndarray]) -> np.ndarray:
         return sum(n[p] * values[p] for p in job.client_ids) / total
 
     columns = next(iter(xs.values())).shape[1]
-    first = average({p: aggregate.first_moments(xs[p][splits[p][0][0]]) for p in xs})
+    first = average({p: aggregate.first_moments(xs[p][splits[p][0]]) for p in xs})
     frac, mean, a = aggregate.centre(first, columns)
-    second = average({p: aggregate.second_moments(xs[p][splits[p][0][0]], mean, a) for p in xs})
+    second = average({p: aggregate.second_moments(xs[p][splits[p][0]], mean, a) for p in xs})
     standardizer = aggregate.finish(second, frac, mean, a)
     models = {p: build_model(job, in_features=columns) for p in job.client_ids}
     gens = {
@@ -143,9 +137,9 @@ def plaintext_fedavg(job: FedJob, tables: dict[str, PartyTable], seed: int) -> n
         updates = {}
         for p in job.client_ids:
             aggregate.load_parameter_vector(models[p], current)
-            train = splits[p][0][0]
+            train = splits[p][0]
             x = torch.from_numpy(standardizer.transform(xs[p])[train])
-            y = torch.from_numpy(splits[p][1][train].astype(np.float32))
+            y = torch.from_numpy(ys[p][train].astype(np.float32))
             local_train(models[p], x, y, job=job, generator=gens[p])
             updates[p] = aggregate.parameter_vector(models[p])
         current = average(updates)
@@ -199,12 +193,8 @@ def test_secure_fedavg_equals_plaintext_fedavg(
 
 def _splits(table: PartyTable, job: FedJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A client's own train / validation / test rows."""
-    from vfl.fedavg.client import FedClient
-
-    client = FedClient.__new__(FedClient)
-    client.job, client.table = job, table
-    _, y = client._features_and_labels()
-    return client._split(y)
+    assert table.labels is not None
+    return client_splits(table.labels, job=job)
 
 
 def _train_rows(table: PartyTable, job: FedJob) -> np.ndarray:
@@ -247,7 +237,7 @@ def test_a_missing_update_aborts_the_round_and_nothing_is_unmasked(
             checkpoint.available_steps(tmp_path / pid / "jobs" / job.job_id / CHECKPOINTS)[-1] == 1
         )
     run = run_in_process(job=job, tables=tables, identities=identities, state_dir=tmp_path, seed=1)
-    assert [h["round"] for h in run.results["bank"].history] == [2, 3]
+    assert [h["round"] for h in run.results["bank"].history] == [1, 2, 3]  # round 1 re-reported
 
 
 def test_a_substituted_key_is_refused(

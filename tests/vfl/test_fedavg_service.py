@@ -4,10 +4,14 @@ final model at every client, the audit records, and refusals under each party's 
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +26,13 @@ from vfl.fedavg.client import MODEL_DIR, load_fed_model
 from vfl.service.admin import admin_call
 from vfl.service.audit import AUDIT_FILE, read_audit
 from vfl.service.demo import write_demo_setup
-from vfl.service.local import Processes, connect_services, start_services, stop_services
+from vfl.service.local import (
+    Processes,
+    connect_services,
+    reconnect_service,
+    start_services,
+    stop_services,
+)
 from vfl.splitnn.metrics import binary_metrics
 
 PARTIES = (
@@ -36,6 +46,7 @@ DATA = {
     "retailer": {"credit": "default_credit_homo_host_1.csv"},
     "shop": {"credit": "default_credit_homo_host_2.csv", "private": "breast_homo_host.csv"},
 }
+FAST = "[transport]\nretry_seconds = 2  # a stopped peer is reported quickly"
 JOB = """
 [job]
 type = "horizontal"
@@ -43,7 +54,8 @@ id = "{job_id}"
 rounds = {rounds}
 batch = 128
 test_fraction = 0.1
-round_timeout_s = 60
+round_timeout_s = {timeout}
+on_dropout = "{on_dropout}"
 
 [clients]
 bank = "credit"
@@ -63,10 +75,37 @@ class Federation:
     configs: dict[str, PartyConfig]
     procs: Processes
 
-    def job_file(self, job_id: str, *, rounds: int = 3, shop_data: str = "credit") -> Path:
+    def job_file(
+        self,
+        job_id: str,
+        *,
+        rounds: int = 3,
+        shop_data: str = "credit",
+        on_dropout: str = "retry",
+        timeout: float = 60,
+    ) -> Path:
         path = self.tmp / f"{job_id}.toml"
-        path.write_text(JOB.format(job_id=job_id, rounds=rounds, shop_data=shop_data))
+        path.write_text(
+            JOB.format(
+                job_id=job_id,
+                rounds=rounds,
+                shop_data=shop_data,
+                on_dropout=on_dropout,
+                timeout=timeout,
+            )
+        )
         return path
+
+    def wait(self, job_id: str, until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        give_up = time.monotonic() + 120
+        while time.monotonic() < give_up:
+            state: dict[str, Any] = admin_call(self.configs["bank"], "status")["jobs"].get(
+                job_id, {}
+            )
+            if until(state) or state.get("state") in ("done", "failed"):
+                return state
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not get there in time")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +117,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         data=DATA,
         parties=PARTIES,
         extra={
-            "shop": '[accept]\ndata = ["credit"]  # "private" is not offered',
-            "bank": "[testing]\nseed = 3",
+            "shop": '[accept]\ndata = ["credit"]  # "private" is not offered\n' + FAST,
+            "bank": "[testing]\nseed = 3\n" + FAST,
+            "retailer": FAST,
+            "arbiter": "[arbiter]\nkey_bits = 512\nallow_test_key = true  # unused by FedAvg\n"
+            + FAST,
         },
     )
     configs = {pid: load_config(p) for pid, p in paths.items()}
@@ -153,3 +195,57 @@ def test_a_job_without_the_guest_as_client_is_refused_before_submission(tmp_path
     job.write_text('[job]\ntype = "horizontal"\n[clients]\nretailer = "credit"\nshop = "x"\n')
     with pytest.raises(ConfigError, match="must include bank"):
         api.submit_job(job, config=paths["bank"])
+
+
+@pytest.mark.slow
+def test_a_client_killed_mid_job_aborts_the_round_and_the_job_resumes(
+    federation: Federation,
+) -> None:
+    """The shop's service is killed during a run: the aggregator aborts the round (no sum of
+    it is sent), the bank retries (on_dropout = "retry"), and once the shop's service is back
+    the job resumes from the rounds every client saved and finishes."""
+    bank = federation.paths["bank"]
+    job_id = api.submit_job(federation.job_file("fed-3", rounds=8, timeout=4), config=bank)
+    federation.wait(job_id, lambda s: s.get("round", 0) >= 2)
+    shop = federation.procs["shop"]
+    shop.send_signal(signal.SIGKILL)
+    shop.wait()
+    state = federation.wait(job_id, lambda s: s.get("phase") == "retrying")
+    assert state["state"] == "running"
+    assert "aborted" in state["last_error"]
+    federation.procs.update(
+        start_services({"shop": federation.configs["shop"]}, logs=federation.tmp / "logs")
+    )
+    reconnect_service(federation.configs, "shop")
+    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    assert final["state"] == "done", final
+    result = json.loads(
+        (federation.configs["bank"].state_dir / "jobs" / job_id / "result.json").read_text()
+    )
+    assert [h["round"] for h in result["history"]] == list(range(1, 9))
+    events = [
+        r["event"]
+        for r in read_audit(federation.configs["bank"].state_dir / AUDIT_FILE)
+        if r.get("job_id") == job_id
+    ]
+    assert "job_retried" in events and events[-1] == "job_finished"
+    arbiter = read_audit(federation.configs["arbiter"].state_dir / AUDIT_FILE)
+    assert any(r["event"] == "job_failed" and r.get("job_id") == job_id for r in arbiter)
+
+
+@pytest.mark.slow
+def test_on_dropout_stop_ends_the_job(federation: Federation) -> None:
+    """With on_dropout = "stop", an aborted round fails the job for good."""
+    bank = federation.paths["bank"]
+    job_id = api.submit_job(
+        federation.job_file("fed-4", rounds=40, on_dropout="stop", timeout=4), config=bank
+    )
+    federation.wait(job_id, lambda s: s.get("round", 0) >= 1)
+    federation.procs["retailer"].send_signal(signal.SIGKILL)
+    federation.procs["retailer"].wait()
+    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    assert final["state"] == "failed" and "aborted" in final["error"]
+    federation.procs.update(
+        start_services({"retailer": federation.configs["retailer"]}, logs=federation.tmp / "logs")
+    )
+    reconnect_service(federation.configs, "retailer")

@@ -238,6 +238,10 @@ class FedAggregator:
         history: list[dict[str, Any]] = []
         previous: dict[str, Any] | None = None
         by_id = {c.party_id: c for c in clients}
+        if resume > 0:  # the clients report on the resumed round again
+            started = time.monotonic()
+            previous = self._reports(run, job, clients, resume, started)
+            history.append(previous)
         for round_no in range(resume + 1, job.rounds + 1):  # F5
             started = time.monotonic()
             chosen = sample_participants(
@@ -256,14 +260,7 @@ class FedAggregator:
                 )
             participants = [by_id[c] for c in chosen]
             self._sum(run, job, participants, clients, FedTag.UPDATE, FedTag.AGG, round_no)
-            reports = {}
-            give_up = time.monotonic() + job.round_timeout_s
-            for client in clients:
-                body = self._recv_control(
-                    run, client, FedTag.EVAL, round_no, give_up - time.monotonic(), missing=True
-                )
-                reports[client.party_id] = body
-            previous = self._combine(round_no, reports, time.monotonic() - started)
+            previous = self._reports(run, job, clients, round_no, started)
             previous["participants"] = list(chosen)
             history.append(previous)
             self._event(
@@ -300,6 +297,18 @@ class FedAggregator:
         block = Uint64Block(total.astype("<u8").tobytes(), shape=total.shape)
         for receiver in receivers:
             self._send_block(run, receiver, down, step, block)
+
+    def _reports(
+        self, run: _Run, job: FedJob, clients: Sequence[Party], round_no: int, started: float
+    ) -> dict[str, Any]:
+        """Every client's EVAL of ``round_no``, combined."""
+        reports = {}
+        give_up = time.monotonic() + job.round_timeout_s
+        for client in clients:
+            reports[client.party_id] = self._recv_control(
+                run, client, FedTag.EVAL, round_no, give_up - time.monotonic()
+            )
+        return self._combine(round_no, reports, time.monotonic() - started)
 
     @staticmethod
     def _combine(

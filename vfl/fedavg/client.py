@@ -26,7 +26,6 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sklearn.model_selection import train_test_split
 
 from protocols import secagg
 from protocols.envelope import ControlBlock, Envelope, Uint64Block
@@ -50,7 +49,7 @@ from vfl.fedavg.protocol import (
     RoundAbortedError,
     json_digest,
 )
-from vfl.fedavg.train import build_model, evaluate, local_train
+from vfl.fedavg.train import build_model, client_splits, evaluate, local_train
 from vfl.privacy.accountant import RdpAccountant
 from vfl.splitnn import checkpoint
 
@@ -152,7 +151,9 @@ class FedClient:
     def _run(self) -> FedResult:
         job = self.job
         x, y = self._features_and_labels()
-        train, val, test = self._split(y)
+        train, val, test = client_splits(y, job=job)
+        if len(train) < 2:
+            raise DataError(f"{self.table.source}: too few rows to train on")
         model = build_model(job, in_features=x.shape[1])
         rounds_held = checkpoint.available_steps(self.folder / CHECKPOINTS)
         keys = self._join(x, model, rounds_held)  # F2
@@ -171,6 +172,16 @@ class FedClient:
             self._group = self._group_seed()  # F3
         standardizer = self._statistics(x[train])  # F4
         xs = standardizer.transform(x)
+
+        def report(round_no: int, epsilon: float | None) -> dict[str, Any]:
+            """EVAL of the current model: validation rows, test rows after the last round."""
+            out: dict[str, Any] = {"validation": evaluate(model, xs[val], y[val])}
+            if round_no == job.rounds and len(test):
+                out["test"] = evaluate(model, xs[test], y[test])
+            out["epsilon"] = epsilon
+            self._send(FedTag.EVAL, round_no, ControlBlock.from_obj(out))
+            return out
+
         x_train = torch.from_numpy(xs[train])
         y_train = torch.from_numpy(y[train].astype(np.float32))
         accountant = (
@@ -187,6 +198,8 @@ class FedClient:
             secrets.randbits(63) if self.seed is None else self.seed * 1_000_003 + resume
         )
         own: dict[str, Any] = {}
+        if resume > 0:  # F5: the resumed round's report again (A kept no history)
+            own = report(resume, None if accountant is None else accountant.epsilon())
         for round_no in range(resume + 1, job.rounds + 1):  # F5
             order = self._recv_control(FedTag.ROUND, round_no)
             participants = tuple(str(p) for p in order["participants"])
@@ -219,12 +232,8 @@ class FedClient:
                 meta={"history": history, "dp_steps": dp_steps, "run_id": self.run_id},
             )
             checkpoint.prune(self.folder / CHECKPOINTS, keep=[round_no - 1, round_no])
-            own = {"validation": evaluate(model, xs[val], y[val])}
-            if round_no == job.rounds and len(test):
-                own["test"] = evaluate(model, xs[test], y[test])
             epsilon = None if accountant is None else accountant.epsilon()
-            own["epsilon"] = epsilon
-            self._send(FedTag.EVAL, round_no, ControlBlock.from_obj(own))
+            own = report(round_no, epsilon)
             if self.progress is not None:
                 self.progress(
                     {
@@ -237,7 +246,8 @@ class FedClient:
                     }
                 )
         done = self._recv_control(FedTag.DONE, 0)  # F6
-        history = list(done.get("history", history))
+        merged = {int(h["round"]): h for h in [*history, *done.get("history", [])]}
+        history = [merged[r] for r in sorted(merged)]
         model_dir = self._save_model(model, standardizer)
         result = FedResult(
             job_id=job.job_id,
@@ -275,28 +285,6 @@ class FedClient:
                 'the file or set impute = "mean" in the job'
             )
         return x, y
-
-    def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = np.arange(len(y))
-        job = self.job
-        stratify = y if len(np.unique(y)) == 2 else None
-        test = np.array([], dtype=np.int64)
-        if job.test_fraction > 0:
-            rows, test = train_test_split(
-                rows, test_size=job.test_fraction, random_state=job.split_seed, stratify=stratify
-            )
-        val = np.array([], dtype=np.int64)
-        if job.validation_fraction > 0:
-            inner = y[rows] if stratify is not None else None
-            rows, val = train_test_split(
-                rows,
-                test_size=job.validation_fraction / (1 - job.test_fraction),
-                random_state=job.split_seed,
-                stratify=inner,
-            )
-        if len(rows) < 2:
-            raise DataError(f"{self.table.source}: too few rows to train on")
-        return np.sort(rows), np.sort(val), np.sort(test)
 
     # -- messages -------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from vfl.fedavg.protocol import FedJob, Optimizer
@@ -32,6 +33,27 @@ def build_model(job: FedJob, *, in_features: int) -> MLP:
                 bound = 1 / math.sqrt(layer.in_features)
                 nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
     return model
+
+
+def client_splits(labels: np.ndarray, *, job: FedJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A client's own train, validation and test rows (stratified, ``job.split_seed``)."""
+    rows = np.arange(len(labels))
+    stratify = labels if len(np.unique(labels)) == 2 else None
+    test = np.array([], dtype=np.int64)
+    if job.test_fraction > 0:
+        rows, test = train_test_split(
+            rows, test_size=job.test_fraction, random_state=job.split_seed, stratify=stratify
+        )
+    val = np.array([], dtype=np.int64)
+    if job.validation_fraction > 0:
+        inner = labels[rows] if stratify is not None else None
+        rows, val = train_test_split(
+            rows,
+            test_size=job.validation_fraction / (1 - job.test_fraction),
+            random_state=job.split_seed,
+            stratify=inner,
+        )
+    return np.sort(rows), np.sort(val), np.sort(test)
 
 
 def make_optimizer(job: FedJob, model: nn.Module) -> torch.optim.Optimizer:
