@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -81,6 +83,31 @@ def local_train(
     """``job.local_epochs`` epochs of mini-batch training on this client's rows; DP-SGD
     (Poisson batches, per-example clipping, Gaussian noise) when ``job.dp`` is set.
     Returns the optimizer steps taken."""
+    with _threads(1):  # tabular models gain nothing from intra-op threads (see _threads)
+        return _local_train(model, x, y, job=job, generator=generator)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Run torch ops on ``count`` intra-op threads, then restore the setting. Several clients
+    or services share a machine's cores; small batches on several threads each would spin
+    against each other (measured here: rounds several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _local_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    job: FedJob,
+    generator: torch.Generator,
+) -> int:
     optimizer = make_optimizer(job, model)
     model.train()
     steps = 0
