@@ -218,9 +218,10 @@ def write_noniid(tables: dict[str, Any], folder: Path) -> dict[str, str]:
     frames = [pd.read_csv(data_dir(os.environ) / CLIENTS[c]) for c in sorted(CLIENTS)]
     pooled = pd.concat(frames, ignore_index=True).sort_values(SORT_FEATURE, kind="stable")
     out = {}
-    for i, (name, part) in enumerate(zip(sorted(CLIENTS), np.array_split(pooled, 3), strict=True)):
+    bounds = np.linspace(0, len(pooled), 4).astype(int)
+    for i, name in enumerate(sorted(CLIENTS)):
         path = folder / f"noniid_{i}.csv"
-        part.to_csv(path, index=False)
+        pooled.iloc[bounds[i] : bounds[i + 1]].to_csv(path, index=False)
         out[name] = path.name
     return out
 

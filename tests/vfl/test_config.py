@@ -10,6 +10,7 @@ import pytest
 from protocols.errors import ConfigError, InsecureConfigError
 from protocols.roles import Role
 from vfl.config import AcceptPolicy, JobType, ScoringGrant, load_config
+from vfl.fedavg.jobfile import load_fed_job_file
 from vfl.privacy.label_protection import ProtectMode
 from vfl.splitnn.jobfile import load_job_file
 
@@ -110,6 +111,20 @@ def test_example_configs_load() -> None:
     assert jobs and all(
         j.guest_data in aliases["bank"] and j.host_data in aliases["retailer"] for j in jobs
     )
+
+
+def test_horizontal_example_configs_and_job_load() -> None:
+    folder = Path(__file__).resolve().parents[2] / "examples" / "horizontal"
+    configs = {
+        c.party.party_id: c
+        for c in (load_config(p) for p in folder.glob("*.toml") if p.stem != "credit_fedavg")
+    }
+    assert set(configs) == {"arbiter", "bank", "retailer", "shop"}
+    job = load_fed_job_file(folder / "credit_fedavg.toml", coordinator="bank").job
+    for party_id, alias in job.clients:
+        assert configs[party_id].data[alias].is_file()
+        others = [c for c in job.client_ids if c != party_id]
+        assert all(configs[party_id].peer(o).certificate is not None for o in others)
 
 
 def test_job_file_errors_name_the_file_and_key(tmp_path: Path) -> None:

@@ -175,6 +175,8 @@ def test_secure_fedavg_equals_plaintext_fedavg(
     assert np.max(np.abs(finals[0] - reference)) < 1e-5 + m * 2.0**-secagg.F_H
     history = run.results["bank"].history
     assert [h["round"] for h in history] == [1, 2, 3]
+    assert all("clients" not in h for h in history)  # not each other's metrics ...
+    assert set(run.aggregator["fed-test"]["combined"]["clients"]) == set(job.client_ids)  # A's
     assert history[-1]["validation"]["rows"] == sum(
         len(_splits(t, job)[1]) for t in tables.values()
     )

@@ -122,7 +122,8 @@ class FedAggregator:
 
     def _event(self, job_id: str, event: str, **fields: Any) -> None:
         with self._lock:
-            self._status.setdefault(job_id, {}).update(state=event, **fields)
+            state = "running" if event in ("accepted", "round") else event
+            self._status.setdefault(job_id, {}).update(state=state, phase=event, **fields)
         if self.notify is not None:
             try:
                 self.notify(job_id, event, fields)
@@ -240,7 +241,7 @@ class FedAggregator:
         by_id = {c.party_id: c for c in clients}
         if resume > 0:  # the clients report on the resumed round again
             started = time.monotonic()
-            previous = self._reports(run, job, clients, resume, started)
+            previous = _shared(self._reports(run, job, clients, resume, started))
             history.append(previous)
         for round_no in range(resume + 1, job.rounds + 1):  # F5
             started = time.monotonic()
@@ -260,17 +261,18 @@ class FedAggregator:
                 )
             participants = [by_id[c] for c in chosen]
             self._sum(run, job, participants, clients, FedTag.UPDATE, FedTag.AGG, round_no)
-            previous = self._reports(run, job, clients, round_no, started)
-            previous["participants"] = list(chosen)
-            history.append(previous)
-            self._event(
+            record = self._reports(run, job, clients, round_no, started)
+            record["participants"] = list(chosen)
+            self._event(  # A's own status keeps each client's metrics ...
                 job.job_id,
                 "round",
                 round=round_no,
                 rounds=job.rounds,
-                combined=previous,
+                combined=record,
                 run_id=run.run_id,
             )
+            previous = _shared(record)  # ... the clients get only the combination
+            history.append(previous)
         for client in clients:  # F6
             self._send(run, client, FedTag.DONE, 0, {"history": history})
         self._event(job.job_id, "done", round=job.rounds, rounds=job.rounds, run_id=run.run_id)
@@ -425,6 +427,11 @@ class FedAggregator:
                 )
             except VflError:
                 logger.info("job %s: %s not told of the abort", run.job_id, client.party_id)
+
+
+def _shared(record: dict[str, Any]) -> dict[str, Any]:
+    """What the clients learn of a round's reports: the combination, not each other's."""
+    return {k: v for k, v in record.items() if k != "clients"}
 
 
 def _control(envelope: Envelope) -> dict[str, Any]:

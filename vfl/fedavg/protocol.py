@@ -11,12 +11,14 @@ A holds no key of this protocol.
 
 What each party learns:
 
-* A: the job specification, which clients take part, per-client validation metrics (and
-  their weighted combination), and masked updates, each uniform on ``Z_2^64``. Without the
+* A: the job specification, which clients take part, per-client validation metrics and
+  validation row counts (about a tenth of each client's rows by default) and their weighted
+  combination, and masked updates, each uniform on ``Z_2^64``. Without the
   group mask it also learns the sums: ``Σ n_i w_i``, ``Σ n_i`` and, from the statistics
   steps, the column means and scales of the union of the clients' training rows. With the
   group mask (the default) these sums are uniform to A too: it learns nothing about them.
-* A client: the averaged model after each round and the global column statistics. With two
+* A client: the averaged model after each round, the global column statistics and the
+  combined (not the other clients') validation metrics of each round. With two
   clients, the other client's update follows from the average and its own (§7.2); DP-SGD
   (``[dp]``) is the protection between the silos.
 
