@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,14 @@ from vfl.data.tables import TableSpec, load_table
 from vfl.fedavg.jobfile import job_kind, parse_fed_job, with_defaults
 from vfl.service.admin import admin_call
 from vfl.splitnn.estimate import JobEstimate, estimate_job_file, quick_costs
-from vfl.splitnn.jobfile import load_job_file
+from vfl.splitnn.jobfile import load_job_file, read_job_toml
 
 
 def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
     """Check the job file here (a split-NN job, or a horizontal one with ``[job] type =
     "horizontal"``), submit it to the guest's service; returns the job id."""
     party = load_config(config)
-    try:
-        raw = tomllib.loads(job.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read job file {job}: {exc}") from None
+    raw = read_job_toml(job)
     if job_kind(raw) == "horizontal":
         raw = with_defaults(raw)
         parse_fed_job(raw, source=str(job), coordinator=party.party.party_id)  # fail here

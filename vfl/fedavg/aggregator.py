@@ -215,7 +215,7 @@ class FedAggregator:
             self._send(run, client, FedTag.KEYS, 0, {"keys": keys, "resume_round": resume})
         if job.group_mask and len(clients) > 2:  # F3: relay the wrapped group seed
             first = clients[0]
-            body = self._recv_control(run, first, FedTag.GROUP, 0, self.join_timeout)
+            body = self._control_of(run, first, FedTag.GROUP, 0, self.join_timeout)
             wrapped = body.get("wrapped", {})
             for client in clients[1:]:
                 blob = wrapped.get(client.party_id)
@@ -307,7 +307,7 @@ class FedAggregator:
         reports = {}
         give_up = time.monotonic() + job.round_timeout_s
         for client in clients:
-            reports[client.party_id] = self._recv_control(
+            reports[client.party_id] = self._control_of(
                 run, client, FedTag.EVAL, round_no, give_up - time.monotonic()
             )
         return self._combine(round_no, reports, time.monotonic() - started)
@@ -392,17 +392,10 @@ class FedAggregator:
                 + ("; nothing of this round is unmasked" if missing else "")
             ) from None
 
-    def _recv_control(
-        self,
-        run: _Run,
-        sender: Party,
-        tag: FedTag,
-        step: int,
-        timeout: float,
-        *,
-        missing: bool = False,
+    def _control_of(
+        self, run: _Run, sender: Party, tag: FedTag, step: int, timeout: float
     ) -> dict[str, Any]:
-        return _control(self._recv(run, sender, tag, step, timeout, missing=missing))
+        return _control(self._recv(run, sender, tag, step, timeout))
 
     def _abort(
         self, run: _Run, clients: Sequence[Party], reason: str, *, refused: bool = False

@@ -43,7 +43,6 @@ Example (only ``type`` and ``[clients]`` are required)::
 from __future__ import annotations
 
 import secrets
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from protocols.errors import ConfigError
 from vfl.data.tables import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
+from vfl.splitnn.jobfile import read_job_toml
 
 HORIZONTAL = "horizontal"
 _JOB_KEYS = {
@@ -201,10 +201,5 @@ class FedJobFile:
 
 def load_fed_job_file(path: Path, *, coordinator: str) -> FedJobFile:
     """Read and validate a horizontal job file, naming the file and key of any problem."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_job_toml(path)
     return FedJobFile(parse_fed_job(raw, source=str(path), coordinator=coordinator))

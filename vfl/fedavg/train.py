@@ -72,21 +72,6 @@ def make_optimizer(job: FedJob, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def local_train(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    job: FedJob,
-    generator: torch.Generator,
-) -> int:
-    """``job.local_epochs`` epochs of mini-batch training on this client's rows; DP-SGD
-    (Poisson batches, per-example clipping, Gaussian noise) when ``job.dp`` is set.
-    Returns the optimizer steps taken."""
-    with _threads(1):  # tabular models gain nothing from intra-op threads (see _threads)
-        return _local_train(model, x, y, job=job, generator=generator)
-
-
 @contextlib.contextmanager
 def _threads(count: int) -> Iterator[None]:
     """Run torch ops on ``count`` intra-op threads, then restore the setting. Several clients
@@ -100,7 +85,8 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _local_train(
+@_threads(1)  # tabular models gain nothing from intra-op threads (see _threads)
+def local_train(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -108,6 +94,9 @@ def _local_train(
     job: FedJob,
     generator: torch.Generator,
 ) -> int:
+    """``job.local_epochs`` epochs of mini-batch training on this client's rows; DP-SGD
+    (Poisson batches, per-example clipping, Gaussian noise) when ``job.dp`` is set.
+    Returns the optimizer steps taken."""
     optimizer = make_optimizer(job, model)
     model.train()
     steps = 0

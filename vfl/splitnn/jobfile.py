@@ -125,15 +125,19 @@ class TrainJobFile:
         }
 
 
-def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
-    """Read and validate a job file, naming the file and key of any problem."""
+def read_job_toml(path: Path) -> dict[str, Any]:
+    """A job file's TOML (any kind of job), naming the file if it cannot be read."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_job(raw, source=str(path), allow_plaintext=allow_plaintext)
+
+
+def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
+    """Read and validate a job file, naming the file and key of any problem."""
+    return parse_job(read_job_toml(path), source=str(path), allow_plaintext=allow_plaintext)
 
 
 def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False) -> TrainJobFile:
