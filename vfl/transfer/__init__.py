@@ -1,0 +1,1 @@
+"""Federated transfer learning (PROTOCOL.md §6)."""
