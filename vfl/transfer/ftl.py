@@ -33,6 +33,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 from gmpy2 import mpz
+from torch import nn
 
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.fixedpoint import decode, encode, ring
@@ -40,6 +41,7 @@ from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
 from protocols.errors import ConfigError, InsecureConfigError
 from protocols.executor import Executor
+from vfl.models.mlp import MLP
 
 F_A = 24  # fixed-point bits of u and Φ
 U_MAX = 8.0  # |u| and |Φ| bound before encoding (checked)
@@ -112,6 +114,12 @@ class FtlConfig:
         return 1.0 / self.d
 
 
+def representation_net(in_features: int, widths: tuple[int, ...], d: int) -> nn.Module:
+    """``Net^A`` / ``Net^B``: an MLP to width ``d`` with a tanh output (``|u| ≤ 1``, so
+    every encoding stays inside its bound)."""
+    return nn.Sequential(MLP(in_features=in_features, widths=(*widths, d)), nn.Tanh())
+
+
 def to_signs(labels: np.ndarray) -> np.ndarray:
     """Labels 0/1 (or ±1) as ``y ∈ {−1, +1}``."""
     y = np.asarray(labels, dtype=np.float64)
@@ -173,7 +181,7 @@ def encode_u(u: np.ndarray) -> np.ndarray:
 def encrypt_phi(phi: np.ndarray, *, cipher: Cipher, pool: ObfuscatorPool) -> EncryptedTensor:
     """T0 (G): ``[[Φ̂]]`` as a d×1 column."""
     phi_hat = encode_u(phi).reshape(-1, 1)
-    return encrypt(cipher, ring(phi_hat, cipher.modulus), pool=pool, scale=F_A)
+    return encrypt(cipher, ring(phi_hat, cipher.key.n), pool=pool, scale=F_A)
 
 
 def host_t1(
@@ -186,7 +194,7 @@ def host_t1(
 ) -> tuple[EncryptedTensor, EncryptedTensor]:
     """T1 (H): ``[[û]]`` (B×d) and ``[[q̂]] = Obf(Û ⊙ [[Φ̂]])`` (d×1, scale 3f_a)."""
     u_hat = encode_u(u_b)
-    enc_u = encrypt(cipher, ring(u_hat, cipher.modulus), pool=pool, scale=F_A)
+    enc_u = encrypt(cipher, ring(u_hat, cipher.key.n), pool=pool, scale=F_A)
     gram = u_hat.T.dot(u_hat)  # Û = Σ_i û_i û_iᵀ, exact integers (scale 2f_a)
     enc_q = plain_matmul(gram, enc_phi, executor=executor, scale=3 * F_A).obfuscate(pool)
     return enc_u, enc_q
@@ -218,7 +226,7 @@ def guest_batch(
     executor: Executor,
 ) -> GuestBatch:
     """T2, T4, T5 at G. ``addend`` is ``−γκu^A_i + ξ_i`` (B×d, gradient units)."""
-    n = cipher.modulus
+    n = cipher.key.n
     phi_hat = encode_u(phi)
     two_f = 1 << (2 * F_A)
     y_int = np.array([int(v) for v in y], dtype=object)

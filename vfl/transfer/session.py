@@ -1,0 +1,659 @@
+"""An FTL job between G (labelled source domain), H (unlabelled target domain) and A
+(PROTOCOL.md §6.3, §6.6), over any channel.
+
+Roles and keys as in :mod:`vfl.transfer.ftl`: A holds ``sk_A`` and decrypts only masked
+values under the job's policy (tags :class:`FtlDecTag`: ``FTL_GB`` for H, ``FTL_K``,
+``FTL_LOSS`` and ``FTL_SCORE`` for G, or ``FTL_SCORE`` for H when H owns the scores).
+
+Run (each step cites the T-steps of :mod:`vfl.transfer.ftl`):
+
+R1. G fetches ``pk_A`` and sends ``START`` (the job) to H; H fetches ``pk_A`` and answers
+    ``ACCEPT`` with its column count; both register the same :class:`FtlSpec` with A.
+R2. Each party standardises its own columns with statistics of its own rows.
+R3. Epoch ``e``: G computes ``Φ`` over all its labelled rows and sends ``[[Φ̂]]`` (T0,
+    ``PHI``); for each batch G sends ``BATCH`` (positions of overlap pairs in PSI order),
+    H answers ``T1``, G sends ``[[ĝ^B]]`` (``GB``) and asks A for ``K`` and the loss
+    (T2-T5); H decrypts its gradient through A and updates ``Net^B`` (T3); with γ > 0 H
+    also sends its overlap representations in plaintext (``UB``, §6.4). At the end of the
+    epoch G updates ``Net^A`` once over all its rows (T6).
+R4. Validation (G's held-out overlap pairs) and scoring (H's rows, §6.6): G sends
+    ``SCORE_REQ`` (positions in H's table), H sends ``[[û_j]]`` (``SCORE_U``), G computes
+    ``[[ŝ_j]] = Φ̂ᵀ[[û_j]]`` and has it decrypted by A for itself, or sends it to H
+    (``SCORE_S``) when H owns the scores. Plaintext host representations never reach G.
+R5. G sends ``DONE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from protocols.crypto.arbiter import JobPolicy, PolicyRule
+from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.masked import MaskedDecryptionClient
+from protocols.crypto.obfuscators import ObfuscatorPool
+from protocols.crypto.paillier import PublicKey
+from protocols.crypto.tensor import EncryptedTensor, plain_matmul
+from protocols.envelope import CipherBlock, ControlBlock, Envelope
+from protocols.errors import ConfigError, ProtocolError
+from protocols.executor import Executor
+from protocols.roles import Party
+from vfl.splitnn.metrics import binary_metrics
+from vfl.transfer.ftl import (
+    F_A,
+    FtlConfig,
+    FtlProtect,
+    decode_g_b,
+    decode_k,
+    decode_loss,
+    encode_u,
+    encrypt_phi,
+    guest_batch,
+    host_t1,
+    protect_noise,
+    representation_net,
+    to_signs,
+)
+
+logger = logging.getLogger(__name__)
+
+SCORE_CHUNK = 512  # host rows per scoring request
+
+
+class FtlTag(StrEnum):
+    """Messages between G and H (R1-R5)."""
+
+    START = "ftl.START"
+    ACCEPT = "ftl.ACCEPT"
+    PHI = "ftl.PHI"
+    BATCH = "ftl.BATCH"
+    T1 = "ftl.T1"
+    GB = "ftl.GB"
+    UB = "ftl.UB"
+    SCORE_REQ = "ftl.SCORE_REQ"
+    SCORE_U = "ftl.SCORE_U"
+    SCORE_S = "ftl.SCORE_S"
+    DONE = "ftl.DONE"
+
+
+class FtlDecTag(StrEnum):
+    """What A decrypts for an FTL job (§2.6)."""
+
+    GB = "ftl.FTL_GB"
+    K = "ftl.FTL_K"
+    LOSS = "ftl.FTL_LOSS"
+    SCORE = "ftl.FTL_SCORE"
+
+
+class ScoreOwner(StrEnum):
+    """Who receives the scores of H's customers (§6.6)."""
+
+    GUEST = "guest"
+    HOST = "host"
+
+
+@dataclass(frozen=True)
+class FtlSpec:
+    """What G and H agree on and register with A (``kind = "ftl"``)."""
+
+    job_id: str
+    key_id: str
+    key_bits: int
+    batch: int
+    d: int
+    guest: str
+    host: str
+    score_owner: ScoreOwner = ScoreOwner.GUEST
+
+    def policy(self) -> JobPolicy:
+        """A's decryption policy: per step ``B·d`` for H, ``d`` and 1 for G, up to
+        ``SCORE_CHUNK`` scores per request for the score owner."""
+        owner = self.guest if self.score_owner is ScoreOwner.GUEST else self.host
+        return JobPolicy(
+            job_id=self.job_id,
+            key_id=bytes.fromhex(self.key_id),
+            rules=(
+                PolicyRule(FtlDecTag.GB.value, self.host, self.batch * self.d),
+                PolicyRule(FtlDecTag.K.value, self.guest, self.d),
+                PolicyRule(FtlDecTag.LOSS.value, self.guest, 1),
+                PolicyRule(FtlDecTag.SCORE.value, owner, SCORE_CHUNK, unit=1),
+            ),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JOB_SPEC body."""
+        out = asdict(self)
+        out["score_owner"] = self.score_owner.value
+        out["kind"] = "ftl"
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> FtlSpec:
+        """Parse a received JOB_SPEC, naming the field at fault."""
+        try:
+            return cls(
+                job_id=str(obj["job_id"]),
+                key_id=str(obj["key_id"]),
+                key_bits=int(obj["key_bits"]),
+                batch=int(obj["batch"]),
+                d=int(obj["d"]),
+                guest=str(obj["guest"]),
+                host=str(obj["host"]),
+                score_owner=ScoreOwner(obj.get("score_owner", "guest")),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"FTL JOB_SPEC lacks field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"FTL JOB_SPEC is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FtlJob:
+    """An FTL job: the model (``config``), training and scoring parameters."""
+
+    job_id: str = field(default_factory=lambda: f"ftl-{uuid.uuid4().hex[:12]}")
+    config: FtlConfig = field(default_factory=FtlConfig)
+    guest_widths: tuple[int, ...] = (32,)
+    host_widths: tuple[int, ...] = (32,)
+    epochs: int = 20
+    patience: int = 3
+    guest_lr: float = 0.01
+    host_lr: float = 0.003
+    weight_decay: float = 0.0
+    validation_fraction: float = 0.2
+    score_owner: ScoreOwner = ScoreOwner.GUEST
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as JSON (``START``)."""
+        out = asdict(self)
+        out["config"]["protect"] = self.config.protect.value
+        out["score_owner"] = self.score_owner.value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> FtlJob:
+        """Parse :meth:`to_json` output (``ConfigError`` naming the problem)."""
+        try:
+            raw = dict(obj["config"])
+            raw["protect"] = FtlProtect(raw["protect"])
+            return cls(
+                job_id=str(obj["job_id"]),
+                config=FtlConfig(**raw),
+                guest_widths=tuple(int(w) for w in obj["guest_widths"]),
+                host_widths=tuple(int(w) for w in obj["host_widths"]),
+                epochs=int(obj["epochs"]),
+                patience=int(obj["patience"]),
+                guest_lr=float(obj["guest_lr"]),
+                host_lr=float(obj["host_lr"]),
+                weight_decay=float(obj["weight_decay"]),
+                validation_fraction=float(obj["validation_fraction"]),
+                score_owner=ScoreOwner(obj["score_owner"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"malformed FTL job: {type(exc).__name__}: {exc}") from None
+
+
+def standardise(x: np.ndarray) -> np.ndarray:
+    """R2: each party's own columns, by statistics of its own rows (float32)."""
+    mean = np.nanmean(x, axis=0)
+    std = np.nanstd(x, axis=0)
+    z = np.asarray((x - mean) / np.where(std > 1e-12, std, 1.0), dtype=np.float64)
+    return np.nan_to_num(z, nan=0.0).astype(np.float32)
+
+
+class _Peer:
+    """Sends and receives of one run."""
+
+    def __init__(self, *, channel: Any, job_id: str, run_id: str, timeout: float) -> None:
+        self.channel, self.job_id, self.run_id, self.timeout = channel, job_id, run_id, timeout
+
+    def send(self, to: Party, tag: StrEnum, step: int, body: ControlBlock | CipherBlock) -> None:
+        self.channel.send(
+            Envelope(
+                job_id=self.job_id,
+                run_id=self.run_id,
+                sender=self.channel.me,
+                receiver=to,
+                tag=tag,
+                step=step,
+                body=body,
+            )
+        )
+
+    def recv(self, sender: Party, tag: StrEnum, step: int) -> Envelope:
+        envelope: Envelope = self.channel.recv(
+            job_id=self.job_id,
+            run_id=self.run_id,
+            sender=sender,
+            tag=tag,
+            step=step,
+            timeout=self.timeout,
+        )
+        return envelope
+
+    def control(self, sender: Party, tag: StrEnum, step: int = 0) -> dict[str, Any]:
+        envelope = self.recv(sender, tag, step)
+        if not isinstance(envelope.body, ControlBlock):
+            raise ProtocolError(f"{tag.value} from {sender.party_id} must be JSON")
+        return envelope.body.obj()
+
+    def cipher_tensor(
+        self, sender: Party, tag: StrEnum, step: int, cipher: PaillierCipher
+    ) -> EncryptedTensor:
+        envelope = self.recv(sender, tag, step)
+        if not isinstance(envelope.body, CipherBlock):
+            raise ProtocolError(f"{tag.value} from {sender.party_id} must carry ciphertexts")
+        return EncryptedTensor.from_block(envelope.body, cipher=cipher, key_id=cipher.key.key_id)
+
+
+def fetch_key(peer: _Peer, arbiter: Party, *, allow_test_key: bool) -> PublicKey:
+    """R1: ``pk_A`` from A."""
+    from protocols.crypto.arbiter import SetupTag
+
+    peer.send(arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
+    obj = peer.control(arbiter, SetupTag.KEY)
+    return PublicKey.from_json(obj["public_key"], allow_test_key=allow_test_key)
+
+
+def register(peer: _Peer, arbiter: Party, spec: FtlSpec) -> None:
+    """R1: the JOB_SPEC; A answers once G and H sent the same."""
+    from protocols.crypto.arbiter import SetupTag
+
+    peer.send(arbiter, SetupTag.JOB_SPEC, 0, ControlBlock.from_obj(spec.to_json()))
+    obj = peer.control(arbiter, SetupTag.JOB_READY)
+    if "refused" in obj:
+        raise ProtocolError(f"the arbiter refused FTL job {spec.job_id}: {obj['refused']}")
+
+
+@dataclass(frozen=True)
+class FtlResult:
+    """G's view of a finished job."""
+
+    job_id: str
+    epochs: int
+    best_epoch: int
+    history: tuple[dict[str, float], ...]
+    scores: np.ndarray | None  # scores of H's requested rows, if G owns them
+    seconds: float
+
+
+class FtlGuest:
+    """G's side (R1-R5). ``overlap`` holds G's row of each PSI overlap pair, in PSI order."""
+
+    def __init__(
+        self,
+        *,
+        channel: Any,
+        host: Party,
+        arbiter: Party,
+        job: FtlJob,
+        features: np.ndarray,
+        labels: np.ndarray,
+        overlap: np.ndarray,
+        executor: Executor,
+        pool: ObfuscatorPool | None = None,
+        allow_test_key: bool = False,
+        seed: int | None = None,
+        timeout: float = 600.0,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.channel, self.host, self.arbiter, self.job = channel, host, arbiter, job
+        self.x = standardise(np.asarray(features, dtype=np.float64))  # R2
+        self.y = to_signs(labels)
+        self.overlap = np.asarray(overlap, dtype=np.int64)
+        self.executor, self._pool = executor, pool
+        self.allow_test_key, self.timeout = allow_test_key, timeout
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:16]
+
+    def run(self, *, score_rows: np.ndarray | None = None) -> FtlResult:
+        """Train, then score ``score_rows`` of H's table (positions), if given."""
+        job, cfg = self.job, self.job.config
+        started = time.monotonic()
+        peer = _Peer(
+            channel=self.channel, job_id=job.job_id, run_id=self.run_id, timeout=self.timeout
+        )
+        key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)  # R1
+        peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj({"job": job.to_json()}))
+        accept = peer.control(self.host, FtlTag.ACCEPT)
+        if not accept.get("ok"):
+            raise ProtocolError(f"{self.host.party_id} refused: {accept.get('reason')}")
+        spec = FtlSpec(
+            job_id=job.job_id,
+            key_id=key.key_id.hex(),
+            key_bits=key.bits,
+            batch=cfg.batch,
+            d=cfg.d,
+            guest=self.channel.me.party_id,
+            host=self.host.party_id,
+            score_owner=job.score_owner,
+        )
+        register(peer, self.arbiter, spec)
+        cipher = PaillierCipher(key)
+        pool = self._pool or ObfuscatorPool(key, executor=self.executor)
+        md = MaskedDecryptionClient(
+            channel=self.channel, arbiter=self.arbiter, cipher=cipher, timeout=self.timeout
+        )
+        rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed % 2**31)
+        net = representation_net(self.x.shape[1], job.guest_widths, cfg.d)
+        optimizer = torch.optim.Adam(
+            net.parameters(), lr=job.guest_lr, weight_decay=job.weight_decay
+        )
+        pairs = rng.permutation(len(self.overlap))
+        n_val = int(round(job.validation_fraction * len(pairs)))
+        val_pairs, train_pairs = np.sort(pairs[:n_val]), pairs[n_val:]
+        if len(train_pairs) < cfg.batch:
+            raise ConfigError(
+                f"{len(train_pairs)} overlap pairs for training, fewer than one batch of "
+                f"{cfg.batch}"
+            )
+        x_all = torch.from_numpy(self.x)
+        y_all = torch.from_numpy(self.y)
+        steps = len(train_pairs) // cfg.batch
+        history: list[dict[str, float]] = []
+        best, best_epoch, best_state, waited = -math.inf, 0, net.state_dict(), 0
+        score_step = 0
+        phi = np.zeros(cfg.d)
+        enc_phi: EncryptedTensor | None = None
+        for epoch in range(job.epochs):  # R3
+            net.train()
+            u_a = net(x_all)
+            phi_t = (y_all[:, None] * u_a).mean(dim=0)
+            phi = phi_t.detach().double().numpy()
+            enc_phi = encrypt_phi(phi, cipher=cipher, pool=pool)  # T0
+            peer.send(self.host, FtlTag.PHI, epoch, enc_phi.to_block())
+            k_bar = np.zeros(cfg.d)
+            align = np.zeros((len(self.x), cfg.d))
+            losses = []
+            order = rng.permutation(train_pairs)
+            for i in range(steps):
+                t = epoch * steps + i
+                batch = np.sort(order[i * cfg.batch : (i + 1) * cfg.batch])
+                peer.send(
+                    self.host, FtlTag.BATCH, t, ControlBlock.from_obj({"pairs": batch.tolist()})
+                )
+                rows = self.overlap[batch]
+                enc_u = peer.cipher_tensor(self.host, FtlTag.T1, 2 * t, cipher)
+                enc_q = peer.cipher_tensor(self.host, FtlTag.T1, 2 * t + 1, cipher)
+                u_a_rows = u_a[rows].detach().double().numpy()
+                addend = protect_noise(phi, len(batch), config=cfg, generator=rng)
+                if cfg.gamma > 0:  # §6.4: only with reveal_overlap_repr (FtlConfig checks)
+                    addend = addend - cfg.gamma * cfg.kappa * u_a_rows
+                out = guest_batch(  # T2, T4, T5
+                    enc_u,
+                    enc_q,
+                    phi=phi,
+                    y=self.y[rows],
+                    addend=addend,
+                    config=cfg,
+                    cipher=cipher,
+                    pool=pool,
+                    executor=self.executor,
+                )
+                peer.send(self.host, FtlTag.GB, t, out.g_b.to_block())
+                k_req = md.request(
+                    out.four_k, job_id=job.job_id, tag=FtlDecTag.K, step=t, run_id=self.run_id
+                )
+                l_req = md.request(
+                    out.lam, job_id=job.job_id, tag=FtlDecTag.LOSS, step=t, run_id=self.run_id
+                )
+                k = decode_k(md.collect(k_req), n=key.n)
+                loss = decode_loss(md.collect(l_req), n=key.n, rows=len(batch), config=cfg)
+                k_bar += k
+                if cfg.gamma > 0:
+                    u_b = np.asarray(peer.control(self.host, FtlTag.UB, t)["u"], dtype=np.float64)
+                    align[rows] += -cfg.gamma * cfg.kappa * u_b
+                    loss += cfg.gamma * float(np.sum(-cfg.kappa * u_a_rows * u_b))
+                losses.append(loss / len(batch))
+            # T6: ∂L/∂u^A_j = α_L y_j K̄ / N_A (+ the alignment gradients), one update
+            grad = cfg.alpha * self.y[:, None] * k_bar[None, :] / len(self.x) + align
+            optimizer.zero_grad()
+            u_a.backward(torch.from_numpy(grad).to(u_a.dtype))
+            optimizer.step()
+            record: dict[str, float] = {"epoch": float(epoch + 1), "loss": float(np.mean(losses))}
+            if len(val_pairs):  # R4 on the held-out pairs, with this epoch's Φ
+                scores, score_step = self._score(
+                    peer, md, cipher, pool, phi, self.overlap_host_rows(val_pairs), score_step
+                )
+                if scores is not None:
+                    metrics = binary_metrics((self.y[self.overlap[val_pairs]] > 0), scores)
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+            history.append(record)
+            if self.progress is not None:
+                self.progress(record)
+            current = record.get("val_roc_auc", -record["loss"])
+            if current > best:
+                best, best_epoch, waited = current, epoch + 1, 0
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+                best_phi = phi.copy()
+            else:
+                waited += 1
+                if waited >= job.patience:
+                    break
+        net.load_state_dict(best_state)
+        phi = best_phi
+        final_scores = None
+        if score_rows is not None and len(score_rows):  # R4: H's customers (§6.6)
+            final_scores, score_step = self._score(
+                peer, md, cipher, pool, phi, np.asarray(score_rows), score_step
+            )
+        peer.send(self.host, FtlTag.DONE, 0, ControlBlock.from_obj({"best_epoch": best_epoch}))
+        return FtlResult(
+            job_id=job.job_id,
+            epochs=len(history),
+            best_epoch=best_epoch,
+            history=tuple(history),
+            scores=final_scores,
+            seconds=time.monotonic() - started,
+        )
+
+    def overlap_host_rows(self, pairs: np.ndarray) -> np.ndarray:
+        """Pair positions for H's scoring request (H maps them to its rows)."""
+        return -1 - np.asarray(pairs, dtype=np.int64)  # negative: overlap pair positions
+
+    def _score(
+        self,
+        peer: _Peer,
+        md: MaskedDecryptionClient,
+        cipher: PaillierCipher,
+        pool: ObfuscatorPool,
+        phi: np.ndarray,
+        rows: np.ndarray,
+        step: int,
+    ) -> tuple[np.ndarray | None, int]:
+        """R4: ``φ_j = Φ·u^B_j`` for H's ``rows`` (negative = overlap pair ``−1−p``), in
+        chunks; decrypted for G, or handed to H when H owns the scores."""
+        phi_hat = encode_u(phi).reshape(1, -1)
+        out = []
+        for start in range(0, len(rows), SCORE_CHUNK):
+            chunk = rows[start : start + SCORE_CHUNK]
+            peer.send(
+                self.host, FtlTag.SCORE_REQ, step, ControlBlock.from_obj({"rows": chunk.tolist()})
+            )
+            enc_u = peer.cipher_tensor(self.host, FtlTag.SCORE_U, step, cipher)
+            enc_u_t = EncryptedTensor(cipher=cipher, values=enc_u.values.T.copy(), scale=F_A)
+            s = plain_matmul(phi_hat, enc_u_t, executor=self.executor, scale=2 * F_A)
+            s = s.obfuscate(pool)
+            if self.job.score_owner is ScoreOwner.HOST:
+                peer.send(self.host, FtlTag.SCORE_S, step, s.to_block())
+            else:
+                from protocols.crypto.fixedpoint import decode
+
+                residues = md.decrypt(
+                    s, job_id=self.job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=self.run_id
+                )
+                out.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))
+            step += 1
+        return (np.concatenate(out) if out else None), step
+
+
+class FtlHost:
+    """H's side: ``overlap`` holds H's row of each PSI overlap pair, in PSI order."""
+
+    def __init__(
+        self,
+        *,
+        channel: Any,
+        guest: Party,
+        arbiter: Party,
+        features: np.ndarray,
+        overlap: np.ndarray,
+        executor: Executor,
+        pool: ObfuscatorPool | None = None,
+        allow_test_key: bool = False,
+        seed: int | None = None,
+        timeout: float = 600.0,
+        accept: Callable[[FtlJob, int], None] | None = None,
+    ) -> None:
+        self.channel, self.guest, self.arbiter = channel, guest, arbiter
+        self.x = standardise(np.asarray(features, dtype=np.float64))  # R2
+        self.overlap = np.asarray(overlap, dtype=np.int64)
+        self.executor, self._pool = executor, pool
+        self.allow_test_key, self.timeout = allow_test_key, timeout
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.accept = accept
+        self.scores: list[np.ndarray] = []  # when H owns the scores
+
+    def run(self, start: Envelope) -> nn.Module:
+        """Follow G's run from its ``START``; returns the trained ``Net^B``."""
+        job = FtlJob.from_json(_obj(start)["job"])
+        cfg = job.config
+        peer = _Peer(
+            channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
+        )
+        key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)
+        try:
+            if self.accept is not None:
+                self.accept(job, self.x.shape[1])
+        except Exception as exc:
+            peer.send(
+                self.guest,
+                FtlTag.ACCEPT,
+                0,
+                ControlBlock.from_obj({"ok": False, "reason": str(exc)[:300]}),
+            )
+            raise
+        peer.send(self.guest, FtlTag.ACCEPT, 0, ControlBlock.from_obj({"ok": True}))
+        spec = FtlSpec(
+            job_id=job.job_id,
+            key_id=key.key_id.hex(),
+            key_bits=key.bits,
+            batch=cfg.batch,
+            d=cfg.d,
+            guest=self.guest.party_id,
+            host=self.channel.me.party_id,
+            score_owner=job.score_owner,
+        )
+        register(peer, self.arbiter, spec)
+        cipher = PaillierCipher(key)
+        pool = self._pool or ObfuscatorPool(key, executor=self.executor)
+        md = MaskedDecryptionClient(
+            channel=self.channel, arbiter=self.arbiter, cipher=cipher, timeout=self.timeout
+        )
+        torch.manual_seed(self.seed % 2**31)
+        net = representation_net(self.x.shape[1], job.host_widths, cfg.d)
+        optimizer = torch.optim.Adam(
+            net.parameters(), lr=job.host_lr, weight_decay=job.weight_decay
+        )
+        x_all = torch.from_numpy(self.x)
+        filt_tags = {t.value for t in (FtlTag.PHI, FtlTag.BATCH, FtlTag.SCORE_REQ, FtlTag.DONE)}
+        from protocols.transport.base import MessageFilter
+
+        enc_phi: EncryptedTensor | None = None
+        while True:
+            envelope = self.channel.recv_any(
+                MessageFilter(
+                    job_id=job.job_id,
+                    run_id=start.run_id,
+                    sender=self.guest.party_id,
+                    tags=frozenset(filt_tags),
+                ),
+                timeout=self.timeout,
+            )
+            tag, t = envelope.tag, envelope.step
+            if tag == FtlTag.DONE.value:
+                return net
+            if tag == FtlTag.PHI.value:
+                if not isinstance(envelope.body, CipherBlock):
+                    raise ProtocolError("PHI must carry ciphertexts")
+                enc_phi = EncryptedTensor.from_block(
+                    envelope.body, cipher=cipher, key_id=key.key_id
+                )
+                continue
+            if enc_phi is None:
+                raise ProtocolError(f"{tag} before PHI")
+            if tag == FtlTag.SCORE_REQ.value:
+                self._score(peer, md, cipher, pool, net, np.asarray(_obj(envelope)["rows"]), t, job)
+                continue
+            pairs = np.asarray(_obj(envelope)["pairs"], dtype=np.int64)  # BATCH t
+            if len(pairs) != cfg.batch or len(np.unique(pairs)) != len(pairs):
+                raise ProtocolError(f"BATCH {t} must hold {cfg.batch} distinct pairs")
+            rows = self.overlap[pairs]
+            net.train()
+            u_b = net(x_all[rows])
+            u_np = u_b.detach().double().numpy()
+            enc_u, enc_q = host_t1(u_np, enc_phi, cipher=cipher, pool=pool, executor=self.executor)
+            peer.send(self.guest, FtlTag.T1, 2 * t, enc_u.to_block())
+            peer.send(self.guest, FtlTag.T1, 2 * t + 1, enc_q.to_block())
+            if cfg.gamma > 0:  # §6.4, only with reveal_overlap_repr
+                peer.send(self.guest, FtlTag.UB, t, ControlBlock.from_obj({"u": u_np.tolist()}))
+            enc_g = peer.cipher_tensor(self.guest, FtlTag.GB, t, cipher)
+            residues = md.decrypt(
+                enc_g, job_id=job.job_id, tag=FtlDecTag.GB, step=t, run_id=start.run_id
+            )
+            grad = decode_g_b(residues, n=key.n, config=cfg)  # T3
+            optimizer.zero_grad()
+            u_b.backward(torch.from_numpy(grad).to(u_b.dtype))
+            optimizer.step()
+
+    def _score(
+        self,
+        peer: _Peer,
+        md: MaskedDecryptionClient,
+        cipher: PaillierCipher,
+        pool: ObfuscatorPool,
+        net: nn.Module,
+        rows: np.ndarray,
+        step: int,
+        job: FtlJob,
+    ) -> None:
+        """R4 at H: ``[[û_j]]`` of the requested rows (never plaintext)."""
+        from protocols.crypto.fixedpoint import decode, ring
+        from protocols.crypto.tensor import encrypt
+
+        rows = np.asarray(rows, dtype=np.int64)
+        own = np.where(rows < 0, self.overlap[np.clip(-1 - rows, 0, None)], rows)
+        if own.min(initial=0) < 0 or own.max(initial=0) >= len(self.x):
+            raise ProtocolError("SCORE_REQ names rows this party does not hold")
+        net.eval()
+        with torch.no_grad():
+            u = net(torch.from_numpy(self.x[own])).double().numpy()
+        enc = encrypt(cipher, ring(encode_u(u), cipher.key.n), pool=pool, scale=F_A)
+        peer.send(self.guest, FtlTag.SCORE_U, step, enc.to_block())
+        if job.score_owner is ScoreOwner.HOST:
+            enc_s = peer.cipher_tensor(self.guest, FtlTag.SCORE_S, step, cipher)
+            residues = md.decrypt(
+                enc_s, job_id=job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=peer.run_id
+            )
+            self.scores.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))
+
+
+def _obj(envelope: Envelope) -> dict[str, Any]:
+    if not isinstance(envelope.body, ControlBlock):
+        raise ProtocolError(f"{envelope.describe()} must carry JSON")
+    return envelope.body.obj()
