@@ -260,7 +260,7 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
         executor=executor,
         allow_test_key=True,
         seed=2,
-    ).run(score_rows=host_only)
+    ).run(score_outside=True)
     thread.join(60)
     assert "error" not in out, out.get("error")
     assert result.history[-1]["loss"] < result.history[0]["loss"]

@@ -46,7 +46,7 @@ from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope
-from protocols.errors import ConfigError, ProtocolError
+from protocols.errors import ConfigError, JobRefusedError, ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party
 from vfl.splitnn.metrics import binary_metrics
@@ -320,8 +320,8 @@ class FtlGuest:
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:16]
 
-    def run(self, *, score_rows: np.ndarray | None = None) -> FtlResult:
-        """Train, then score ``score_rows`` of H's table (positions), if given."""
+    def run(self, *, score_outside: bool = False) -> FtlResult:
+        """Train, then (``score_outside``) score every row of H outside the overlap (§6.6)."""
         job, cfg = self.job, self.job.config
         started = time.monotonic()
         peer = _Peer(
@@ -331,7 +331,10 @@ class FtlGuest:
         peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj({"job": job.to_json()}))
         accept = peer.control(self.host, FtlTag.ACCEPT)
         if not accept.get("ok"):
-            raise ProtocolError(f"{self.host.party_id} refused: {accept.get('reason')}")
+            raise JobRefusedError(
+                f"{self.host.party_id} refused job {job.job_id}: {accept.get('reason')}"
+            )
+        outside = int(accept.get("outside", 0))
         spec = FtlSpec(
             job_id=job.job_id,
             key_id=key.key_id.hex(),
@@ -448,9 +451,9 @@ class FtlGuest:
         net.load_state_dict(best_state)
         phi = best_phi
         final_scores = None
-        if score_rows is not None and len(score_rows):  # R4: H's customers (§6.6)
+        if score_outside and outside:  # R4: H's customers outside the overlap (§6.6)
             final_scores, score_step = self._score(
-                peer, md, cipher, pool, phi, np.asarray(score_rows), score_step
+                peer, md, cipher, pool, phi, np.arange(outside), score_step
             )
         peer.send(self.host, FtlTag.DONE, 0, ControlBlock.from_obj({"best_epoch": best_epoch}))
         return FtlResult(
@@ -527,7 +530,8 @@ class FtlHost:
         self.allow_test_key, self.timeout = allow_test_key, timeout
         self.seed = secrets.randbits(63) if seed is None else seed
         self.accept = accept
-        self.scores: list[np.ndarray] = []  # when H owns the scores
+        self.outside = np.setdiff1d(np.arange(len(self.x)), self.overlap)  # rows to score
+        self.scores: list[np.ndarray] = []  # when H owns the scores: of self.outside, in order
 
     def run(self, start: Envelope) -> nn.Module:
         """Follow G's run from its ``START``; returns the trained ``Net^B``."""
@@ -548,7 +552,12 @@ class FtlHost:
                 ControlBlock.from_obj({"ok": False, "reason": str(exc)[:300]}),
             )
             raise
-        peer.send(self.guest, FtlTag.ACCEPT, 0, ControlBlock.from_obj({"ok": True}))
+        peer.send(
+            self.guest,
+            FtlTag.ACCEPT,
+            0,
+            ControlBlock.from_obj({"ok": True, "outside": int(len(self.outside))}),
+        )
         spec = FtlSpec(
             job_id=job.job_id,
             key_id=key.key_id.hex(),
@@ -637,9 +646,16 @@ class FtlHost:
         from protocols.crypto.tensor import encrypt
 
         rows = np.asarray(rows, dtype=np.int64)
-        own = np.where(rows < 0, self.overlap[np.clip(-1 - rows, 0, None)], rows)
-        if own.min(initial=0) < 0 or own.max(initial=0) >= len(self.x):
+        # negative: overlap pair −1−p (validation); else a position in self.outside
+        if rows.min(initial=0) < -len(self.overlap) or rows.max(initial=0) >= len(self.outside):
             raise ProtocolError("SCORE_REQ names rows this party does not hold")
+        own = np.where(
+            rows < 0,
+            self.overlap[np.clip(-1 - rows, 0, None)],
+            self.outside[np.clip(rows, 0, max(len(self.outside) - 1, 0))]
+            if len(self.outside)
+            else 0,
+        )
         net.eval()
         with torch.no_grad():
             u = net(torch.from_numpy(self.x[own])).double().numpy()
