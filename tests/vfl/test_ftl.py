@@ -169,21 +169,12 @@ def test_f3_without_protection_the_host_recovers_every_overlap_label() -> None:
 
 def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> None:
     """R1-R5 between an in-process guest, host and the real arbiter service: the loss falls,
-    validation and host scores come back decrypted at G only, and A served only the policy."""
-    import threading
+    the host's customers outside the overlap are scored well, and A served exactly the
+    policy's decryptions."""
+    from sklearn.metrics import roc_auc_score
 
-    from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
-    from protocols.roles import Party, Role
-    from protocols.tags import TagRegistry
-    from protocols.transport.inmemory import InMemoryNetwork
-    from vfl.transfer.session import (
-        FtlDecTag,
-        FtlGuest,
-        FtlHost,
-        FtlJob,
-        FtlSpec,
-        FtlTag,
-    )
+    from vfl.transfer.inprocess import run_in_process
+    from vfl.transfer.session import FtlDecTag, FtlJob
 
     rng = np.random.default_rng(0)
     n_guest, n_host, n_overlap = 300, 260, 120
@@ -191,29 +182,10 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     y_all = latent[:, 0] + 0.5 * latent[:, 1] + 0.3 * rng.normal(size=len(latent)) > 0
     xg = np.c_[latent @ rng.normal(size=(2, 5)), rng.normal(size=(len(latent), 2))]
     xh = np.c_[latent @ rng.normal(size=(2, 4)), rng.normal(size=(len(latent), 1))]
-    guest_ids = np.arange(n_guest)  # ids 0..299; the host holds ids 180..439
+    guest_ids = np.arange(n_guest)  # the host holds ids 180..439: 120 shared
     host_ids = np.arange(n_guest - n_overlap, n_guest - n_overlap + n_host)
-    overlap_ids = np.intersect1d(guest_ids, host_ids)
-    g_over = np.searchsorted(guest_ids, overlap_ids)
-    h_over = np.searchsorted(host_ids, overlap_ids)
-    guest_party, host_party = Party("bank", Role.GUEST), Party("retailer", Role.HOST)
-    arbiter_party = Party("arbiter", Role.ARBITER)
-    net = InMemoryNetwork()
-    tags = [FtlTag, FtlDecTag, SetupTag]
-    channels = {
-        p.party_id: net.channel(p, tags=TagRegistry(tags))
-        for p in (guest_party, host_party, arbiter_party)
-    }
-    executor = InlineExecutor()
-    service = ArbiterService(
-        channel=channels["arbiter"],
-        cipher=PaillierCipher(pk),
-        private_key=sk,
-        policy=DecryptionPolicy(),
-        executor=executor,
-    )
-    service.serve(FtlDecTag)
-    service.serve_setup(lambda obj: FtlSpec.from_json(obj).policy())
+    shared = np.intersect1d(guest_ids, host_ids)
+    h_over = np.searchsorted(host_ids, shared)
     job = FtlJob(
         config=FtlConfig(d=4, batch=16, noise=0.5),
         guest_widths=(8,),
@@ -223,53 +195,25 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
         host_lr=0.02,
         guest_lr=0.05,
     )
-    host_only = np.setdiff1d(np.arange(n_host), h_over)
-    out: dict[str, object] = {}
-
-    def host() -> None:
-        try:
-            start = channels["retailer"].recv_any(
-                __import__(
-                    "protocols.transport.base", fromlist=["MessageFilter"]
-                ).MessageFilter.for_tags(FtlTag.START),
-                timeout=60,
-            )
-            out["net"] = FtlHost(
-                channel=channels["retailer"],
-                guest=guest_party,
-                arbiter=arbiter_party,
-                features=xh[host_ids],
-                overlap=h_over,
-                executor=executor,
-                allow_test_key=True,
-                seed=1,
-            ).run(start)
-        except BaseException as exc:  # noqa: BLE001
-            out["error"] = exc
-
-    thread = threading.Thread(target=host, daemon=True)
-    thread.start()
-    result = FtlGuest(
-        channel=channels["bank"],
-        host=host_party,
-        arbiter=arbiter_party,
+    local = run_in_process(
         job=job,
-        features=xg[guest_ids],
-        labels=y_all[guest_ids].astype(float),
-        overlap=g_over,
-        executor=executor,
+        guest_features=xg[guest_ids],
+        guest_labels=y_all[guest_ids].astype(float),
+        guest_overlap=np.searchsorted(guest_ids, shared),
+        host_features=xh[host_ids],
+        host_overlap=h_over,
+        public_key=pk,
+        private_key=sk,
+        executor=InlineExecutor(),
         allow_test_key=True,
         seed=2,
-    ).run(score_outside=True)
-    thread.join(60)
-    assert "error" not in out, out.get("error")
+    )
+    result = local.result
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    assert result.scores is not None and len(result.scores) == len(host_only)
-    from sklearn.metrics import roc_auc_score
-
-    auc = roc_auc_score(y_all[host_ids][host_only], result.scores)
-    assert auc > 0.7, auc
-    counts = service.policy.counts(job.job_id)
+    outside = np.setdiff1d(np.arange(n_host), h_over)
+    assert result.scores is not None and len(result.scores) == len(outside)
+    assert roc_auc_score(y_all[host_ids][outside], result.scores) > 0.7
     steps = (n_overlap - round(0.2 * n_overlap)) // 16 * result.epochs
-    assert counts[FtlDecTag.GB.value] == steps * 16 * 4
-    assert counts[FtlDecTag.K.value] == steps * 4 and counts[FtlDecTag.LOSS.value] == steps
+    assert local.decryptions[FtlDecTag.GB.value] == steps * 16 * 4
+    assert local.decryptions[FtlDecTag.K.value] == steps * 4
+    assert local.decryptions[FtlDecTag.LOSS.value] == steps

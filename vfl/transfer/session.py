@@ -374,6 +374,7 @@ class FtlGuest:
         phi = np.zeros(cfg.d)
         enc_phi: EncryptedTensor | None = None
         for epoch in range(job.epochs):  # R3
+            epoch_started = time.monotonic()
             net.train()
             u_a = net(x_all)
             phi_t = (y_all[:, None] * u_a).mean(dim=0)
@@ -436,6 +437,7 @@ class FtlGuest:
                 if scores is not None:
                     metrics = binary_metrics((self.y[self.overlap[val_pairs]] > 0), scores)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
+            record["seconds"] = time.monotonic() - epoch_started
             history.append(record)
             if self.progress is not None:
                 self.progress(record)
