@@ -21,10 +21,10 @@ from protocols.errors import ConfigError
 from psi.result import read_result
 from vfl.config import load_config
 from vfl.data.tables import TableSpec, load_table
-from vfl.fedavg.jobfile import job_kind, parse_fed_job, with_defaults
+from vfl.fedavg.jobfile import parse_fed_job, with_defaults
 from vfl.service.admin import admin_call
 from vfl.splitnn.estimate import JobEstimate, estimate_job_file, quick_costs
-from vfl.splitnn.jobfile import load_job_file, read_job_toml
+from vfl.splitnn.jobfile import JobKind, job_kind, load_job_file, read_job_toml
 
 
 def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
@@ -32,7 +32,7 @@ def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
     "horizontal"``), submit it to the guest's service; returns the job id."""
     party = load_config(config)
     raw = read_job_toml(job)
-    if job_kind(raw) == "horizontal":
+    if job_kind(raw) is JobKind.HORIZONTAL:
         raw = with_defaults(raw)
         parse_fed_job(raw, source=str(job), coordinator=party.party.party_id)  # fail here
     else:

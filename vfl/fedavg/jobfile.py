@@ -52,9 +52,8 @@ from protocols.errors import ConfigError
 from vfl.data.tables import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
-from vfl.splitnn.jobfile import read_job_toml
+from vfl.splitnn.jobfile import job_section, read_job_toml
 
-HORIZONTAL = "horizontal"
 _JOB_KEYS = {
     "type",
     "id",
@@ -85,15 +84,6 @@ _MODEL_KEYS = {
 _DP_KEYS = {"noise_multiplier", "max_grad_norm", "delta"}
 
 
-def job_kind(raw: dict[str, Any]) -> str:
-    """``[job] type`` of a job file: ``split_nn`` (the default) or ``horizontal``."""
-    job = raw.get("job", {})
-    kind = job.get("type", "split_nn") if isinstance(job, dict) else "split_nn"
-    if kind not in ("split_nn", HORIZONTAL):
-        raise ConfigError(f"[job] type = {kind!r}: use split_nn or horizontal")
-    return str(kind)
-
-
 def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """The job file with the values drawn at submission filled in (id, initial-model seed),
     so that a resubmitted request is the same job."""
@@ -110,8 +100,8 @@ def parse_fed_job(raw: dict[str, Any], *, source: str, coordinator: str) -> FedJ
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; use job, clients, model, dp"
         )
-    job = _table(raw, "job", source, _JOB_KEYS)
-    model = _table(raw, "model", source, _MODEL_KEYS)
+    job = job_section(raw, "job", source, _JOB_KEYS)
+    model = job_section(raw, "model", source, _MODEL_KEYS)
     clients = raw.get("clients")
     if not isinstance(clients, dict) or not clients:
         raise ConfigError(
@@ -129,7 +119,7 @@ def parse_fed_job(raw: dict[str, Any], *, source: str, coordinator: str) -> FedJ
     try:
         dp = None
         if dp_raw is not None:
-            dp_t = _table(raw, "dp", source, _DP_KEYS)
+            dp_t = job_section(raw, "dp", source, _DP_KEYS)
             dp = DPConfig(
                 noise_multiplier=float(dp_t.get("noise_multiplier", 1.0)),
                 max_grad_norm=float(dp_t.get("max_grad_norm", 1.0)),
@@ -166,18 +156,6 @@ def parse_fed_job(raw: dict[str, Any], *, source: str, coordinator: str) -> FedJ
         raise ConfigError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def _table(raw: dict[str, Any], name: str, source: str, keys: set[str]) -> dict[str, Any]:
-    table = raw.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [{name}] must be a table")
-    bad = set(table) - keys
-    if bad:
-        raise ConfigError(
-            f"{source}: [{name}] has unknown key(s) {sorted(bad)}; known: {sorted(keys)}"
-        )
-    return table
 
 
 def _int(table: dict[str, Any], key: str, default: int) -> int:

@@ -70,12 +70,12 @@ from psi.result import read_result
 from vfl.config import PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.fedavg.client import FedClient
-from vfl.fedavg.jobfile import FedJobFile, job_kind, parse_fed_job, with_defaults
+from vfl.fedavg.jobfile import FedJobFile, parse_fed_job, with_defaults
 from vfl.fedavg.protocol import DropoutPolicy, FedResult, RoundAbortedError
 from vfl.service.accept import check_offer, check_spec
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.fedjobs import FedJobs
-from vfl.splitnn.jobfile import TrainJobFile, parse_job
+from vfl.splitnn.jobfile import JobKind, TrainJobFile, job_kind, parse_job
 from vfl.splitnn.session import (
     GuestSession,
     HostSession,
@@ -437,7 +437,7 @@ class JobRunner:
         """Admin ``train``: validate the job now, keep the request, run it in the background."""
         if self.config.party.role is not Role.GUEST:
             raise ConfigError("only the guest (label holder) submits training jobs")
-        if job_kind(dict(request.get("job_file", {}))) == "horizontal":
+        if job_kind(dict(request.get("job_file", {}))) is JobKind.HORIZONTAL:
             request = {**request, "job_file": with_defaults(dict(request["job_file"]))}
         job_file = self._parse(request, source="train request")
         job_id = job_file.job.job_id
@@ -473,7 +473,7 @@ class JobRunner:
     def _parse(self, request: dict[str, Any], *, source: str) -> TrainJobFile | FedJobFile:
         raw = dict(request.get("job_file", {}))
         job_file: TrainJobFile | FedJobFile
-        if job_kind(raw) == "horizontal":
+        if job_kind(raw) is JobKind.HORIZONTAL:
             job_file = FedJobFile(
                 parse_fed_job(raw, source=source, coordinator=self.config.party.party_id)
             )

@@ -34,6 +34,7 @@ from __future__ import annotations
 import tomllib
 import uuid
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,38 @@ def read_job_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+class JobKind(StrEnum):
+    """``[job] type`` of a job file."""
+
+    SPLIT_NN = "split_nn"
+    HORIZONTAL = "horizontal"  # vfl.fedavg.jobfile
+    TRANSFER = "transfer"  # vfl.transfer.jobfile
+
+
+def job_kind(raw: dict[str, Any]) -> JobKind:
+    """The kind of a job file (``split_nn`` when ``[job] type`` is absent)."""
+    job = raw.get("job", {})
+    kind = job.get("type", "split_nn") if isinstance(job, dict) else "split_nn"
+    try:
+        return JobKind(kind)
+    except ValueError:
+        kinds = ", ".join(k.value for k in JobKind)
+        raise ConfigError(f"[job] type = {kind!r}: use one of {kinds}") from None
+
+
+def job_section(raw: dict[str, Any], name: str, source: str, keys: set[str]) -> dict[str, Any]:
+    """Section ``[name]`` of a job file (empty if absent), refusing keys outside ``keys``."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    bad = set(table) - keys
+    if bad:
+        raise ConfigError(
+            f"{source}: [{name}] has unknown key(s) {sorted(bad)}; known: {sorted(keys)}"
+        )
+    return table
 
 
 def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
