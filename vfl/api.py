@@ -25,6 +25,7 @@ from vfl.fedavg.jobfile import parse_fed_job, with_defaults
 from vfl.service.admin import admin_call
 from vfl.splitnn.estimate import JobEstimate, estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import JobKind, job_kind, load_job_file, read_job_toml
+from vfl.transfer.jobfile import parse_ftl_job
 
 
 def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
@@ -32,7 +33,10 @@ def submit_job(job: Path, *, config: Path, plaintext: bool = False) -> str:
     "horizontal"``), submit it to the guest's service; returns the job id."""
     party = load_config(config)
     raw = read_job_toml(job)
-    if job_kind(raw) is JobKind.HORIZONTAL:
+    if job_kind(raw) is JobKind.TRANSFER:
+        parsed_ftl = parse_ftl_job(raw, source=str(job))  # fail here, not remotely
+        raw.setdefault("job", {})["id"] = parsed_ftl.job.job_id
+    elif job_kind(raw) is JobKind.HORIZONTAL:
         raw = with_defaults(raw)
         parse_fed_job(raw, source=str(job), coordinator=party.party.party_id)  # fail here
     else:

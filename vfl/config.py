@@ -31,7 +31,7 @@ Example (relative paths are resolved against the config file's folder)::
 
     [accept]                     # optional: what this party takes part in (host, arbiter)
     guests = ["bank"]            # who may submit jobs; default: every [[peers]] guest
-    job_types = ["split_nn", "psi", "scoring", "horizontal"]   # default: all
+    job_types = ["split_nn", "psi", "scoring", "horizontal", "transfer"]   # default: all
     data = ["credit"]            # aliases a guest may name; default: every [data] alias
     max_d = 64                   # host embedding width d (default 64)
     max_k = 64                   # interactive width k (default 64)
@@ -147,6 +147,7 @@ class JobType(StrEnum):
     PSI = "psi"
     SCORING = "scoring"
     HORIZONTAL = "horizontal"
+    TRANSFER = "transfer"
 
 
 _SAFE_PROTECT_MODES = frozenset(m for m in ProtectMode if m is not ProtectMode.NONE)

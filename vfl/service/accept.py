@@ -36,6 +36,8 @@ from vfl.fedavg.protocol import FedJob
 from vfl.splitnn.session import JobOffer
 from vfl.splitnn.spec import JobSpec
 from vfl.splitnn.training import TrainConfig
+from vfl.transfer.ftl import FtlProtect
+from vfl.transfer.session import FtlJob, FtlSpec
 
 
 def host_bottom_params(*, features: int, train: TrainConfig) -> int:
@@ -101,8 +103,10 @@ def check_offer(config: PartyConfig, offer: JobOffer) -> None:
         )
 
 
-def check_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> JobSpec:
+def check_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> JobSpec | FtlSpec:
     """The arbiter's checks of a ``JOB_SPEC`` from ``sender``; returns the parsed spec."""
+    if body.get("kind") == "ftl":
+        return check_ftl_spec(config, body, sender)
     try:
         spec = JobSpec.from_json(body)
     except ConfigError as exc:
@@ -147,3 +151,47 @@ def check_fed_start(
 def check_fed_job(config: PartyConfig, job: FedJob, coordinator: Party) -> None:
     """The aggregator's check of a horizontal job (the coordinator's own JOIN)."""
     check_guest(config, guest=coordinator.party_id, job_type=JobType.HORIZONTAL)
+
+
+def check_ftl_start(
+    config: PartyConfig,
+    job: FtlJob,
+    *,
+    sender: str,
+    alias: str,
+    features: int | None = None,
+) -> None:
+    """The host's checks of a transfer job's ``START`` (``features``: once known)."""
+    check_guest(config, guest=sender, job_type=JobType.TRANSFER)
+    check_data(config, alias=alias)
+    if job.config.d > config.accept.max_d:
+        raise _refuse(f"d = {job.config.d} exceeds accept.max_d = {config.accept.max_d}")
+    if job.config.protect is FtlProtect.NONE and "none" not in {
+        m.value for m in config.accept.protect_modes
+    }:
+        raise _refuse("label protection 'none' is not accepted (accept.protect_modes)")
+    if features is not None:
+        params = mlp_params(features=features, widths=(*job.host_widths, job.config.d))
+        if params > config.accept.max_host_params:
+            raise _refuse(
+                f"the host network would have {params} parameters, more than "
+                f"accept.max_host_params = {config.accept.max_host_params}"
+            )
+
+
+def check_ftl_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> FtlSpec:
+    """The arbiter's checks of a transfer job's ``JOB_SPEC``."""
+    try:
+        spec = FtlSpec.from_json(body)
+    except ConfigError as exc:
+        raise _refuse(str(exc)) from None
+    check_guest(config, guest=spec.guest, job_type=JobType.TRANSFER)
+    if sender.party_id not in (spec.guest, spec.host):
+        raise _refuse(f"{sender.party_id} is neither the guest nor the host of the job")
+    if spec.d > config.accept.max_d:
+        raise _refuse(f"d = {spec.d} exceeds accept.max_d = {config.accept.max_d}")
+    if spec.key_bits < config.accept.min_key_bits:
+        raise _refuse(
+            f"key of {spec.key_bits} bits < accept.min_key_bits = {config.accept.min_key_bits}",
+        )
+    return spec

@@ -50,7 +50,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import ArbiterService
+from protocols.crypto.arbiter import ArbiterService, JobPolicy
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
@@ -75,6 +75,7 @@ from vfl.fedavg.protocol import DropoutPolicy, FedResult, RoundAbortedError
 from vfl.service.accept import check_offer, check_spec
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.fedjobs import FedJobs
+from vfl.service.ftljobs import FtlJobs
 from vfl.splitnn.jobfile import JobKind, TrainJobFile, job_kind, parse_job
 from vfl.splitnn.session import (
     GuestSession,
@@ -86,6 +87,9 @@ from vfl.splitnn.session import (
     claim_run,
     serve_decryptions,
 )
+from vfl.splitnn.spec import DecTag, JobSpec
+from vfl.transfer.jobfile import FtlJobFile, parse_ftl_job
+from vfl.transfer.session import FtlDecTag, FtlGuest, FtlResult, FtlSpec
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +158,14 @@ def arbiter_key(
     return public, private
 
 
+def policy_of(body: dict[str, Any]) -> JobPolicy:
+    """A job's decryption policy from its JOB_SPEC: a transfer job's (``kind = "ftl"``) or a
+    split-NN job's."""
+    if body.get("kind") == "ftl":
+        return FtlSpec.from_json(body).policy()
+    return JobSpec.from_json(body).policy()
+
+
 def serve_arbiter(
     config: PartyConfig,
     channel: Channel,
@@ -176,6 +188,8 @@ def serve_arbiter(
         private_key=private,
         executor=executor,
         admit=admit if watch is None else watch.admit,
+        policy_of=policy_of,
+        tags=(DecTag, FtlDecTag),
     )
     if watch is not None:
         watch.attach(service)
@@ -291,10 +305,12 @@ def _aligned_table(
 class _GuestJob:
     """G's bookkeeping of one job across its runs (lifecycle steps 1-2)."""
 
-    def __init__(self, job_file: TrainJobFile | FedJobFile, request: dict[str, Any]) -> None:
+    def __init__(
+        self, job_file: TrainJobFile | FedJobFile | FtlJobFile, request: dict[str, Any]
+    ) -> None:
         self.job_file, self.request = job_file, request
         self.wake = threading.Event()  # cuts a retry's backoff short
-        self.session: GuestSession | FedClient | None = None
+        self.session: GuestSession | FedClient | FtlGuest | None = None
         self.notice: dict[str, Any] | None = None  # H's RUN_STOPPED for the current run
         self.thread: threading.Thread | None = None
 
@@ -349,10 +365,12 @@ class JobRunner:
                 config.seed,
             )
         self.fed = FedJobs(runner=self)
+        self.ftl = FtlJobs(runner=self)
         role = config.party.role
         if role is Role.HOST:
             channel.add_handler(MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start)
             self.fed.serve_client()
+            self.ftl.serve_host()
         if role is Role.GUEST:
             channel.add_handler(MessageFilter.for_tags(JobTag.RUN_STOPPED), self._on_run_stopped)
 
@@ -402,6 +420,7 @@ class JobRunner:
         for run in host_runs:
             run.done.wait(max(0.0, give_up - time.monotonic()))
         self.fed.close()
+        self.ftl.close()
         if self.watch is not None:
             self.watch.close()
         self.audit.close()
@@ -470,10 +489,14 @@ class JobRunner:
         self._launch(job_file, request)
         return {"job_id": job_id, "state": "running"}
 
-    def _parse(self, request: dict[str, Any], *, source: str) -> TrainJobFile | FedJobFile:
+    def _parse(
+        self, request: dict[str, Any], *, source: str
+    ) -> TrainJobFile | FedJobFile | FtlJobFile:
         raw = dict(request.get("job_file", {}))
-        job_file: TrainJobFile | FedJobFile
-        if job_kind(raw) is JobKind.HORIZONTAL:
+        job_file: TrainJobFile | FedJobFile | FtlJobFile
+        if job_kind(raw) is JobKind.TRANSFER:
+            job_file = parse_ftl_job(raw, source=source)
+        elif job_kind(raw) is JobKind.HORIZONTAL:
             job_file = FedJobFile(
                 parse_fed_job(raw, source=source, coordinator=self.config.party.party_id)
             )
@@ -486,7 +509,9 @@ class JobRunner:
             raise ConfigError(f"no data alias {job_file.guest_data!r} here (aliases: {known})")
         return job_file
 
-    def _launch(self, job_file: TrainJobFile | FedJobFile, request: dict[str, Any]) -> None:
+    def _launch(
+        self, job_file: TrainJobFile | FedJobFile | FtlJobFile, request: dict[str, Any]
+    ) -> None:
         entry = _GuestJob(job_file, request)
         job_id = job_file.job.job_id
         entry.thread = threading.Thread(
@@ -595,6 +620,16 @@ class JobRunner:
                 runs=attempt + 1,
             )
             path = str(self.config.state_dir / "jobs" / job_id / "result.json")
+            if isinstance(result, FtlResult):
+                last = result.history[result.best_epoch - 1] if result.history else {}
+                self._finish(
+                    job_id,
+                    state="done",
+                    best_epoch=result.best_epoch,
+                    validation={k[4:]: v for k, v in last.items() if k.startswith("val_")},
+                    result=path,
+                )
+                return
             if isinstance(result, FedResult):
                 last = result.history[-1] if result.history else {}
                 self._finish(
@@ -620,11 +655,8 @@ class JobRunner:
             return False
         return True
 
-    def _guest_attempt(self, entry: _GuestJob) -> SplitResult | FedResult:
-        """One run of the job (split NN: PSI first unless it has a result already)."""
-        job_file = entry.job_file
-        if isinstance(job_file, FedJobFile):
-            return self.fed.coordinate(entry, job_file.job)
+    def ensure_psi(self, job_file: TrainJobFile | FtlJobFile) -> str:
+        """The job's PSI result: the one it names, or run it now (once) with the host."""
         job_id = job_file.job.job_id
         psi_job = job_file.psi_job or f"{job_id}.psi"
         if not job_file.psi_job and not self._has_psi(psi_job):
@@ -639,6 +671,17 @@ class JobRunner:
                     "job_id": psi_job,
                 }
             )
+        return psi_job
+
+    def _guest_attempt(self, entry: _GuestJob) -> SplitResult | FedResult | FtlResult:
+        """One run of the job (split NN and transfer: PSI first unless it has a result)."""
+        job_file = entry.job_file
+        if isinstance(job_file, FedJobFile):
+            return self.fed.coordinate(entry, job_file.job)
+        if isinstance(job_file, FtlJobFile):
+            return self.ftl.coordinate(entry, job_file)
+        job_id = job_file.job.job_id
+        psi_job = self.ensure_psi(job_file)
         request = {"data": job_file.guest_data, "id_column": job_file.id_column, "psi_job": psi_job}
         table = _aligned_table(self.config, request, labels=job_file.label_column)
         if table.labels is None:

@@ -63,6 +63,7 @@ from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import JobTag
 from vfl.splitnn.spec import DecTag
+from vfl.transfer.session import FtlDecTag, FtlTag
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class PartyService:
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tags = TagRegistry(
-            [ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag, FedTag]
+            [ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag, FedTag, FtlTag]
+            + [FtlDecTag]
         )
         self.channel = GrpcChannel(
             me=config.party,

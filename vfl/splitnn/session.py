@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
+from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, JobPolicy, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
@@ -969,11 +969,14 @@ def serve_decryptions(
     private_key: PrivateKey,
     executor: Executor,
     admit: Callable[[dict[str, Any], Party], None] | None = None,
+    policy_of: Callable[[dict[str, Any]], JobPolicy] | None = None,
+    tags: Iterable[type[StrEnum]] = (DecTag,),
 ) -> ArbiterService:
-    """The arbiter's part of split-NN jobs: key, JOB_SPEC, RESUME and masked decryptions.
+    """The arbiter's part of jobs: key, JOB_SPEC, RESUME and masked decryptions of ``tags``.
 
     ``admit(spec_body, sender)`` is the arbiter's acceptance policy for JOB_SPECs (see
-    :meth:`ArbiterService.serve_setup`).
+    :meth:`ArbiterService.serve_setup`); ``policy_of`` derives a job's decryption policy
+    from its JOB_SPEC (default: a split-NN spec).
     """
     service = ArbiterService(
         channel=channel,
@@ -982,8 +985,9 @@ def serve_decryptions(
         policy=DecryptionPolicy(),
         executor=executor,
     )
-    service.serve(DecTag)
-    service.serve_setup(lambda obj: JobSpec.from_json(obj).policy(), admit=admit)
+    for enum_cls in tags:
+        service.serve(enum_cls)
+    service.serve_setup(policy_of or (lambda obj: JobSpec.from_json(obj).policy()), admit=admit)
     return service
 
 

@@ -94,6 +94,7 @@ class FtlDecTag(StrEnum):
     K = "ftl.FTL_K"
     LOSS = "ftl.FTL_LOSS"
     SCORE = "ftl.FTL_SCORE"
+    VAL = "ftl.FTL_VAL"  # G's validation scores of held-out overlap pairs
 
 
 class ScoreOwner(StrEnum):
@@ -128,6 +129,7 @@ class FtlSpec:
                 PolicyRule(FtlDecTag.K.value, self.guest, self.d),
                 PolicyRule(FtlDecTag.LOSS.value, self.guest, 1),
                 PolicyRule(FtlDecTag.SCORE.value, owner, SCORE_CHUNK, unit=1),
+                PolicyRule(FtlDecTag.VAL.value, self.guest, SCORE_CHUNK, unit=1),
             ),
         )
 
@@ -309,8 +311,12 @@ class FtlGuest:
         seed: int | None = None,
         timeout: float = 600.0,
         progress: Callable[[dict[str, Any]], None] | None = None,
+        host_request: dict[str, Any] | None = None,
     ) -> None:
         self.channel, self.host, self.arbiter, self.job = channel, host, arbiter, job
+        self.host_request = dict(host_request or {})  # which of H's data (alias, PSI)
+        self.key_id: str | None = None
+        self.stopped = False
         self.x = standardise(np.asarray(features, dtype=np.float64))  # R2
         self.y = to_signs(labels)
         self.overlap = np.asarray(overlap, dtype=np.int64)
@@ -320,6 +326,11 @@ class FtlGuest:
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:16]
 
+    def stop(self) -> None:
+        """End the run: a waiting receive raises :class:`RunAbortedError`."""
+        self.stopped = True
+        self.channel.abort_run(self.job.job_id, self.run_id)
+
     def run(self, *, score_outside: bool = False) -> FtlResult:
         """Train, then (``score_outside``) score every row of H outside the overlap (§6.6)."""
         job, cfg = self.job, self.job.config
@@ -328,7 +339,9 @@ class FtlGuest:
             channel=self.channel, job_id=job.job_id, run_id=self.run_id, timeout=self.timeout
         )
         key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)  # R1
-        peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj({"job": job.to_json()}))
+        self.key_id = key.key_id.hex()
+        start = {"job": job.to_json(), "request": self.host_request}
+        peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj(start))
         accept = peer.control(self.host, FtlTag.ACCEPT)
         if not accept.get("ok"):
             raise JobRefusedError(
@@ -481,8 +494,13 @@ class FtlGuest:
         rows: np.ndarray,
         step: int,
     ) -> tuple[np.ndarray | None, int]:
-        """R4: ``φ_j = Φ·u^B_j`` for H's ``rows`` (negative = overlap pair ``−1−p``), in
-        chunks; decrypted for G, or handed to H when H owns the scores."""
+        """R4: ``φ_j = Φ·u^B_j`` for H's ``rows``, in chunks. Validation: every row negative
+        (overlap pair ``−1−p``), decrypted for G, which holds their labels (``FTL_VAL``);
+        scoring: positions among H's rows outside the overlap, decrypted for G or handed to
+        H, whichever owns the scores (``FTL_SCORE``)."""
+        validation = bool(len(rows)) and bool(np.all(rows < 0))
+        if not validation and np.any(rows < 0):
+            raise ProtocolError("a scoring request mixes overlap pairs and other rows")
         phi_hat = encode_u(phi).reshape(1, -1)
         out = []
         for start in range(0, len(rows), SCORE_CHUNK):
@@ -494,13 +512,14 @@ class FtlGuest:
             enc_u_t = EncryptedTensor(cipher=cipher, values=enc_u.values.T.copy(), scale=F_A)
             s = plain_matmul(phi_hat, enc_u_t, executor=self.executor, scale=2 * F_A)
             s = s.obfuscate(pool)
-            if self.job.score_owner is ScoreOwner.HOST:
+            if self.job.score_owner is ScoreOwner.HOST and not validation:
                 peer.send(self.host, FtlTag.SCORE_S, step, s.to_block())
             else:
                 from protocols.crypto.fixedpoint import decode
 
+                tag = FtlDecTag.VAL if validation else FtlDecTag.SCORE
                 residues = md.decrypt(
-                    s, job_id=self.job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=self.run_id
+                    s, job_id=self.job.job_id, tag=tag, step=step, run_id=self.run_id
                 )
                 out.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))
             step += 1
@@ -534,11 +553,20 @@ class FtlHost:
         self.accept = accept
         self.outside = np.setdiff1d(np.arange(len(self.x)), self.overlap)  # rows to score
         self.scores: list[np.ndarray] = []  # when H owns the scores: of self.outside, in order
+        self._run: tuple[str, str] | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        """End the run: a waiting receive raises :class:`RunAbortedError`."""
+        self.stopped = True
+        if self._run is not None:
+            self.channel.abort_run(*self._run)
 
     def run(self, start: Envelope) -> nn.Module:
         """Follow G's run from its ``START``; returns the trained ``Net^B``."""
         job = FtlJob.from_json(_obj(start)["job"])
         cfg = job.config
+        self._run = (start.job_id, start.run_id)
         peer = _Peer(
             channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
         )
@@ -663,7 +691,9 @@ class FtlHost:
             u = net(torch.from_numpy(self.x[own])).double().numpy()
         enc = encrypt(cipher, ring(encode_u(u), cipher.key.n), pool=pool, scale=F_A)
         peer.send(self.guest, FtlTag.SCORE_U, step, enc.to_block())
-        if job.score_owner is ScoreOwner.HOST:
+        if job.score_owner is ScoreOwner.HOST and not np.all(rows < 0):  # not validation
+            if np.any(rows < 0):
+                raise ProtocolError("a scoring request mixes overlap pairs and other rows")
             enc_s = peer.cipher_tensor(self.guest, FtlTag.SCORE_S, step, cipher)
             residues = md.decrypt(
                 enc_s, job_id=job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=peer.run_id
