@@ -120,6 +120,13 @@ def test_f1_encrypted_flow_equals_the_formulas(
         decode_g_b(dec(out.g_b), n=n, config=config), reference.grad_u_b, atol=1e-6
     )
     np.testing.assert_allclose(decode_k(dec(out.four_k), n=n), reference.k, atol=1e-6)
+    if gamma > 0:  # F3: what H decrypts holds G's overlap representations (§6.4)
+        without = batch_terms(phi, u_b, y, np.zeros_like(u_a), config).grad_u_b
+        np.testing.assert_allclose(
+            decode_g_b(dec(out.g_b), n=n, config=config) - without,
+            -gamma * config.kappa * u_a,
+            atol=1e-6,
+        )
     loss = decode_loss(dec(out.lam), n=n, rows=len(y), config=config)
     prediction_only = batch_terms(
         phi, u_b, y, u_a, FtlConfig(d=4, protect=FtlProtect.NONE, allow_label_leak=True)
@@ -174,7 +181,7 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     from sklearn.metrics import roc_auc_score
 
     from vfl.transfer.inprocess import run_in_process
-    from vfl.transfer.session import FtlDecTag, FtlJob
+    from vfl.transfer.session import FtlDecTag, FtlJob, FtlSpec
 
     rng = np.random.default_rng(0)
     n_guest, n_host, n_overlap = 300, 260, 120
@@ -217,3 +224,19 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     assert local.decryptions[FtlDecTag.GB.value] == steps * 16 * 4
     assert local.decryptions[FtlDecTag.K.value] == steps * 4
     assert local.decryptions[FtlDecTag.LOSS.value] == steps
+    # F3: A decrypted only the policy's tags, each for the party the policy names
+    assert set(local.decryptions) == {
+        FtlDecTag.GB.value,
+        FtlDecTag.K.value,
+        FtlDecTag.LOSS.value,
+        FtlDecTag.VAL.value,
+        FtlDecTag.SCORE.value,
+    }
+    rules = {
+        r.tag: r.requester
+        for r in FtlSpec(job_id="x", key_id="00", key_bits=1024, batch=16, d=4, guest="g", host="h")
+        .policy()
+        .rules
+    }
+    assert rules[FtlDecTag.GB.value] == "h"
+    assert {rules[t.value] for t in (FtlDecTag.K, FtlDecTag.LOSS, FtlDecTag.VAL)} == {"g"}
