@@ -3,18 +3,23 @@ attack of F3 at the formula level)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import ConfigError, InsecureConfigError
 from protocols.executor import InlineExecutor
+from vfl.splitnn import checkpoint
 from vfl.transfer.ftl import (
     FtlConfig,
     FtlProtect,
@@ -28,6 +33,8 @@ from vfl.transfer.ftl import (
     phi_of,
     taylor_loss,
 )
+from vfl.transfer.inprocess import LocalFtl, run_in_process
+from vfl.transfer.session import FtlDecTag, FtlJob, FtlSpec
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +181,8 @@ def test_f3_without_protection_the_host_recovers_every_overlap_label() -> None:
     assert math.isfinite(attack(noisy))
 
 
-def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> None:
-    """R1-R5 between an in-process guest, host and the real arbiter service: the loss falls,
-    the host's customers outside the overlap are scored well, and A served exactly the
-    policy's decryptions."""
-    from sklearn.metrics import roc_auc_score
-
-    from vfl.transfer.inprocess import run_in_process
-    from vfl.transfer.session import FtlDecTag, FtlJob, FtlSpec
-
+def ftl_data() -> dict[str, np.ndarray]:
+    """Synthetic guest (300 labelled rows) and host (260 rows, 120 of them shared)."""
     rng = np.random.default_rng(0)
     n_guest, n_host, n_overlap = 300, 260, 120
     latent = rng.normal(size=(n_guest + n_host, 2))
@@ -192,51 +192,90 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     guest_ids = np.arange(n_guest)  # the host holds ids 180..439: 120 shared
     host_ids = np.arange(n_guest - n_overlap, n_guest - n_overlap + n_host)
     shared = np.intersect1d(guest_ids, host_ids)
-    h_over = np.searchsorted(host_ids, shared)
-    job = FtlJob(
+    return {
+        "guest_features": xg[guest_ids],
+        "guest_labels": y_all[guest_ids].astype(float),
+        "guest_overlap": np.searchsorted(guest_ids, shared),
+        "host_features": xh[host_ids],
+        "host_overlap": np.searchsorted(host_ids, shared),
+        "host_labels": y_all[host_ids],
+    }
+
+
+def small_job(epochs: int = 3) -> FtlJob:
+    return FtlJob(
+        job_id="ftl-small",
         config=FtlConfig(d=4, batch=16, noise=0.5),
         guest_widths=(8,),
         host_widths=(8,),
-        epochs=3,
+        epochs=epochs,
         patience=5,
         host_lr=0.02,
         guest_lr=0.05,
     )
-    local = run_in_process(
-        job=job,
-        guest_features=xg[guest_ids],
-        guest_labels=y_all[guest_ids].astype(float),
-        guest_overlap=np.searchsorted(guest_ids, shared),
-        host_features=xh[host_ids],
-        host_overlap=h_over,
+
+
+def run_small(pk: PublicKey, sk: PrivateKey, **kwargs: Any) -> LocalFtl:
+    data = ftl_data()
+    data.pop("host_labels")
+    return run_in_process(
+        **data,
         public_key=pk,
         private_key=sk,
         executor=InlineExecutor(),
         allow_test_key=True,
         seed=2,
+        **kwargs,
     )
+
+
+def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> None:
+    """R1-R5 between an in-process guest, host and the real arbiter service: the loss falls,
+    the host's customers outside the overlap are scored well, and A served exactly the
+    policy's decryptions (F3: only the policy's tags, for the parties it names)."""
+    local = run_small(pk, sk, job=small_job())
     result = local.result
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    outside = np.setdiff1d(np.arange(n_host), h_over)
+    data = ftl_data()
+    outside = np.setdiff1d(np.arange(len(data["host_features"])), data["host_overlap"])
     assert result.scores is not None and len(result.scores) == len(outside)
-    assert roc_auc_score(y_all[host_ids][outside], result.scores) > 0.7
-    steps = (n_overlap - round(0.2 * n_overlap)) // 16 * result.epochs
+    assert roc_auc_score(data["host_labels"][outside], result.scores) > 0.7
+    steps = (120 - round(0.2 * 120)) // 16 * result.epochs
     assert local.decryptions[FtlDecTag.GB.value] == steps * 16 * 4
     assert local.decryptions[FtlDecTag.K.value] == steps * 4
     assert local.decryptions[FtlDecTag.LOSS.value] == steps
-    # F3: A decrypted only the policy's tags, each for the party the policy names
-    assert set(local.decryptions) == {
-        FtlDecTag.GB.value,
-        FtlDecTag.K.value,
-        FtlDecTag.LOSS.value,
-        FtlDecTag.VAL.value,
-        FtlDecTag.SCORE.value,
-    }
-    rules = {
-        r.tag: r.requester
-        for r in FtlSpec(job_id="x", key_id="00", key_bits=1024, batch=16, d=4, guest="g", host="h")
-        .policy()
-        .rules
-    }
+    assert set(local.decryptions) == {t.value for t in FtlDecTag}
+    spec = FtlSpec(job_id="x", key_id="00", key_bits=1024, batch=16, d=4, guest="g", host="h")
+    rules = {r.tag: r.requester for r in spec.policy().rules}
     assert rules[FtlDecTag.GB.value] == "h"
     assert {rules[t.value] for t in (FtlDecTag.K, FtlDecTag.LOSS, FtlDecTag.VAL)} == {"g"}
+
+
+def test_a_stopped_ftl_job_resumes_from_its_epoch_checkpoints(
+    pk: PublicKey, sk: PrivateKey, tmp_path: Path
+) -> None:
+    """R6: the guest fails after epoch 2; the next run resumes at the newest epoch both
+    parties saved, keeps the earlier history and finishes; each state file is owner-only."""
+
+    def fail_after_two(record: dict[str, Any]) -> None:
+        if record["epoch"] == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_small(pk, sk, job=small_job(4), state_dir=tmp_path, progress=fail_after_two, timeout=20)
+    first = json.loads(
+        (
+            tmp_path / "guest" / "jobs" / "ftl-small" / "ftl" / "step-000000001" / "state.json"
+        ).read_text()
+    )["history"]
+    assert [h["epoch"] for h in first] == [1.0]
+    again = run_small(pk, sk, job=small_job(4), state_dir=tmp_path)
+    history = again.result.history
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    assert history[0] == first[0]  # carried over, not retrained
+    for party in ("guest", "host"):
+        folder = tmp_path / party / "jobs" / "ftl-small" / "ftl"
+        assert checkpoint.available_steps(folder)
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert oct(path.stat().st_mode & 0o777) == "0o600", path

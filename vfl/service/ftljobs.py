@@ -104,6 +104,7 @@ class FtlJobs:
             allow_test_key=self.config.allow_test_key,
             seed=self.config.seed,
             progress=progress,
+            state_dir=self.config.state_dir,
             host_request={
                 "data": job_file.host_data,
                 "id_column": job_file.id_column,
@@ -194,6 +195,7 @@ class FtlJobs:
             executor=runner.executor,
             allow_test_key=self.config.allow_test_key,
             seed=self.config.seed,
+            state_dir=self.config.state_dir,
         )
         done = threading.Event()
         with runner._job_lock(job_id):

@@ -7,7 +7,10 @@ service; data never leaves the process, so this is for trying models, not for tw
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -61,6 +64,8 @@ def run_in_process(
     score_outside: bool = True,
     seed: int | None = None,
     timeout: float = 3600.0,
+    state_dir: Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> LocalFtl:
     """Run ``job``; ``*_overlap`` hold each party's row of every overlap pair, in one order."""
     net = InMemoryNetwork()
@@ -85,6 +90,7 @@ def run_in_process(
         allow_test_key=allow_test_key,
         seed=None if seed is None else seed + 1,
         timeout=timeout,
+        state_dir=None if state_dir is None else state_dir / "host",
     )
     out: dict[str, object] = {}
 
@@ -111,7 +117,13 @@ def run_in_process(
             allow_test_key=allow_test_key,
             seed=seed,
             timeout=timeout,
+            state_dir=None if state_dir is None else state_dir / "guest",
+            progress=progress,
         ).run(score_outside=score_outside)
+    except BaseException:
+        for channel in channels.values():  # the host's receives end at once
+            channel.close()
+        raise
     finally:
         thread.join(timeout)
         for channel in channels.values():

@@ -21,6 +21,11 @@ R4. Validation (G's held-out overlap pairs) and scoring (H's rows, §6.6): G sen
     ``[[ŝ_j]] = Φ̂ᵀ[[û_j]]`` and has it decrypted by A for itself, or sends it to H
     (``SCORE_S``) when H owns the scores. Plaintext host representations never reach G.
 R5. G sends ``DONE``.
+R6. With a state folder, each party saves its state at the start of every epoch (the two
+    newest kept, owner-only); ``START`` and ``ACCEPT`` list the epochs each holds and the
+    run resumes at the newest both hold (H loads it at the first ``PHI``). Step numbers of
+    a run start at its run counter times ``2^32``, so a resumed run never asks A for a step
+    it served before.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +54,9 @@ from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope
 from protocols.errors import ConfigError, JobRefusedError, ProtocolError
 from protocols.executor import Executor
+from protocols.files import atomic_write
 from protocols.roles import Party
+from vfl.splitnn import checkpoint
 from vfl.splitnn.metrics import binary_metrics
 from vfl.transfer.ftl import (
     F_A,
@@ -69,6 +77,16 @@ from vfl.transfer.ftl import (
 logger = logging.getLogger(__name__)
 
 SCORE_CHUNK = 512  # host rows per scoring request
+
+
+def claim_steps(folder: Path) -> int:
+    """R6: this run's first step number, past every earlier run's (A serves each step once
+    per tag): the run counter kept in the job's folder, times ``2^32``."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / "runs"
+    runs = int(path.read_text()) + 1 if path.is_file() else 1
+    atomic_write(path, f"{runs}\n".encode(), mode=0o600)
+    return runs << 32
 
 
 class FtlTag(StrEnum):
@@ -312,8 +330,10 @@ class FtlGuest:
         timeout: float = 600.0,
         progress: Callable[[dict[str, Any]], None] | None = None,
         host_request: dict[str, Any] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.channel, self.host, self.arbiter, self.job = channel, host, arbiter, job
+        self.folder = None if state_dir is None else state_dir / "jobs" / job.job_id / "ftl"
         self.host_request = dict(host_request or {})  # which of H's data (alias, PSI)
         self.key_id: str | None = None
         self.stopped = False
@@ -340,7 +360,9 @@ class FtlGuest:
         )
         key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)  # R1
         self.key_id = key.key_id.hex()
-        start = {"job": job.to_json(), "request": self.host_request}
+        held = [] if self.folder is None else checkpoint.available_steps(self.folder)
+        base = 0 if self.folder is None else claim_steps(self.folder)  # R6
+        start = {"job": job.to_json(), "request": self.host_request, "held": held}
         peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj(start))
         accept = peer.control(self.host, FtlTag.ACCEPT)
         if not accept.get("ok"):
@@ -348,6 +370,8 @@ class FtlGuest:
                 f"{self.host.party_id} refused job {job.job_id}: {accept.get('reason')}"
             )
         outside = int(accept.get("outside", 0))
+        common = set(held) & {int(e) for e in accept.get("held", [])}
+        resume = max(common) if common else 0  # R6: the newest epoch both parties hold
         spec = FtlSpec(
             job_id=job.job_id,
             key_id=key.key_id.hex(),
@@ -383,11 +407,46 @@ class FtlGuest:
         steps = len(train_pairs) // cfg.batch
         history: list[dict[str, float]] = []
         best, best_epoch, best_state, waited = -math.inf, 0, net.state_dict(), 0
-        score_step = 0
+        score_step = base + 2**31
         phi = np.zeros(cfg.d)
+        best_phi = phi
         enc_phi: EncryptedTensor | None = None
-        for epoch in range(job.epochs):  # R3
+        if resume and self.folder is not None:  # R6
+            saved = checkpoint.load(self.folder, resume)
+            net.load_state_dict(saved.tree("net"))
+            optimizer.load_state_dict(saved.tree("optimizer"))
+            best_state = saved.tree("best")
+            meta = saved.meta
+            history, best, best_epoch = (
+                list(meta["history"]),
+                float(meta["best"]),
+                int(meta["best_epoch"]),
+            )
+            waited, best_phi = int(meta["waited"]), np.asarray(meta["best_phi"])
+            rng.bit_generator.state = meta["rng"]
+            logger.info("FTL job %s resumes at epoch %d", job.job_id, resume)
+        for epoch in range(resume, job.epochs):  # R3
             epoch_started = time.monotonic()
+            if self.folder is not None and epoch > resume:  # R6: the state at its start
+                checkpoint.save(
+                    self.folder,
+                    epoch,
+                    trees={
+                        "net": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "best": best_state,
+                    },
+                    big_ints={},
+                    meta={
+                        "history": history,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "waited": waited,
+                        "best_phi": best_phi.tolist(),
+                        "rng": rng.bit_generator.state,
+                    },
+                )
+                checkpoint.prune(self.folder, keep=[epoch - 1, epoch])
             net.train()
             u_a = net(x_all)
             phi_t = (y_all[:, None] * u_a).mean(dim=0)
@@ -399,7 +458,7 @@ class FtlGuest:
             losses = []
             order = rng.permutation(train_pairs)
             for i in range(steps):
-                t = epoch * steps + i
+                t = base + epoch * steps + i
                 batch = np.sort(order[i * cfg.batch : (i + 1) * cfg.batch])
                 peer.send(
                     self.host, FtlTag.BATCH, t, ControlBlock.from_obj({"pairs": batch.tolist()})
@@ -465,6 +524,8 @@ class FtlGuest:
                     break
         net.load_state_dict(best_state)
         phi = best_phi
+        if best_epoch == 0:
+            raise ProtocolError(f"FTL job {job.job_id}: no epoch was trained")
         final_scores = None
         if score_outside and outside:  # R4: H's customers outside the overlap (§6.6)
             final_scores, score_step = self._score(
@@ -543,8 +604,10 @@ class FtlHost:
         seed: int | None = None,
         timeout: float = 600.0,
         accept: Callable[[FtlJob, int], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.channel, self.guest, self.arbiter = channel, guest, arbiter
+        self.state_dir = state_dir
         self.x = standardise(np.asarray(features, dtype=np.float64))  # R2
         self.overlap = np.asarray(overlap, dtype=np.int64)
         self.executor, self._pool = executor, pool
@@ -567,6 +630,8 @@ class FtlHost:
         job = FtlJob.from_json(_obj(start)["job"])
         cfg = job.config
         self._run = (start.job_id, start.run_id)
+        folder = None if self.state_dir is None else self.state_dir / "jobs" / job.job_id / "ftl"
+        held = [] if folder is None else checkpoint.available_steps(folder)
         peer = _Peer(
             channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
         )
@@ -586,7 +651,7 @@ class FtlHost:
             self.guest,
             FtlTag.ACCEPT,
             0,
-            ControlBlock.from_obj({"ok": True, "outside": int(len(self.outside))}),
+            ControlBlock.from_obj({"ok": True, "outside": int(len(self.outside)), "held": held}),
         )
         spec = FtlSpec(
             job_id=job.job_id,
@@ -614,6 +679,7 @@ class FtlHost:
         from protocols.transport.base import MessageFilter
 
         enc_phi: EncryptedTensor | None = None
+        first_phi = True
         while True:
             envelope = self.channel.recv_any(
                 MessageFilter(
@@ -633,6 +699,20 @@ class FtlHost:
                 enc_phi = EncryptedTensor.from_block(
                     envelope.body, cipher=cipher, key_id=key.key_id
                 )
+                if folder is not None and first_phi and t > 0:  # R6: G resumes at epoch t
+                    saved = checkpoint.load(folder, t)
+                    net.load_state_dict(saved.tree("net"))
+                    optimizer.load_state_dict(saved.tree("optimizer"))
+                elif folder is not None and t > 0:  # R6: the state at the start of epoch t
+                    checkpoint.save(
+                        folder,
+                        t,
+                        trees={"net": net.state_dict(), "optimizer": optimizer.state_dict()},
+                        big_ints={},
+                        meta={},
+                    )
+                    checkpoint.prune(folder, keep=[t - 1, t])
+                first_phi = False
                 continue
             if enc_phi is None:
                 raise ProtocolError(f"{tag} before PHI")
