@@ -95,6 +95,8 @@ def test_transfer_job_over_grpc_scores_the_hosts_other_customers(silos: Silos) -
     final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
     assert final["state"] == "done", final
     assert final["validation"]["roc_auc"] > 0.6
+    report = silos.configs["bank"].state_dir / "jobs" / job_id / "report"
+    assert {p.name for p in report.iterdir()} >= {"report.json", "roc.png", "loss.png"}
     retailer = silos.configs["retailer"].state_dir / "jobs" / job_id / "scores.csv"
     assert oct(retailer.stat().st_mode & 0o777) == "0o600"
     scores = pd.read_csv(retailer)

@@ -28,6 +28,7 @@ from protocols.roles import Role
 from protocols.transport.base import MessageFilter
 from psi.result import read_result
 from vfl.data.tables import PartyTable, TableSpec, load_table
+from vfl.report import write_report
 from vfl.service.accept import check_ftl_start
 from vfl.service.audit import AuditEvent, file_digest
 from vfl.transfer.jobfile import FtlJobFile
@@ -126,6 +127,20 @@ class FtlJobs:
         }
         folder = runner._job_dir(job.job_id)
         atomic_write(folder / RESULT_FILE, json.dumps(body).encode(), mode=0o600)
+        labels, scores = result.validation
+        if len(set(labels)) == 2:  # report.json, roc.png (held-out overlap pairs), loss.png
+            history = [
+                {"epoch": h["epoch"] - 1, "train_loss": h["loss"]}
+                | {k: v for k, v in h.items() if k.startswith("val_")}
+                for h in result.history
+            ]
+            write_report(
+                folder / "report",
+                summary={"job_id": job.job_id, "best_epoch": result.best_epoch - 1},
+                test_labels=np.asarray(labels),
+                test_scores=np.asarray(scores),
+                history=history,
+            )
         if result.scores is not None:  # G owns the scores: positions only, no host ids
             frame = pd.DataFrame(
                 {"position": np.arange(len(result.scores)), "score": result.scores}

@@ -308,6 +308,8 @@ class FtlResult:
     history: tuple[dict[str, float], ...]
     scores: np.ndarray | None  # scores of H's requested rows, if G owns them
     seconds: float
+    validation: tuple[list[int], list[float]] = ([], [])
+    # labels (0/1) and scores of the held-out overlap pairs at the best epoch
 
 
 class FtlGuest:
@@ -410,6 +412,8 @@ class FtlGuest:
         score_step = base + 2**31
         phi = np.zeros(cfg.d)
         best_phi = phi
+        best_val: list[list[Any]] = [[], []]
+        epoch_val: list[list[Any]] = [[], []]
         enc_phi: EncryptedTensor | None = None
         if resume and self.folder is not None:  # R6
             saved = checkpoint.load(self.folder, resume)
@@ -423,6 +427,7 @@ class FtlGuest:
                 int(meta["best_epoch"]),
             )
             waited, best_phi = int(meta["waited"]), np.asarray(meta["best_phi"])
+            best_val = meta.get("best_val", [[], []])
             rng.bit_generator.state = meta["rng"]
             logger.info("FTL job %s resumes at epoch %d", job.job_id, resume)
         for epoch in range(resume, job.epochs):  # R3
@@ -443,6 +448,7 @@ class FtlGuest:
                         "best_epoch": best_epoch,
                         "waited": waited,
                         "best_phi": best_phi.tolist(),
+                        "best_val": best_val,
                         "rng": rng.bit_generator.state,
                     },
                 )
@@ -507,7 +513,9 @@ class FtlGuest:
                     peer, md, cipher, pool, phi, self.overlap_host_rows(val_pairs), score_step
                 )
                 if scores is not None:
-                    metrics = binary_metrics((self.y[self.overlap[val_pairs]] > 0), scores)
+                    truth = self.y[self.overlap[val_pairs]] > 0
+                    metrics = binary_metrics(truth, scores)
+                    epoch_val = [truth.astype(int).tolist(), scores.tolist()]
                     record.update({f"val_{k}": v for k, v in metrics.items()})
             record["seconds"] = time.monotonic() - epoch_started
             history.append(record)
@@ -518,6 +526,7 @@ class FtlGuest:
                 best, best_epoch, waited = current, epoch + 1, 0
                 best_state = {k: v.clone() for k, v in net.state_dict().items()}
                 best_phi = phi.copy()
+                best_val = epoch_val
             else:
                 waited += 1
                 if waited >= job.patience:
@@ -538,6 +547,7 @@ class FtlGuest:
             best_epoch=best_epoch,
             history=tuple(history),
             scores=final_scores,
+            validation=(list(best_val[0]), list(best_val[1])),
             seconds=time.monotonic() - started,
         )
 
