@@ -239,18 +239,9 @@ class FedJobs:
             self._reply(envelope, {"ok": True})
             result = client.run()
         except Exception as exc:  # noqa: BLE001 - reported through status and the audit log
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            if client.stopped or runner._stopping.is_set():
-                runner._update(job_id, state="interrupted", phase="stopped")
-            else:
-                logger.error("FedAvg job %s failed here: %s", job_id, error)
-                runner.audit.record(
-                    event=AuditEvent.JOB_FAILED,
-                    job_id=job_id,
-                    submitter=sender.party_id,
-                    reason=error,
-                )
-                runner._update(job_id, state="failed", phase="failed", error=error)
+            runner.host_run_failed(
+                job_id, submitter=sender.party_id, exc=exc, stopped=client.stopped, what="FedAvg"
+            )
         else:
             runner.audit.record(
                 event=AuditEvent.JOB_FINISHED, job_id=job_id, submitter=sender.party_id

@@ -231,18 +231,9 @@ class FtlJobs:
         try:
             host.run(envelope)
         except Exception as exc:  # noqa: BLE001 - reported through status and the audit log
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            if host.stopped or runner._stopping.is_set():
-                runner._update(job_id, state="interrupted", phase="stopped")
-            else:
-                logger.error("FTL job %s failed here: %s", job_id, error)
-                runner.audit.record(
-                    event=AuditEvent.JOB_FAILED,
-                    job_id=job_id,
-                    submitter=sender.party_id,
-                    reason=error,
-                )
-                runner._update(job_id, state="failed", phase="failed", error=error)
+            runner.host_run_failed(
+                job_id, submitter=sender.party_id, exc=exc, stopped=host.stopped, what="FTL"
+            )
         else:
             fields: dict[str, Any] = {}
             if host.scores:  # H owns the scores: its own ids, kept owner-only

@@ -435,6 +435,21 @@ class JobRunner:
         out.update(self.fed.aggregator_status())
         return out
 
+    def host_run_failed(
+        self, job_id: str, *, submitter: str, exc: BaseException, stopped: bool, what: str
+    ) -> None:
+        """A host's run of ``what`` (FedAvg, FTL) ended with ``exc``: interrupted if it was
+        stopped (a newer run, or the service stop), else failed, in the status and audit log."""
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        if stopped or self._stopping.is_set():
+            self._update(job_id, state="interrupted", phase="stopped")
+            return
+        logger.error("%s job %s failed here: %s", what, job_id, error)
+        self.audit.record(
+            event=AuditEvent.JOB_FAILED, job_id=job_id, submitter=submitter, reason=error
+        )
+        self._update(job_id, state="failed", phase="failed", error=error)
+
     def _update(self, job_id: str, **fields: Any) -> None:
         with self._lock:
             self.jobs.setdefault(job_id, {}).update(fields)

@@ -613,7 +613,6 @@ class FtlHost:
         allow_test_key: bool = False,
         seed: int | None = None,
         timeout: float = 600.0,
-        accept: Callable[[FtlJob, int], None] | None = None,
         state_dir: Path | None = None,
     ) -> None:
         self.channel, self.guest, self.arbiter = channel, guest, arbiter
@@ -623,7 +622,6 @@ class FtlHost:
         self.executor, self._pool = executor, pool
         self.allow_test_key, self.timeout = allow_test_key, timeout
         self.seed = secrets.randbits(63) if seed is None else seed
-        self.accept = accept
         self.outside = np.setdiff1d(np.arange(len(self.x)), self.overlap)  # rows to score
         self.scores: list[np.ndarray] = []  # when H owns the scores: of self.outside, in order
         self._run: tuple[str, str] | None = None
@@ -646,17 +644,6 @@ class FtlHost:
             channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
         )
         key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)
-        try:
-            if self.accept is not None:
-                self.accept(job, self.x.shape[1])
-        except Exception as exc:
-            peer.send(
-                self.guest,
-                FtlTag.ACCEPT,
-                0,
-                ControlBlock.from_obj({"ok": False, "reason": str(exc)[:300]}),
-            )
-            raise
         peer.send(
             self.guest,
             FtlTag.ACCEPT,
