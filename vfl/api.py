@@ -64,6 +64,12 @@ def estimate(
     ``rows``: the aligned rows to assume; default the job's PSI result if it names one, else
     the guest's data rows (an upper bound on the intersection).
     """
+    kind = job_kind(read_job_toml(job))
+    if kind is not JobKind.SPLIT_NN:
+        raise ConfigError(
+            f"{job}: vfl estimate models split-NN jobs (PROTOCOL.md §4.9); a {kind.value} job "
+            "has no cost model yet"
+        )
     parsed = load_job_file(job, allow_plaintext=True)
     party = load_config(config)
     if rows is None and parsed.psi_job:
