@@ -339,7 +339,9 @@ def test_service_restarted_mid_job_resumes_with_the_same_result(
     counts = [
         r
         for r in cluster.audit("arbiter")
-        if r["job_id"] == job_id and r["event"] == "decryption_counts"
+        if r["job_id"] == job_id
+        and r["event"] == "decryption_counts"
+        and r["cause"] != "periodic"  # every 60 s while counts change: a slow run gets some
     ]
     # the counts so far, when the job registers again (or when the arbiter itself stops)
     assert counts[0]["cause"] == ("service stop" if party == "arbiter" else "registered again")
