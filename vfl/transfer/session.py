@@ -514,7 +514,8 @@ class FtlGuest:
                 )
                 if scores is not None:
                     truth = self.y[self.overlap[val_pairs]] > 0
-                    metrics = binary_metrics(truth, scores)
+                    probability = 1.0 / (1.0 + np.exp(-scores))  # φ is a logit (§6.1)
+                    metrics = binary_metrics(truth, probability)
                     epoch_val = [truth.astype(int).tolist(), scores.tolist()]
                     record.update({f"val_{k}": v for k, v in metrics.items()})
             record["seconds"] = time.monotonic() - epoch_started
