@@ -236,6 +236,7 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     local = run_small(pk, sk, job=small_job())
     result = local.result
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.history[-1]["val_roc_auc"] > 0.7  # validation on probabilities, not logits
     data = ftl_data()
     outside = np.setdiff1d(np.arange(len(data["host_features"])), data["host_overlap"])
     assert result.scores is not None and len(result.scores) == len(outside)
