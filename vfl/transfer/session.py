@@ -390,6 +390,12 @@ class FtlGuest:
         md = MaskedDecryptionClient(
             channel=self.channel, arbiter=self.arbiter, cipher=cipher, timeout=self.timeout
         )
+        if self.folder is not None:  # R6: a resumed run must draw the same validation pairs
+            seed_file = self.folder / "seed"
+            if seed_file.is_file():
+                self.seed = int(seed_file.read_text())
+            else:
+                atomic_write(seed_file, f"{self.seed}\n".encode(), mode=0o600)
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed % 2**31)
         net = representation_net(self.x.shape[1], job.guest_widths, cfg.d)
@@ -510,7 +516,14 @@ class FtlGuest:
             record: dict[str, float] = {"epoch": float(epoch + 1), "loss": float(np.mean(losses))}
             if len(val_pairs):  # R4 on the held-out pairs, with this epoch's Φ
                 scores, score_step = self._score(
-                    peer, md, cipher, pool, phi, self.overlap_host_rows(val_pairs), score_step
+                    peer,
+                    md,
+                    cipher,
+                    pool,
+                    phi,
+                    self.overlap_host_rows(val_pairs),
+                    score_step,
+                    epoch + 1,
                 )
                 if scores is not None:
                     truth = self.y[self.overlap[val_pairs]] > 0
@@ -539,7 +552,7 @@ class FtlGuest:
         final_scores = None
         if score_outside and outside:  # R4: H's customers outside the overlap (§6.6)
             final_scores, score_step = self._score(
-                peer, md, cipher, pool, phi, np.arange(outside), score_step
+                peer, md, cipher, pool, phi, np.arange(outside), score_step, best_epoch
             )
         peer.send(self.host, FtlTag.DONE, 0, ControlBlock.from_obj({"best_epoch": best_epoch}))
         return FtlResult(
@@ -565,11 +578,13 @@ class FtlGuest:
         phi: np.ndarray,
         rows: np.ndarray,
         step: int,
+        epoch: int,
     ) -> tuple[np.ndarray | None, int]:
         """R4: ``φ_j = Φ·u^B_j`` for H's ``rows``, in chunks. Validation: every row negative
         (overlap pair ``−1−p``), decrypted for G, which holds their labels (``FTL_VAL``);
         scoring: positions among H's rows outside the overlap, decrypted for G or handed to
-        H, whichever owns the scores (``FTL_SCORE``)."""
+        H, whichever owns the scores (``FTL_SCORE``). ``epoch`` names the model: H keeps
+        its network of each validated epoch and scores with the one of the epoch G kept."""
         validation = bool(len(rows)) and bool(np.all(rows < 0))
         if not validation and np.any(rows < 0):
             raise ProtocolError("a scoring request mixes overlap pairs and other rows")
@@ -578,7 +593,10 @@ class FtlGuest:
         for start in range(0, len(rows), SCORE_CHUNK):
             chunk = rows[start : start + SCORE_CHUNK]
             peer.send(
-                self.host, FtlTag.SCORE_REQ, step, ControlBlock.from_obj({"rows": chunk.tolist()})
+                self.host,
+                FtlTag.SCORE_REQ,
+                step,
+                ControlBlock.from_obj({"rows": chunk.tolist(), "epoch": epoch}),
             )
             enc_u = peer.cipher_tensor(self.host, FtlTag.SCORE_U, step, cipher)
             enc_u_t = EncryptedTensor(cipher=cipher, values=enc_u.values.T.copy(), scale=F_A)
@@ -627,6 +645,18 @@ class FtlHost:
         self.scores: list[np.ndarray] = []  # when H owns the scores: of self.outside, in order
         self._run: tuple[str, str] | None = None
         self.stopped = False
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # network per validated epoch
+
+    def _snapshot(self, epoch: int, folder: Path | None) -> dict[str, torch.Tensor]:
+        """The network of validated ``epoch`` (kept in memory, or on disk across a restart)."""
+        if epoch in self.snapshots:
+            return self.snapshots[epoch]
+        if folder is not None and epoch in checkpoint.available_steps(folder / "validated"):
+            state: dict[str, torch.Tensor] = checkpoint.load(folder / "validated", epoch).tree(
+                "net"
+            )
+            return state
+        raise ProtocolError(f"G asks for the network of epoch {epoch}, which was never validated")
 
     def stop(self) -> None:
         """End the run: a waiting receive raises :class:`RunAbortedError`."""
@@ -715,7 +745,23 @@ class FtlHost:
             if enc_phi is None:
                 raise ProtocolError(f"{tag} before PHI")
             if tag == FtlTag.SCORE_REQ.value:
-                self._score(peer, md, cipher, pool, net, np.asarray(_obj(envelope)["rows"]), t, job)
+                request = _obj(envelope)
+                rows = np.asarray(request["rows"], dtype=np.int64)
+                model_epoch = int(request["epoch"])
+                if len(rows) and np.all(rows < 0):  # validation: keep this epoch's network
+                    state = {k: v.clone() for k, v in net.state_dict().items()}
+                    self.snapshots[model_epoch] = state
+                    if folder is not None:
+                        checkpoint.save(
+                            folder / "validated",
+                            model_epoch,
+                            trees={"net": state},
+                            big_ints={},
+                            meta={},
+                        )
+                else:  # scoring: the network of the epoch G kept
+                    net.load_state_dict(self._snapshot(model_epoch, folder))
+                self._score(peer, md, cipher, pool, net, rows, t, job)
                 continue
             pairs = np.asarray(_obj(envelope)["pairs"], dtype=np.int64)  # BATCH t
             if len(pairs) != cfg.batch or len(np.unique(pairs)) != len(pairs):
