@@ -184,6 +184,13 @@ class Envelope:
 # codec
 
 
+def control_of(envelope: Envelope) -> dict[str, Any]:
+    """The JSON object of an envelope that must carry a :class:`ControlBlock`."""
+    if not isinstance(envelope.body, ControlBlock):
+        raise MalformedEnvelopeError(f"{envelope.describe()} must carry a JSON control block")
+    return envelope.body.obj()
+
+
 def encode(envelope: Envelope) -> tuple[bytes, bytes]:
     """Split ``envelope`` into its wire header and payload."""
     msg = pb.Envelope(

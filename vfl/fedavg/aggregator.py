@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from protocols import secagg
-from protocols.envelope import ControlBlock, Envelope, Uint64Block
+from protocols.envelope import ControlBlock, Envelope, Uint64Block, control_of
 from protocols.errors import JobRefusedError, ProtocolError, RunAbortedError, VflError
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
@@ -169,7 +169,7 @@ class FedAggregator:
                     missing = sorted(set(expected) - set(joins)) or ["every client"]
                     raise _Abort(f"no JOIN from {', '.join(missing)} in time") from None
                 continue
-            body = _control(envelope)
+            body = control_of(envelope)
             sender = envelope.sender
             parties[sender.party_id] = sender
             if job is None:
@@ -380,7 +380,7 @@ class FedAggregator:
                 timeout=max(0.0, timeout),
             )
             if envelope.tag == FedTag.ABORT.value:  # the client gave up (F7)
-                reason = str(_control(envelope).get("reason", "no reason given"))[:300]
+                reason = str(control_of(envelope).get("reason", "no reason given"))[:300]
                 raise _Abort(f"{sender.party_id} left the run: {reason}")
             if envelope.step != step:
                 raise _Abort(f"{sender.party_id} sent {tag.value} step {envelope.step}, not {step}")
@@ -395,7 +395,7 @@ class FedAggregator:
     def _control_of(
         self, run: _Run, sender: Party, tag: FedTag, step: int, timeout: float
     ) -> dict[str, Any]:
-        return _control(self._recv(run, sender, tag, step, timeout))
+        return control_of(self._recv(run, sender, tag, step, timeout))
 
     def _abort(
         self, run: _Run, clients: Sequence[Party], reason: str, *, refused: bool = False
@@ -425,9 +425,3 @@ class FedAggregator:
 def _shared(record: dict[str, Any]) -> dict[str, Any]:
     """What the clients learn of a round's reports: the combination, not each other's."""
     return {k: v for k, v in record.items() if k != "clients"}
-
-
-def _control(envelope: Envelope) -> dict[str, Any]:
-    if not isinstance(envelope.body, ControlBlock):
-        raise ProtocolError(f"{envelope.describe()} must carry a JSON control block")
-    return envelope.body.obj()

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocols import secagg
-from protocols.envelope import ControlBlock, Envelope, Uint64Block
+from protocols.envelope import ControlBlock, Envelope, Uint64Block, control_of
 from protocols.errors import (
     ConfigError,
     DataError,
@@ -158,7 +158,7 @@ class FedClient:
         rounds_held = checkpoint.available_steps(self.folder / CHECKPOINTS)
         keys = self._join(x, model, rounds_held)  # F2
         self._derive_seeds(keys)  # F3
-        resume = int(_control(keys)["resume_round"])
+        resume = int(control_of(keys)["resume_round"])
         history: list[dict[str, Any]] = []
         dp_steps = 0
         if resume > 0:
@@ -314,7 +314,7 @@ class FedClient:
             timeout=timeout,
         )
         if envelope.tag == FedTag.ABORT.value:
-            body = _control(envelope)
+            body = control_of(envelope)
             reason = body.get("reason", "no reason given")
             if body.get("refused"):
                 raise JobRefusedError(f"job {self.job.job_id}: {str(reason)[:300]}")
@@ -329,7 +329,7 @@ class FedClient:
         return envelope
 
     def _recv_control(self, tag: FedTag, step: int) -> dict[str, Any]:
-        return _control(self._recv(tag, step))
+        return control_of(self._recv(tag, step))
 
     def _join(self, x: np.ndarray, model: torch.nn.Module, rounds_held: Sequence[int]) -> Envelope:
         """F2: send JOIN with the signed ephemeral key; return A's KEYS (F3)."""
@@ -359,7 +359,7 @@ class FedClient:
         """F3: verify every other client's signed key against its pinned certificate, then
         derive the pairwise seeds."""
         publics: dict[str, bytes] = {}
-        for entry in _control(keys).get("keys", []):
+        for entry in control_of(keys).get("keys", []):
             party_id = str(entry["party"])
             public = bytes.fromhex(str(entry["public"]))
             if party_id == self.me:
@@ -531,9 +531,3 @@ def load_fed_model(folder: Path) -> tuple[torch.nn.Module, aggregate.Standardize
         mean=np.asarray(saved.meta["mean"]), scale=np.asarray(saved.meta["scale"])
     )
     return model, standardizer, job
-
-
-def _control(envelope: Envelope) -> dict[str, Any]:
-    if not isinstance(envelope.body, ControlBlock):
-        raise ProtocolError(f"{envelope.describe()} must carry a JSON control block")
-    return envelope.body.obj()

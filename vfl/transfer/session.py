@@ -51,7 +51,7 @@ from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
-from protocols.envelope import CipherBlock, ControlBlock, Envelope
+from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
 from protocols.errors import ConfigError, JobRefusedError, ProtocolError
 from protocols.executor import Executor
 from protocols.files import atomic_write
@@ -666,7 +666,7 @@ class FtlHost:
 
     def run(self, start: Envelope) -> nn.Module:
         """Follow G's run from its ``START``; returns the trained ``Net^B``."""
-        job = FtlJob.from_json(_obj(start)["job"])
+        job = FtlJob.from_json(control_of(start)["job"])
         cfg = job.config
         self._run = (start.job_id, start.run_id)
         folder = None if self.state_dir is None else self.state_dir / "jobs" / job.job_id / "ftl"
@@ -745,7 +745,7 @@ class FtlHost:
             if enc_phi is None:
                 raise ProtocolError(f"{tag} before PHI")
             if tag == FtlTag.SCORE_REQ.value:
-                request = _obj(envelope)
+                request = control_of(envelope)
                 rows = np.asarray(request["rows"], dtype=np.int64)
                 model_epoch = int(request["epoch"])
                 if len(rows) and np.all(rows < 0):  # validation: keep this epoch's network
@@ -763,7 +763,7 @@ class FtlHost:
                     net.load_state_dict(self._snapshot(model_epoch, folder))
                 self._score(peer, md, cipher, pool, net, rows, t, job)
                 continue
-            pairs = np.asarray(_obj(envelope)["pairs"], dtype=np.int64)  # BATCH t
+            pairs = np.asarray(control_of(envelope)["pairs"], dtype=np.int64)  # BATCH t
             if len(pairs) != cfg.batch or len(np.unique(pairs)) != len(pairs):
                 raise ProtocolError(f"BATCH {t} must hold {cfg.batch} distinct pairs")
             rows = self.overlap[pairs]
@@ -823,9 +823,3 @@ class FtlHost:
                 enc_s, job_id=job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=peer.run_id
             )
             self.scores.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))
-
-
-def _obj(envelope: Envelope) -> dict[str, Any]:
-    if not isinstance(envelope.body, ControlBlock):
-        raise ProtocolError(f"{envelope.describe()} must carry JSON")
-    return envelope.body.obj()
