@@ -1,5 +1,10 @@
-"""One interface for every heavy parallel path: Paillier products, obfuscator
-generation, the arbiter's decryptions (and later PSI and training).
+"""One interface for every heavy parallel path: PSI hashing and masking, Paillier products,
+obfuscator generation, the arbiter's decryptions.
+
+Backends (:class:`Backend`, chosen by the party config's ``[executor]`` table, built by
+:func:`make_executor`): ``local``, a process pool on this machine (the default; needs
+nothing else), and ``ray``, long-lived actors on the silo's own Ray cluster
+(:mod:`protocols.ray_executor`; optional extra ``vfl-engine[ray]``).
 
 Work is a list of chunks; :meth:`Executor.map` applies a top-level function to each
 chunk and returns the results **in chunk order**, whatever order workers finish in.
@@ -23,6 +28,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from protocols.errors import ConfigError, VflError
@@ -210,3 +217,50 @@ class LocalProcessExecutor(Executor):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+class Backend(StrEnum):
+    """Where a party's heavy parallel work runs."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """A party's ``[executor]`` table.
+
+    Attributes
+    ----------
+    backend
+        ``local`` (process pool, default) or ``ray`` (the silo's Ray cluster).
+    workers
+        Local processes or Ray actors (default: this machine's / the cluster's CPUs).
+    ray_address
+        The Ray cluster's head, ``host:port`` (``ray`` only; ``"auto"``: the cluster this
+        machine joined with ``ray start``).
+    allow_plaintext_cluster
+        Accept a Ray cluster without TLS (``RAY_USE_TLS``); logs a warning.
+    """
+
+    backend: Backend = Backend.LOCAL
+    workers: int | None = None
+    ray_address: str = "auto"
+    allow_plaintext_cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"executor.workers must be at least 1, got {self.workers}")
+
+
+def make_executor(settings: ExecutorSettings, *, nice: int = 0) -> Executor:
+    """The executor ``settings`` name (``nice`` applies to local worker processes only)."""
+    if settings.backend is Backend.RAY:
+        from protocols.ray_executor import RayExecutor
+
+        return RayExecutor(
+            address=settings.ray_address,
+            workers=settings.workers,
+            allow_plaintext_cluster=settings.allow_plaintext_cluster,
+        )
+    return LocalProcessExecutor(workers=settings.workers, nice=nice)

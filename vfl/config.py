@@ -25,6 +25,14 @@ Example (relative paths are resolved against the config file's folder)::
     [transport]                  # optional; see protocols.transport.TransportOptions
     retry_seconds = 30
 
+    [executor]                   # optional: where heavy parallel work runs, inside this silo
+    backend = "local"            # "local" process pool (default) or "ray": the silo's cluster
+    workers = 8                  # processes / Ray actors; default: this machine's / the
+                                 # cluster's CPU count
+    ray_address = "10.1.0.5:6379"  # ray: the cluster head (ray start --head --port 6379);
+                                 # default "auto": the cluster this machine joined
+    allow_plaintext_cluster = false  # ray: accept a cluster without Ray TLS (warns)
+
     [arbiter]                    # arbiter only, optional
     key_bits = 2048              # Paillier key made at first start, kept in state_dir
     allow_test_key = false       # true admits < 2048-bit keys: tests only, never for data
@@ -67,6 +75,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from protocols.errors import ConfigError
+from protocols.executor import Backend, ExecutorSettings
 from protocols.roles import Party, PartyAddress, Role, check_party_id
 from protocols.transport.options import TransportOptions
 from protocols.transport.tls import TlsIdentity, load_identity
@@ -78,6 +87,7 @@ _SECTIONS = {
     "peers",
     "data",
     "transport",
+    "executor",
     "arbiter",
     "accept",
     "scoring",
@@ -97,6 +107,7 @@ _ACCEPT_KEYS = {
 _SCORING_KEYS = {"requesters", "quota_rows", "valid_days", "models"}
 _SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
 _TESTING_KEYS = {"seed"}
+_EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _E = TypeVar("_E", bound=StrEnum)
 _ARBITER_KEYS = {"key_bits", "allow_test_key"}
 _PARTY_KEYS = {"id", "role", "listen", "state_dir"}
@@ -261,6 +272,7 @@ class PartyConfig:
     peers: tuple[PeerConfig, ...] = ()
     data: Mapping[str, Path] = field(default_factory=dict)
     transport: TransportOptions = field(default_factory=TransportOptions)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     key_bits: int = 2048
     allow_test_key: bool = False
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
@@ -367,6 +379,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
+    executor = _executor(raw, where)
     arbiter_t = raw.get("arbiter", {})
     if not isinstance(arbiter_t, dict):
         raise ConfigError(f"{where}: [arbiter] must be a table")
@@ -398,12 +411,48 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         peers=tuple(peers),
         data=data,
         transport=transport,
+        executor=executor,
         key_bits=key_bits,
         allow_test_key=allow_test_key,
         accept=accept,
         scoring=scoring,
         seed=seed,
     )
+
+
+def _executor(raw: Mapping[str, Any], where: str) -> ExecutorSettings:
+    table = raw.get("executor", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [executor] must be a table")
+    _only(table, _EXECUTOR_KEYS, f"{where}: [executor]")
+    name = table.get("backend", "local")
+    try:
+        backend = Backend(name)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: executor.backend {name!r} is not one of "
+            f"{', '.join(b.value for b in Backend)}"
+        ) from None
+    workers = table.get("workers")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)):
+        raise ConfigError(f"{where}: executor.workers must be a whole number, got {workers!r}")
+    address = table.get("ray_address", "auto")
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f'{where}: executor.ray_address must be "host:port" or "auto"')
+    if "ray_address" in table and backend is not Backend.RAY:
+        raise ConfigError(f'{where}: executor.ray_address needs backend = "ray"')
+    plaintext = table.get("allow_plaintext_cluster", False)
+    if not isinstance(plaintext, bool):
+        raise ConfigError(f"{where}: executor.allow_plaintext_cluster must be true or false")
+    try:
+        return ExecutorSettings(
+            backend=backend,
+            workers=workers,
+            ray_address=address,
+            allow_plaintext_cluster=plaintext,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _accept(

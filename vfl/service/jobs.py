@@ -62,7 +62,7 @@ from protocols.errors import (
     TransportError,
     VflError,
 )
-from protocols.executor import Executor, LocalProcessExecutor
+from protocols.executor import Backend, Executor, make_executor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
@@ -350,7 +350,7 @@ class JobRunner:
         self.run_psi = run_psi
         self._lock = threading.Lock()
         self.jobs: dict[str, dict[str, Any]] = {}
-        self._background: LocalProcessExecutor | None = None
+        self._background: Executor | None = None
         self._stopping = threading.Event()
         self._guest_jobs: dict[str, _GuestJob] = {}
         self._host_runs: dict[str, _HostRun] = {}
@@ -381,11 +381,14 @@ class JobRunner:
         self.fed.serve_aggregator()
         return serve_arbiter(self.config, self.channel, self.executor, watch=self.watch)
 
-    def background(self) -> LocalProcessExecutor:
-        """Low-priority workers that fill obfuscator pools with otherwise idle CPU time."""
+    def background(self) -> Executor:
+        """Low-priority workers that fill obfuscator pools with otherwise idle CPU time (on a
+        Ray cluster: the party's own actors, which the protocol steps share)."""
+        if self.config.executor.backend is Backend.RAY:
+            return self.executor
         with self._lock:
             if self._background is None:
-                self._background = LocalProcessExecutor(nice=10)
+                self._background = make_executor(self.config.executor, nice=10)
             return self._background
 
     def start(self) -> None:

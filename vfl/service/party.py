@@ -43,7 +43,7 @@ from typing import Any
 from protocols.crypto.arbiter import SetupTag
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
-from protocols.executor import LocalProcessExecutor
+from protocols.executor import Backend, Executor, ExecutorSettings, make_executor
 from protocols.files import atomic_write
 from protocols.roles import PartyAddress, Role
 from protocols.tags import TagRegistry
@@ -121,7 +121,7 @@ class PartyService:
         )
         self.channel.add_handler(MessageFilter.for_tags(ServiceTag.PING), self._on_ping)
         self.channel.add_handler(MessageFilter.for_tags(PsiTag.HELLO), self._on_psi_hello)
-        self._executor: LocalProcessExecutor | None = None
+        self._executor: Executor | None = None
         self._executor_lock = threading.Lock()
         self._started = time.time()
         self._stats_lock = threading.Lock()
@@ -268,14 +268,28 @@ class PartyService:
         except Exception:  # noqa: BLE001 - they start on first use instead
             logger.warning("could not start worker processes ahead of use", exc_info=True)
 
-    def executor(self) -> LocalProcessExecutor:
-        """The party's worker processes (started on first use)."""
+    def executor(self) -> Executor:
+        """The party's workers: its local process pool (started on first use) or its actors
+        on the silo's Ray cluster (``[executor]``)."""
         with self._executor_lock:
             if self._closing.is_set():
                 raise TransportError(f"{self.party} is shutting down")
             if self._executor is None:
-                self._executor = LocalProcessExecutor()
+                self._executor = make_executor(self._executor_settings())
             return self._executor
+
+    def _executor_settings(self) -> ExecutorSettings:
+        """The arbiter's decryptions never leave its own processes: its private key would
+        travel to the cluster with every chunk."""
+        settings = self.config.executor
+        if self.party.role is Role.ARBITER and settings.backend is Backend.RAY:
+            logger.warning(
+                "%s: the arbiter decrypts in its own processes, not on the Ray cluster "
+                "(its private key never leaves this machine)",
+                self.config.source,
+            )
+            return ExecutorSettings()
+        return settings
 
     def _prepare(self, request: dict[str, Any], *, id_type: IdType) -> PreparedIds:
         alias = str(request.get("data", ""))
