@@ -33,7 +33,6 @@ from protocols.transport.inmemory import InMemoryNetwork
 from psi import ecdh
 from psi.canon import IdType, prepare_ids
 from psi.protocol import PsiOptions, PsiResult, PsiTag, run_guest, run_host
-
 from tests.conftest import BANK, RETAILER
 from tests.vfl.session_setup import synthetic_tables
 from vfl.splitnn.local import run_in_process
