@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protocols.errors import ConfigError
-from protocols.ray_executor import import_ray
+from protocols.ray_executor import INLINE_BYTES, INLINE_ENV, import_ray
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ class LocalRayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._ray_bin = str(Path(sys.executable).with_name("ray"))
-        self._env = {**os.environ, "RAY_worker_niceness": str(worker_niceness)}
+        self._env = {
+            **os.environ,
+            "RAY_worker_niceness": str(worker_niceness),
+            INLINE_ENV: os.environ.get(INLINE_ENV, str(INLINE_BYTES)),
+        }
         self._nodes: list[subprocess.Popen[bytes]] = []
 
     def _start_node(self, *args: str, cpus: int) -> None:
@@ -79,6 +83,7 @@ class LocalRayCluster:
             self._start_node(f"--address={self.address}", cpus=cpus)
         ray = import_ray()
         if not ray.is_initialized():
+            os.environ.setdefault(INLINE_ENV, str(INLINE_BYTES))
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         while ray.cluster_resources().get("CPU", 0) < sum(self.node_cpus):
             self._check_alive(deadline)

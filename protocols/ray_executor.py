@@ -22,6 +22,10 @@ Steps (the code comments cite them):
    chunk functions' per-process caches and kept for the actor's life; the per-step
    fixed-base tables of a product are built inside the actor that runs the chunk.
 2. Each chunk goes to the actor with the fewest chunks in flight (at most ``depth`` each).
+   Chunks and results up to ``INLINE_BYTES`` travel inside the task messages
+   (``RAY_max_direct_call_object_size``, set for this driver here and for the nodes by
+   whoever starts them): through Ray's object store a PSI chunk of 128 KB between two
+   nodes took 50-280 ms here, inline about 1 ms.
 3. Results are assembled **by chunk index**, never by completion order, so a run is
    bit-identical to the ``local`` backend's.
 4. A chunk whose actor died (process killed, node lost, out of memory) is resubmitted to
@@ -49,6 +53,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 NAMESPACE = "vfl-engine"
+INLINE_BYTES = 8 << 20
+INLINE_ENV = "RAY_max_direct_call_object_size"
 _TLS_ON = {"1", "true", "yes"}
 _connect_lock = threading.Lock()
 
@@ -101,6 +107,7 @@ def connect(address: str, *, allow_plaintext_cluster: bool) -> ModuleType:
         )
     with _connect_lock:
         if not ray.is_initialized():
+            os.environ.setdefault(INLINE_ENV, str(INLINE_BYTES))  # step 2
             ray.init(
                 address=address,
                 namespace=NAMESPACE,

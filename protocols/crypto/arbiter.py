@@ -43,13 +43,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Any
 
 from gmpy2 import mpz
 
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.counters import Op, record
-from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.paillier import PrivateKey, PublicKey, read_key_file
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
 from protocols.errors import CryptoError, PolicyViolationError, ProtocolError, VflError
@@ -253,6 +254,7 @@ class DecryptionPolicy:
 
 
 _WORKER_KEYS: dict[int, PrivateKey] = {}
+_FILE_KEYS: dict[tuple[str, bytes], PrivateKey] = {}
 
 
 def _decrypt_chunk(args: tuple[mpz, mpz, mpz, mpz, int, list[mpz]]) -> list[mpz]:
@@ -265,6 +267,19 @@ def _decrypt_chunk(args: tuple[mpz, mpz, mpz, mpz, int, list[mpz]]) -> list[mpz]
     if key is None:
         key = PrivateKey(public=PublicKey(n=n, h_s=h_s, bits=bits), p=p, q=q)
         _WORKER_KEYS[int(n)] = key
+    return [key.decrypt(c) for c in values]
+
+
+def _decrypt_chunk_from_file(args: tuple[str, bytes, list[mpz]]) -> list[mpz]:
+    """Decrypt a slice with the key this worker loads from the arbiter's key file itself
+    (a worker on the silo's Ray cluster: the key is never part of a chunk)."""
+    path, key_id, values = args
+    key = _FILE_KEYS.get((path, key_id))
+    if key is None:
+        public, key = read_key_file(Path(path), allow_test_key=True)  # A checked its size
+        if public.key_id != key_id:
+            raise CryptoError(f"the key file {path} holds another key than the job's")
+        _FILE_KEYS[(path, key_id)] = key
     return [key.decrypt(c) for c in values]
 
 
@@ -283,6 +298,10 @@ class ArbiterService:
         The policy to enforce.
     executor
         Where decryptions run (split over processes: the arbiter is the critical path).
+    key_file
+        The arbiter's key file, readable by every worker at this path: workers load the key
+        from it and chunks carry only its path and id (for workers on the silo's Ray
+        cluster). Without it, chunks carry ``p`` and ``q`` to this machine's own processes.
     """
 
     def __init__(
@@ -293,6 +312,7 @@ class ArbiterService:
         private_key: PrivateKey | None,
         policy: DecryptionPolicy,
         executor: Executor,
+        key_file: Path | None = None,
     ) -> None:
         if cipher.encrypted and private_key is None:
             raise CryptoError("the arbiter needs its private key to serve a Paillier job")
@@ -303,6 +323,7 @@ class ArbiterService:
         self._key = private_key
         self.policy = policy
         self._executor = executor
+        self._key_file = key_file
         self._setup_lock = threading.Lock()
         self._waiting_ready: dict[str, list[Envelope]] = {}
         self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
@@ -504,6 +525,11 @@ class ArbiterService:
         record(Op.DECRYPTIONS, len(values))
         k = self._key
         parts = split(len(values), self._executor.workers)
+        if self._key_file is not None:
+            path, key_id = str(self._key_file), k.public.key_id
+            file_chunks = [(path, key_id, values[r.start : r.stop]) for r in parts]
+            decrypted = self._executor.map(_decrypt_chunk_from_file, file_chunks)
+            return [m for chunk in decrypted for m in chunk]
         chunks = [
             (k.p, k.q, k.public.n, k.public.h_s, k.public.bits, values[r.start : r.stop])
             for r in parts

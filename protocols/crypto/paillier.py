@@ -19,9 +19,11 @@ integers; a receiver checks ``0 < c < N2`` and the key id of every block.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gmpy2
@@ -237,3 +239,23 @@ def generate_keypair(
             break
     public = PublicKey(n=n, h_s=gmpy2.powmod(h, n, n * n), bits=n.bit_length())
     return public, PrivateKey(public=public, p=mpz(sk.p), q=mpz(sk.q))
+
+
+def key_file_bytes(public: PublicKey, private: PrivateKey) -> bytes:
+    """The arbiter's key file (JSON: the public key and ``p``, ``q`` in hex); write it 0600."""
+    body = {
+        "public": public.to_json(),
+        "p": format(int(private.p), "x"),
+        "q": format(int(private.q), "x"),
+    }
+    return json.dumps(body).encode()
+
+
+def read_key_file(path: Path, *, allow_test_key: bool) -> tuple[PublicKey, PrivateKey]:
+    """Parse the arbiter's key file; :class:`CryptoError` (naming the file) if it is unusable."""
+    try:
+        obj = json.loads(path.read_text())
+        public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
+        return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
+    except (OSError, ValueError, KeyError, TypeError, CryptoError) as exc:
+        raise CryptoError(f"the key file {path} is unreadable ({type(exc).__name__})") from None

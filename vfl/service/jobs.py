@@ -51,7 +51,13 @@ from pathlib import Path
 from typing import Any
 
 from protocols.crypto.arbiter import ArbiterService, JobPolicy
-from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
+from protocols.crypto.paillier import (
+    PrivateKey,
+    PublicKey,
+    generate_keypair,
+    key_file_bytes,
+    read_key_file,
+)
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
     ConfigError,
@@ -64,6 +70,7 @@ from protocols.errors import (
 )
 from protocols.executor import Backend, Executor, make_executor
 from protocols.files import atomic_write
+from protocols.ray_executor import ray_tls_on
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
 from psi.result import read_result
@@ -132,23 +139,16 @@ def arbiter_key(
         if path.stat().st_mode & 0o077:
             logger.warning("%s is readable by others; chmod 600 it", path)
         try:
-            obj = json.loads(path.read_text())
-            public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
-            return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
-        except (OSError, ValueError, KeyError, TypeError, CryptoError) as exc:
+            return read_key_file(path, allow_test_key=allow_test_key)
+        except CryptoError:
             raise DataError(
-                f"the arbiter's key file {path} is unreadable ({type(exc).__name__}); restore it "
-                "from backup (running jobs need this key), or move it away to make a new key"
+                f"the arbiter's key file {path} is unreadable; restore it from backup (running "
+                "jobs need this key), or move it away to make a new key"
             ) from None
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public, private = generate_keypair(bits=bits, allow_test_key=allow_test_key)
-    body = {
-        "public": public.to_json(),
-        "p": format(int(private.p), "x"),
-        "q": format(int(private.q), "x"),
-    }
-    atomic_write(path, json.dumps(body).encode(), mode=0o600)
+    atomic_write(path, key_file_bytes(public, private), mode=0o600)
     logger.info(
         "made a %d-bit Paillier key (id %s) in %.1f s",
         bits,
@@ -156,6 +156,17 @@ def arbiter_key(
         time.monotonic() - started,
     )
     return public, private
+
+
+def decrypts_on_ray(config: PartyConfig) -> bool:
+    """Whether this arbiter decrypts on its silo's Ray cluster: only with ``backend = "ray"``
+    and Ray TLS on; its workers then load the key from the key file themselves, so the key
+    never travels in a chunk (the file must be readable at the same path on every node)."""
+    return (
+        config.party.role is Role.ARBITER
+        and config.executor.backend is Backend.RAY
+        and ray_tls_on()
+    )
 
 
 def policy_of(body: dict[str, Any]) -> JobPolicy:
@@ -187,6 +198,7 @@ def serve_arbiter(
         public_key=public,
         private_key=private,
         executor=executor,
+        key_file=config.state_dir / KEY_FILE if decrypts_on_ray(config) else None,
         admit=admit if watch is None else watch.admit,
         policy_of=policy_of,
         tags=(DecTag, FtlDecTag),

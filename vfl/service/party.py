@@ -58,7 +58,7 @@ from vfl.data.ids import load_id_column
 from vfl.fedavg.protocol import FedTag
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.accept import check_data, check_guest
-from vfl.service.jobs import JobRunner
+from vfl.service.jobs import JobRunner, decrypts_on_ray
 from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import JobTag
@@ -279,13 +279,17 @@ class PartyService:
             return self._executor
 
     def _executor_settings(self) -> ExecutorSettings:
-        """The arbiter's decryptions never leave its own processes: its private key would
-        travel to the cluster with every chunk."""
+        """The arbiter decrypts on its Ray cluster only with Ray TLS on (its workers then load
+        the key from its key file); otherwise in its own processes."""
         settings = self.config.executor
-        if self.party.role is Role.ARBITER and settings.backend is Backend.RAY:
+        if (
+            self.party.role is Role.ARBITER
+            and settings.backend is Backend.RAY
+            and not decrypts_on_ray(self.config)
+        ):
             logger.warning(
-                "%s: the arbiter decrypts in its own processes, not on the Ray cluster "
-                "(its private key never leaves this machine)",
+                "%s: Ray TLS is off (RAY_USE_TLS), so the arbiter decrypts in its own "
+                "processes, not on the Ray cluster",
                 self.config.source,
             )
             return ExecutorSettings()

@@ -968,6 +968,7 @@ def serve_decryptions(
     public_key: PublicKey,
     private_key: PrivateKey,
     executor: Executor,
+    key_file: Path | None = None,
     admit: Callable[[dict[str, Any], Party], None] | None = None,
     policy_of: Callable[[dict[str, Any]], JobPolicy] | None = None,
     tags: Iterable[type[StrEnum]] = (DecTag,),
@@ -976,7 +977,8 @@ def serve_decryptions(
 
     ``admit(spec_body, sender)`` is the arbiter's acceptance policy for JOB_SPECs (see
     :meth:`ArbiterService.serve_setup`); ``policy_of`` derives a job's decryption policy
-    from its JOB_SPEC (default: a split-NN spec).
+    from its JOB_SPEC (default: a split-NN spec); ``key_file``: the workers load the key
+    from this file instead of receiving it (see :class:`ArbiterService`).
     """
     service = ArbiterService(
         channel=channel,
@@ -984,6 +986,7 @@ def serve_decryptions(
         private_key=private_key,
         policy=DecryptionPolicy(),
         executor=executor,
+        key_file=key_file,
     )
     for enum_cls in tags:
         service.serve(enum_cls)
