@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from protocols.errors import ConfigError, InsecureConfigError
+from protocols.executor import Backend, ExecutorSettings
 from protocols.roles import Role
 from vfl.config import AcceptPolicy, JobType, ScoringGrant, load_config
 from vfl.fedavg.jobfile import load_fed_job_file
@@ -252,6 +253,13 @@ seed = 7
         ('[scoring.models."m"]\nexpires = "June"', "scoring.models.\"m\".expires: 'June' is not a"),
         ('[scoring.models."m"]\nquota = 5', "unknown key 'quota'"),
         ("[testing]\nseed = -1", "testing.seed must be a non-negative integer"),
+        ('[executor]\nbackend = "dask"', "executor.backend 'dask' is not one of local, ray"),
+        ("[executor]\nworkers = 0", "executor.workers must be at least 1, got 0"),
+        ('[executor]\nworkers = "8"', "executor.workers must be a whole number"),
+        ('[executor]\nray_address = "h:1"', 'executor.ray_address needs backend = "ray"'),
+        ('[executor]\nbackend = "ray"\nray_address = ""', "executor.ray_address must be"),
+        ("[executor]\nallow_plaintext_cluster = 1", "allow_plaintext_cluster must be true or"),
+        ("[executor]\nadress = 1", "[executor]: unknown key 'adress'"),
     ],
 )
 def test_bad_policies_name_the_key(tmp_path: Path, section: str, needle: str) -> None:
@@ -298,3 +306,18 @@ expires = 2027-07-01
     assert two.quota_rows == 500 and two.requesters == {"bank"}
     assert two.expires_at == dt.datetime(2027, 7, 1, tzinfo=dt.UTC).timestamp()
     assert cfg.scoring.grant("other", now=now).expires_at == now + 1.5 * 86400
+
+
+def test_executor_section(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).executor == ExecutorSettings()  # local pool
+    cfg = load_config(
+        write(
+            tmp_path,
+            GOOD
+            + '[executor]\nbackend = "ray"\nray_address = "10.1.0.5:6379"\nworkers = 64\n'
+            + "allow_plaintext_cluster = true\n",
+        )
+    )
+    assert cfg.executor == ExecutorSettings(
+        backend=Backend.RAY, workers=64, ray_address="10.1.0.5:6379", allow_plaintext_cluster=True
+    )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from gmpy2 import mpz
 
 from protocols.crypto.arbiter import (
     Admission,
@@ -14,16 +17,17 @@ from protocols.crypto.arbiter import (
     DecryptionPolicy,
     JobPolicy,
     PolicyRule,
+    _decrypt_chunk_from_file,
 )
 from protocols.crypto.cipher import PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import lift
 from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
-from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair, key_file_bytes
 from protocols.crypto.tensor import EncryptedTensor, encrypt
 from protocols.envelope import Envelope
-from protocols.errors import PolicyViolationError, ReplayConflictError
-from protocols.executor import LocalProcessExecutor
+from protocols.errors import CryptoError, PolicyViolationError, ReplayConflictError
+from protocols.executor import InlineExecutor, LocalProcessExecutor
 from protocols.tags import TagRegistry
 from protocols.transport.base import Channel
 from protocols.transport.inmemory import InMemoryNetwork
@@ -47,7 +51,9 @@ def policy_for(job_id: str, pk: PublicKey, count: int = 6) -> JobPolicy:
 
 
 class Trio:
-    def __init__(self, pk: PublicKey, sk: PrivateKey | None, cipher, executor) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, pk: PublicKey, sk: PrivateKey | None, cipher, executor, key_file=None
+    ) -> None:  # type: ignore[no-untyped-def]
         net = InMemoryNetwork()
         self.ch: dict[str, Channel] = {
             p.party_id: net.channel(p, tags=TagRegistry([DecTag]))
@@ -60,6 +66,7 @@ class Trio:
             private_key=sk,
             policy=self.policy,
             executor=executor,
+            key_file=key_file,
         )
         self.service.serve(DecTag)
         self.cipher = cipher
@@ -251,3 +258,48 @@ def test_arbiter_sees_only_masked_values(
     )
     assert len(seen) == 6 and all(x != 0 for x in seen)  # zeros went in; A saw m + R
     assert len(set(seen)) == 6
+
+
+class _Recording(InlineExecutor):
+    """Runs chunks here and keeps every chunk it was given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Any] = []
+
+    def map(self, fn, chunks):  # type: ignore[no-untyped-def]
+        self.chunks.extend(chunks)
+        return super().map(fn, chunks)
+
+
+def test_workers_that_load_the_key_file_never_receive_the_key(
+    tmp_path: Path, pk: PublicKey, sk: PrivateKey, cipher: PaillierCipher, pool: ObfuscatorPool
+) -> None:
+    """The arbiter on a Ray cluster (Ray TLS on): chunks carry the key file's path and key id."""
+    key_file = tmp_path / "arbiter_key.json"
+    key_file.write_bytes(key_file_bytes(pk, sk))
+    recording = _Recording()
+    t = Trio(pk, sk, cipher, recording, key_file=key_file)
+    try:
+        register(t, policy_for("job-keyfile", pk))
+        values = [-5, 0, 7, 2**40, -(2**50), 123]
+        got = t.client("bank").decrypt(
+            tensor(cipher, pool, values), job_id="job-keyfile", tag=DecTag.Z_FWD, step=0
+        )
+        assert lift(got, pk.n).reshape(-1).tolist() == values
+    finally:
+        t.close()
+    assert recording.chunks
+    for path, key_id, _values in recording.chunks:
+        assert (path, key_id) == (str(key_file), pk.key_id)
+    secrets_ = {int(sk.p), int(sk.q)}
+    assert not any(int(v) in secrets_ for c in recording.chunks for v in c[2])
+
+
+def test_a_key_file_with_another_key_is_refused(
+    tmp_path: Path, pk: PublicKey, sk: PrivateKey
+) -> None:
+    other_pk, other_sk = generate_keypair(bits=512, allow_test_key=True)
+    key_file = tmp_path / "arbiter_key.json"
+    key_file.write_bytes(key_file_bytes(other_pk, other_sk))
+    with pytest.raises(CryptoError, match="holds another key"):
+        _decrypt_chunk_from_file((str(key_file), pk.key_id, [mpz(1)]))
