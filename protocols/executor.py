@@ -57,6 +57,21 @@ def split(count: int, parts: int) -> list[range]:
     return out
 
 
+X = TypeVar("X")
+
+
+def fill_window(
+    in_flight: deque[X], source: Iterator[T], window: int, submit: Callable[[T], X]
+) -> None:
+    """Submit chunks from ``source`` until ``window`` are in flight or it runs out."""
+    while len(in_flight) < window:
+        try:
+            chunk = next(source)
+        except StopIteration:
+            return
+        in_flight.append(submit(chunk))
+
+
 class Executor(ABC):
     """Runs chunks of work; see the module docstring."""
 
@@ -181,12 +196,7 @@ class LocalProcessExecutor(Executor):
         in_flight: deque[tuple[T, Future[Any]]] = deque()
         fruitless = 0
         while True:
-            while len(in_flight) < window:
-                try:
-                    chunk = next(source)
-                except StopIteration:
-                    break
-                in_flight.append((chunk, self._get_pool().submit(fn, chunk)))
+            fill_window(in_flight, source, window, lambda c: (c, self._get_pool().submit(fn, c)))
             if not in_flight:
                 return
             chunk, future = in_flight[0]

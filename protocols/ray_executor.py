@@ -45,7 +45,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from protocols.errors import ConfigError, InsecureConfigError
-from protocols.executor import Executor, ExecutorError
+from protocols.executor import Executor, ExecutorError, fill_window
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,7 @@ class RayExecutor(Executor):
         # (chunk, ref, actor index, failures so far), in chunk order (step 3)
         in_flight: deque[tuple[T, Any, int, int]] = deque()
         while True:
-            while len(in_flight) < window:
-                try:
-                    chunk = next(source)
-                except StopIteration:
-                    break
-                in_flight.append((chunk, *self._submit(fn, chunk), 0))
+            fill_window(in_flight, source, window, lambda c: (c, *self._submit(fn, c), 0))
             if not in_flight:
                 return
             chunk, ref, index, failures = in_flight[0]
