@@ -8,19 +8,22 @@ each keeps speaking only through its own gRPC service. Ray is an optional extra
 Who holds what: the driver sends each chunk's arguments to the cluster, so every node sees
 what a local worker process would see: for PSI the run's ephemeral X25519 key and the
 ids' hashes, for Paillier work public keys and ciphertexts. The arbiter's private key is
-never sent (its decryptions stay in its own processes, see :func:`protocols.executor.
-make_executor`). Without Ray TLS (``RAY_USE_TLS=1`` on every node) that traffic crosses the
-silo's network unencrypted, so a cluster without TLS needs ``allow_plaintext_cluster``,
-which logs a warning.
+never sent: without Ray TLS the arbiter decrypts in its own processes; with it, its actors
+load the key from the arbiter's key file themselves (:class:`protocols.crypto.arbiter.
+ArbiterService`, ``key_file``). Without Ray TLS (``RAY_USE_TLS=1`` on every node) chunks
+cross the silo's network unencrypted, so a cluster without TLS needs
+``allow_plaintext_cluster``, which logs a warning.
 
 Steps (the code comments cite them):
 
 1. Connect to the cluster named in the party config (``ray.init(address=...)``) once per
-   process and start ``workers`` long-lived actors, one CPU each (default: one per CPU
-   in the cluster). Per-job state that is expensive to derive (the obfuscator base's
-   fixed-base table, the arbiter-free Paillier constants) is built once per actor by the
-   chunk functions' per-process caches and kept for the actor's life; the per-step
-   fixed-base tables of a product are built inside the actor that runs the chunk.
+   process and start ``workers`` long-lived actors, one CPU each (default: one per free
+   CPU of the cluster). Per-job state that is expensive to derive (the fixed-base table of
+   the obfuscator base ``h_s``, about 110 MB at 2048 bits; the CRT constants of a key the
+   arbiter's actor loaded) is built once per actor by the chunk functions' per-process
+   caches and kept for the actor's life, while the key itself (768 bytes) rides along with
+   each chunk; the per-step fixed-base tables of a product are built inside the actor that
+   runs the chunk.
 2. Each chunk goes to the actor with the fewest chunks in flight (at most ``depth`` each).
    Chunks and results up to ``INLINE_BYTES`` travel inside the task messages
    (``RAY_max_direct_call_object_size``, set for this driver here and for the nodes by
@@ -127,7 +130,9 @@ class RayExecutor(Executor):
         The cluster's head, ``host:port`` of its GCS (``ray start --head --port ...``),
         or ``"auto"`` for the cluster this machine's ``ray start`` joined.
     workers
-        Actors to start, one CPU each (default: every CPU of the cluster).
+        Actors to start, one CPU each (default: every free CPU of the cluster).
+    startup_timeout
+        How long to wait for every actor to run before saying the cluster is too small.
     retries
         Resubmissions of one chunk after its actor died.
     depth
@@ -228,19 +233,24 @@ class RayExecutor(Executor):
         source = iter(chunks)
         # (chunk, ref, actor index, failures so far), in chunk order (step 3)
         in_flight: deque[tuple[T, Any, int, int]] = deque()
-        while True:
-            fill_window(in_flight, source, window, lambda c: (c, *self._submit(fn, c), 0))
-            if not in_flight:
-                return
-            chunk, ref, index, failures = in_flight[0]
-            ok, result = self._collect(ref, index)
-            if not ok:  # step 4
-                if failures + 1 > self._retries:
-                    raise self._give_up(failures + 1)
-                in_flight[0] = (chunk, *self._submit(fn, chunk, avoid=index), failures + 1)
-                continue
-            in_flight.popleft()
-            yield result
+        try:
+            while True:
+                fill_window(in_flight, source, window, lambda c: (c, *self._submit(fn, c), 0))
+                if not in_flight:
+                    return
+                chunk, ref, index, failures = in_flight.popleft()
+                ok, result = self._collect(ref, index)
+                if not ok:  # step 4
+                    if failures + 1 > self._retries:
+                        raise self._give_up(failures + 1)
+                    resubmitted = (chunk, *self._submit(fn, chunk, avoid=index), failures + 1)
+                    in_flight.appendleft(resubmitted)
+                    continue
+                yield result
+        finally:  # abandoned chunks (an error, or the caller stopped reading)
+            with self._lock:
+                for _, _, index, _ in in_flight:
+                    self._load[index] -= 1
 
     def close(self) -> None:
         for actor in self._actors:

@@ -74,8 +74,11 @@ def test_results_come_back_in_chunk_order(ray_executor: RayExecutor) -> None:
 
 
 def test_a_chunk_functions_own_error_is_raised_as_itself(ray_executor: RayExecutor) -> None:
+    key = ecdh.new_key()
+    good = ecdh.hash_and_mask_chunk((key, b"p", [b"a", b"b"]))
     with pytest.raises(InvalidPointError, match="small-order"):
-        ray_executor.map(ecdh.mask_chunk, [(ecdh.new_key(), bytes(32))])
+        ray_executor.map(ecdh.mask_chunk, [(key, good)] * 3 + [(key, bytes(32))] + [(key, good)])
+    assert ray_executor._load == [0, 0]  # nothing counted as in flight after the error
 
 
 def test_obfuscators_made_on_the_cluster_encrypt_zero(
