@@ -198,7 +198,7 @@ def serve_arbiter(
         public_key=public,
         private_key=private,
         executor=executor,
-        key_file=config.state_dir / KEY_FILE if decrypts_on_ray(config) else None,
+        key_file=(config.state_dir / KEY_FILE).resolve() if decrypts_on_ray(config) else None,
         admit=admit if watch is None else watch.admit,
         policy_of=policy_of,
         tags=(DecTag, FtlDecTag),
