@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import threading
 import time
 from typing import Any
@@ -68,11 +67,6 @@ def make_ids(n: int, overlap: float) -> tuple[PreparedIds, PreparedIds, int]:
         prepare_ids(host, id_type=IdType.EMAIL),
         shared,
     )
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_psi(

@@ -258,4 +258,4 @@ def read_key_file(path: Path, *, allow_test_key: bool) -> tuple[PublicKey, Priva
         public = PublicKey.from_json(obj["public"], allow_test_key=allow_test_key)
         return public, PrivateKey(public=public, p=int(obj["p"], 16), q=int(obj["q"], 16))
     except (OSError, ValueError, KeyError, TypeError, CryptoError) as exc:
-        raise CryptoError(f"the key file {path} is unreadable ({type(exc).__name__})") from None
+        raise CryptoError(f"key file {path} is unreadable ({type(exc).__name__})") from None

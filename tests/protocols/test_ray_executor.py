@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +26,9 @@ from protocols.executor import (
 )
 from protocols.ray_cluster import LocalRayCluster
 from protocols.ray_executor import RayExecutor
-from protocols.tags import TagRegistry
-from protocols.transport.base import MessageFilter
-from protocols.transport.inmemory import InMemoryNetwork
 from psi import ecdh
-from psi.canon import IdType, prepare_ids
-from psi.protocol import PsiOptions, PsiResult, PsiTag, run_guest, run_host
-from tests.conftest import BANK, RETAILER
+from psi.protocol import PsiOptions, PsiResult
+from tests.psi.test_protocol import run
 from tests.vfl.session_setup import synthetic_tables
 from vfl.splitnn.local import run_in_process
 from vfl.splitnn.session import SplitJob
@@ -114,34 +109,9 @@ HOST_IDS = [f"user{i:05d}" for i in range(4000, 9000)]
 OPTIONS = PsiOptions(task_points=256, chunk_points=1024)
 
 
-def _psi(guest_executor: Executor, host_executor: Executor) -> tuple[PsiResult, PsiResult]:
-    net = InMemoryNetwork()
-    ch = {p.party_id: net.channel(p, tags=TagRegistry([PsiTag])) for p in (BANK, RETAILER)}
-    box: dict[str, Any] = {}
-
-    def host() -> None:
-        hello = ch["retailer"].recv_any(MessageFilter.for_tags(PsiTag.HELLO), timeout=60)
-        box["host"] = run_host(
-            channel=ch["retailer"],
-            hello_envelope=hello,
-            ids=prepare_ids(HOST_IDS, id_type=IdType.GENERIC),
-            executor=host_executor,
-        )
-
-    thread = threading.Thread(target=host)
-    thread.start()
-    guest = run_guest(
-        channel=ch["bank"],
-        host=RETAILER,
-        job_id="ray-psi",
-        ids=prepare_ids(GUEST_IDS, id_type=IdType.GENERIC),
-        executor=guest_executor,
-        options=OPTIONS,
-    )
-    thread.join(60)
-    for c in ch.values():
-        c.close()
-    return guest, box["host"]
+def _psi(executor: Executor) -> tuple[PsiResult, PsiResult]:
+    out = run(GUEST_IDS, HOST_IDS, options=OPTIONS, job_id="ray-psi", executor=executor)
+    return out.guest, out.host
 
 
 def _fixed_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,9 +130,9 @@ def test_psi_is_bit_identical_with_local_and_ray(
     monkeypatch: pytest.MonkeyPatch, ray_executor: RayExecutor, local_executor: Executor
 ) -> None:
     _fixed_randomness(monkeypatch)
-    local = _psi(local_executor, local_executor)
+    local = _psi(local_executor)
     _fixed_randomness(monkeypatch)
-    on_ray = _psi(ray_executor, ray_executor)
+    on_ray = _psi(ray_executor)
     assert len(local[0].rows) == 2000
     for a, b in zip(local, on_ray, strict=True):
         assert a.rows is not None and b.rows is not None
@@ -190,7 +160,7 @@ class _KillOnce(RayExecutor):
 
 def test_a_killed_ray_worker_mid_psi_still_gives_the_right_intersection(cluster: str) -> None:
     with _KillOnce(address=cluster, workers=2, allow_plaintext_cluster=True, after=5) as killer:
-        guest, host = _psi(killer, killer)
+        guest, host = _psi(killer)
         assert killer.victim and killer.died >= 1  # chunks were lost and resubmitted
         assert killer.victim not in killer.pids()  # Ray restarted the actor
     assert guest.rows is not None and host.rows is not None

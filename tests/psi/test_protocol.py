@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from protocols.envelope import Envelope, PointBlock
 from protocols.errors import AlignmentError, InvalidPointError
-from protocols.executor import InlineExecutor
+from protocols.executor import Executor, InlineExecutor
 from protocols.tags import TagRegistry
 from protocols.transport.base import Channel, MessageFilter
 from protocols.transport.inmemory import InMemoryNetwork
@@ -60,6 +60,7 @@ def run(
     host_id_type: IdType | None = None,
     job_id: str = "psi-job",
     tamper: Callable[[Channel], None] | None = None,
+    executor: Executor = INLINE,
 ) -> Outcome:
     cg, ch = channels()
     sent: dict[str, list[Envelope]] = {"guest": [], "host": []}
@@ -75,7 +76,7 @@ def run(
         try:
             hello = ch.recv_any(MessageFilter.for_tags(PsiTag.HELLO), timeout=30)
             box["host"] = run_host(
-                channel=ch, hello_envelope=hello, ids=hp, executor=INLINE, timeout=10
+                channel=ch, hello_envelope=hello, ids=hp, executor=executor, timeout=10
             )
         except Exception as exc:  # noqa: BLE001
             box["host_error"] = exc
@@ -84,7 +85,7 @@ def run(
     thread.start()
     try:
         guest = run_guest(
-            channel=cg, host=RETAILER, job_id=job_id, ids=gp, executor=INLINE, options=options
+            channel=cg, host=RETAILER, job_id=job_id, ids=gp, executor=executor, options=options
         )
     finally:
         thread.join(30)

@@ -140,10 +140,10 @@ def arbiter_key(
             logger.warning("%s is readable by others; chmod 600 it", path)
         try:
             return read_key_file(path, allow_test_key=allow_test_key)
-        except CryptoError:
+        except CryptoError as exc:
             raise DataError(
-                f"the arbiter's key file {path} is unreadable; restore it from backup (running "
-                "jobs need this key), or move it away to make a new key"
+                f"the arbiter's {exc}; restore it from backup (running jobs need this key), "
+                "or move it away to make a new key"
             ) from None
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
