@@ -18,6 +18,7 @@ from protocols.errors import (
     ConfigError,
     InsecureConfigError,
     PeerUnavailableError,
+    TransportError,
     WrongReceiverError,
 )
 from protocols.roles import Party, PartyAddress
@@ -137,20 +138,36 @@ class GrpcChannel(Channel):
         return self.port
 
     def _transmit(self, envelope: Envelope) -> DeliveryStatus:
+        header, payload = encode(envelope)
+        client = self._client(envelope.receiver)
+        while True:
+            try:
+                return client.deliver(header, payload)
+            except TransportError:
+                # a peer whose address changed mid-send (its service restarted elsewhere):
+                # the send goes on to the new address instead of being lost
+                with self._lock:
+                    current = self._clients.get(envelope.receiver.party_id)
+                if not client.closed or current is None or current is client:
+                    raise
+                logger.info(
+                    "%s moved to %s during a send; sending there", client.peer, current.address
+                )
+                client = self._client(envelope.receiver)
+
+    def _client(self, receiver: Party) -> PeerClient:
         with self._lock:
-            client = self._clients.get(envelope.receiver.party_id)
+            client = self._clients.get(receiver.party_id)
         if client is None:
             raise PeerUnavailableError(
-                f"{envelope.receiver.party_id!r} is not a configured peer of {self.me}; "
+                f"{receiver.party_id!r} is not a configured peer of {self.me}; "
                 "add it under [[peers]] in the party config"
             )
-        if client.peer != envelope.receiver:
+        if client.peer != receiver:
             raise WrongReceiverError(
-                f"envelope for {envelope.receiver}, but {envelope.receiver.party_id} is "
-                f"configured as {client.peer}"
+                f"envelope for {receiver}, but {receiver.party_id} is configured as {client.peer}"
             )
-        header, payload = encode(envelope)
-        return client.deliver(header, payload)
+        return client
 
     def close(self, grace: float = 5.0) -> None:
         """Stop accepting, finish in-flight calls for up to ``grace`` s, close clients."""

@@ -120,6 +120,11 @@ class PeerClient:
             raise MalformedEnvelopeError("admin reply is not a JSON object")
         return obj
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (for example: the peer's address changed)."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Close the underlying gRPC channel."""
         self._closed.set()
@@ -165,5 +170,5 @@ class PeerClient:
                         f"{(err.details() or '')[:200]}); is its service running?"
                     ) from None
                 logger.info("retrying send to %s after %s", peer, code.name)
-                time.sleep(delay)
+                self._closed.wait(delay)
                 delay = min(2 * delay, 1.0)

@@ -396,6 +396,35 @@ def test_send_retries_until_the_peer_comes_up(pki: Pki, job_id: str) -> None:
             ch.close(grace=0.1)
 
 
+def test_a_send_follows_the_peer_to_its_new_address(pki: Pki, job_id: str) -> None:
+    """The peer's service restarted on another port while a send to the old one was still
+    retrying: once the operator gives the new address (``add_peer``), that send goes there
+    instead of failing (a lost reply would leave the requester waiting for good)."""
+    bank = channel_for(pki.identity(BANK))
+    bank.add_peer(PartyAddress(RETAILER, f"127.0.0.1:{free_port()}"))
+    moved: list[GrpcChannel] = []
+
+    def move() -> None:
+        time.sleep(0.6)  # the send is retrying against the old address by now
+        ch = channel_for(pki.identity(RETAILER))
+        ch.add_peer(PartyAddress(BANK, f"127.0.0.1:{bank.port}"))
+        moved.append(ch)
+        bank.add_peer(PartyAddress(RETAILER, f"127.0.0.1:{ch.port}"))
+
+    t = threading.Thread(target=move)
+    t.start()
+    try:
+        bank.send(data(job_id, BANK, RETAILER, 0, PlainBlock(b"followed")))
+        t.join()
+        got = moved[0].recv(job_id=job_id, sender=BANK, tag=TestTag.DATA, step=0, timeout=5)
+        assert got.payload == b"followed"
+    finally:
+        t.join()
+        bank.close(grace=0.1)
+        for ch in moved:
+            ch.close(grace=0.1)
+
+
 def test_unreachable_peer_gives_up_with_a_clear_error(pki: Pki, job_id: str) -> None:
     bank = channel_for(pki.identity(BANK))
     bank.add_peer(PartyAddress(RETAILER, f"127.0.0.1:{free_port()}"))
