@@ -3,7 +3,9 @@
 Each party runs a :class:`~protocols.transport.grpc_server.TransportServer` that
 fills its mailbox, and holds one :class:`~protocols.transport.grpc_client.PeerClient`
 per peer. Mutual TLS is always on; insecure transport needs ``insecure=True``
-and logs a warning at start-up.
+and logs a warning at start-up. When a peer's address changes (:meth:`GrpcChannel.add_peer`
+again, e.g. its service restarted on another port), sends still retrying against the old
+address go on to the new one.
 """
 
 from __future__ import annotations
