@@ -41,12 +41,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from protocols.executor import LocalProcessExecutor
 from protocols.files import atomic_write
-from protocols.tags import TagRegistry
-from protocols.transport.base import MessageFilter
-from protocols.transport.inmemory import InMemoryNetwork
 from psi import ecdh
 from psi.canon import IdType, prepare_ids
-from psi.protocol import PsiOptions, PsiTag, run_guest, run_host
+from psi.inprocess import align_in_process, channel_pair
 from psi.result import read_result, result_dir, write_result
 from vfl.config import load_config
 from vfl.service.admin import admin_call
@@ -105,40 +102,21 @@ def floor_seconds(n: int, cores: int) -> tuple[float, float, float]:
 
 
 def run_inmemory(guest_path: Path, host_path: Path, out: Path) -> float:
-    net = InMemoryNetwork()
-    cg = net.channel(GUEST, tags=TagRegistry([PsiTag]))
-    ch = net.channel(HOST, tags=TagRegistry([PsiTag]))
     with LocalProcessExecutor(workers=2) as eg, LocalProcessExecutor(workers=2) as eh:
         eg.map(abs, [0, 0]), eh.map(abs, [0, 0])  # start the workers before timing
         t = time.perf_counter()
-        errors: list[BaseException] = []
-
-        def host() -> None:
-            try:
-                ids = prepare_ids(read_ids(host_path), id_type=IdType.EMAIL)
-                hello = ch.recv_any(MessageFilter.for_tags(PsiTag.HELLO), timeout=600)
-                write_result(
-                    out / "host",
-                    "bench",
-                    run_host(channel=ch, hello_envelope=hello, ids=ids, executor=eh),
-                )
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        thread = threading.Thread(target=host)
-        thread.start()
-        ids = prepare_ids(read_ids(guest_path), id_type=IdType.EMAIL)
-        result = run_guest(
-            channel=cg, host=HOST, job_id="bench", ids=ids, executor=eg, options=PsiOptions()
+        guest, host = align_in_process(
+            guest_ids=prepare_ids(read_ids(guest_path), id_type=IdType.EMAIL),
+            host_ids=prepare_ids(read_ids(host_path), id_type=IdType.EMAIL),
+            guest_executor=eg,
+            host_executor=eh,
+            job_id="bench",
+            timeout=600,
+            channels=channel_pair(GUEST, HOST),
         )
-        write_result(out / "guest", "bench", result)
-        thread.join()
-        wall = time.perf_counter() - t
-    if errors:
-        raise errors[0]
-    cg.close()
-    ch.close()
-    return wall
+        write_result(out / "guest", "bench", guest)
+        write_result(out / "host", "bench", host)
+        return time.perf_counter() - t
 
 
 class RssSampler:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import threading
 import time
 from typing import Any
 
@@ -42,12 +41,10 @@ from protocols.files import atomic_write
 from protocols.ray_cluster import LocalRayCluster
 from protocols.ray_executor import RayExecutor
 from protocols.roles import Party, Role
-from protocols.tags import TagRegistry
-from protocols.transport.base import MessageFilter
-from protocols.transport.inmemory import InMemoryNetwork
 from psi import ecdh
 from psi.canon import IdType, PreparedIds, prepare_ids
-from psi.protocol import PsiOptions, PsiTag, run_guest, run_host
+from psi.inprocess import align_in_process, channel_pair
+from psi.protocol import PsiOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "scaleout.json"
@@ -73,33 +70,19 @@ def run_psi(
     guest_ids: PreparedIds, host_ids: PreparedIds, eg: Executor, eh: Executor
 ) -> dict[str, Any]:
     """One in-memory PSI; wall time and this process's own CPU (both drivers)."""
-    net = InMemoryNetwork()
-    cg = net.channel(GUEST, tags=TagRegistry([PsiTag]))
-    ch = net.channel(HOST, tags=TagRegistry([PsiTag]))
-    errors: list[BaseException] = []
-    out: dict[str, Any] = {}
-
-    def host() -> None:
-        try:
-            hello = ch.recv_any(MessageFilter.for_tags(PsiTag.HELLO), timeout=600)
-            out["host"] = run_host(channel=ch, hello_envelope=hello, ids=host_ids, executor=eh)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
     cpu0 = time.process_time()
     t = time.perf_counter()
-    thread = threading.Thread(target=host)
-    thread.start()
-    guest = run_guest(
-        channel=cg, host=HOST, job_id="scaleout", ids=guest_ids, executor=eg, options=PsiOptions()
+    guest, _ = align_in_process(
+        guest_ids=guest_ids,
+        host_ids=host_ids,
+        guest_executor=eg,
+        host_executor=eh,
+        job_id="scaleout",
+        timeout=600,
+        channels=channel_pair(GUEST, HOST),
     )
-    thread.join()
     wall = time.perf_counter() - t
     cpu = time.process_time() - cpu0
-    cg.close()
-    ch.close()
-    if errors:
-        raise errors[0]
     return {"wall_s": wall, "drivers_cpu_s": cpu, "intersection": guest.intersection_size}
 
 

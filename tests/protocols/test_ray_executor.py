@@ -27,8 +27,9 @@ from protocols.executor import (
 from protocols.ray_cluster import LocalRayCluster
 from protocols.ray_executor import RayExecutor
 from psi import ecdh
+from psi.canon import IdType, prepare_ids
+from psi.inprocess import align_in_process
 from psi.protocol import PsiOptions, PsiResult
-from tests.psi.test_protocol import run
 from tests.vfl.session_setup import synthetic_tables
 from vfl.splitnn.local import run_in_process
 from vfl.splitnn.session import SplitJob
@@ -110,8 +111,14 @@ OPTIONS = PsiOptions(task_points=256, chunk_points=1024)
 
 
 def _psi(executor: Executor) -> tuple[PsiResult, PsiResult]:
-    out = run(GUEST_IDS, HOST_IDS, options=OPTIONS, job_id="ray-psi", executor=executor)
-    return out.guest, out.host
+    return align_in_process(
+        guest_ids=prepare_ids(GUEST_IDS, id_type=IdType.GENERIC),
+        host_ids=prepare_ids(HOST_IDS, id_type=IdType.GENERIC),
+        guest_executor=executor,
+        options=OPTIONS,
+        job_id="ray-psi",
+        timeout=60,
+    )
 
 
 def _fixed_randomness(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,13 +13,12 @@ from hypothesis import strategies as st
 
 from protocols.envelope import Envelope, PointBlock
 from protocols.errors import AlignmentError, InvalidPointError
-from protocols.executor import Executor, InlineExecutor
-from protocols.tags import TagRegistry
-from protocols.transport.base import Channel, MessageFilter
-from protocols.transport.inmemory import InMemoryNetwork
+from protocols.executor import InlineExecutor
+from protocols.transport.base import Channel
 from psi import ecdh
 from psi.canon import IdType, prepare_ids
-from psi.protocol import PsiMode, PsiOptions, PsiResult, PsiTag, run_guest, run_host
+from psi.inprocess import align_in_process, channel_pair
+from psi.protocol import PsiMode, PsiOptions, PsiResult, PsiTag, run_guest
 from tests.conftest import BANK, RETAILER
 
 INLINE = InlineExecutor()
@@ -35,10 +32,7 @@ class Outcome:
 
 
 def channels() -> tuple[Channel, Channel]:
-    net = InMemoryNetwork()
-    return net.channel(BANK, tags=TagRegistry([PsiTag])), net.channel(
-        RETAILER, tags=TagRegistry([PsiTag])
-    )
+    return channel_pair(BANK, RETAILER)
 
 
 def record(channel: Channel, log: list[Envelope]) -> None:
@@ -60,7 +54,6 @@ def run(
     host_id_type: IdType | None = None,
     job_id: str = "psi-job",
     tamper: Callable[[Channel], None] | None = None,
-    executor: Executor = INLINE,
 ) -> Outcome:
     cg, ch = channels()
     sent: dict[str, list[Envelope]] = {"guest": [], "host": []}
@@ -68,32 +61,16 @@ def run(
     record(ch, sent["host"])
     if tamper is not None:
         tamper(ch)
-    gp = prepare_ids(guest_ids, id_type=id_type)
-    hp = prepare_ids(host_ids, id_type=host_id_type or id_type)
-    box: dict[str, Any] = {}
-
-    def host() -> None:
-        try:
-            hello = ch.recv_any(MessageFilter.for_tags(PsiTag.HELLO), timeout=30)
-            box["host"] = run_host(
-                channel=ch, hello_envelope=hello, ids=hp, executor=executor, timeout=10
-            )
-        except Exception as exc:  # noqa: BLE001
-            box["host_error"] = exc
-
-    thread = threading.Thread(target=host)
-    thread.start()
-    try:
-        guest = run_guest(
-            channel=cg, host=RETAILER, job_id=job_id, ids=gp, executor=executor, options=options
-        )
-    finally:
-        thread.join(30)
-        cg.close()
-        ch.close()
-    if "host_error" in box:
-        raise box["host_error"]
-    return Outcome(guest, box["host"], sent)
+    guest, host = align_in_process(
+        guest_ids=prepare_ids(guest_ids, id_type=id_type),
+        host_ids=prepare_ids(host_ids, id_type=host_id_type or id_type),
+        guest_executor=INLINE,
+        options=options,
+        job_id=job_id,
+        timeout=10,
+        channels=(cg, ch),
+    )
+    return Outcome(guest, host, sent)
 
 
 def ids(prefix: str, values: range | list[int]) -> list[str]:
