@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protocols.errors import ConfigError
-from protocols.ray_executor import INLINE_BYTES, INLINE_ENV, import_ray
+from protocols.ray_executor import INLINE_BYTES, INLINE_ENV, connect, import_ray
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,7 @@ class LocalRayCluster:
             time.sleep(0.2)
         for cpus in workers:
             self._start_node(f"--address={self.address}", cpus=cpus)
-        ray = import_ray()
-        if not ray.is_initialized():
-            os.environ.setdefault(INLINE_ENV, str(INLINE_BYTES))
-            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        ray = connect(self.address, allow_plaintext_cluster=True)  # local processes only
         while ray.cluster_resources().get("CPU", 0) < sum(self.node_cpus):
             self._check_alive(deadline)
             time.sleep(0.2)

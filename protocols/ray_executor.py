@@ -224,7 +224,7 @@ class RayExecutor(Executor):
         )
 
     def map(self, fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
-        return list(self.imap(fn, chunks, window=self._workers * self._depth))
+        return list(self.imap(fn, chunks))
 
     def imap(
         self, fn: Callable[[T], R], chunks: Iterable[T], *, window: int | None = None
