@@ -1,4 +1,4 @@
-"""The transport envelope (PROTOCOL.md §2.9) and its only codec.
+"""The transport envelope (docs/protocol.md §2.9) and its only codec.
 
 An :class:`Envelope` carries one logical message between two parties, bound to
 ``(job_id, run_id, step, tag, sender)``. Its body is one of the typed blocks below;

@@ -67,7 +67,7 @@ class ProtocolError(VflError):
 
 class SecAggError(ProtocolError):
     """Secure aggregation must abort: a key's signature or a key is invalid, or inputs
-    to the masking arithmetic are inconsistent (PROTOCOL.md §7.1)."""
+    to the masking arithmetic are inconsistent (docs/protocol.md §7.1)."""
 
 
 class UpdateOverflowError(SecAggError, ValueError):

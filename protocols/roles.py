@@ -17,7 +17,7 @@ _PARTY_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class Role(Enum):
-    """The three roles of PROTOCOL.md §0."""
+    """The three roles of docs/protocol.md §0."""
 
     GUEST = "guest"
     HOST = "host"

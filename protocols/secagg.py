@@ -1,4 +1,4 @@
-"""Pairwise-mask secure aggregation for horizontal FedAvg (PROTOCOL.md §7.1).
+"""Pairwise-mask secure aggregation for horizontal FedAvg (docs/protocol.md §7.1).
 
 The pure cryptographic layer of the Bonawitz et al. cross-silo variant: key signing
 and verification, seed derivation, fixed-point encoding with the overflow guard,

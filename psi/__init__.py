@@ -1,1 +1,1 @@
-"""Private set intersection for sample alignment (ECDH over X25519); see PROTOCOL.md §3."""
+"""Private set intersection for sample alignment (ECDH over X25519); see docs/protocol.md §3."""

@@ -1,4 +1,4 @@
-"""Identifier canonicalisation, rejection and deduplication (PROTOCOL.md §3.2).
+"""Identifier canonicalisation, rejection and deduplication (docs/protocol.md §3.2).
 
 Both parties run this locally, before anything is hashed or sent:
 

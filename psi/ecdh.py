@@ -1,4 +1,4 @@
-"""The X25519 group of the PSI (PROTOCOL.md §3.1, §3.3).
+"""The X25519 group of the PSI (docs/protocol.md §3.1, §3.3).
 
 * Hash to curve: ``u(c)`` is the first ``u_j`` (``j = 0..255``) with
   ``u_j = SHA-512(DST ‖ salt ‖ I2OSP(len(c), 4) ‖ c ‖ I2OSP(j, 1))[0:32]``, bit 255 cleared,

@@ -1,4 +1,4 @@
-"""ECDH private set intersection between guest and host (PROTOCOL.md §3.3-3.5).
+"""ECDH private set intersection between guest and host (docs/protocol.md §3.3-3.5).
 
 Roles and keys: the guest G (label holder) starts the run and chooses the 16-byte salt
 (= run id); G and H each draw an ephemeral X25519 key ``k_G``, ``k_H`` for this run only.

@@ -67,7 +67,7 @@ def estimate(
     kind = job_kind(read_job_toml(job))
     if kind is not JobKind.SPLIT_NN:
         raise ConfigError(
-            f"{job}: vfl estimate models split-NN jobs (PROTOCOL.md §4.9); a {kind.value} job "
+            f"{job}: vfl estimate models split-NN jobs (docs/protocol.md §4.9); a {kind.value} job "
             "has no cost model yet"
         )
     parsed = load_job_file(job, allow_plaintext=True)

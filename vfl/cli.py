@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate",
         help="predict a job's run time before starting it",
         description="Measure this machine's primitive costs (about 2 s at 2048 bits) and "
-        "apply them to the job's per-step operation counts (PROTOCOL.md §4.9). The row "
+        "apply them to the job's per-step operation counts (docs/protocol.md §4.9). The row "
         "count is the job's PSI result if it names one, else the guest's data rows (an upper "
         "bound on the intersection), unless --rows is given.",
     )

@@ -1,4 +1,4 @@
-"""The arbiter's decryption service and its policy (PROTOCOL.md §2.5, §2.6, §4.4.1).
+"""The arbiter's decryption service and its policy (docs/protocol.md §2.5, §2.6, §4.4.1).
 
 Roles: A holds the Paillier private key; G and H send masked ciphertexts ``c ⊕ R``.
 A learns only tags, shapes, counts and timing; every value it decrypts is uniform.

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class Cipher(ABC):
-    """Element operations under one public key (see PROTOCOL.md §2.1)."""
+    """Element operations under one public key (see docs/protocol.md §2.1)."""
 
     def __init__(self, key: PublicKey) -> None:
         self.key = key

@@ -1,4 +1,4 @@
-"""Operation counters for the cost audit of PROTOCOL.md §4.9 (test S10).
+"""Operation counters for the cost audit of docs/protocol.md §4.9 (test S10).
 
 Every heavy operation of the crypto layer is counted once, at the site that dispatches it,
 in the process that asks for it (so work farmed out to an executor's worker processes is

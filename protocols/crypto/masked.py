@@ -1,4 +1,4 @@
-"""Masked decryption, requester side (PROTOCOL.md §2.5).
+"""Masked decryption, requester side (docs/protocol.md §2.5).
 
 Roles: the requester X (G or H) must learn ``m = Dec(c)``; the arbiter A holds the key.
 

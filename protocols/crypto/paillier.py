@@ -1,4 +1,4 @@
-"""Paillier keys and raw ciphertext operations on ``gmpy2.mpz`` (PROTOCOL.md §2.1).
+"""Paillier keys and raw ciphertext operations on ``gmpy2.mpz`` (docs/protocol.md §2.1).
 
 Roles and keys: the arbiter A generates the key pair and keeps the private key; it
 publishes :class:`PublicKey` (``n``, ``key_id``, the fixed obfuscator base ``h_s``) to

@@ -1,4 +1,4 @@
-"""Encrypted tensors and the products of the split NN (PROTOCOL.md §4.4, §4.8).
+"""Encrypted tensors and the products of the split NN (docs/protocol.md §4.4, §4.8).
 
 An :class:`EncryptedTensor` is an object array of ciphertexts with its ``scale`` and
 optional ``packing`` layout, bound to one public key. The one heavy kernel is

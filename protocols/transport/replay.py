@@ -1,4 +1,4 @@
-"""Replay and ordering rules of PROTOCOL.md §2.9, enforced at the receiver.
+"""Replay and ordering rules of docs/protocol.md §2.9, enforced at the receiver.
 
 Per ``(job_id, sender)`` the receiver remembers each ``seq`` with the digest of
 its envelope, and per logical key ``(job_id, run_id, step, tag, sender)`` the

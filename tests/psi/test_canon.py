@@ -1,4 +1,4 @@
-"""Identifier canonicalisation, rejection and duplicates (PROTOCOL.md §3.2, test P3)."""
+"""Identifier canonicalisation, rejection and duplicates (docs/protocol.md §3.2, test P3)."""
 
 from __future__ import annotations
 

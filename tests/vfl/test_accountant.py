@@ -1,4 +1,4 @@
-"""RDP accountant of the sampled Gaussian mechanism (PROTOCOL.md §7.2, test L5)."""
+"""RDP accountant of the sampled Gaussian mechanism (docs/protocol.md §7.2, test L5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DP-SGD sampler (PROTOCOL.md §7.2, test L6 style): clipping, noise scale, Poisson batches."""
+"""DP-SGD sampler (docs/protocol.md §7.2, test L6 style): clipping, noise scale, Poisson batches."""
 
 from __future__ import annotations
 

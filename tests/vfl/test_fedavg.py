@@ -1,4 +1,4 @@
-"""FedAvg with secure aggregation in one process (PROTOCOL.md §7, tests H1 and H4 at the
+"""FedAvg with secure aggregation in one process (docs/protocol.md §7, tests H1 and H4 at the
 protocol level, a substituted key refused, DP epsilon per round, client sampling)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FTL math and encrypted batch flow (PROTOCOL.md §6.2-6.3; tests F1, F2, and the label
+"""FTL math and encrypted batch flow (docs/protocol.md §6.2-6.3; tests F1, F2, and the label
 attack of F3 at the formula level)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scoring after training (PROTOCOL.md §5, tests I1-I3) and the arbiter's scoring policy."""
+"""Scoring after training (docs/protocol.md §5, tests I1-I3) and the arbiter's scoring policy."""
 
 from __future__ import annotations
 

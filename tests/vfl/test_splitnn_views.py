@@ -1,4 +1,4 @@
-"""Split-NN security tests S4-S12 of PROTOCOL.md §8.3: what each party's view contains.
+"""Split-NN security tests S4-S12 of docs/protocol.md §8.3: what each party's view contains.
 
 The parties are the real protocol classes — :class:`GuestLayer`, :class:`HostLayer` and the
 arbiter's :class:`ArbiterService` (jobs registered by ``JOB_SPEC`` envelopes over the wire) —

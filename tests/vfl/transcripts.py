@@ -1,4 +1,4 @@
-"""Transcripts for the view tests of PROTOCOL.md §8.3: every envelope each party receives.
+"""Transcripts for the view tests of docs/protocol.md §8.3: every envelope each party receives.
 
 A transcript is captured by a transport interceptor: channels made with
 :func:`recording_channel_class` record, in the wire form the receiver decodes, every

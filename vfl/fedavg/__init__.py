@@ -1,1 +1,1 @@
-"""Horizontal federated averaging with secure aggregation (PROTOCOL.md §7)."""
+"""Horizontal federated averaging with secure aggregation (docs/protocol.md §7)."""

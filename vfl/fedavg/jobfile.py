@@ -34,7 +34,7 @@ Example (only ``type`` and ``[clients]`` are required)::
     weight_decay = 0.0
     init_seed = 0                # default: drawn at submission
 
-    [dp]                         # optional: DP-SGD on every client (PROTOCOL.md §7.2)
+    [dp]                         # optional: DP-SGD on every client (docs/protocol.md §7.2)
     noise_multiplier = 1.0
     max_grad_norm = 1.0
     delta = 1e-5

@@ -1,4 +1,4 @@
-"""The FedAvg job: its specification, its message tags and its message flow (PROTOCOL.md §7).
+"""The FedAvg job: its specification, its message tags and its message flow (docs/protocol.md §7).
 
 Roles: clients ``P_1..P_m`` hold rows with the same columns (here the guest, which submits
 the job and is its *coordinator*, and one or more hosts); the aggregator ``A`` is the

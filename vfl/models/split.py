@@ -1,4 +1,4 @@
-"""The plain torch parts of the split network (PROTOCOL.md §4.1).
+"""The plain torch parts of the split network (docs/protocol.md §4.1).
 
 * :class:`BottomModel`: a party's feature extractor. The host's must bound its output to
   ``|α| <= A_max`` (``tanh`` scaled to ``A_max``, or ``clamp``) so its embedding can be

@@ -1,4 +1,4 @@
-"""DP-SGD for a client's local training (PROTOCOL.md §7.2; Abadi et al. 2016, Opacus style).
+"""DP-SGD for a client's local training (docs/protocol.md §7.2; Abadi et al. 2016, Opacus style).
 
 What it protects: in FedAvg with two clients, secure aggregation hides each update from the
 aggregator and outsiders only; each client can subtract its own update from the average and
@@ -66,7 +66,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class DPConfig:
-    """DP-SGD settings (defaults as in PROTOCOL.md: C = 1.0, σ = 1.0).
+    """DP-SGD settings (defaults as in docs/protocol.md: C = 1.0, σ = 1.0).
 
     Parameters
     ----------

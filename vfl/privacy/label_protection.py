@@ -1,4 +1,4 @@
-"""Label protection of the host-bound gradient, ``δ̃ = Protect(δ, y)`` (PROTOCOL.md §4.7).
+"""Label protection of the host-bound gradient, ``δ̃ = Protect(δ, y)`` (docs/protocol.md §4.7).
 
 Roles: only the guest runs this, on δ = ∂L/∂z (B×k) before encoding it for B1 and B2;
 the same δ̃ is used in both products, so the host's whole view is a function of {δ̃_t}.
@@ -61,7 +61,7 @@ class ProtectMode(StrEnum):
 class ProtectConfig:
     """Label protection settings.
 
-    The default is ``marvell`` (s = 4, binary labels; PROTOCOL.md §9): measured on the host's
+    The default is ``marvell`` (s = 4, binary labels; docs/protocol.md §9): measured on the host's
     ``g_h`` it holds the norm and direction attacks to 0.52-0.57 AUC, where ``max_norm``
     lets them reach 0.81 and 0.97 (tests/vfl/test_label_leakage.py). For more than two
     classes use ``gaussian`` with ``clip_norm`` near a typical row's ‖δ‖.

@@ -1,4 +1,4 @@
-"""Saved models: each party's own part of a trained split NN, for scoring (PROTOCOL.md §5).
+"""Saved models: each party's own part of a trained split NN, for scoring (docs/protocol.md §5).
 
 Roles: the guest saves its bottom model, ``W_g, b`` and top model; the host saves its
 bottom model, its share ``E`` and G's share as ciphertexts ``[[W^G]]`` (under the arbiter's

@@ -1,4 +1,4 @@
-"""Scoring new customers with a trained split NN (PROTOCOL.md §5.1 online, §5.2 batch).
+"""Scoring new customers with a trained split NN (docs/protocol.md §5.1 online, §5.2 batch).
 
 Roles and keys: the arbiter A keeps the Paillier key pair and, per model, a scoring grant
 from its own operator's policy (who may request, a quota of rows, an expiry); the host H

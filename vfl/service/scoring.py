@@ -1,4 +1,4 @@
-"""Scoring inside the party services (PROTOCOL.md §5; protocol in :mod:`vfl.scoring.protocol`).
+"""Scoring inside the party services (docs/protocol.md §5; protocol in :mod:`vfl.scoring.protocol`).
 
 Roles: the arbiter's service keeps scoring grants under its ``[scoring]`` policy; the host's
 service answers scoring sessions for models it saved, on its own data alias named in its

@@ -1,1 +1,1 @@
-"""The encrypted split neural network (PROTOCOL.md §4)."""
+"""The encrypted split neural network (docs/protocol.md §4)."""

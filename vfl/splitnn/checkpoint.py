@@ -1,4 +1,4 @@
-"""Per-step checkpoints of one party's part of a split-NN job (PROTOCOL.md §4.4.1).
+"""Per-step checkpoints of one party's part of a split-NN job (docs/protocol.md §4.4.1).
 
 Roles: every data party keeps its own checkpoints in its own state folder; nothing here
 is ever sent to or read from another party. A checkpoint holds the party's step, its share

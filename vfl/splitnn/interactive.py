@@ -3,7 +3,7 @@
 Roles and keys: the arbiter A holds the Paillier key; the guest G and the host H hold the
 public key and their own obfuscator pools. G keeps its share ``W^G`` in plaintext and H's
 share as ``[[E]]``; H keeps ``E`` in plaintext and G's share as ``[[W^G]]``. Nobody holds
-``W_h``. What each learns is PROTOCOL.md §4.6: G learns ``z_h``, H learns ``g_h``, A only
+``W_h``. What each learns is docs/protocol.md §4.6: G learns ``z_h``, H learns ``g_h``, A only
 uniform values.
 
 Steps (§4.3, §4.4; P1 layouts of §4.8 — ``[[W^G]]``, ``[[D̂]]``, ``[[V̂]]`` row-packed,

@@ -1,6 +1,6 @@
 """Integer reference of the interactive layer's host part, without encryption.
 
-It computes exactly the integers the encrypted protocol computes (PROTOCOL.md §4.3, §4.4,
+It computes exactly the integers the encrypted protocol computes (docs/protocol.md §4.3, §4.4,
 §4.8) — joint initialisation, ``z_h`` (F1), ``g_h`` (B1) and the share update (B2) — so the
 encrypted run can be compared with it bit for bit (test S1), and P0 with P1 (S2).
 

@@ -1,4 +1,4 @@
-"""A split-NN training job between the guest, the host and the arbiter (PROTOCOL.md §4.4.1).
+"""A split-NN training job between the guest, the host and the arbiter (docs/protocol.md §4.4.1).
 
 Roles and keys: the arbiter A holds the Paillier key pair and hands out the public key; the
 guest G (labels, its features) drives the job; the host H (its features) follows. What each

@@ -1,1 +1,1 @@
-"""Federated transfer learning (PROTOCOL.md §6)."""
+"""Federated transfer learning (docs/protocol.md §6)."""

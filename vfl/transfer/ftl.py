@@ -1,5 +1,5 @@
 """Federated transfer learning: the Taylor loss, its gradients and the encrypted batch flow
-(PROTOCOL.md §6.1-6.3).
+(docs/protocol.md §6.1-6.3).
 
 Roles: G (source domain) holds labels ``y ∈ {−1, +1}`` and ``Net^A``; H (target domain)
 holds ``Net^B`` and no labels; A holds the Paillier key ``sk_A`` and decrypts only masked

@@ -1,5 +1,5 @@
 """An FTL job between G (labelled source domain), H (unlabelled target domain) and A
-(PROTOCOL.md §6.3, §6.6), over any channel.
+(docs/protocol.md §6.3, §6.6), over any channel.
 
 Roles and keys as in :mod:`vfl.transfer.ftl`: A holds ``sk_A`` and decrypts only masked
 values under the job's policy (tags :class:`FtlDecTag`: ``FTL_GB`` for H, ``FTL_K``,

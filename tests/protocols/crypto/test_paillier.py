@@ -1,4 +1,4 @@
-"""C2, C3, C7 and key handling (PROTOCOL.md §8.1)."""
+"""C2, C3, C7 and key handling (docs/protocol.md §8.1)."""
 
 from __future__ import annotations
 
