@@ -1,4 +1,7 @@
-"""Secure aggregation's cryptographic layer (docs/protocol.md §7.1; tests H1, H2, H3, H5 of §8.5)."""
+"""Secure aggregation's cryptographic layer.
+
+See docs/protocol.md §7.1; tests H1, H2, H3, H5 of §8.5.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Label leakage through the host's cut-layer gradient: tests L1, L2, L6, L7 (docs/protocol.md §8.4).
+"""Label leakage through the host's cut-layer gradient: tests L1, L2, L6, L7.
+
+See docs/protocol.md §8.4.
 
 The host's view is produced by split training without encryption: the guest's and the host's
 torch models (``vfl.models.split``, as in ``vfl.splitnn.training``) around the integer

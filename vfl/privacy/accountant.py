@@ -1,4 +1,6 @@
-"""RDP accountant for the sampled Gaussian mechanism and its (ε, δ) conversion (docs/protocol.md §7.2).
+"""RDP accountant for the sampled Gaussian mechanism and its (ε, δ) conversion.
+
+See docs/protocol.md §7.2.
 
 What is accounted: T steps of DP-SGD (:mod:`vfl.privacy.dp`), each a *sampled Gaussian
 mechanism*: every record joins the step's batch independently with probability ``q`` (Poisson

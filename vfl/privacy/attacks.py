@@ -1,4 +1,6 @@
-"""Label-leakage attacks on the host's view of split training (docs/protocol.md §4.7, tests L1, L2, L7).
+"""Label-leakage attacks on the host's view of split training.
+
+See docs/protocol.md §4.7, tests L1, L2, L7.
 
 Roles: every function here plays the **attacker = the host H**, offline, on a recorded
 transcript, **for evaluation only** (tests and audits); no protocol or service code calls it.
