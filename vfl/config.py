@@ -36,6 +36,7 @@ Example (relative paths are resolved against the config file's folder)::
     [arbiter]                    # arbiter only, optional
     key_bits = 2048              # Paillier key made at first start, kept in state_dir
     allow_test_key = false       # true admits < 2048-bit keys: tests only, never for data
+    max_resumes = 100            # RESUMEs one job may have (each re-opens at most 2 steps)
 
     [accept]                     # optional: what this party takes part in (host, arbiter)
     guests = ["bank"]            # who may submit jobs; default: every [[peers]] guest
@@ -52,7 +53,8 @@ Example (relative paths are resolved against the config file's folder)::
 
     [scoring]                    # arbiter only, optional: who may score with which model
     requesters = ["bank"]        # default: every [[peers]] guest
-    quota_rows = 1000000         # rows each model may score in all
+    quota_rows = 100000          # rows each model may score per quota window
+    quota_days = 30              # the quota window (usage starts again from 0 after it)
     valid_days = 365             # a grant ends this long after it is made ...
     [scoring.models."credit-2026-12"]
     quota_rows = 50000           # ... unless a model overrides it
@@ -104,12 +106,12 @@ _ACCEPT_KEYS = {
     "protect_modes",
     "allow_plaintext",
 }
-_SCORING_KEYS = {"requesters", "quota_rows", "valid_days", "models"}
+_SCORING_KEYS = {"requesters", "quota_rows", "quota_days", "valid_days", "models"}
 _SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
 _TESTING_KEYS = {"seed"}
 _EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _E = TypeVar("_E", bound=StrEnum)
-_ARBITER_KEYS = {"key_bits", "allow_test_key"}
+_ARBITER_KEYS = {"key_bits", "allow_test_key", "max_resumes"}
 _PARTY_KEYS = {"id", "role", "listen", "state_dir"}
 _TLS_KEYS = {"ca", "certificate", "key"}
 _PEER_KEYS = {"id", "role", "address", "certificate"}
@@ -211,6 +213,7 @@ class ScoringGrant:
     requesters: frozenset[str]
     quota_rows: int
     expires_at: float  # unix seconds
+    quota_days: float = 30.0  # the window the quota counts over
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,10 @@ class ScoringPolicyConfig:
     requesters
         Party ids that may request scores (:func:`parse_config` fills in the guest peers).
     quota_rows
-        Rows each model may score in all.
+        Rows each model may score per quota window.
+    quota_days
+        The quota window: usage counts from the window's start and starts again from 0
+        after it.
     valid_days
         How long a grant lasts from when it is made.
     models
@@ -239,7 +245,8 @@ class ScoringPolicyConfig:
     """
 
     requesters: tuple[str, ...] = ()
-    quota_rows: int = 1_000_000
+    quota_rows: int = 100_000
+    quota_days: float = 30.0
     valid_days: float = 365.0
     models: Mapping[str, ScoringModelPolicy] = field(default_factory=dict)
 
@@ -252,6 +259,7 @@ class ScoringPolicyConfig:
             model_id=model_id,
             requesters=frozenset(requesters),
             quota_rows=override.quota_rows if override.quota_rows is not None else self.quota_rows,
+            quota_days=self.quota_days,
             expires_at=(
                 override.expires_at
                 if override.expires_at is not None
@@ -275,6 +283,7 @@ class PartyConfig:
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     key_bits: int = 2048
     allow_test_key: bool = False
+    max_resumes: int = 100  # [arbiter] max_resumes
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
     seed: int | None = None  # [testing] seed: reproducible experiments only
@@ -390,6 +399,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         raise ConfigError(f"{where}: arbiter.key_bits must be an integer (2048 or 3072)")
     if not isinstance(allow_test_key, bool):
         raise ConfigError(f"{where}: arbiter.allow_test_key must be true or false")
+    max_resumes = _positive(arbiter_t, "max_resumes", f"{where}: arbiter.max_resumes") or 100
 
     guest_peers = tuple(p.party.party_id for p in peers if p.party.role is Role.GUEST)
     accept = _accept(raw, where, guest_peers, peers, data, allow_test_key)
@@ -414,6 +424,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         executor=executor,
         key_bits=key_bits,
         allow_test_key=allow_test_key,
+        max_resumes=max_resumes,
         accept=accept,
         scoring=scoring,
         seed=seed,
@@ -514,15 +525,8 @@ def _scoring(
     _only(table, _SCORING_KEYS, f"{where}: [scoring]")
     requesters = _peer_ids(table, "requesters", f"{where}: scoring.requesters", peers, None)
     default = ScoringPolicyConfig()
-    valid_days = table.get("valid_days", default.valid_days)
-    if (
-        not isinstance(valid_days, int | float)
-        or isinstance(valid_days, bool)
-        or not valid_days > 0
-    ):
-        raise ConfigError(
-            f"{where}: scoring.valid_days must be a positive number of days, got {valid_days!r}"
-        )
+    valid_days = _days(table, "valid_days", default.valid_days, f"{where}: scoring.valid_days")
+    quota_days = _days(table, "quota_days", default.quota_days, f"{where}: scoring.quota_days")
     models_t = table.get("models", {})
     if not isinstance(models_t, dict):
         raise ConfigError(f'{where}: scoring.models must be tables [scoring.models."<model id>"]')
@@ -541,9 +545,17 @@ def _scoring(
         requesters=guest_peers if requesters is None else requesters,
         quota_rows=_positive(table, "quota_rows", f"{where}: scoring.quota_rows")
         or default.quota_rows,
-        valid_days=float(valid_days),
+        quota_days=quota_days,
+        valid_days=valid_days,
         models=models,
     )
+
+
+def _days(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{where} must be a positive number of days, got {value!r}")
+    return float(value)
 
 
 def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:

@@ -1,47 +1,48 @@
-"""The arbiter's decryption service and its policy (docs/protocol.md §2.5, §2.6, §4.4.1).
+"""The arbiter's decryption service (docs/protocol.md §2.5, §2.6, §4.4.1, §5.4).
 
-Roles: A holds the Paillier private key; G and H send masked ciphertexts ``c ⊕ R``.
-A learns only tags, shapes, counts and timing; every value it decrypts is uniform.
-
-Policy, per job registered from the JOB_SPEC that every requester sends (A checks they
-agree and refuses the job otherwise):
-
-1. each ``(job, step, tag)`` is served once; its ``count`` is fixed per tag and must
-   come from the tag's one requester;
-2. a byte-identical repeat of a served request gets the cached reply, without a new
-   decryption, so a lost reply cannot deadlock;
-3. anything else (unknown job or tag, wrong requester, wrong count, a different second
-   request for a served step) is refused with an alert, and the requester is told why;
-4. ``RESUME{job, step}`` re-opens steps ``>= step`` and drops their cached replies;
-5. a scoring grant (:meth:`DecryptionPolicy.grant`, set up by the arbiter's own operator
-   policy, not by agreement) admits up to ``count`` values per request in whole rows, until
-   its quota of values is used up or it expires; its replies are not cached.
+Roles: A holds the Paillier private key; G and H send masked ciphertexts ``c ⊕ R`` (for
+scoring, H masks with G's mask and registers the result first, §5.4). A learns only tags,
+shapes, counts, digests and timing; every value it decrypts is uniform. What A serves is
+decided by its :class:`~protocols.crypto.policy.DecryptionPolicy` (rules P1-P9 there).
 
 Setup messages (:class:`SetupTag`), answered by :meth:`ArbiterService.serve_setup`:
 
 S1. ``KEY_REQ`` from a configured peer → ``KEY``: the public key (never anything else);
-S2. ``JOB_SPEC`` from each requester of a job → ``JOB_READY`` to all of them once they agree
-    (the reply waits for the last one), or a refusal to all if they disagree or the spec is
-    outside A's own acceptance policy (the ``admit`` hook of :meth:`ArbiterService.serve_setup`);
-S3. ``RESUME{step, tag_steps}`` from each requester → rule 4 applied once all requesters sent
-    the same body, then ``RESUMED`` to all; disagreeing bodies are refused.
+S2. ``JOB_SPEC`` from each party of a job → ``JOB_READY`` to both once they agree (P1; the
+    reply waits for the second), or a refusal to both if they disagree, if the sender is
+    no party of it, or if the spec is outside A's own acceptance policy (the ``admit`` hook
+    of :meth:`ArbiterService.serve_setup`, which checks the parties against A's config);
+S3. ``RESUME{step, tag_steps}`` from each party → P6 applied once both sent the same body,
+    then ``RESUMED`` to both; disagreeing bodies, or a resume P6 refuses, are refused;
+S4. ``JOB_DONE`` from each party → P7 once both sent it (the job closes; a split-NN model is
+    registered for scoring), then ``JOB_DONE`` to both;
+S5. ``BIND{group, cap_rows, digests}`` from a grant's binder → P8 registration, ``BOUND``.
 
-A logs counts per tag only, never values. A keeps registrations, served-step marks and
-cached replies in memory: a restarted A has forgotten them (the parties' next run registers
-again, S2, and re-opens its steps, S3). Its replies to each party start, per job and process,
-at sequence number "now in microseconds", so a restarted A never reuses one.
+Decryption requests (D1-D3):
+
+D1. A computes the request's digest and, for a bound grant, each ciphertext's digest, and
+    asks the policy (P2-P5, P8); a refusal is answered with its reason, logged as an alert
+    and passed to the refusal listeners (the service's audit log);
+D2. A new request is decrypted (on the executor's workers) and answered; its reply is
+    cached (P4); a byte-identical repeat gets the cached reply or, if no longer cached,
+    the same ciphertexts decrypted again (not counted);
+D3. the usage listeners see ``(job, tag, count)`` of every answered new request.
+
+A logs counts per tag only, never values. Its replies to each party start, per job and
+process, at sequence number "now in microseconds", so a restarted A never reuses one.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ from gmpy2 import mpz
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.counters import Op, record
 from protocols.crypto.paillier import PrivateKey, PublicKey, read_key_file
+from protocols.crypto.policy import (
+    DIGEST_BYTES,
+    Admission,
+    DecryptionPolicy,
+    JobPolicy,
+    ciphertext_digests,
+)
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
 from protocols.errors import CryptoError, PolicyViolationError, ProtocolError, VflError
@@ -63,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 
 class SetupTag(StrEnum):
-    """The arbiter's setup messages (S1-S3 of the module docstring)."""
+    """The arbiter's setup messages (S1-S5 of the module docstring)."""
 
     KEY_REQ = "arbiter.KEY_REQ"
     KEY = "arbiter.KEY"
@@ -71,186 +79,9 @@ class SetupTag(StrEnum):
     JOB_READY = "arbiter.JOB_READY"
     RESUME = "arbiter.RESUME"
     RESUMED = "arbiter.RESUMED"
-
-
-@dataclass(frozen=True)
-class PolicyRule:
-    """Tag ``tag`` may be decrypted for ``requester`` (party id), ``count`` values per step.
-
-    With ``unit > 0`` (scoring), ``count`` is a maximum and a request must hold a positive
-    multiple of ``unit`` values (whole rows of ``unit`` ciphertexts each).
-    """
-
-    tag: str
-    requester: str
-    count: int
-    unit: int = 0
-
-
-@dataclass(frozen=True)
-class JobPolicy:
-    """What a job may have decrypted (derived from its JOB_SPEC)."""
-
-    job_id: str
-    key_id: bytes
-    rules: tuple[PolicyRule, ...]
-    encrypted: bool = True  # False: a plaintext experiment, A returns the values as they are
-    quota: int | None = None  # values this job may have decrypted in all (scoring grants)
-    expires_at: float | None = None  # unix time after which every request is refused
-    cache_replies: bool = True  # False: scoring, whose requests are never repeated
-
-    @property
-    def requesters(self) -> frozenset[str]:
-        """The parties that request decryptions (and must agree on setup messages)."""
-        return frozenset(r.requester for r in self.rules)
-
-    def rule(self, tag: str) -> PolicyRule | None:
-        """The rule for ``tag``, if any."""
-        return next((r for r in self.rules if r.tag == tag), None)
-
-
-class Admission(Enum):
-    """Outcome of a policy check."""
-
-    NEW = "new"
-    CACHED = "cached"
-
-
-_StepKey = tuple[str, int, str]
-
-
-class DecryptionPolicy:
-    """Rules 1-4 of the module docstring. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proposed: dict[str, dict[str, JobPolicy]] = {}
-        self._jobs: dict[str, JobPolicy] = {}
-        self._served: dict[_StepKey, bytes] = {}
-        self._replies: dict[_StepKey, Envelope] = {}
-        self._counts: dict[tuple[str, str], int] = {}
-
-    def propose(self, policy: JobPolicy, *, submitter: str) -> bool:
-        """Record one party's JOB_SPEC; the job is active once every requester sent the same.
-
-        Returns whether the job is now active; raises if the proposals disagree.
-        """
-        with self._lock:
-            if policy.job_id in self._jobs:
-                if self._jobs[policy.job_id] != policy:
-                    raise PolicyViolationError(
-                        f"job {policy.job_id} is already registered differently"
-                    )
-                return True
-            proposals = self._proposed.setdefault(policy.job_id, {})
-            for other_submitter, other in proposals.items():
-                if other != policy:
-                    del self._proposed[policy.job_id]
-                    logger.warning(
-                        "ALERT: JOB_SPECs of %s and %s disagree; job %s refused",
-                        other_submitter,
-                        submitter,
-                        policy.job_id,
-                    )
-                    raise PolicyViolationError(
-                        f"JOB_SPEC from {submitter} disagrees with the one from {other_submitter}; "
-                        f"job {policy.job_id} refused"
-                    )
-            proposals[submitter] = policy
-            if {r.requester for r in policy.rules} <= set(proposals):
-                self._jobs[policy.job_id] = policy
-                del self._proposed[policy.job_id]
-                logger.info(
-                    "job %s registered: %s",
-                    policy.job_id,
-                    ", ".join(f"{r.tag}x{r.count}" for r in policy.rules),
-                )
-                return True
-            return False
-
-    def admit(
-        self, *, job_id: str, step: int, tag: str, requester: str, count: int, digest: bytes
-    ) -> Admission:
-        """Apply rules 1-3 to one request."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise PolicyViolationError(f"job {job_id} has no registered decryption policy")
-            rule = job.rule(tag)
-            if rule is None:
-                raise PolicyViolationError(f"tag {tag} is not decryptable in job {job_id}")
-            if requester != rule.requester:
-                raise PolicyViolationError(
-                    f"{requester} may not request {tag} (only {rule.requester})"
-                )
-            if rule.unit:
-                if count < 1 or count > rule.count or count % rule.unit:
-                    raise PolicyViolationError(
-                        f"{tag} step {step}: {count} values requested; the policy allows up to "
-                        f"{rule.count} in whole rows of {rule.unit}"
-                    )
-            elif count != rule.count:
-                raise PolicyViolationError(
-                    f"{tag} step {step}: {count} values requested, policy allows {rule.count}"
-                )
-            if job.expires_at is not None and time.time() > job.expires_at:
-                raise PolicyViolationError(f"the decryption grant of {job_id} has expired")
-            used = sum(n for (j, _), n in self._counts.items() if j == job_id)
-            if job.quota is not None and used + count > job.quota:
-                raise PolicyViolationError(
-                    f"{job_id} would exceed its quota ({used} of {job.quota} values used)"
-                )
-            key = (job_id, step, tag)
-            served = self._served.get(key)
-            if served is not None:
-                if served == digest and key in self._replies:
-                    return Admission.CACHED
-                raise PolicyViolationError(f"{tag} step {step} of job {job_id} was already served")
-            self._served[key] = digest
-            self._counts[(job_id, tag)] = self._counts.get((job_id, tag), 0) + count
-            return Admission.NEW
-
-    def grant(self, policy: JobPolicy, *, used: Mapping[str, int] | None = None) -> None:
-        """Register a single-requester policy directly (a scoring grant), with the counts
-        it already used before a restart."""
-        with self._lock:
-            self._jobs[policy.job_id] = policy
-            for tag, n in (used or {}).items():
-                self._counts[(policy.job_id, tag)] = int(n)
-        logger.info("decryption grant %s registered", policy.job_id)
-
-    def cache_reply(self, *, job_id: str, step: int, tag: str, reply: Envelope) -> None:
-        """Keep the reply sent for a served request (rule 2)."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is not None and job.cache_replies:
-                self._replies[(job_id, step, tag)] = reply
-
-    def cached_reply(self, *, job_id: str, step: int, tag: str) -> Envelope | None:
-        """The reply sent earlier for this request, if any."""
-        with self._lock:
-            return self._replies.get((job_id, step, tag))
-
-    def resume(self, job_id: str, step: int, *, tag_steps: Mapping[str, int] | None = None) -> None:
-        """Rule 4: re-open steps ``>= step`` of ``job_id`` (per tag ``>= tag_steps[tag]``)."""
-        thresholds = dict(tag_steps or {})
-        with self._lock:
-            for key in [
-                k for k in self._served if k[0] == job_id and k[1] >= thresholds.get(k[2], step)
-            ]:
-                self._served.pop(key, None)
-                self._replies.pop(key, None)
-        logger.info("job %s resumed at step %d: counts re-opened", job_id, step)
-
-    def job(self, job_id: str) -> JobPolicy | None:
-        """The registered policy of ``job_id``, if any."""
-        with self._lock:
-            return self._jobs.get(job_id)
-
-    def counts(self, job_id: str) -> dict[str, int]:
-        """Values decrypted per tag so far (the audit log's figures)."""
-        with self._lock:
-            return {tag: n for (job, tag), n in self._counts.items() if job == job_id}
+    JOB_DONE = "arbiter.JOB_DONE"
+    BIND = "arbiter.BIND"
+    BOUND = "arbiter.BOUND"
 
 
 _WORKER_KEYS: dict[int, PrivateKey] = {}
@@ -327,6 +158,8 @@ class ArbiterService:
         self._setup_lock = threading.Lock()
         self._waiting_ready: dict[str, list[Envelope]] = {}
         self._resumes: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
+        self._done: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
+        self._refused_listeners: list[Callable[[Envelope, str], None]] = []
         self._served_listeners: list[Callable[[str, str, int], None]] = []
         self._stream_lock = threading.Lock()
         self._streams: set[tuple[str, str]] = set()
@@ -346,13 +179,26 @@ class ArbiterService:
         """Call ``listener(job_id, tag, count)`` after each answered request (usage records)."""
         self._served_listeners.append(listener)
 
+    def on_refused(self, listener: Callable[[Envelope, str], None]) -> None:
+        """Call ``listener(request, reason)`` for every refused request (D1, S2-S5)."""
+        self._refused_listeners.append(listener)
+
+    def refuse(self, envelope: Envelope, reason: str) -> None:
+        """Log a refused request as an alert and pass it to the refusal listeners (its
+        answer is the caller's)."""
+        logger.warning(
+            "ALERT: refused %s from %s: %s", envelope.describe(), envelope.sender, reason
+        )
+        for listener in self._refused_listeners:
+            listener(envelope, reason)
+
     def serve_setup(
         self,
         policy_of: Callable[[dict[str, Any]], JobPolicy],
         *,
         admit: Callable[[dict[str, Any], Party], None] | None = None,
     ) -> None:
-        """Answer the setup messages S1-S3; ``policy_of`` derives a policy from a JOB_SPEC body.
+        """Answer the setup messages S1-S5; ``policy_of`` derives a policy from a JOB_SPEC body.
 
         ``admit(body, sender)`` is A's own acceptance policy, applied to every JOB_SPEC before
         it is proposed: a :class:`VflError` it raises refuses the job with its message.
@@ -363,6 +209,8 @@ class ArbiterService:
             lambda envelope: self._on_job_spec(envelope, policy_of, admit),
         )
         self._channel.add_handler(MessageFilter.for_tags(SetupTag.RESUME), self._on_resume)
+        self._channel.add_handler(MessageFilter.for_tags(SetupTag.JOB_DONE), self._on_done)
+        self._channel.add_handler(MessageFilter.for_tags(SetupTag.BIND), self._on_bind)
 
     def _fresh_stream(self, job_id: str, receiver: Party) -> None:
         """Before A's first message to ``receiver`` for ``job_id`` in this process, move its
@@ -376,7 +224,9 @@ class ArbiterService:
                 base = time.time_ns() // 1000
                 self._channel.restore_stream_state(job_id, {receiver.party_id: base})
 
-    def _setup_reply(self, request: Envelope, tag: SetupTag, obj: dict[str, Any]) -> None:
+    def reply(self, request: Envelope, tag: StrEnum, obj: dict[str, Any]) -> None:
+        """Answer ``request`` with a control block (setup replies, and the scoring grants
+        kept beside this service), on a stream numbered as :meth:`_fresh_stream` says."""
         self._fresh_stream(request.job_id, request.sender)
         self._channel.send(
             Envelope(
@@ -392,7 +242,7 @@ class ArbiterService:
 
     def _on_key_request(self, envelope: Envelope) -> None:
         """S1."""
-        self._setup_reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
+        self.reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
 
     def _on_job_spec(
         self,
@@ -400,7 +250,7 @@ class ArbiterService:
         policy_of: Callable[[dict[str, Any]], JobPolicy],
         admit: Callable[[dict[str, Any], Party], None] | None,
     ) -> None:
-        """S2: register when every requester sent the same spec, then answer them all."""
+        """S2: register when both parties sent the same spec, then answer them both."""
         waiting: list[Envelope] = []
         try:
             if not isinstance(envelope.body, ControlBlock):
@@ -422,46 +272,107 @@ class ArbiterService:
                 if active:
                     waiting = self._waiting_ready.pop(envelope.job_id)
         except (PolicyViolationError, VflError) as exc:
-            logger.warning("ALERT: refused JOB_SPEC from %s: %s", envelope.sender, exc)
+            self.refuse(envelope, str(exc))
             with self._setup_lock:
                 others = self._waiting_ready.pop(envelope.job_id, [])
             for request in [*others, envelope]:
-                self._setup_reply(request, SetupTag.JOB_READY, {"refused": str(exc)[:300]})
+                self.reply(request, SetupTag.JOB_READY, {"refused": str(exc)[:300]})
             return
         for request in waiting:
-            self._setup_reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
+            self.reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
 
-    def _on_resume(self, envelope: Envelope) -> None:
-        """S3: re-open the steps once every requester asked for the same resume point."""
+    def _agreed(
+        self, envelope: Envelope, pending: dict[str, dict[str, tuple[bytes, Envelope]]]
+    ) -> list[tuple[bytes, Envelope]] | None:
+        """Collect one party's setup request; all of them once every party of the job sent
+        one (``None`` until then)."""
         job = self.policy.job(envelope.job_id)
         body = envelope.body.obj() if isinstance(envelope.body, ControlBlock) else None
-        if job is None or body is None or envelope.sender.party_id not in job.requesters:
-            self._setup_reply(envelope, SetupTag.RESUMED, {"refused": "no such job for you"})
-            return
+        if job is None or body is None or envelope.sender.party_id not in job.parties:
+            raise PolicyViolationError("no such job for you")
         raw = json.dumps(body, sort_keys=True).encode()
         with self._setup_lock:
-            pending = self._resumes.setdefault(envelope.job_id, {})
-            pending[envelope.sender.party_id] = (raw, envelope)
-            if set(pending) < job.requesters:
-                return
-            del self._resumes[envelope.job_id]
-        if len({r for r, _ in pending.values()}) != 1:
-            logger.warning("ALERT: RESUME requests of job %s disagree", envelope.job_id)
-            for _, request in pending.values():
-                self._setup_reply(request, SetupTag.RESUMED, {"refused": "resume points disagree"})
+            mine = pending.setdefault(envelope.job_id, {})
+            mine[envelope.sender.party_id] = (raw, envelope)
+            if set(mine) < set(job.parties):
+                return None
+            del pending[envelope.job_id]
+        return list(mine.values())
+
+    def _on_resume(self, envelope: Envelope) -> None:
+        """S3: re-open the steps once both parties asked for the same resume point (P6)."""
+        try:
+            requests = self._agreed(envelope, self._resumes)
+        except PolicyViolationError as exc:
+            self.refuse(envelope, str(exc))
+            self.reply(envelope, SetupTag.RESUMED, {"refused": str(exc)})
+            return
+        if requests is None:
             return
         try:
-            step = int(body["step"])
-            tag_steps = {str(t): int(v) for t, v in dict(body.get("tag_steps", {})).items()}
-        except (KeyError, TypeError, ValueError):
-            for _, request in pending.values():
-                self._setup_reply(request, SetupTag.RESUMED, {"refused": "malformed RESUME"})
+            if len({raw for raw, _ in requests}) != 1:
+                raise PolicyViolationError("resume points disagree")
+            body = json.loads(requests[0][0])
+            try:
+                step = int(body["step"])
+                tag_steps = {str(t): int(v) for t, v in dict(body.get("tag_steps", {})).items()}
+            except (KeyError, TypeError, ValueError):
+                raise PolicyViolationError("malformed RESUME") from None
+            self.policy.resume(envelope.job_id, step, tag_steps=tag_steps)
+        except PolicyViolationError as exc:
+            for _, request in requests:
+                self.refuse(request, str(exc))
+                self.reply(request, SetupTag.RESUMED, {"refused": str(exc)[:300]})
             return
-        self.policy.resume(envelope.job_id, step, tag_steps=tag_steps)
-        for _, request in pending.values():
-            self._setup_reply(request, SetupTag.RESUMED, {"step": step})
+        for _, request in requests:
+            self.reply(request, SetupTag.RESUMED, {"step": step})
+
+    def _on_done(self, envelope: Envelope) -> None:
+        """S4: close the job once both parties finished it (P7)."""
+        try:
+            requests = self._agreed(envelope, self._done)
+            if requests is None:
+                return
+            model = self.policy.close(envelope.job_id)
+        except PolicyViolationError as exc:
+            self.refuse(envelope, str(exc))
+            self.reply(envelope, SetupTag.JOB_DONE, {"refused": str(exc)[:300]})
+            return
+        answer = {"closed": True, "scoring": model is not None}
+        logger.info("job %s closed%s", envelope.job_id, ": model registered" if model else "")
+        for _, request in requests:
+            self.reply(request, SetupTag.JOB_DONE, answer)
+
+    def _on_bind(self, envelope: Envelope) -> None:
+        """S5: a binder registers the ciphertexts it produced for a scoring session (P8)."""
+        try:
+            if not isinstance(envelope.body, ControlBlock):
+                raise PolicyViolationError("BIND carries no control block")
+            body = envelope.body.obj()
+            try:
+                group, cap = int(body["group"]), int(body["cap_rows"])
+                raw = base64.b64decode(str(body["digests"]), validate=True)
+            except (KeyError, TypeError, ValueError, binascii.Error):
+                raise PolicyViolationError("malformed BIND") from None
+            if not raw or len(raw) % DIGEST_BYTES:
+                raise PolicyViolationError("BIND holds no whole digests")
+            items = [raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)]
+            self.policy.bind(
+                job_id=envelope.job_id,
+                run_id=envelope.run_id,
+                group=group,
+                cap_rows=cap,
+                items=items,
+                submitter=envelope.sender.party_id,
+            )
+        except PolicyViolationError as exc:
+            self.refuse(envelope, str(exc))
+            self.reply(envelope, SetupTag.BOUND, {"refused": str(exc)[:300]})
+            return
+        self.reply(envelope, SetupTag.BOUND, {"bound": len(items)})
 
     def _on_request(self, envelope: Envelope) -> None:
+        """D1-D3."""
         tag = tag_value(envelope.tag)
         try:
             if not isinstance(envelope.body, CipherBlock):
@@ -470,13 +381,19 @@ class ArbiterService:
             digest = hashlib.sha256(
                 envelope.key_id + repr(envelope.body.shape).encode() + envelope.payload
             ).digest()
-            admission = self.policy.admit(
+            job = self.policy.job(envelope.job_id)
+            items: list[bytes] = []
+            if job is not None and job.binder and count:
+                items = ciphertext_digests(envelope.key_id, envelope.body.data, count)
+            admission = self.policy.admit(  # D1
                 job_id=envelope.job_id,
                 step=envelope.step,
                 tag=tag,
                 requester=envelope.sender.party_id,
                 count=count,
                 digest=digest,
+                run_id=envelope.run_id,
+                items=items,
             )
             if admission is Admission.CACHED:
                 self._on_duplicate(envelope)
@@ -485,15 +402,9 @@ class ArbiterService:
                 envelope.body, cipher=self._cipher, key_id=envelope.key_id
             )
             values = list(tensor.values.reshape(-1))
-            job = self.policy.job(envelope.job_id)
-            plain = self._decrypt(values) if job is None or job.encrypted else values
+            plain = self._decrypt(values) if job is None or job.encrypted else values  # D2
         except (PolicyViolationError, CryptoError, ProtocolError) as exc:
-            logger.warning(
-                "ALERT: refused decryption request from %s: %s (%s)",
-                envelope.sender,
-                exc,
-                envelope.describe(),
-            )
+            self.refuse(envelope, str(exc))
             self._channel.send(
                 self._reply(envelope, ControlBlock.from_obj({"refused": str(exc)[:300]}))
             )
@@ -501,7 +412,10 @@ class ArbiterService:
         body = PlainBlock(self._cipher.key.residues_to_bytes(plain), shape=envelope.body.shape)
         sent = self._channel.send(self._reply(envelope, body))
         self.policy.cache_reply(job_id=envelope.job_id, step=envelope.step, tag=tag, reply=sent)
-        for listener in self._served_listeners:
+        if admission is Admission.REPEAT:
+            logger.info("repeat of %s step %d decrypted again", tag, envelope.step)
+            return
+        for listener in self._served_listeners:  # D3
             listener(envelope.job_id, tag, count)
         logger.info(
             "decrypted %d values for %s: %s step %d",

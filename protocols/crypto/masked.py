@@ -9,10 +9,18 @@ Roles: the requester X (G or H) must learn ``m = Dec(c)``; the arbiter A holds t
 
 A sees only ``Y``, uniform in ``Z_n`` and independent of ``m``. Adding a mask needs no
 extra obfuscation (§2.4).
+
+Bound variant (scoring, docs/protocol.md §5.4): X draws a 32-byte seed and hands it to the
+producer P of the ciphertexts; P adds the masks :func:`derived_masks` gives for the seed
+to what it produced, registers the digests of the masked ciphertexts with A, and sends
+them to X, which forwards the ones it needs as they are (:meth:`MaskedDecryptionClient.
+request` with ``masks``). P learns the masks (uniform, independent of every value) and
+never sees ``Y``; A can tie each request to what P produced without ever seeing ``c``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +49,24 @@ def sample_masks(
     """
     bound = int(n)
     return [mpz(randbelow(bound)) for _ in range(count)]
+
+
+MASK_DOMAIN = b"VFL-bound-mask-v1"
+
+
+def derived_masks(n: mpz, seed: bytes, *, label: int, count: int) -> list[mpz]:
+    """``count`` masks for the bound variant: ``SHAKE-256(domain || seed || label || i)``
+    read as an integer of ``|n| + 128`` bits, reduced mod ``n`` (statistically uniform in
+    ``Z_n``, within ``2^-128``). ``label`` separates the producer's messages (a request id
+    or chunk number)."""
+    if len(seed) != 32:
+        raise PolicyViolationError("a mask seed is 32 bytes")
+    width = (int(n).bit_length() + 128 + 7) // 8
+    head = MASK_DOMAIN + seed + label.to_bytes(8, "big", signed=False)
+    return [
+        mpz(int.from_bytes(hashlib.shake_256(head + i.to_bytes(8, "big")).digest(width), "big")) % n
+        for i in range(count)
+    ]
 
 
 @dataclass(frozen=True)
@@ -73,13 +99,29 @@ class MaskedDecryptionClient:
         return self.collect(self.request(tensor, job_id=job_id, tag=tag, step=step, run_id=run_id))
 
     def request(
-        self, tensor: EncryptedTensor, *, job_id: str, tag: Enum | str, step: int, run_id: str = ""
+        self,
+        tensor: EncryptedTensor,
+        *,
+        job_id: str,
+        tag: Enum | str,
+        step: int,
+        run_id: str = "",
+        masks: np.ndarray | None = None,
     ) -> PendingDecryption:
-        """Step 1: send ``c ⊕ R``; the caller may work while A decrypts, then :meth:`collect`."""
+        """Step 1: send ``c ⊕ R``; the caller may work while A decrypts, then :meth:`collect`.
+
+        ``masks``: ``tensor`` already holds them (the bound variant: its producer added
+        them), so it is sent as it is.
+        """
         key = self._cipher.key
-        masks = np.empty(tensor.values.shape, dtype=object)
-        masks.reshape(-1)[:] = sample_masks(key.n, tensor.values.size)  # step 1
-        masked = tensor.add_plain(masks)
+        if masks is None:
+            masks = np.empty(tensor.values.shape, dtype=object)
+            masks.reshape(-1)[:] = sample_masks(key.n, tensor.values.size)  # step 1
+            masked = tensor.add_plain(masks)
+        elif masks.shape != tensor.values.shape:
+            raise PolicyViolationError("the masks do not fit the ciphertexts")
+        else:
+            masked = tensor
         tag = tag_value(tag)
         self._channel.send(
             Envelope(

@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy
+from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.policy import DecryptionPolicy
 from protocols.executor import Executor
 from protocols.transport.base import Channel
 from tests.conftest import ARBITER, BANK, RETAILER

@@ -260,6 +260,8 @@ seed = 7
         ('[executor]\nbackend = "ray"\nray_address = ""', "executor.ray_address must be"),
         ("[executor]\nallow_plaintext_cluster = 1", "allow_plaintext_cluster must be true or"),
         ("[executor]\nadress = 1", "[executor]: unknown key 'adress'"),
+        ("[arbiter]\nmax_resumes = 0", "arbiter.max_resumes must be a positive integer"),
+        ("[scoring]\nquota_days = 0", "scoring.quota_days must be a positive number of days"),
     ],
 )
 def test_bad_policies_name_the_key(tmp_path: Path, section: str, needle: str) -> None:
@@ -269,7 +271,8 @@ def test_bad_policies_name_the_key(tmp_path: Path, section: str, needle: str) ->
 
 
 def test_scoring_grants(tmp_path: Path) -> None:
-    """Defaults for every model; per-model overrides; expiry at 00:00 UTC of the date."""
+    """Defaults for every model (a modest 100,000 rows per 30 days); per-model overrides;
+    expiry at 00:00 UTC of the date."""
     cfg = load_config(write(tmp_path, HOST))
     assert cfg.scoring.requesters == ("bank",)
     now = 1_800_000_000.0
@@ -277,8 +280,9 @@ def test_scoring_grants(tmp_path: Path) -> None:
     assert grant == ScoringGrant(
         model_id="any",
         requesters=frozenset({"bank"}),
-        quota_rows=1_000_000,
+        quota_rows=100_000,
         expires_at=now + 365 * 86400,
+        quota_days=30.0,
     )
     cfg = load_config(
         write(

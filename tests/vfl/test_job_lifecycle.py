@@ -317,6 +317,10 @@ class StubService:
     def __init__(self) -> None:
         self.policy = StubPolicy()
         self.key_id = bytes.fromhex("ab" * 8)
+        self.refusal_listeners: list[Any] = []
+
+    def on_refused(self, listener: Any) -> None:
+        self.refusal_listeners.append(listener)
 
 
 def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> None:
@@ -345,6 +349,10 @@ def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> No
         "batch_eval": 4,
         "guest": "bank",
         "host": "retailer",
+        "epochs": 1,
+        "steps_per_epoch": 3,
+        "eval_steps": 2,
+        "eval_rewind": 1,
     }
     watch.admit(spec, BANK)
     with pytest.raises(JobRefusedError, match="d = 9 exceeds accept.max_d = 8"):

@@ -22,7 +22,7 @@ from protocols.executor import InlineExecutor
 from protocols.transport.base import Channel, MessageFilter
 from psi.canon import IdType, prepare_ids
 from psi.protocol import PsiMode, PsiOptions, PsiTag, run_guest, run_host
-from psi.result import read_array, write_result
+from psi.result import read_array, read_result, write_result
 from tests.conftest import ARBITER, RETAILER
 from tests.vfl.session_setup import Trio, run_job, synthetic_tables, trio
 from vfl.config import ScoringGrant
@@ -101,7 +101,10 @@ def session(setup: Setup) -> Iterator[tuple[ScoringClient, list[Envelope], list[
         executor=InlineExecutor(),
         table_for=lambda alias, column, columns: setup.host,
         public_key=lambda: setup.pk,
-        list_rows=lambda psi_job: read_array(t.state / "retailer", psi_job, "list_rows"),
+        list_rows=lambda psi_job: (
+            read_array(t.state / "retailer", psi_job, "list_rows"),
+            int(read_result(t.state / "retailer", psi_job)[0]["peer_list_size"]),
+        ),
     )
     client = ScoringClient(
         channel=g_ch,

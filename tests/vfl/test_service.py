@@ -161,7 +161,7 @@ def test_sigterm_then_restart_keeps_replay_marks(tmp_path: Path) -> None:
                 )
                 assert pong.body is not None
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(20) == 0
+            assert proc.wait(60) == 0
         assert statuses == [DeliveryStatus.ACCEPTED, DeliveryStatus.DUPLICATE]
         log = (tmp_path / "logs" / "retailer.log").read_text()
         assert log.count("retailer (host) stopped") == 2 and "restored 1 replay marks" in log

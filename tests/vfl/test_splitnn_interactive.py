@@ -36,6 +36,8 @@ def test_encrypted_steps_equal_the_integer_reference(
         batch_eval=b,
         guest="bank",
         host="retailer",
+        steps_per_epoch=64,  # a schedule long enough for every test
+        eval_steps=64,
     )
     net = InMemoryNetwork()
     tags = [SplitTag, DecTag]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.crypto.arbiter import DecryptionPolicy
+from protocols.crypto.policy import DecryptionPolicy
 from protocols.errors import ConfigError, PolicyViolationError
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 

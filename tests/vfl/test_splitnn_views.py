@@ -41,7 +41,7 @@ import pytest
 from gmpy2 import mpz
 
 from protocols.crypto import masked
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
+from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher
 from protocols.crypto.counters import OpCounts, snapshot
 from protocols.crypto.fixed_base import multi_exp
@@ -50,6 +50,7 @@ from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import unpack_rows
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.policy import DecryptionPolicy
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, IndexBlock
 from protocols.errors import (
@@ -341,6 +342,8 @@ def job_spec(pk: PublicKey, mode: SplitMode, b: int, d: int, k: int, name: str) 
         batch_eval=b,
         guest=BANK.party_id,
         host=RETAILER.party_id,
+        steps_per_epoch=64,  # a schedule long enough for every test
+        eval_steps=64,
     )
 
 

@@ -18,14 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gmpy2
 import numpy as np
 import pandas as pd
 import pytest
 
+from protocols.crypto.arbiter import SetupTag
+from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.paillier import PublicKey
+from protocols.crypto.tensor import EncryptedTensor
+from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
 from protocols.errors import DataError
+from protocols.roles import PartyAddress
+from protocols.tags import TagRegistry
+from protocols.transport.grpc_channel import GrpcChannel
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
-from vfl.service.admin import admin_call
+from vfl.scoring.protocol import ScoreTag
+from vfl.service.admin import admin_call, service_address
 from vfl.service.audit import AUDIT_FILE, read_audit
 from vfl.service.demo import write_demo_setup
 from vfl.service.jobs import arbiter_key
@@ -36,6 +46,7 @@ from vfl.service.local import (
     start_services,
     stop_services,
 )
+from vfl.splitnn.spec import DecTag
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,7 +135,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert codes == {"bank": 0, "retailer": 0, "arbiter": 0}, codes  # SIGTERM stops cleanly
     at_stop = [r for r in cluster.audit("arbiter") if r.get("cause") == "service stop"]
     assert "breast-1" in {r["job_id"] for r in at_stop}  # every job's decryption counts
-    assert all(r["counts"]["splitnn.Z_FWD"] > 0 for r in at_stop)
+    trained = [r for r in at_stop if r["job_id"].startswith("breast")]  # not the attacks' jobs
+    assert all(r["counts"]["splitnn.Z_FWD"] > 0 for r in trained)
 
 
 def loose_files(state_dir: Path) -> list[str]:
@@ -284,6 +296,111 @@ def test_scoring_through_the_services(cluster: Cluster) -> None:
     assert usage["used"]["breast-1.scoring"] == (569 + 1 + 3) * kappa
 
 
+class Deviant:
+    """A client holding the bank's certificate that sends whatever it likes to the arbiter."""
+
+    def __init__(self, bank: PartyConfig, arbiter: PartyConfig) -> None:
+        self.bank, self.arbiter = bank.party, arbiter.party
+        self.channel = GrpcChannel(
+            me=bank.party, identity=bank.tls.load(), tags=TagRegistry([SetupTag, ScoreTag, DecTag])
+        )
+        self.channel.start()
+        pinned = bank.peer(arbiter.party.party_id).address_entry().certificate_pem
+        self.channel.add_peer(PartyAddress(arbiter.party, service_address(arbiter), pinned))
+        port = self.channel.port
+        admin_call(arbiter, "set_peer_address", {"peer": "bank", "address": f"127.0.0.1:{port}"})
+        self.key_id = b""
+        self.key = PublicKey.from_json(
+            self.ask("keys", SetupTag.KEY_REQ, 0, {}, SetupTag.KEY)["public_key"],
+            allow_test_key=True,
+        )
+        self.key_id = self.key.key_id
+        self.cipher = PaillierCipher(self.key)
+
+    def send(self, job_id: str, tag: Any, step: int, body: Any) -> None:
+        if isinstance(body, dict):
+            body = ControlBlock.from_obj(body)
+        self.channel.fresh_stream(job_id, [self.arbiter])
+        envelope = Envelope(
+            job_id=job_id,
+            sender=self.bank,
+            receiver=self.arbiter,
+            tag=tag,
+            step=step,
+            run_id="attack",
+            key_id=self.key_id if isinstance(body, CipherBlock) else b"",
+            body=body,
+        )
+        self.channel.send(envelope)
+
+    def ask(self, job_id: str, tag: Any, step: int, body: Any, reply: Any) -> dict[str, Any]:
+        self.send(job_id, tag, step, body)
+        got = self.channel.recv(
+            job_id=job_id, sender=self.arbiter, tag=reply, step=step, run_id="attack", timeout=60
+        )
+        return control_of(got)
+
+    def ciphertexts(self, rows: int, width: int) -> CipherBlock:
+        values = np.empty((rows, width), dtype=object)
+        values.reshape(-1)[:] = [
+            self.cipher.encrypt(0, gmpy2.powmod(2 + i, self.key.n, self.key.n2))
+            for i in range(values.size)
+        ]
+        return EncryptedTensor(cipher=self.cipher, values=values, scale=0).to_block()
+
+
+def test_a_deviating_bank_gets_nothing_decrypted_from_the_arbiter(cluster: Cluster) -> None:
+    """Issue 15's attacks over the real services: the bank's service is replaced by a
+    client holding the bank's certificate that deviates. The arbiter refuses a job the bank
+    registers alone (itself as host, the arbiter as host, or only its own proposal), steps
+    outside a finished job, a grant for a model it never closed or with another κ, and an
+    INF_Z ciphertext the retailer never produced; every refusal is in its audit log."""
+    bank, arbiter = cluster.configs["bank"], cluster.configs["arbiter"]
+    model = bank.state_dir / "models" / "breast-1" / "manifest.json"
+    if not model.is_file():
+        pytest.skip("needs the model of test_train_job_between_three_services")
+    proc = cluster.procs["bank"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    me = Deviant(bank, arbiter)
+    try:
+        spec = json.loads(model.read_text())["spec"]
+        for job_id, host in (("self-made", "bank"), ("wrong-role", "arbiter")):
+            body = {**spec, "job_id": job_id, "host": host}
+            assert "refused" in me.ask(job_id, SetupTag.JOB_SPEC, 0, body, SetupTag.JOB_READY)
+        me.send("alone", SetupTag.JOB_SPEC, 0, {**spec, "job_id": "alone"})  # never answered
+        batch = me.ciphertexts(int(spec["batch"]), 1)
+        for job_id, tag, step in (
+            ("alone", DecTag.Z_FWD, 0),  # registered by the bank alone: not active
+            ("breast-1", DecTag.Z_FWD, 10**9),  # outside the schedule, and the job is closed
+            ("breast-1", DecTag.G_BWD, 0),  # the host's tag
+        ):
+            assert "refused" in me.ask(job_id, tag, step, batch, tag), (job_id, tag)
+        kappa = -(-int(spec["k"]) // int(spec["slots"]))
+        grant = {"key_id": me.key_id.hex(), "kappa": kappa, "max_rows": 10}
+        for step, model_id, k, needle in (
+            (1, "breast-1-x", kappa, "not trained"),
+            (2, "breast-1", kappa + 1, "rows of"),
+        ):
+            body = {**grant, "model_id": model_id, "kappa": k}
+            got = me.ask(f"{model_id}.scoring", ScoreTag.GRANT_REQ, step, body, ScoreTag.GRANT)
+            assert needle in got.get("refused", ""), got
+        body = {**grant, "model_id": "breast-1"}
+        got = me.ask("breast-1.scoring", ScoreTag.GRANT_REQ, 3, body, ScoreTag.GRANT)
+        assert "refused" not in got, got
+        row = me.ciphertexts(1, kappa)  # a ciphertext the retailer never produced
+        got = me.ask("breast-1.scoring", DecTag.INF_Z, 4, row, DecTag.INF_Z)
+        assert "registered by the host" in got.get("refused", ""), got
+    finally:
+        me.channel.close(grace=0.1)
+        cluster.procs.update(start_services({"bank": bank}, logs=cluster.tmp / "logs"))
+        reconnect_service(cluster.configs, "bank")
+    refused = [r for r in cluster.audit("arbiter") if r["event"] == "request_refused"]
+    assert all(r["reason"] and r["submitter"] == "bank" for r in refused)
+    jobs = {r["job_id"] for r in refused}
+    assert {"self-made", "wrong-role", "alone", "breast-1", "breast-1-x.scoring"} <= jobs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("party", "how"),
@@ -301,10 +418,11 @@ def test_service_restarted_mid_job_resumes_with_the_same_result(
     """A party's service stopped (SIGTERM: cleanly; SIGKILL: at any instruction) a few
     steps into a job and started again with the same config. Host: the guest starts a new
     run (at once when the host reports its restart). Guest: its service resubmits the job
-    on start and the host drops the run it was still serving. Arbiter: it has forgotten the
-    job, refuses the current run's decryptions, and the new run registers the job again.
-    Both data parties resume from their checkpoints, and the job ends with exactly the
-    scores of the uninterrupted run."""
+    on start and the host drops the run it was still serving. Arbiter: it reloads the job's
+    registration, served steps and counts from its state folder (P9), so the current run
+    goes on (or a new run registers again and resumes). The data parties resume from their
+    checkpoints where needed, and the job ends with exactly the scores of the
+    uninterrupted run."""
     bank = cluster.configs["bank"]
     job_id = f"breast-{party}-{how.name.lower()}"
     admin_call(bank, "train", _job(job_id))
@@ -335,7 +453,8 @@ def test_service_restarted_mid_job_resumes_with_the_same_result(
         for r in cluster.audit("retailer")
         if r["job_id"] == job_id and r["event"] == "job_accepted"
     ]
-    assert len(host_runs) >= 2 and len(set(host_runs)) == len(host_runs)
+    assert len(host_runs) >= (1 if party == "arbiter" else 2)
+    assert len(set(host_runs)) == len(host_runs)
     counts = [
         r
         for r in cluster.audit("arbiter")

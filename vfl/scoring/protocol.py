@@ -9,34 +9,44 @@ What each party learns: G learns ``z_h`` of the customers it scores (as in train
 for a customer H does not hold, ``z_h`` of H's default embedding (the mean customer), which
 may reveal non-membership (§5.1); H learns, online, the pseudonyms of each request (the
 real one among ``decoys`` others) and which it resolved; in batch mode (PSI ``GUEST_ONLY``)
-only ``|Y'|`` and the number of scoring chunks; A learns tags, counts and timing and
-decrypts only uniformly masked values.
+only ``|X'|`` and the number of scoring chunks; H also learns G's mask seed (uniform,
+independent of everything); A learns tags, counts, digests and timing and decrypts only
+uniformly masked values. A decrypts nothing H did not produce for the session (§5.4).
 
 Steps (code comments cite them):
 
-G1. G → A ``GRANT_REQ{model, grant id, key id, κ, rows per request}``; A applies its scoring
-    policy for the model and G's identity and answers ``GRANT`` (or refuses with a reason).
-G2. G → H ``OPEN{model, mode, id type, X25519 public key (online) | PSI job (batch)}``;
+G1. G → A ``GRANT_REQ{model, grant id, key id, κ, rows per request}``; A grants only a
+    model whose training it closed (P7 of :mod:`protocols.crypto.policy`), to that model's
+    guest, with the model's ``κ``, within its operator's quota per window and expiry, and
+    answers ``GRANT`` (or refuses with a reason).
+G2. G → H ``OPEN{model, mode, id type, mask seed, X25519 public key (online) | PSI job
+    (batch)}``;
     H loads its saved part and its data alias named in its manifest, computes ``α`` of every
     customer, and answers ``READY`` (with its X25519 key online, or ``|A_H|`` in batch) or
     a refusal. Online, both derive ``K_ps = HKDF-SHA256(X25519, salt = session id,
     info = "VFL-pseudonym-v1")`` and H keys its customers by ``HMAC-SHA256(K_ps, canon(id))``.
 O1. (online, §5.1 F1) G → H ``INF_REQ{req}``: the request's pseudonyms (real one among
     decoys, in random order).
-O2. (F2) H → G ``INF_F1{req}``: ``[[Ẑ]] = Obf(â ⊙ [[W^G]] ⊕ â·E)`` per pseudonym (the
-    default embedding for pseudonyms it cannot resolve).
-O3. (F3) G decrypts the real row masked (``INF_Z``, step = a fresh random request id) and
-    computes the score with its own part.
-B1. (batch, §5.2) after a ``GUEST_ONLY`` PSI of the scoring population, H sends
-    ``INF_F1{c}`` for chunk ``c`` of the positions of ``A_H`` (the default embedding for its
-    padding dummies), then one row more at position ``|A_H|``: the default embedding.
-B2. G decrypts only the positions it matched (and the default row) masked under ``INF_Z``,
+O2. (F2) H computes ``[[Ẑ]] = Obf(â ⊙ [[W^G]] ⊕ â·E)`` per pseudonym (the default
+    embedding for pseudonyms it cannot resolve), adds G's masks (derived from the seed and
+    ``req``), registers the masked ciphertexts' digests with A (``BIND``: group ``req``,
+    at most 1 row), and once A confirmed sends them to G (``INF_F1{req}``).
+O3. (F3) G forwards the real row's ciphertexts to A as they are (``INF_Z``, step = a fresh
+    random request id), removes its masks and computes the score with its own part.
+B1. (batch, §5.2) after a ``GUEST_ONLY`` PSI of the scoring population, H computes
+    ``[[Ẑ]]`` for chunk ``c`` of the positions of ``A_H`` (the default embedding for its
+    padding dummies, then one row more at position ``|A_H|``: the default embedding),
+    masks and registers them as in O2 (group 0, at most ``|X'| + 1`` rows for the whole
+    session: the size of G's scored list, which H learns from the PSI anyway, plus the
+    default row) and sends ``INF_F1{c}``.
+B2. G decrypts only the positions it matched (and the default row) under ``INF_Z``,
     while later chunks arrive; its unmatched customers get the default row's ``z_h``.
 C1. G → H ``CLOSE``: H drops the session.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -56,12 +66,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocols.crypto.arbiter import ArbiterService, JobPolicy, PolicyRule
+from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.cipher import PaillierCipher
+from protocols.crypto.masked import derived_masks
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
+from protocols.crypto.policy import JobPolicy, PolicyRule, ciphertext_digests
 from protocols.crypto.tensor import EncryptedTensor
-from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
+from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock, control_of
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor
 from protocols.files import atomic_write
@@ -136,10 +148,12 @@ class GrantKeeper:
     """The arbiter's scoring grants (G1): its own policy, usage kept across restarts.
 
     ``grant_for(model_id, first)`` applies the arbiter's configuration to a model first
-    granted at unix time ``first`` (expiry counts from then); usage per grant and the first
-    grant times are written atomically to ``<state_dir>/scoring_usage.json`` after every
-    answered request and every new grant. Usage counts decrypted values: ``κ_k`` per row
-    (the quota in rows is multiplied by ``κ_k`` when a grant is made).
+    granted at unix time ``first`` (expiry counts from then). Only models in the arbiter's
+    registry (trained and closed here, P7) are granted, to their guest, with their ``κ``;
+    requests are bound to the ciphertexts the model's host registers (P8). Usage per grant
+    and quota window is written atomically to ``<state_dir>/scoring_usage.json`` after
+    every answered request and every new grant; it counts decrypted values: ``κ`` per row
+    (the quota in rows is multiplied by ``κ`` when a grant is made).
     """
 
     def __init__(
@@ -154,17 +168,19 @@ class GrantKeeper:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / "scoring_usage.json"
         self._lock = threading.Lock()
-        self.usage, self.first = self._load()
+        self.usage, self.first, self.window = self._load()
         service.on_served(self._served)
         channel.add_handler(MessageFilter.for_tags(ScoreTag.GRANT_REQ), self._on_request)
 
-    def _load(self) -> tuple[dict[str, int], dict[str, float]]:
+    def _load(self) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
         if not self.path.is_file():
-            return {}, {}
+            return {}, {}, {}
         try:
             obj = json.loads(self.path.read_text())
             used = {str(k): int(v) for k, v in obj["used"].items()}
-            return used, {str(k): float(v) for k, v in obj["first"].items()}
+            first = {str(k): float(v) for k, v in obj["first"].items()}
+            window = {str(k): float(v) for k, v in obj.get("window", first).items()}
+            return used, first, window
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigError(
                 f"{self.path} is unreadable ({type(exc).__name__}); restore it from backup "
@@ -172,7 +188,7 @@ class GrantKeeper:
             ) from None
 
     def _save(self) -> None:
-        body = {"used": self.usage, "first": self.first}
+        body = {"used": self.usage, "first": self.first, "window": self.window}
         atomic_write(self.path, json.dumps(body).encode(), mode=0o600)
 
     def _served(self, job_id: str, tag: str, count: int) -> None:
@@ -182,61 +198,70 @@ class GrantKeeper:
             self.usage[job_id] = self.usage.get(job_id, 0) + count
             self._save()
 
+    def _policy(self, envelope: Envelope) -> tuple[JobPolicy, dict[str, Any]]:
+        """G1's checks; the grant's policy and the reply."""
+        if not isinstance(envelope.body, ControlBlock):
+            raise ProtocolError("GRANT_REQ carries no control block")
+        body = envelope.body.obj()
+        model_id = str(body["model_id"])
+        kappa, max_rows = int(body["kappa"]), int(body["max_rows"])
+        if envelope.job_id != grant_id(model_id):
+            raise ProtocolError("GRANT_REQ names another model than its envelope")
+        if not 1 <= max_rows <= CHUNK_ROWS + 1:
+            raise ProtocolError("GRANT_REQ asks for an implausible request size")
+        model = self.service.policy.model(model_id)
+        if model is None:
+            raise PolicyViolationError(
+                f"model {model_id} was not trained with this arbiter (or its training is "
+                "not finished)"
+            )
+        requester = envelope.sender.party_id
+        if kappa != model.kappa:
+            raise PolicyViolationError(f"model {model_id} scores rows of {model.kappa} values")
+        if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
+            raise PolicyViolationError(f"model {model_id} is under another key")
+        now = time.time()
+        with self._lock:
+            if envelope.job_id not in self.first:
+                self.first[envelope.job_id] = now
+                self.window[envelope.job_id] = now
+                self._save()
+            grant = self.grant_for(model_id, self.first[envelope.job_id])
+            if now - self.window[envelope.job_id] >= grant.quota_days * 86400.0:
+                self.window[envelope.job_id] = now  # a new quota window
+                self.usage[envelope.job_id] = 0
+                self._save()
+            used = self.usage.get(envelope.job_id, 0)
+        if requester != model.guest or requester not in grant.requesters:
+            raise PolicyViolationError(f"{requester} may not score model {model_id}")
+        if now > grant.expires_at:
+            raise PolicyViolationError(f"the scoring grant of model {model_id} has expired")
+        policy = JobPolicy(
+            job_id=envelope.job_id,
+            key_id=self.service.key_id,
+            rules=(PolicyRule(DecTag.INF_Z.value, requester, max_rows * kappa, unit=kappa),),
+            quota=grant.quota_rows * kappa,
+            expires_at=grant.expires_at,
+            cache_replies=False,
+            binder=model.host,
+        )
+        reply = {
+            "quota_rows": grant.quota_rows,
+            "used_rows": used // kappa,
+            "expires_at": grant.expires_at,
+        }
+        return policy, {"used": used, **reply}
+
     def _on_request(self, envelope: Envelope) -> None:
         """G1 at the arbiter."""
         try:
-            if not isinstance(envelope.body, ControlBlock):
-                raise ProtocolError("GRANT_REQ carries no control block")
-            body = envelope.body.obj()
-            model_id = str(body["model_id"])
-            kappa, max_rows = int(body["kappa"]), int(body["max_rows"])
-            if envelope.job_id != grant_id(model_id):
-                raise ProtocolError("GRANT_REQ names another model than its envelope")
-            if not (1 <= kappa <= 64 and 1 <= max_rows <= CHUNK_ROWS + 1):
-                raise ProtocolError("GRANT_REQ asks for an implausible request size")
-            with self._lock:
-                if envelope.job_id not in self.first:
-                    self.first[envelope.job_id] = time.time()
-                    self._save()
-                first = self.first[envelope.job_id]
-            grant = self.grant_for(model_id, first)
-            requester = envelope.sender.party_id
-            if requester not in grant.requesters:
-                raise PolicyViolationError(f"{requester} may not score model {model_id}")
-            if time.time() > grant.expires_at:
-                raise PolicyViolationError(f"the scoring grant of model {model_id} has expired")
-            if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
-                raise PolicyViolationError(f"model {model_id} is under another key")
-            policy = JobPolicy(
-                job_id=envelope.job_id,
-                key_id=self.service.key_id,
-                rules=(PolicyRule(DecTag.INF_Z.value, requester, max_rows * kappa, unit=kappa),),
-                quota=grant.quota_rows * kappa,
-                expires_at=grant.expires_at,
-                cache_replies=False,
-            )
-            with self._lock:
-                used = self.usage.get(envelope.job_id, 0)
-            self.service.policy.grant(policy, used={DecTag.INF_Z.value: used})
-            reply: dict[str, Any] = {
-                "quota_rows": grant.quota_rows,
-                "used_rows": used // kappa,
-                "expires_at": grant.expires_at,
-            }
+            policy, reply = self._policy(envelope)
+            self.service.policy.grant(policy, used={DecTag.INF_Z.value: reply.pop("used")})
         except (VflError, KeyError, TypeError, ValueError) as exc:
-            logger.warning("ALERT: refused scoring grant for %s: %s", envelope.sender, exc)
-            reply = {"refused": str(exc)[:300]}
-        self.channel.send(
-            Envelope(
-                job_id=envelope.job_id,
-                sender=self.channel.me,
-                receiver=envelope.sender,
-                tag=ScoreTag.GRANT,
-                step=envelope.step,
-                run_id=envelope.run_id,
-                body=ControlBlock.from_obj(reply),
-            )
-        )
+            reason = str(exc)[:300]
+            self.service.refuse(envelope, reason)
+            reply = {"refused": reason}
+        self.service.reply(envelope, ScoreTag.GRANT, reply)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,14 +275,17 @@ class _HostSession:
     alpha: np.ndarray  # every customer's embedding, in H's table order
     default: np.ndarray  # the mean customer's embedding (1 × d)
     index: dict[bytes, int]  # pseudonym -> row (online)
+    seed: bytes  # G's mask seed (O2, B1)
+    timeout: float = 120.0
 
 
 class ScoringHost:
     """H's side: answers ``OPEN``/``INF_REQ``/``CLOSE`` (G2, O2, B1, C1).
 
     ``table_for(alias, id_column, columns)`` loads those columns of one of H's own data
-    aliases; ``allow(guest, model)``
-    raises a :class:`VflError` to refuse (H's acceptance policy).
+    aliases; ``allow(guest, model)`` raises a :class:`VflError` to refuse (H's acceptance
+    policy); ``list_rows(psi_job)`` gives H's list rows of a ``GUEST_ONLY`` PSI and the
+    size of G's list ``|X'|`` (batch scoring).
     """
 
     def __init__(
@@ -271,12 +299,13 @@ class ScoringHost:
         public_key: Callable[[], PublicKey],
         pool_executor: Executor | None = None,
         allow: Callable[[str, SavedModel], None] | None = None,
-        list_rows: Callable[[str], np.ndarray] | None = None,
+        list_rows: Callable[[str], tuple[np.ndarray, int]] | None = None,
+        timeout: float = 120.0,
     ) -> None:
         self.channel, self.arbiter, self.state_dir = channel, arbiter, state_dir
         self.executor, self.table_for, self.public_key = executor, table_for, public_key
         self.pool_executor = pool_executor or executor
-        self.allow, self.list_rows = allow, list_rows
+        self.allow, self.list_rows, self.timeout = allow, list_rows, timeout
         self._sessions: dict[tuple[str, str], _HostSession] = {}
         self._pools: dict[bytes, ObfuscatorPool] = {}
         self._lock = threading.Lock()
@@ -335,6 +364,9 @@ class ScoringHost:
             if self.allow is not None:
                 self.allow(envelope.sender.party_id, model)
             mode = ScoreMode(body["mode"])
+            seed = bytes.fromhex(str(body["mask_seed"]))
+            if len(seed) != 32:
+                raise ProtocolError("OPEN's mask seed is not 32 bytes")
             key = self.public_key()
             key.check_key_id(model.key_id)
             data = model.manifest["data"]
@@ -356,7 +388,7 @@ class ScoringHost:
                 fp=model.fixed_point,
             )
             layer.restore(model.big_ints)
-            self.channel.fresh_stream(envelope.job_id, (envelope.sender,))
+            self.channel.fresh_stream(envelope.job_id, (envelope.sender, self.arbiter))
             reply: dict[str, Any] = {"accepted": True}
             index: dict[bytes, int] = {}
             if mode is ScoreMode.ONLINE:
@@ -368,12 +400,18 @@ class ScoringHost:
                 index = dict(zip(pseudonyms(k_ps, ids.canonical), ids.rows.tolist(), strict=True))
                 reply["x25519"] = _public_bytes(own).hex()
             session = _HostSession(
-                model=model, layer=layer, alpha=alpha, default=default, index=index
+                model=model,
+                layer=layer,
+                alpha=alpha,
+                default=default,
+                index=index,
+                seed=seed,
+                timeout=self.timeout,
             )
             if mode is ScoreMode.BATCH:
                 if self.list_rows is None:
                     raise ConfigError("batch scoring is not available at this host")
-                rows = self.list_rows(str(body["psi_job"]))
+                rows, scored = self.list_rows(str(body["psi_job"]))
                 reply["positions"] = int(rows.size)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             logger.warning("refused scoring session from %s: %s", envelope.sender, exc)
@@ -391,9 +429,14 @@ class ScoringHost:
             len(alpha),
         )
         if mode is ScoreMode.BATCH:
-            self._batch(envelope, session, rows)
+            try:
+                self._batch(envelope, session, rows, cap_rows=scored + 1)
+            except (VflError, TimeoutError) as exc:
+                logger.warning("batch scoring for %s stopped: %s", envelope.sender, exc)
 
-    def _batch(self, envelope: Envelope, session: _HostSession, rows: np.ndarray) -> None:
+    def _batch(
+        self, envelope: Envelope, session: _HostSession, rows: np.ndarray, *, cap_rows: int
+    ) -> None:
         """B1: ``[[Ẑ]]`` for every position of ``A_H``, then the default row."""
         alpha = np.vstack(
             [
@@ -403,7 +446,57 @@ class ScoringHost:
         )
         for c, start in enumerate(range(0, len(alpha), CHUNK_ROWS)):
             _, z = session.layer.forward(alpha[start : start + CHUNK_ROWS])
+            z = self._bind(envelope, session, z, step=c, group=0, cap_rows=cap_rows)
             self._send(envelope, ScoreTag.INF_F1, c, z.to_block(), session.model.key_id)
+
+    def _bind(
+        self,
+        envelope: Envelope,
+        session: _HostSession,
+        z: EncryptedTensor,
+        *,
+        step: int,
+        group: int,
+        cap_rows: int,
+    ) -> EncryptedTensor:
+        """O2/B1: add G's masks for ``step`` to ``z`` and register the masked ciphertexts
+        with A (group ``group``, at most ``cap_rows`` rows of it decrypted); returns them
+        once A confirmed."""
+        n = z.cipher.key.n
+        masks = np.empty(z.values.shape, dtype=object)
+        masks.reshape(-1)[:] = derived_masks(n, session.seed, label=step, count=z.values.size)
+        masked = z.add_plain(masks)
+        block = masked.to_block()
+        items = ciphertext_digests(session.model.key_id, block.data, masked.values.size)
+        body = {
+            "group": group,
+            "cap_rows": cap_rows,
+            "digests": base64.b64encode(b"".join(items)).decode(),
+        }
+        self.channel.send(
+            Envelope(
+                job_id=envelope.job_id,
+                sender=self.channel.me,
+                receiver=self.arbiter,
+                tag=SetupTag.BIND,
+                step=step,
+                run_id=envelope.run_id,
+                body=ControlBlock.from_obj(body),
+            )
+        )
+        reply = control_of(
+            self.channel.recv(
+                job_id=envelope.job_id,
+                sender=self.arbiter,
+                tag=SetupTag.BOUND,
+                step=step,
+                run_id=envelope.run_id,
+                timeout=session.timeout,
+            )
+        )
+        if "refused" in reply:
+            raise PolicyViolationError(f"the arbiter refused the registration: {reply['refused']}")
+        return masked
 
     def _on_request(self, envelope: Envelope) -> None:
         """O2 at the host."""
@@ -421,6 +514,13 @@ class ScoringHost:
             [session.default if r is None else session.alpha[r : r + 1] for r in found]
         )
         _, z = session.layer.forward(alpha)
+        try:
+            z = self._bind(
+                envelope, session, z, step=envelope.step, group=envelope.step, cap_rows=1
+            )
+        except (VflError, TimeoutError) as exc:
+            logger.warning("INF_REQ from %s not answered: %s", envelope.sender, exc)
+            return
         self._send(envelope, ScoreTag.INF_F1, envelope.step, z.to_block(), session.model.key_id)
 
     def _on_close(self, envelope: Envelope) -> None:
@@ -481,6 +581,7 @@ class ScoringClient:
         self.task = Task(model.manifest["train"]["task"])
         self.preprocessor = model.preprocessor
         self._k_ps: bytes | None = None
+        self._seed = secrets.token_bytes(32)  # masks H adds for this session (O2, B1)
         self._setup_step = 0
         self.id_type = IdType.GENERIC
 
@@ -537,6 +638,7 @@ class ScoringClient:
             "mode": ScoreMode.ONLINE.value,
             "id_type": id_type.value,
             "x25519": _public_bytes(own).hex(),
+            "mask_seed": self._seed.hex(),
         }
         reply = self._exchange(self.host, ScoreTag.OPEN, ScoreTag.READY, body)
         self._k_ps = _pseudonym_key(own, bytes.fromhex(reply["x25519"]), self.run_id)
@@ -560,7 +662,7 @@ class ScoringClient:
         real = int(np.flatnonzero(order == 0)[0])
         req = secrets.randbits(62)
         self._send(self.host, ScoreTag.INF_REQ, req, PlainBlock(b"".join(ps[i] for i in order)))
-        z = self._z(self._tensor(req), np.array([real]))  # O3
+        z = self._z(self._tensor(req), np.array([real]), label=req)  # O3
         x = self.preprocessor.transform(features)
         return float(guest_scores(self.models, self.task, z, x).reshape(-1)[0])
 
@@ -585,12 +687,30 @@ class ScoringClient:
             packing=tensor.packing,
         )
 
-    def _z(self, tensor: EncryptedTensor, rows: np.ndarray) -> np.ndarray:
-        fp = self.model.fixed_point
-        return self.layer.reveal(
+    def _masks(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> np.ndarray:
+        """The masks H added to ``rows`` of a tensor it sent under ``label`` (O2, B1)."""
+        masks = np.empty(tensor.values.shape, dtype=object)
+        masks.reshape(-1)[:] = derived_masks(
+            self.layer.n, self._seed, label=label, count=tensor.values.size
+        )
+        out: np.ndarray = masks[rows]
+        return out
+
+    def _request(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> Any:
+        """O3/B2: ``rows`` of H's masked ciphertexts to A as they are (bound, §5.4)."""
+        return self.layer.md.request(
             self._subset(tensor, rows),
-            DecTag.INF_Z,
-            secrets.randbits(62),
+            job_id=self.job_id,
+            tag=DecTag.INF_Z,
+            step=secrets.randbits(62),
+            run_id=self.run_id,
+            masks=self._masks(tensor, rows, label=label),
+        )
+
+    def _z(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> np.ndarray:
+        fp = self.model.fixed_point
+        return self.layer.finish_reveal(
+            self._request(tensor, rows, label=label),
             width=self.spec.k,
             scale=fp.f_z,
             bound=fp.z_bound(self.spec.d),
@@ -603,7 +723,12 @@ class ScoringClient:
         ``positions`` of H's list. Returns a score for every row of ``table``."""
         started = time.monotonic()
         self.grant()
-        body = {"model_id": self.model.model_id, "mode": ScoreMode.BATCH.value, "psi_job": psi_job}
+        body = {
+            "model_id": self.model.model_id,
+            "mode": ScoreMode.BATCH.value,
+            "psi_job": psi_job,
+            "mask_seed": self._seed.hex(),
+        }
         size = int(self._exchange(self.host, ScoreTag.OPEN, ScoreTag.READY, body)["positions"])
         if positions.size and (positions.min() < 0 or positions.max() >= size):
             raise ProtocolError("PSI positions fall outside the host's list")
@@ -620,14 +745,7 @@ class ScoringClient:
             targets = by_position[start : start + tensor.shape[0]]
             wanted = np.flatnonzero(targets >= 0)
             if wanted.size:  # B2: requested now, collected while later chunks arrive
-                request = self.layer.md.request(
-                    self._subset(tensor, wanted),
-                    job_id=self.job_id,
-                    tag=DecTag.INF_Z,
-                    step=secrets.randbits(62),
-                    run_id=self.run_id,
-                )
-                pending.append((targets[wanted], request))
+                pending.append((targets[wanted], self._request(tensor, wanted, label=c)))
         z_default = np.zeros((1, self.spec.k))
         for target, request in pending:
             z = self.layer.finish_reveal(

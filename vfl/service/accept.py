@@ -16,8 +16,9 @@ Checks, in the order the host learns what it needs (``JobOffer`` of
    guest's ``host_widths`` and the columns) ``<= max_host_params``;
 4. with the arbiter's key: its size ``>= min_key_bits``.
 
-The arbiter applies 1 (to the spec's guest, and the sender must be the spec's guest or
-host), ``d``/``k`` and plaintext of 2.
+The arbiter applies 1 (to the spec's guest), :func:`check_parties` (the spec's guest and
+host are two different configured peers of those roles, and the sender is one of them),
+and ``d``/``k``, plaintext and the key size of 2 and 4.
 
 Horizontal (FedAvg) jobs: a client checks the coordinator's ``START`` with 1 (job type
 ``horizontal``), that the sender is the job's coordinator, the data alias of 2 and, once
@@ -30,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocols.errors import ConfigError, JobRefusedError
-from protocols.roles import Party
+from protocols.roles import Party, Role
 from vfl.config import AcceptPolicy, JobType, PartyConfig
 from vfl.fedavg.protocol import FedJob
 from vfl.splitnn.session import JobOffer
@@ -58,6 +59,21 @@ def check_guest(config: PartyConfig, *, guest: str, job_type: JobType) -> None:
         raise _refuse(f"{guest} may not submit jobs here (accept.guests)")
     if job_type not in policy.job_types:
         raise _refuse(f"{job_type.value} jobs are not accepted here (accept.job_types)")
+
+
+def check_parties(config: PartyConfig, *, guest: str, host: str, sender: Party) -> None:
+    """The arbiter's identity check of a JOB_SPEC (P1 of :mod:`protocols.crypto.policy`):
+    its guest and host are two different configured peers with those roles, and the
+    sender is one of them (so no party can register a job alone)."""
+    roles = {p.party.party_id: p.party.role for p in config.peers}
+    if guest == host:
+        raise _refuse("a job's guest and host must be two different parties")
+    if roles.get(guest) is not Role.GUEST:
+        raise _refuse(f"{guest} is not a configured guest here ([[peers]])")
+    if roles.get(host) is not Role.HOST:
+        raise _refuse(f"{host} is not a configured host here ([[peers]])")
+    if sender.party_id not in (guest, host):
+        raise _refuse(f"{sender.party_id} is neither the guest nor the host of the job")
 
 
 def check_data(config: PartyConfig, *, alias: str) -> None:
@@ -112,8 +128,7 @@ def check_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> JobS
     except ConfigError as exc:
         raise _refuse(str(exc)) from None
     check_guest(config, guest=spec.guest, job_type=JobType.SPLIT_NN)
-    if sender.party_id not in (spec.guest, spec.host):
-        raise _refuse(f"{sender.party_id} is neither the guest nor the host of the job")
+    check_parties(config, guest=spec.guest, host=spec.host, sender=sender)
     _check_shapes(config, d=spec.d, k=spec.k, encrypted=spec.encrypted)
     if spec.key_bits < config.accept.min_key_bits:
         raise _refuse(
@@ -149,8 +164,17 @@ def check_fed_start(
 
 
 def check_fed_job(config: PartyConfig, job: FedJob, coordinator: Party) -> None:
-    """The aggregator's check of a horizontal job (the coordinator's own JOIN)."""
+    """The aggregator's check of a horizontal job (the coordinator's own JOIN): the
+    coordinator may submit it, and its clients are at least two different configured
+    guest or host peers (so no party runs a job alone)."""
     check_guest(config, guest=coordinator.party_id, job_type=JobType.HORIZONTAL)
+    roles = {p.party.party_id: p.party.role for p in config.peers}
+    clients = list(job.client_ids)
+    if len(set(clients)) != len(clients) or len(clients) < 2:
+        raise _refuse("a horizontal job needs at least two different clients")
+    for client in clients:
+        if roles.get(client) not in (Role.GUEST, Role.HOST):
+            raise _refuse(f"{client} is not a configured guest or host here ([[peers]])")
 
 
 def check_ftl_start(
@@ -186,8 +210,7 @@ def check_ftl_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> 
     except ConfigError as exc:
         raise _refuse(str(exc)) from None
     check_guest(config, guest=spec.guest, job_type=JobType.TRANSFER)
-    if sender.party_id not in (spec.guest, spec.host):
-        raise _refuse(f"{sender.party_id} is neither the guest nor the host of the job")
+    check_parties(config, guest=spec.guest, host=spec.host, sender=sender)
     if spec.d > config.accept.max_d:
         raise _refuse(f"d = {spec.d} exceeds accept.max_d = {config.accept.max_d}")
     if spec.key_bits < config.accept.min_key_bits:

@@ -52,6 +52,7 @@ class AuditEvent(StrEnum):
     JOB_FAILED = "job_failed"
     JOB_RETRIED = "job_retried"
     DECRYPTION_COUNTS = "decryption_counts"
+    REQUEST_REFUSED = "request_refused"
 
 
 def config_digest(obj: Any) -> str:

@@ -29,13 +29,11 @@ Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.aud
    same way: checkpoints are written per step, so nothing needs saving; the jobs resume
    when the service is started again.
 
-The arbiter keeps job registrations, served-step marks and cached replies in memory only.
-After a restart it has forgotten them: the parties' current run is refused (no registered
-policy) and both start a new run, whose J3 registers the job again and whose RESUME
-re-opens the steps to repeat. Decryption counts restart from zero in memory; the audit log
-keeps the counts logged before the restart. Because the served-step marks are gone too, a
-step served before the restart could be asked for once more without a RESUME: the "served
-once" rule holds per arbiter process, and the audit log's counts show any excess.
+The arbiter keeps job registrations, served-step marks, counts, resumes and its model
+registry in ``<state_dir>/arbiter_policy`` (P9 of :mod:`protocols.crypto.policy`): a
+restarted arbiter enforces the same schedule and budgets, answers a byte-identical repeat
+of a served step with the same plaintext, and refuses any other request for it. Every
+refusal is recorded in the audit log (``request_refused``, with its reason).
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import ArbiterService, JobPolicy
+from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.paillier import (
     PrivateKey,
     PublicKey,
@@ -58,6 +56,7 @@ from protocols.crypto.paillier import (
     key_file_bytes,
     read_key_file,
 )
+from protocols.crypto.policy import DecryptionPolicy, JobPolicy, PolicyStore
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
     ConfigError,
@@ -169,12 +168,15 @@ def decrypts_on_ray(config: PartyConfig) -> bool:
     )
 
 
-def policy_of(body: dict[str, Any]) -> JobPolicy:
+POLICY_DIR = "arbiter_policy"  # the arbiter's policy state (P9), under its state folder
+
+
+def policy_of(body: dict[str, Any], *, max_resumes: int) -> JobPolicy:
     """A job's decryption policy from its JOB_SPEC: a transfer job's (``kind = "ftl"``) or a
-    split-NN job's."""
+    split-NN job's, with the arbiter's own limit on resumes."""
     if body.get("kind") == "ftl":
-        return FtlSpec.from_json(body).policy()
-    return JobSpec.from_json(body).policy()
+        return FtlSpec.from_json(body).policy(max_resumes=max_resumes)
+    return JobSpec.from_json(body).policy(max_resumes=max_resumes)
 
 
 def serve_arbiter(
@@ -200,8 +202,9 @@ def serve_arbiter(
         executor=executor,
         key_file=(config.state_dir / KEY_FILE).resolve() if decrypts_on_ray(config) else None,
         admit=admit if watch is None else watch.admit,
-        policy_of=policy_of,
+        policy_of=lambda body: policy_of(body, max_resumes=config.max_resumes),
         tags=(DecTag, FtlDecTag),
+        policy=DecryptionPolicy(store=PolicyStore(config.state_dir / POLICY_DIR)),
     )
     if watch is not None:
         watch.attach(service)
@@ -226,8 +229,21 @@ class ArbiterWatch:
         self._thread: threading.Thread | None = None
 
     def attach(self, service: ArbiterService) -> None:
-        """The decryption service whose counts are recorded."""
+        """The decryption service whose counts and refusals are recorded."""
         self._service = service
+        service.on_refused(self.refused)
+
+    def refused(self, request: Envelope, reason: str) -> None:
+        """Record a refused request (P1-P8 of :mod:`protocols.crypto.policy`) with its
+        reason: the tag, step and requester, never a value."""
+        self.audit.record(
+            event=AuditEvent.REQUEST_REFUSED,
+            job_id=request.job_id[:128],
+            submitter=request.sender.party_id,
+            tag=str(request.tag)[:64],
+            step=request.step,
+            reason=reason[:300],
+        )
 
     def admit(self, body: dict[str, Any], sender: Party) -> None:
         """The ``admit`` hook of :meth:`ArbiterService.serve_setup`."""

@@ -33,7 +33,7 @@ from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
 from psi.canon import IdType
-from psi.result import read_array
+from psi.result import read_array, read_result
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.scoring.model import SavedModel, load_model
@@ -107,8 +107,14 @@ class ScoringService:
                 public_key=self.public_key,
                 pool_executor=pool_executor,
                 allow=self._allow,
-                list_rows=lambda psi_job: read_array(config.state_dir, psi_job, "list_rows"),
+                list_rows=self._list_rows,
             )
+
+    def _list_rows(self, psi_job: str) -> tuple[np.ndarray, int]:
+        """H's list rows of a ``GUEST_ONLY`` PSI and the size of G's list ``|X'|``."""
+        summary, _ = read_result(self.config.state_dir, psi_job)
+        rows = read_array(self.config.state_dir, psi_job, "list_rows")
+        return rows, int(summary["peer_list_size"])
 
     def close(self) -> None:
         """Stop pools and sessions."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from protocols.crypto.arbiter import SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.policy import DecryptionPolicy
 from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party, Role
@@ -62,8 +63,11 @@ def run_in_process(
     allow_test_key: bool = False,
     timeout: float = 3600.0,
     pool_executor: Executor | None = None,
+    policy: DecryptionPolicy | None = None,
 ) -> LocalRun:
-    """Run ``job`` between an in-process guest, host and arbiter; raise if any party fails."""
+    """Run ``job`` between an in-process guest, host and arbiter; raise if any party fails.
+
+    ``policy``: the arbiter's decryption policy (default: a new one in memory)."""
     net = InMemoryNetwork()
     tags = [SplitTag, DecTag, SetupTag, JobTag]
     channels = {p.party_id: net.channel(p, tags=TagRegistry(tags)) for p in (GUEST, HOST, ARBITER)}
@@ -72,6 +76,7 @@ def run_in_process(
         public_key=public_key,
         private_key=private_key,
         executor=executor,
+        policy=policy,
     )
     host_out: dict[str, HostTrainer | BaseException] = {}
 

@@ -9,8 +9,9 @@ both can keep the best model). Nothing else crosses the wire in plaintext.
 Job sequence (every message carries the run id of this (re)start, §4.4.1):
 
 J1. G and H → A ``KEY_REQ``; A → ``KEY`` (the public key).
-J2. G → H ``JOB_START{job, run id, G's checkpoints}`` and ``FIT_ROWS`` (the training rows,
-    so H fits its preprocessing on them only); H checks the job against its acceptance
+J2. G → H ``JOB_START{job, run id, G's checkpoints, schedule}`` and ``FIT_ROWS`` (the
+    training rows, so H fits its preprocessing on them only); H checks the schedule against
+    its own row counts (:meth:`Schedule.check_at_host`) and the job against its acceptance
     policy (its ``accept`` hook: guest, data alias, shapes, protection mode, then its
     column count and the arbiter's key size) and answers ``JOB_ACCEPT{H's checkpoints}``
     or ``JOB_ACCEPT{refused: reason}`` (G raises :class:`JobRefusedError`, not retried).
@@ -27,6 +28,8 @@ J6. After each epoch, validation (``EVAL_BATCH``/``EVAL_F1``/``Z_EVAL``) and the
     Training stops early after ``patience`` epochs without improvement.
 J7. G → H ``USE_BEST``; both restore the best snapshot; G evaluates the held-out test rows
     (never used before), writes ``result.json``, and sends ``JOB_END``.
+J8. G and H → A ``JOB_DONE``; A closes the job and registers its model for scoring once
+    both sent it (P7 of :mod:`protocols.crypto.policy`).
 
 Outside a run (the services, :mod:`vfl.service.jobs`):
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import secrets
 import shutil
@@ -59,11 +63,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, JobPolicy, SetupTag
+from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.policy import DecryptionPolicy, JobPolicy
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
 from protocols.errors import (
     ConfigError,
@@ -102,6 +107,7 @@ class JobTag(StrEnum):
     RUN_STOPPED = "splitjob.RUN_STOPPED"  # R1: H tells G that a run of it ended early
 
 
+DONE_WAIT_S = 120.0  # how long a party waits for the arbiter's answer to JOB_DONE (J8)
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _HOST_TRAIN_FIELDS = (
@@ -146,9 +152,13 @@ class SplitJob:
                 self.job_id,
             )
 
-    def spec(self, key: PublicKey, *, guest: str, host: str) -> JobSpec:
+    def spec(self, key: PublicKey, *, guest: str, host: str, schedule: Schedule) -> JobSpec:
         """The JOB_SPEC both parties send to the arbiter."""
         return JobSpec(
+            epochs=self.epochs,
+            steps_per_epoch=schedule.steps_per_epoch,
+            eval_steps=schedule.eval_steps,
+            eval_rewind=schedule.eval_rewind,
             job_id=self.job_id,
             key_id=key.key_id.hex(),
             key_bits=key.bits,
@@ -171,6 +181,7 @@ class SplitJob:
             "mode": self.mode.value,
             "batch": self.batch,
             "batch_eval": self.batch_eval,
+            "epochs": self.epochs,
             "encrypted": self.encrypted,
             "protect": self.train.protect.mode.value,  # checked by the host's accept policy
             "train": train,
@@ -194,12 +205,44 @@ class SplitJob:
                 mode=SplitMode(obj["mode"]),
                 batch=int(obj["batch"]),
                 batch_eval=int(obj["batch_eval"]),
+                epochs=int(obj["epochs"]),
                 encrypted=bool(obj["encrypted"]),
             )
         except KeyError as exc:
             raise ConfigError(f"JOB_START lacks field {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"JOB_START is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps a job asks the arbiter for (its JOB_SPEC's window, P2 of
+    :mod:`protocols.crypto.policy`): training steps per epoch, ``Z_EVAL`` steps over the
+    whole job (every validation round and the test round), and the longest round."""
+
+    steps_per_epoch: int
+    eval_steps: int
+    eval_rewind: int
+
+    @classmethod
+    def of(cls, *, splits: Splits, batch: int, batch_eval: int, epochs: int) -> Schedule:
+        """The guest's schedule from its row splits."""
+        rounds = [math.ceil(len(splits.validation) / batch_eval)] * epochs
+        test = math.ceil(len(splits.test) / batch_eval)
+        return cls(
+            steps_per_epoch=len(splits.train) // batch,
+            eval_steps=max(sum(rounds) + test, 1),
+            eval_rewind=max(*rounds, test, 1),
+        )
+
+    def check_at_host(self, *, job: SplitJob, rows: int, fit_rows: int) -> None:
+        """H's check of the guest's evaluation steps against its own row counts: at most
+        every row not used for training, evaluated after each epoch and once more."""
+        held_out = math.ceil(max(rows - fit_rows, 0) / job.batch_eval)
+        if self.eval_rewind > max(held_out, 1) or self.eval_steps > (job.epochs + 1) * max(
+            held_out, 1
+        ):
+            raise ProtocolError("JOB_START asks for more evaluation steps than rows held out")
 
 
 @dataclass(frozen=True)
@@ -351,6 +394,28 @@ class _Common:
         body = {"step": step, "tag_steps": {DecTag.Z_EVAL.value: eval_step}}
         self.send(job_id, self.arbiter, SetupTag.RESUME, step, ControlBlock.from_obj(body))
         self.control(job_id, self.arbiter, SetupTag.RESUMED, step)
+
+    def finish_at_arbiter(self, job_id: str) -> None:
+        """J8: both parties tell A the job is over; A closes it (no further decryption) and
+        registers its model for scoring (P7 of :mod:`protocols.crypto.policy`). A model A
+        did not register cannot be scored, which the log says; the job's result stands."""
+        self.send(job_id, self.arbiter, SetupTag.JOB_DONE, 0, ControlBlock.from_obj({}))
+        try:
+            reply = self.channel.recv(
+                job_id=job_id,
+                sender=self.arbiter,
+                tag=SetupTag.JOB_DONE,
+                step=0,
+                run_id=self.run_id,
+                timeout=min(self.timeout, DONE_WAIT_S),
+            )
+            obj = reply.body.obj() if isinstance(reply.body, ControlBlock) else {}
+            if "refused" in obj:
+                raise PolicyViolationError(str(obj["refused"]))
+        except (TimeoutError, TransportError, PolicyViolationError, RunAbortedError) as exc:
+            logger.warning(
+                "job %s: the arbiter did not register its model for scoring (%s)", job_id, exc
+            )
 
     def _preprocess(self, job_dir: Path, table: PartyTable, fit_rows: np.ndarray) -> np.ndarray:
         """Fit scaling/imputation on the training rows only; keep it with the job's model."""
@@ -542,11 +607,15 @@ class GuestSession(_Common):
         state = self._load_progress()
         self.order_seed = bytes.fromhex(state["order_seed"])
         mine = ckpt.available_steps(self.ckpt_dir)
+        schedule = Schedule.of(
+            splits=self.splits, batch=job.batch, batch_eval=job.batch_eval, epochs=job.epochs
+        )
         start = dict(
             job.host_part(),
             request=self.host_request,
             checkpoints=mine,
             eval_step=state["eval_step"],
+            schedule=asdict(schedule),
         )
         self.send(job.job_id, self.peer, JobTag.JOB_START, 0, ControlBlock.from_obj(start))  # J2
         self.send(
@@ -555,7 +624,9 @@ class GuestSession(_Common):
         theirs = [
             int(s) for s in self.control(job.job_id, self.peer, JobTag.JOB_ACCEPT)["checkpoints"]
         ]
-        spec = job.spec(key, guest=self.channel.me.party_id, host=self.peer.party_id)
+        spec = job.spec(
+            key, guest=self.channel.me.party_id, host=self.peer.party_id, schedule=schedule
+        )
         self.register(spec)  # J3
 
         x = self._preprocess(self.job_dir, self.table, self.splits.train)
@@ -770,6 +841,7 @@ class GuestSession(_Common):
             },
             metrics=test,
         )
+        self.finish_at_arbiter(job.job_id)  # J8
         self.final_trainer = trainer
         return result
 
@@ -860,14 +932,24 @@ class HostSession(_Common):
             table = self.table_for(self.request)
             offer = dataclasses.replace(offer, features=len(table.columns))
             self.accept(offer)
-            x = self._preprocess(job_dir, table, env.body.indices())
+            fit_rows = env.body.indices()
+            try:
+                schedule = Schedule(**{k: int(v) for k, v in dict(body["schedule"]).items()})
+            except (KeyError, TypeError, ValueError):
+                raise ProtocolError("JOB_START holds no valid schedule") from None
+            if schedule.steps_per_epoch != len(fit_rows) // job.batch:
+                raise ProtocolError("JOB_START's steps per epoch do not match its FIT_ROWS")
+            schedule.check_at_host(job=job, rows=len(table), fit_rows=len(fit_rows))
+            x = self._preprocess(job_dir, table, fit_rows)
             key = self.public_key(job.job_id)  # J1
             self.accept(dataclasses.replace(offer, key_bits=key.bits, key_id=self.key_id))
         except TransportError:
             raise  # not the job's fault: the guest tries again with a new run
         except VflError as exc:
             raise self._refuse(job.job_id, exc) from None
-        spec = job.spec(key, guest=self.peer.party_id, host=self.channel.me.party_id)
+        spec = job.spec(
+            key, guest=self.peer.party_id, host=self.channel.me.party_id, schedule=schedule
+        )
         self.send(
             job.job_id,
             self.peer,
@@ -958,6 +1040,7 @@ class HostSession(_Common):
                         "id_column": str(self.request.get("id_column", "id")),
                     },
                 )
+                self.finish_at_arbiter(job.job_id)  # J8
                 logger.info("job %s finished at the host after %d steps", job.job_id, step)
                 return
 
@@ -972,19 +1055,21 @@ def serve_decryptions(
     admit: Callable[[dict[str, Any], Party], None] | None = None,
     policy_of: Callable[[dict[str, Any]], JobPolicy] | None = None,
     tags: Iterable[type[StrEnum]] = (DecTag,),
+    policy: DecryptionPolicy | None = None,
 ) -> ArbiterService:
     """The arbiter's part of jobs: key, JOB_SPEC, RESUME and masked decryptions of ``tags``.
 
     ``admit(spec_body, sender)`` is the arbiter's acceptance policy for JOB_SPECs (see
     :meth:`ArbiterService.serve_setup`); ``policy_of`` derives a job's decryption policy
     from its JOB_SPEC (default: a split-NN spec); ``key_file``: the workers load the key
-    from this file instead of receiving it (see :class:`ArbiterService`).
+    from this file instead of receiving it (see :class:`ArbiterService`); ``policy``: the
+    policy to enforce (default: a new one kept in memory only).
     """
     service = ArbiterService(
         channel=channel,
         cipher=PaillierCipher(public_key),
         private_key=private_key,
-        policy=DecryptionPolicy(),
+        policy=policy or DecryptionPolicy(),
         executor=executor,
         key_file=key_file,
     )

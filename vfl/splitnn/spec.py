@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from protocols.crypto.arbiter import JobPolicy, PolicyRule
 from protocols.crypto.packing import capacity, slot_bits_for
+from protocols.crypto.policy import JobPolicy, PolicyRule, StepWindow
 from protocols.errors import ConfigError
 
 
@@ -39,6 +39,11 @@ class SplitMode(StrEnum):
 
     P0 = "p0"
     P1 = "p1"
+
+
+DEFAULT_MAX_RESUMES = 100  # RESUMEs a job may have at the arbiter (its [arbiter] max_resumes)
+TRAIN_REWIND = 2  # steps a RESUME may re-open behind a training tag's newest served step:
+# the parties are never more than one step apart (§4.4.1)
 
 
 class DecTag(StrEnum):
@@ -84,6 +89,10 @@ class JobSpec:
     batch_eval: int
     guest: str
     host: str
+    epochs: int = 1
+    steps_per_epoch: int = 1
+    eval_steps: int = 1
+    eval_rewind: int = 1
     slot_bits: int = 0
     slots: int = 1
     encrypted: bool = True
@@ -91,6 +100,10 @@ class JobSpec:
     def __post_init__(self) -> None:
         if min(self.batch, self.d, self.k, self.batch_eval) < 1:
             raise ConfigError("batch, d, k and batch_eval must be positive")
+        if min(self.epochs, self.steps_per_epoch, self.eval_steps, self.eval_rewind) < 1:
+            raise ConfigError("the schedule (epochs, steps, evaluation steps) must be positive")
+        if self.guest == self.host:
+            raise ConfigError("a job's guest and host must be different parties")
         if self.mode is SplitMode.P1:
             s = self.slot_bits or slot_bits_for(
                 d=self.d, k=self.k, batch=max(self.batch, self.batch_eval)
@@ -111,20 +124,39 @@ class JobSpec:
         """Packed blocks per row of width d (d in P0)."""
         return math.ceil(self.d / self.slots)
 
-    def policy(self) -> JobPolicy:
-        """The arbiter's decryption policy for this job (§2.6)."""
+    def policy(self, *, max_resumes: int = DEFAULT_MAX_RESUMES) -> JobPolicy:
+        """The arbiter's decryption policy for this job (§2.6): per tag its requester and
+        count, its step window from the schedule (training tags: ``epochs ×
+        steps_per_epoch``; ``Z_EVAL``: ``eval_steps``), how far a RESUME may rewind it
+        (``TRAIN_REWIND`` steps; ``eval_rewind``, the longest validation or test round)
+        and its budget ``count × (window + max_resumes × rewind)`` (P2-P6 of
+        :mod:`protocols.crypto.policy`)."""
         b, d, b_eval = self.batch, self.d, self.batch_eval
+        train = StepWindow(stop=self.epochs * self.steps_per_epoch)
+        evals = StepWindow(stop=self.eval_steps)
+
+        def rule(
+            tag: DecTag, requester: str, count: int, window: StepWindow, rewind: int
+        ) -> PolicyRule:
+            budget = count * (window.steps + max_resumes * rewind)
+            return PolicyRule(
+                tag.value, requester, count, window=window, rewind=rewind, budget=budget
+            )
+
         rules = (
-            PolicyRule(DecTag.Z_FWD.value, self.guest, b * self.kappa_k),
-            PolicyRule(DecTag.G_BWD.value, self.host, b * self.kappa_d),
-            PolicyRule(DecTag.V_WUPD.value, self.guest, d * self.kappa_k),
-            PolicyRule(DecTag.Z_EVAL.value, self.guest, b_eval * self.kappa_k),
+            rule(DecTag.Z_FWD, self.guest, b * self.kappa_k, train, TRAIN_REWIND),
+            rule(DecTag.G_BWD, self.host, b * self.kappa_d, train, TRAIN_REWIND),
+            rule(DecTag.V_WUPD, self.guest, d * self.kappa_k, train, TRAIN_REWIND),
+            rule(DecTag.Z_EVAL, self.guest, b_eval * self.kappa_k, evals, self.eval_rewind),
         )
         return JobPolicy(
             job_id=self.job_id,
             key_id=bytes.fromhex(self.key_id),
             rules=rules,
+            parties=(self.guest, self.host),
             encrypted=self.encrypted,
+            max_resumes=max_resumes,
+            scoring_unit=self.kappa_k,
         )
 
     def step_counts(self) -> StepCounts:
@@ -174,6 +206,10 @@ class JobSpec:
                 batch_eval=int(obj["batch_eval"]),
                 guest=str(obj["guest"]),
                 host=str(obj["host"]),
+                epochs=int(obj["epochs"]),
+                steps_per_epoch=int(obj["steps_per_epoch"]),
+                eval_steps=int(obj["eval_steps"]),
+                eval_rewind=int(obj["eval_rewind"]),
                 slot_bits=int(obj.get("slot_bits", 0)),
                 encrypted=bool(obj.get("encrypted", True)),
             )

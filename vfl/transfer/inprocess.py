@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from protocols.crypto.arbiter import ArbiterService, DecryptionPolicy, SetupTag
+from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.policy import DecryptionPolicy
 from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party, Role

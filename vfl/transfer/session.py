@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.crypto.arbiter import JobPolicy, PolicyRule
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
+from protocols.crypto.policy import JobPolicy, PolicyRule, StepWindow
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
 from protocols.errors import ConfigError, JobRefusedError, ProtocolError
@@ -77,6 +77,16 @@ from vfl.transfer.ftl import (
 logger = logging.getLogger(__name__)
 
 SCORE_CHUNK = 512  # host rows per scoring request
+SCORE_OFFSET = 2**31  # scoring steps of a run start here (R6)
+
+
+def ftl_schedule(job: FtlJob, *, overlap: int, outside: int) -> tuple[int, int, int]:
+    """The steps of a run (the JOB_SPEC's schedule): epochs, training steps per epoch, and the
+    scoring steps of every validation and of H's rows outside the overlap. G and H each
+    compute it from the job and the overlap and outside counts both know."""
+    n_val = int(round(job.validation_fraction * overlap))
+    chunks = math.ceil(n_val / SCORE_CHUNK) * job.epochs + math.ceil(outside / SCORE_CHUNK)
+    return job.epochs, max((overlap - n_val) // job.config.batch, 1), max(chunks, 1)
 
 
 def claim_steps(folder: Path) -> int:
@@ -134,27 +144,55 @@ class FtlSpec:
     guest: str
     host: str
     score_owner: ScoreOwner = ScoreOwner.GUEST
+    schedule: tuple[int, int, int] = (1, 1, 1)  # epochs, steps per epoch, scoring steps
 
-    def policy(self) -> JobPolicy:
+    def policy(self, *, max_resumes: int = 100) -> JobPolicy:
         """A's decryption policy: per step ``B·d`` for H, ``d`` and 1 for G, up to
-        ``SCORE_CHUNK`` scores per request for the score owner."""
+        ``SCORE_CHUNK`` scores per request for the score owner. Steps of run ``r`` are
+        ``r·2^32 + offset`` (R6): training offsets ``< epochs × steps_per_epoch``, scoring
+        offsets ``2^31 + i`` for ``i < score_steps``; at most ``max_resumes + 1`` runs,
+        and per tag a budget of one whole schedule plus two epochs (training) or one
+        scoring schedule (scores) per resume (P2-P5 of :mod:`protocols.crypto.policy`)."""
         owner = self.guest if self.score_owner is ScoreOwner.GUEST else self.host
+        runs = max_resumes + 1
+        epochs, steps_per_epoch, score_steps = self.schedule
+        train = StepWindow(stop=epochs * steps_per_epoch, run_shift=32, max_runs=runs)
+        score = StepWindow(
+            start=SCORE_OFFSET, stop=SCORE_OFFSET + score_steps, run_shift=32, max_runs=runs
+        )
+
+        def rule(tag: FtlDecTag, requester: str, count: int, unit: int = 0) -> PolicyRule:
+            window = score if unit else train
+            rewind = window.steps if unit else 2 * steps_per_epoch
+            return PolicyRule(
+                tag.value,
+                requester,
+                count,
+                unit=unit,
+                window=window,
+                rewind=rewind,
+                budget=count * (window.steps + max_resumes * rewind),
+            )
+
         return JobPolicy(
             job_id=self.job_id,
             key_id=bytes.fromhex(self.key_id),
             rules=(
-                PolicyRule(FtlDecTag.GB.value, self.host, self.batch * self.d),
-                PolicyRule(FtlDecTag.K.value, self.guest, self.d),
-                PolicyRule(FtlDecTag.LOSS.value, self.guest, 1),
-                PolicyRule(FtlDecTag.SCORE.value, owner, SCORE_CHUNK, unit=1),
-                PolicyRule(FtlDecTag.VAL.value, self.guest, SCORE_CHUNK, unit=1),
+                rule(FtlDecTag.GB, self.host, self.batch * self.d),
+                rule(FtlDecTag.K, self.guest, self.d),
+                rule(FtlDecTag.LOSS, self.guest, 1),
+                rule(FtlDecTag.SCORE, owner, SCORE_CHUNK, unit=1),
+                rule(FtlDecTag.VAL, self.guest, SCORE_CHUNK, unit=1),
             ),
+            parties=(self.guest, self.host),
+            max_resumes=max_resumes,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The JOB_SPEC body."""
         out = asdict(self)
         out["score_owner"] = self.score_owner.value
+        out["schedule"] = list(self.schedule)
         out["kind"] = "ftl"
         return out
 
@@ -171,6 +209,11 @@ class FtlSpec:
                 guest=str(obj["guest"]),
                 host=str(obj["host"]),
                 score_owner=ScoreOwner(obj.get("score_owner", "guest")),
+                schedule=(
+                    int(obj["schedule"][0]),
+                    int(obj["schedule"][1]),
+                    int(obj["schedule"][2]),
+                ),
             )
         except KeyError as exc:
             raise ConfigError(f"FTL JOB_SPEC lacks field {exc}") from None
@@ -383,6 +426,7 @@ class FtlGuest:
             guest=self.channel.me.party_id,
             host=self.host.party_id,
             score_owner=job.score_owner,
+            schedule=ftl_schedule(job, overlap=len(self.overlap), outside=outside),
         )
         register(peer, self.arbiter, spec)
         cipher = PaillierCipher(key)
@@ -415,7 +459,7 @@ class FtlGuest:
         steps = len(train_pairs) // cfg.batch
         history: list[dict[str, float]] = []
         best, best_epoch, best_state, waited = -math.inf, 0, net.state_dict(), 0
-        score_step = base + 2**31
+        score_step = base + SCORE_OFFSET
         phi = np.zeros(cfg.d)
         best_phi = phi
         best_val: list[list[Any]] = [[], []]
@@ -690,6 +734,7 @@ class FtlHost:
             guest=self.guest.party_id,
             host=self.channel.me.party_id,
             score_owner=job.score_owner,
+            schedule=ftl_schedule(job, overlap=len(self.overlap), outside=len(self.outside)),
         )
         register(peer, self.arbiter, spec)
         cipher = PaillierCipher(key)

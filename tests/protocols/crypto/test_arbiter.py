@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
-from protocols.crypto.arbiter import (
-    Admission,
-    ArbiterService,
-    DecryptionPolicy,
-    JobPolicy,
-    PolicyRule,
-    _decrypt_chunk_from_file,
-)
+from protocols.crypto.arbiter import ArbiterService, _decrypt_chunk_from_file
 from protocols.crypto.cipher import PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import lift
 from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair, key_file_bytes
+from protocols.crypto.policy import (
+    Admission,
+    DecryptionPolicy,
+    JobPolicy,
+    PolicyRule,
+    StepWindow,
+)
 from protocols.crypto.tensor import EncryptedTensor, encrypt
 from protocols.envelope import Envelope
 from protocols.errors import CryptoError, PolicyViolationError, ReplayConflictError
@@ -39,14 +39,19 @@ class DecTag(StrEnum):
     G_BWD = "testsplit.G_BWD"
 
 
+WINDOW = StepWindow(stop=16)
+
+
 def policy_for(job_id: str, pk: PublicKey, count: int = 6) -> JobPolicy:
     return JobPolicy(
         job_id=job_id,
         key_id=pk.key_id,
         rules=(
-            PolicyRule(DecTag.Z_FWD.value, "bank", count),
-            PolicyRule(DecTag.G_BWD.value, "retailer", count),
+            PolicyRule(DecTag.Z_FWD.value, "bank", count, window=WINDOW, rewind=2),
+            PolicyRule(DecTag.G_BWD.value, "retailer", count, window=WINDOW, rewind=2),
         ),
+        parties=("bank", "retailer"),
+        max_resumes=4,
     )
 
 
