@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 CACHED_STEPS = 8  # replies kept per (job, tag) for byte-identical repeats (P4)
 MAX_SESSIONS_PER_JOB = 64  # scoring sessions with registered ciphertexts kept per grant (P8)
-MAX_BOUND_PER_SESSION = 1 << 22  # registered ciphertexts per scoring session (P8)
+MAX_BOUND_PER_JOB = 1 << 22  # registered, unspent ciphertexts kept per grant (P8): the oldest
+# sessions are dropped beyond it (their guest then opens a new session)
 DIGEST_BYTES = 16
 
 
@@ -212,6 +213,7 @@ class Admission(Enum):
 class _Group:
     cap_rows: int
     used_rows: int = 0
+    items: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -503,6 +505,11 @@ class DecryptionPolicy:
             )
         group.used_rows += rows
         session.spent.update(items)
+        if group.used_rows == group.cap_rows:  # nothing more of it can be decrypted
+            for item in group.items:
+                session.bound.pop(item, None)
+                session.spent.discard(item)
+            group.items.clear()
 
     def bind(
         self,
@@ -525,20 +532,31 @@ class DecryptionPolicy:
                 raise PolicyViolationError(f"{submitter} may not register ciphertexts here")
             if cap_rows < 1:
                 raise PolicyViolationError("a registration must allow at least one row")
+            if len(items) > MAX_BOUND_PER_JOB:
+                raise PolicyViolationError("too many ciphertexts registered at once")
             session = state.sessions.get(run_id)
             if session is None:
                 session = state.sessions[run_id] = _Session()
-                while len(state.sessions) > MAX_SESSIONS_PER_JOB:
-                    state.sessions.popitem(last=False)
             state.sessions.move_to_end(run_id)
-            known = session.groups.setdefault(group, _Group(cap_rows=cap_rows))
-            if known.cap_rows != cap_rows:
-                raise PolicyViolationError("a registration changes its group's cap")
-            if len(session.bound) + len(items) > MAX_BOUND_PER_SESSION:
+            while len(state.sessions) > 1 and (
+                len(state.sessions) > MAX_SESSIONS_PER_JOB
+                or sum(len(s.bound) for s in state.sessions.values()) + len(items)
+                > MAX_BOUND_PER_JOB
+            ):
+                state.sessions.popitem(last=False)  # the least recently used session
+            if len(session.bound) + len(items) > MAX_BOUND_PER_JOB:
                 raise PolicyViolationError("too many ciphertexts registered for one session")
+            known = session.groups.get(group)
+            if known is not None and known.cap_rows != cap_rows:
+                raise PolicyViolationError("a registration changes its group's cap")
+            if any(session.bound.get(item, group) != group for item in items):
+                raise PolicyViolationError("a ciphertext is registered in two groups")
+            if known is None:
+                known = session.groups[group] = _Group(cap_rows=cap_rows)
             for item in items:
-                if session.bound.setdefault(item, group) != group:
-                    raise PolicyViolationError("a ciphertext is registered in two groups")
+                if item not in session.bound:
+                    session.bound[item] = group
+                    known.items.append(item)
 
     def end_session(self, job_id: str, run_id: str) -> None:
         """Drop a scoring session's registrations (its guest closed it)."""
