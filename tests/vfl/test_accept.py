@@ -12,14 +12,21 @@ import pytest
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import JobRefusedError
 from protocols.executor import InlineExecutor
-from protocols.roles import Party
+from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from tests.conftest import ARBITER
 from tests.vfl.session_setup import TAGS, Outcome, Trio, run_job, synthetic_tables, trio
 from vfl.config import PartyConfig, parse_config
+from vfl.fedavg.protocol import FedJob
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
-from vfl.service.accept import check_offer, check_spec, host_bottom_params
+from vfl.service.accept import (
+    check_fed_job,
+    check_offer,
+    check_parties,
+    check_spec,
+    host_bottom_params,
+)
 from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.session import JobOffer, SplitJob, serve_decryptions
 from vfl.splitnn.training import TrainConfig, _host_bottom
@@ -207,3 +214,34 @@ def test_host_bottom_params_match_the_model() -> None:
     assert host_bottom_params(features=11, train=config) == sum(
         p.numel() for p in model.parameters()
     )
+
+
+@pytest.mark.parametrize(
+    ("guest", "host", "sender", "needle"),
+    [
+        ("bank", "bank", "bank", "two different parties"),  # the guest registers alone
+        ("bank", "arbiter", "bank", "arbiter is not a configured host"),
+        ("retailer", "bank", "retailer", "retailer is not a configured guest"),
+        ("bank", "shop", "bank", "shop is not a configured host"),
+        ("bank", "retailer", "shop", "shop is neither the guest nor the host"),
+    ],
+)
+def test_the_arbiter_binds_a_job_to_its_configured_parties(
+    tmp_path: Path, guest: str, host: str, sender: str, needle: str
+) -> None:
+    """P1 of the arbiter's policy at its acceptance check: a JOB_SPEC names a configured
+    guest and a different configured host, and comes from one of them."""
+    config = arbiter_config(tmp_path)
+    with pytest.raises(JobRefusedError, match=needle):
+        check_parties(config, guest=guest, host=host, sender=Party(sender, Role.GUEST))
+    check_parties(config, guest="bank", host="retailer", sender=Party("retailer", Role.HOST))
+
+
+def test_a_horizontal_job_names_only_configured_clients(tmp_path: Path) -> None:
+    config = arbiter_config(tmp_path)
+    coordinator = Party("bank", Role.GUEST)
+    fed = FedJob(job_id="h", coordinator="bank", clients=(("bank", "a"), ("mallory", "b")))
+    with pytest.raises(JobRefusedError, match="mallory is not a configured guest or host"):
+        check_fed_job(config, fed, coordinator)
+    fed = FedJob(job_id="h", coordinator="bank", clients=(("bank", "a"), ("retailer", "b")))
+    check_fed_job(config, fed, coordinator)

@@ -413,8 +413,12 @@ def test_a_deviating_bank_gets_nothing_decrypted_from_the_arbiter(cluster: Clust
         me.channel.close(grace=0.1)
         cluster.procs.update(start_services({"bank": bank}, logs=cluster.tmp / "logs"))
         reconnect_service(cluster.configs, "bank")
-    refused = [r for r in cluster.audit("arbiter") if r["event"] == "request_refused"]
-    assert all(r["reason"] and r["submitter"] == "bank" for r in refused)
+    refused = [
+        r
+        for r in cluster.audit("arbiter")
+        if r["event"] == "request_refused" and r["submitter"] == "bank"
+    ]
+    assert all(r["reason"] and r["tag"] for r in refused)
     jobs = {r["job_id"] for r in refused}
     assert {"self-made", "wrong-role", "alone", "breast-1", "breast-1-x.scoring"} <= jobs
 

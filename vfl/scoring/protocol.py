@@ -153,7 +153,9 @@ class GrantKeeper:
     requests are bound to the ciphertexts the model's host registers (P8). Usage per grant
     and quota window is written atomically to ``<state_dir>/scoring_usage.json`` after
     every answered request and every new grant; it counts decrypted values: ``κ`` per row
-    (the quota in rows is multiplied by ``κ`` when a grant is made).
+    (the quota in rows is multiplied by ``κ`` when a grant is made). The grants themselves
+    are kept there too and registered again when the arbiter starts (under its current
+    configuration), so a restart does not break a guest's open session.
     """
 
     def __init__(
@@ -168,20 +170,24 @@ class GrantKeeper:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / "scoring_usage.json"
         self._lock = threading.Lock()
-        self.usage, self.first, self.window = self._load()
+        self.usage, self.first, self.window, self.grants = self._load()
+        self._restore()
         service.on_served(self._served)
         channel.add_handler(MessageFilter.for_tags(ScoreTag.GRANT_REQ), self._on_request)
 
-    def _load(self) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
+    def _load(
+        self,
+    ) -> tuple[dict[str, int], dict[str, float], dict[str, float], dict[str, dict[str, Any]]]:
         if not self.path.is_file():
-            return {}, {}, {}
+            return {}, {}, {}, {}
         try:
             obj = json.loads(self.path.read_text())
             used = {str(k): int(v) for k, v in obj["used"].items()}
             first = {str(k): float(v) for k, v in obj["first"].items()}
             window = {str(k): float(v) for k, v in obj.get("window", first).items()}
-            return used, first, window
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            grants = {str(k): dict(v) for k, v in obj.get("grants", {}).items()}
+            return used, first, window, grants
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise ConfigError(
                 f"{self.path} is unreadable ({type(exc).__name__}); restore it from backup "
                 "(it holds the scoring quotas used so far)"
@@ -189,7 +195,21 @@ class GrantKeeper:
 
     def _save(self) -> None:
         body = {"used": self.usage, "first": self.first, "window": self.window}
-        atomic_write(self.path, json.dumps(body).encode(), mode=0o600)
+        atomic_write(self.path, json.dumps({**body, "grants": self.grants}).encode(), mode=0o600)
+
+    def _restore(self) -> None:
+        """Register again the grants made before a restart (under today's configuration),
+        so that a guest's open scoring session goes on; one that no longer passes is
+        dropped and logged."""
+        for job_id, req in list(self.grants.items()):
+            try:
+                policy, _ = self._grant(job_id=job_id, **req)
+            except (VflError, KeyError, TypeError, ValueError) as exc:
+                logger.warning("scoring grant %s not restored: %s", job_id, exc)
+                continue
+            with self._lock:
+                used = self.usage.get(job_id, 0)
+            self.service.policy.grant(policy, used={DecTag.INF_Z.value: used})
 
     def _served(self, job_id: str, tag: str, count: int) -> None:
         if tag != DecTag.INF_Z.value:
@@ -198,14 +218,11 @@ class GrantKeeper:
             self.usage[job_id] = self.usage.get(job_id, 0) + count
             self._save()
 
-    def _policy(self, envelope: Envelope) -> tuple[JobPolicy, dict[str, Any]]:
+    def _grant(
+        self, *, job_id: str, model_id: str, requester: str, kappa: int, max_rows: int
+    ) -> tuple[JobPolicy, dict[str, Any]]:
         """G1's checks; the grant's policy and the reply."""
-        if not isinstance(envelope.body, ControlBlock):
-            raise ProtocolError("GRANT_REQ carries no control block")
-        body = envelope.body.obj()
-        model_id = str(body["model_id"])
-        kappa, max_rows = int(body["kappa"]), int(body["max_rows"])
-        if envelope.job_id != grant_id(model_id):
+        if job_id != grant_id(model_id):
             raise ProtocolError("GRANT_REQ names another model than its envelope")
         if not 1 <= max_rows <= CHUNK_ROWS + 1:
             raise ProtocolError("GRANT_REQ asks for an implausible request size")
@@ -215,29 +232,28 @@ class GrantKeeper:
                 f"model {model_id} was not trained with this arbiter (or its training is "
                 "not finished)"
             )
-        requester = envelope.sender.party_id
         if kappa != model.kappa:
             raise PolicyViolationError(f"model {model_id} scores rows of {model.kappa} values")
-        if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
+        if model.key_id != self.service.key_id.hex():
             raise PolicyViolationError(f"model {model_id} is under another key")
         now = time.time()
         with self._lock:
-            if envelope.job_id not in self.first:
-                self.first[envelope.job_id] = now
-                self.window[envelope.job_id] = now
+            if job_id not in self.first:
+                self.first[job_id] = now
+                self.window[job_id] = now
                 self._save()
-            grant = self.grant_for(model_id, self.first[envelope.job_id])
-            if now - self.window[envelope.job_id] >= grant.quota_days * 86400.0:
-                self.window[envelope.job_id] = now  # a new quota window
-                self.usage[envelope.job_id] = 0
+            grant = self.grant_for(model_id, self.first[job_id])
+            if now - self.window[job_id] >= grant.quota_days * 86400.0:
+                self.window[job_id] = now  # a new quota window
+                self.usage[job_id] = 0
                 self._save()
-            used = self.usage.get(envelope.job_id, 0)
+            used = self.usage.get(job_id, 0)
         if requester != model.guest or requester not in grant.requesters:
             raise PolicyViolationError(f"{requester} may not score model {model_id}")
         if now > grant.expires_at:
             raise PolicyViolationError(f"the scoring grant of model {model_id} has expired")
         policy = JobPolicy(
-            job_id=envelope.job_id,
+            job_id=job_id,
             key_id=self.service.key_id,
             rules=(PolicyRule(DecTag.INF_Z.value, requester, max_rows * kappa, unit=kappa),),
             quota=grant.quota_rows * kappa,
@@ -251,6 +267,26 @@ class GrantKeeper:
             "expires_at": grant.expires_at,
         }
         return policy, {"used": used, **reply}
+
+    def _policy(self, envelope: Envelope) -> tuple[JobPolicy, dict[str, Any]]:
+        """G1: a guest's GRANT_REQ; the grant is kept for restarts."""
+        if not isinstance(envelope.body, ControlBlock):
+            raise ProtocolError("GRANT_REQ carries no control block")
+        body = envelope.body.obj()
+        if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
+            raise PolicyViolationError(f"model {body['model_id']} is under another key")
+        request: dict[str, Any] = {
+            "model_id": str(body["model_id"]),
+            "requester": envelope.sender.party_id,
+            "kappa": int(body["kappa"]),
+            "max_rows": int(body["max_rows"]),
+        }
+        out = self._grant(job_id=envelope.job_id, **request)
+        with self._lock:
+            if self.grants.get(envelope.job_id) != request:
+                self.grants[envelope.job_id] = request
+                self._save()
+        return out
 
     def _on_request(self, envelope: Envelope) -> None:
         """G1 at the arbiter."""
@@ -446,7 +482,12 @@ class ScoringHost:
         )
         for c, start in enumerate(range(0, len(alpha), CHUNK_ROWS)):
             _, z = session.layer.forward(alpha[start : start + CHUNK_ROWS])
-            z = self._bind(envelope, session, z, step=c, group=0, cap_rows=cap_rows)
+            try:
+                z = self._bind(envelope, session, z, step=c, group=0, cap_rows=cap_rows)
+            except (VflError, TimeoutError) as exc:
+                refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
+                self._send(envelope, ScoreTag.INF_F1, c, refusal)
+                raise
             self._send(envelope, ScoreTag.INF_F1, c, z.to_block(), session.model.key_id)
 
     def _bind(
@@ -520,6 +561,8 @@ class ScoringHost:
             )
         except (VflError, TimeoutError) as exc:
             logger.warning("INF_REQ from %s not answered: %s", envelope.sender, exc)
+            refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
+            self._send(envelope, ScoreTag.INF_F1, envelope.step, refusal)
             return
         self._send(envelope, ScoreTag.INF_F1, envelope.step, z.to_block(), session.model.key_id)
 
@@ -675,6 +718,9 @@ class ScoringClient:
             run_id=self.run_id,
             timeout=self.timeout,
         )
+        if isinstance(env.body, ControlBlock):
+            reason = env.body.obj().get("refused", "no reason given")
+            raise PolicyViolationError(f"{self.host.party_id} could not answer: {reason}")
         if not isinstance(env.body, CipherBlock):
             raise ProtocolError("INF_F1 carries no ciphertexts")
         return EncryptedTensor.from_block(env.body, cipher=self.layer.cipher, key_id=env.key_id)

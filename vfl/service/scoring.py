@@ -27,7 +27,7 @@ import pandas as pd
 from protocols.crypto.arbiter import ArbiterService, SetupTag
 from protocols.crypto.paillier import PublicKey
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, ProtocolError
+from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
 from protocols.executor import Executor
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
@@ -204,7 +204,13 @@ class ScoringService:
             client = self._client(model_id, id_type)
             columns = tuple(client.model.manifest["columns"])
             table, where = self._indexed(alias, id_column, columns)
-            return self._online(client, table, where, list(request["ids"]), request)
+            try:
+                return self._online(client, table, where, list(request["ids"]), request)
+            except (PolicyViolationError, TimeoutError):
+                with self._lock:  # the next call opens a new session
+                    if self._clients.get(model_id) is client:
+                        del self._clients[model_id]
+                raise
         model = load_model(self.config.state_dir, model_id)
         table = self.table(alias, id_column, tuple(model.manifest["columns"]))
         return self._batch(model, alias, table, id_column, id_type, request)
