@@ -335,7 +335,12 @@ def honest_and_scripted(h: Harness, rng: random.Random, n_random: int) -> dict[s
     import base64
 
     bind = ControlBlock.from_obj(
-        {"group": 5, "cap_rows": 1, "digests": base64.b64encode(b"".join(items)).decode()}
+        {
+            "group": 5,
+            "cap_rows": 1,
+            "first": True,
+            "digests": base64.b64encode(b"".join(items)).decode(),
+        }
     )
     bound = h.exchange(RETAILER, grant_id("honest"), SetupTag.BIND, 5, bind, SetupTag.BOUND, "s1")
     assert "refused" not in control_of(bound)

@@ -12,11 +12,13 @@ S2. ``JOB_SPEC`` from each party of a job → ``JOB_READY`` to both once they ag
     reply waits for the second), or a refusal to both if they disagree, if the sender is
     no party of it, or if the spec is outside A's own acceptance policy (the ``admit`` hook
     of :meth:`ArbiterService.serve_setup`, which checks the parties against A's config);
-S3. ``RESUME{step, tag_steps}`` from each party → P6 applied once both sent the same body,
-    then ``RESUMED`` to both; disagreeing bodies, or a resume P6 refuses, are refused;
+S3. ``RESUME{step, tag_steps}`` (FTL: ``RESUME{step, run}``) from each party → P6 applied
+    once both sent the same body, then ``RESUMED`` to both; disagreeing bodies, or a resume
+    P6 refuses, are refused;
 S4. ``JOB_DONE`` from each party → P7 once both sent it (the job closes; a split-NN model is
     registered for scoring), then ``JOB_DONE`` to both;
-S5. ``BIND{group, cap_rows, digests}`` from a grant's binder → P8 registration, ``BOUND``.
+S5. ``BIND{group, cap_rows, first, digests}`` from a grant's binder → P8 registration,
+    ``BOUND``.
 
 Decryption requests (D1-D3):
 
@@ -316,9 +318,10 @@ class ArbiterService:
             try:
                 step = int(body["step"])
                 tag_steps = {str(t): int(v) for t, v in dict(body.get("tag_steps", {})).items()}
+                run = None if body.get("run") is None else int(body["run"])
             except (KeyError, TypeError, ValueError):
                 raise PolicyViolationError("malformed RESUME") from None
-            self.policy.resume(envelope.job_id, step, tag_steps=tag_steps)
+            self.policy.resume(envelope.job_id, step, tag_steps=tag_steps, run=run)
         except PolicyViolationError as exc:
             for _, request in requests:
                 self.refuse(request, str(exc))
@@ -351,9 +354,12 @@ class ArbiterService:
             body = envelope.body.obj()
             try:
                 group, cap = int(body["group"]), int(body["cap_rows"])
+                first = body["first"]
                 raw = base64.b64decode(str(body["digests"]), validate=True)
             except (KeyError, TypeError, ValueError, binascii.Error):
                 raise PolicyViolationError("malformed BIND") from None
+            if not isinstance(first, bool):
+                raise PolicyViolationError("malformed BIND")
             if not raw or len(raw) % DIGEST_BYTES:
                 raise PolicyViolationError("BIND holds no whole digests")
             items = [raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)]
@@ -364,6 +370,7 @@ class ArbiterService:
                 cap_rows=cap,
                 items=items,
                 submitter=envelope.sender.party_id,
+                first=first,
             )
         except PolicyViolationError as exc:
             self.refuse(envelope, str(exc))

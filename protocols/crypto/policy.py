@@ -8,7 +8,8 @@ Rules (the code cites them):
 
 P1. **Registration.** A job is active once each of its parties (its guest and its host,
     two different parties) proposed the byte-equal policy. A proposal from anyone else, a
-    policy that names one party twice, or two proposals that differ refuse the job.
+    policy that names one party twice, or two proposals that differ refuse the job; a party
+    has at most :data:`MAX_PENDING_JOBS` proposals waiting for the other party.
 P2. **Schedule.** Each tag has one requester, a count per request and a step window
     derived from the job's schedule (training tags: epochs × steps per epoch; ``Z_EVAL``:
     every validation and test batch; FTL numbers its runs ``2^32`` apart). A request
@@ -17,21 +18,24 @@ P3. **Forward.** A tag's steps go forward: a new request names a step above ever
     that tag served so far (its high-water mark), so skipping ahead forfeits the skipped
     steps.
 P4. **Once.** Each ``(job, step, tag)`` is decrypted once. A byte-identical repeat gets the
-    same reply (from the cache of the newest :data:`CACHED_STEPS` steps per tag, or by
-    decrypting the same ciphertexts again, which yields the same plaintext) and is not
-    counted again; any other second request for a served step is refused.
+    same reply (from the cache of the newest :data:`CACHED_STEPS` steps per tag, or, once
+    per step and process, by decrypting the same ciphertexts again, which yields the same
+    plaintext) and is not counted again; any other second request for a served step is
+    refused.
 P5. **Budget.** Values decrypted per tag over the whole job stay within
     ``count × (window steps + max_resumes × rewind)``.
 P6. **Resume.** ``RESUME{step, tag_steps}`` from every party, byte-equal, at most
     ``max_resumes`` times per job, re-opens the steps ``>=`` each tag's resume point; that
-    point may lie at most ``rewind`` steps behind the tag's high-water mark.
+    point may lie at most ``rewind`` steps behind the tag's high-water mark. A job that
+    numbers its runs (FTL) opens each newer run by ``RESUME{run}`` instead; steps of a run
+    not opened so are refused.
 P7. **Close.** ``JOB_DONE`` from every party closes the job (no further decryption for it)
     and, for a split-NN job, registers the trained model for scoring with its row width.
 P8. **Grants (scoring).** A grant admits whole rows up to a maximum per request, within a
-    quota of values and an expiry. With a binder (``INF_Z``: the model's host), every
-    ciphertext of a request must be one the binder registered for the same session
-    (``run_id``), not yet decrypted, all of one group, and a group decrypts at most its cap
-    of rows.
+    quota of values and an expiry. With a binder (``INF_Z``: the model's host), a request
+    must hold whole rows the binder registered for the same session (``run_id``), not yet
+    decrypted, all of one group (one answer of the binder), and a group decrypts at most its
+    cap of rows; a group lost (restart, older sessions dropped) cannot be opened again.
 P9. **Persistence.** Registrations, served marks, counts, resumes, closes and the model
     registry are written to a :class:`PolicyStore` (owner-only; a served mark is on disk
     before the reply leaves A) and reloaded when A starts again. Proposals, the reply
@@ -62,6 +66,7 @@ from protocols.files import atomic_write
 logger = logging.getLogger(__name__)
 
 CACHED_STEPS = 8  # replies kept per (job, tag) for byte-identical repeats (P4)
+MAX_PENDING_JOBS = 64  # proposals waiting for the other party, per submitter (P1)
 MAX_SESSIONS_PER_JOB = 64  # scoring sessions with registered ciphertexts kept per grant (P8)
 MAX_BOUND_PER_JOB = 1 << 22  # registered, unspent ciphertexts kept per grant (P8): the oldest
 # sessions are dropped beyond it (their guest then opens a new session)
@@ -218,11 +223,13 @@ class _Group:
 
 @dataclass
 class _Session:
-    """Ciphertexts a binder registered for one scoring session (P8)."""
+    """Ciphertexts a binder registered for one scoring session (P8), in whole rows."""
 
     groups: dict[int, _Group] = field(default_factory=dict)
-    bound: dict[bytes, int] = field(default_factory=dict)  # digest -> group
+    bound: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # digest -> group, row
+    rows: dict[int, frozenset[bytes]] = field(default_factory=dict)  # row -> its digests
     spent: set[bytes] = field(default_factory=set)
+    next_row: int = 0
 
 
 @dataclass
@@ -234,7 +241,9 @@ class _JobState:
     resumes: int = 0
     closed: bool = False
     replies: OrderedDict[tuple[str, int], Any] = field(default_factory=OrderedDict)
+    redone: set[tuple[str, int]] = field(default_factory=set)  # repeats decrypted again (P4)
     sessions: OrderedDict[str, _Session] = field(default_factory=OrderedDict)
+    runs: int = 1  # the newest run of a job numbering its runs (P6: FTL)
 
 
 class PolicyStore:
@@ -260,17 +269,26 @@ class PolicyStore:
         atomic_write(path, json.dumps(policy.to_json()).encode(), mode=0o600)
 
     def append(self, job_id: str, record: Mapping[str, Any]) -> None:
-        """Append one journal record, on disk before this returns."""
+        """Append one journal record, on disk before this returns; raises ``OSError`` if it
+        could not be written whole (the request is then refused: nothing leaves A)."""
         path = self._name(job_id).with_suffix(".log")
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(f"short write to {path.name}")
+                view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def jobs(self) -> Iterator[tuple[JobPolicy, list[dict[str, Any]]]]:
-        """Every registration with its journal (a torn last line is ignored)."""
+        """Every registration with its journal. A torn last line (a write cut short by a
+        crash) is cut off the file, so the next record starts on a line of its own; any other
+        unreadable line stops A with the file named."""
         for path in sorted((self.folder / "jobs").glob("*.json")):
             try:
                 policy = JobPolicy.from_json(json.loads(path.read_text()))
@@ -282,11 +300,21 @@ class PolicyStore:
             records = []
             log = path.with_suffix(".log")
             if log.is_file():
-                for line in log.read_bytes().splitlines():
+                data = log.read_bytes()
+                whole = data[: data.rfind(b"\n") + 1]
+                if len(whole) != len(data):
+                    logger.warning("cutting a torn last line off %s", log.name)
+                    with log.open("r+b") as handle:
+                        handle.truncate(len(whole))
+                        os.fsync(handle.fileno())
+                for number, line in enumerate(whole.splitlines(), start=1):
                     try:
                         records.append(json.loads(line))
                     except ValueError:
-                        logger.warning("ignoring a torn line at the end of %s", log.name)
+                        raise ConfigError(
+                            f"{log}, line {number}, is unreadable; restore the arbiter's policy "
+                            "folder from backup (it holds what each job was served)"
+                        ) from None
             yield policy, records
 
     def save_models(self, models: Mapping[str, ModelRecord]) -> None:
@@ -338,6 +366,9 @@ class DecryptionPolicy:
                 elif "resume" in rec:
                     self._reopen(state, int(rec["resume"]), dict(rec.get("tag_steps", {})))
                     state.resumes += 1
+                elif "run" in rec:
+                    state.runs = max(state.runs, int(rec["run"]))
+                    state.resumes += 1
                 elif rec.get("closed"):
                     state.closed = True
             self._jobs[policy.job_id] = state
@@ -369,6 +400,12 @@ class DecryptionPolicy:
                         f"job {policy.job_id} is already registered differently"
                     )
                 return True
+            if policy.job_id not in self._proposed:
+                mine = sum(submitter in p for p in self._proposed.values())
+                if mine >= MAX_PENDING_JOBS:
+                    raise PolicyViolationError(
+                        f"{submitter} has {mine} jobs waiting for their other party already"
+                    )
             proposals = self._proposed.setdefault(policy.job_id, {})
             for other_submitter, other in proposals.items():
                 if other != policy:
@@ -396,7 +433,12 @@ class DecryptionPolicy:
         it already used; sessions registered under an earlier grant of the job are kept."""
         with self._lock:
             old = self._jobs.get(policy.job_id)
-            state = _JobState(policy=policy, counts={t: int(n) for t, n in (used or {}).items()})
+            if old is not None and old.policy.parties:
+                raise PolicyViolationError(f"{policy.job_id} is a registered job, not a grant")
+            counts = {t: int(n) for t, n in (used or {}).items()}
+            if old is not None:  # requests answered but not yet in the usage file count too
+                counts = {t: max(n, old.counts.get(t, 0)) for t, n in counts.items()}
+            state = _JobState(policy=policy, counts=counts)
             if old is not None:
                 state.sessions = old.sessions
             self._jobs[policy.job_id] = state
@@ -445,6 +487,12 @@ class DecryptionPolicy:
                 raise PolicyViolationError(f"the decryption grant of {job_id} has expired")
             if rule.window is not None and not rule.window.contains(step):
                 raise PolicyViolationError(f"{tag} step {step} is outside the job's schedule")
+            shift = rule.window.run_shift if rule.window is not None else 0
+            if shift and step >> shift > state.runs:  # P6: a newer run starts by RESUME
+                raise PolicyViolationError(
+                    f"{tag} step {step} belongs to run {step >> shift}, which was not "
+                    f"resumed (newest run {state.runs})"
+                )
             served = state.served.get((tag, step))
             if served is not None:  # P4
                 if served != digest:
@@ -453,8 +501,11 @@ class DecryptionPolicy:
                     )
                 if (tag, step) in state.replies:
                     return Admission.CACHED
-                if step < state.high.get(tag, -1) - CACHED_STEPS:
-                    raise PolicyViolationError(f"{tag} step {step} of job {job_id} is long past")
+                if (tag, step) in state.redone or step < state.high.get(tag, -1) - CACHED_STEPS:
+                    raise PolicyViolationError(
+                        f"{tag} step {step} of job {job_id} was already answered"
+                    )
+                state.redone.add((tag, step))  # once per process: then it is cached
                 return Admission.REPEAT
             if rule.window is not None and step <= state.high.get(tag, -1):  # P3
                 raise PolicyViolationError(
@@ -472,7 +523,7 @@ class DecryptionPolicy:
                     f"{job_id} would exceed its quota ({total} of {job.quota} values used)"
                 )
             if job.binder:
-                self._spend(state, run_id, items, rows=count // max(rule.unit, 1))  # P8
+                self._spend(state, run_id, items, unit=max(rule.unit, 1))  # P8
             if rule.window is not None:
                 self._journal(  # P9: on disk before the reply leaves
                     job_id, {"served": tag, "step": step, "digest": digest.hex(), "n": count}
@@ -482,32 +533,38 @@ class DecryptionPolicy:
             state.counts[tag] = used + count
             return Admission.NEW
 
-    def _spend(self, state: _JobState, run_id: str, items: Sequence[bytes], *, rows: int) -> None:
-        """P8: every ciphertext registered for this session, unused, in one group within
-        its cap."""
+    def _spend(self, state: _JobState, run_id: str, items: Sequence[bytes], *, unit: int) -> None:
+        """P8: whole rows the binder registered for this session, unused, of one of its
+        answers, within that answer's cap."""
         session = state.sessions.get(run_id)
         if session is None or not items:
             raise PolicyViolationError(
                 "no ciphertexts of this scoring session were registered by the host"
             )
-        groups = {session.bound.get(d) for d in items}
-        if None in groups:
+        places = [session.bound.get(d) for d in items]
+        if any(p is None for p in places):
             raise PolicyViolationError("a ciphertext was not produced by the host for this session")
+        groups = {p[0] for p in places if p is not None}
+        rows = {p[1] for p in places if p is not None}
         if len(groups) != 1:
             raise PolicyViolationError("a request mixes ciphertexts of different host answers")
         if len(set(items)) != len(items) or session.spent.intersection(items):
             raise PolicyViolationError("a ciphertext was already decrypted")
-        group = session.groups[groups.pop()]  # type: ignore[index]
-        if group.used_rows + rows > group.cap_rows:
+        if len(items) != len(rows) * unit or any(not session.rows[r] <= set(items) for r in rows):
+            raise PolicyViolationError("a request must hold whole rows of the host's answer")
+        group = session.groups[groups.pop()]
+        if group.used_rows + len(rows) > group.cap_rows:
             raise PolicyViolationError(
                 f"the host's answer allows {group.cap_rows} rows to be decrypted "
                 f"({group.used_rows} already were)"
             )
-        group.used_rows += rows
+        group.used_rows += len(rows)
         session.spent.update(items)
         if group.used_rows == group.cap_rows:  # nothing more of it can be decrypted
             for item in group.items:
-                session.bound.pop(item, None)
+                place = session.bound.pop(item, None)
+                if place is not None:
+                    session.rows.pop(place[1], None)
                 session.spent.discard(item)
             group.items.clear()
 
@@ -520,21 +577,37 @@ class DecryptionPolicy:
         cap_rows: int,
         items: Sequence[bytes],
         submitter: str,
+        first: bool = True,
     ) -> None:
-        """P8: ``submitter`` (the grant's binder) registers ciphertexts it produced for the
-        scoring session ``run_id``, of which at most ``cap_rows`` rows of ``group`` may be
-        decrypted. Registrations of one group add up; its cap is fixed by the first."""
+        """P8: ``submitter`` (the grant's binder) registers whole rows of ciphertexts it
+        produced for the scoring session ``run_id`` (row-major, the grant's row width each),
+        of which at most ``cap_rows`` rows of ``group`` may be decrypted. ``first`` opens
+        the group (its cap fixed then); later registrations add to it. A group that is
+        unknown when it is not ``first`` (lost to a restart or to older sessions being
+        dropped) is refused, so its cap can never start again."""
         with self._lock:
             state = self._jobs.get(job_id)
             if state is None or not state.policy.binder:
                 raise PolicyViolationError(f"{job_id} takes no registered ciphertexts")
             if submitter != state.policy.binder:
                 raise PolicyViolationError(f"{submitter} may not register ciphertexts here")
+            unit = max(state.policy.rules[0].unit, 1)
             if cap_rows < 1:
                 raise PolicyViolationError("a registration must allow at least one row")
+            if not items or len(items) % unit:
+                raise PolicyViolationError(f"a registration holds whole rows of {unit} values")
             if len(items) > MAX_BOUND_PER_JOB:
                 raise PolicyViolationError("too many ciphertexts registered at once")
             session = state.sessions.get(run_id)
+            known = None if session is None else session.groups.get(group)
+            if first and known is not None:
+                raise PolicyViolationError("a registration opens an answer that exists already")
+            if not first and known is None:
+                raise PolicyViolationError(
+                    "a registration adds to an answer the arbiter does not hold (restarted?)"
+                )
+            if known is not None and known.cap_rows != cap_rows:
+                raise PolicyViolationError("a registration changes its group's cap")
             if session is None:
                 session = state.sessions[run_id] = _Session()
             state.sessions.move_to_end(run_id)
@@ -546,16 +619,17 @@ class DecryptionPolicy:
                 state.sessions.popitem(last=False)  # the least recently used session
             if len(session.bound) + len(items) > MAX_BOUND_PER_JOB:
                 raise PolicyViolationError("too many ciphertexts registered for one session")
-            known = session.groups.get(group)
-            if known is not None and known.cap_rows != cap_rows:
-                raise PolicyViolationError("a registration changes its group's cap")
-            if any(session.bound.get(item, group) != group for item in items):
-                raise PolicyViolationError("a ciphertext is registered in two groups")
+            if len(set(items)) != len(items) or any(item in session.bound for item in items):
+                raise PolicyViolationError("a ciphertext is registered twice")
             if known is None:
                 known = session.groups[group] = _Group(cap_rows=cap_rows)
-            for item in items:
-                if item not in session.bound:
-                    session.bound[item] = group
+            for start in range(0, len(items), unit):
+                row = session.next_row
+                session.next_row += 1
+                chunk = items[start : start + unit]
+                session.rows[row] = frozenset(chunk)
+                for item in chunk:
+                    session.bound[item] = (group, row)
                     known.items.append(item)
 
     def end_session(self, job_id: str, run_id: str) -> None:
@@ -586,8 +660,16 @@ class DecryptionPolicy:
 
     # -- P6, P7 --------------------------------------------------------------------------
 
-    def resume(self, job_id: str, step: int, *, tag_steps: Mapping[str, int] | None = None) -> None:
-        """P6: re-open steps ``>= step`` (per tag ``>= tag_steps[tag]``)."""
+    def resume(
+        self,
+        job_id: str,
+        step: int,
+        *,
+        tag_steps: Mapping[str, int] | None = None,
+        run: int | None = None,
+    ) -> None:
+        """P6: re-open steps ``>= step`` (per tag ``>= tag_steps[tag]``); for a job numbering
+        its runs (FTL), ``run`` opens that newer run instead."""
         thresholds = {str(t): int(s) for t, s in (tag_steps or {}).items()}
         with self._lock:
             state = self._jobs.get(job_id)
@@ -599,6 +681,14 @@ class DecryptionPolicy:
                 raise PolicyViolationError(
                     f"job {job_id} was resumed {state.resumes} times, its limit"
                 )
+            if run is not None:
+                if run <= state.runs:
+                    raise PolicyViolationError(f"run {run} of job {job_id} is not a new run")
+                self._journal(job_id, {"run": run})
+                state.runs = run
+                state.resumes += 1
+                logger.info("job %s: run %d opened", job_id, run)
+                return
             for rule in state.policy.rules:
                 point = thresholds.get(rule.tag, step)
                 high = state.high.get(rule.tag, -1)

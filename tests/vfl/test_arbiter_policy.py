@@ -180,7 +180,7 @@ def test_a_closed_job_decrypts_nothing_and_registers_its_model() -> None:
         p.resume(policy.job_id, 0)
 
 
-def test_ftl_runs_are_numbered_apart_and_bounded() -> None:
+def test_ftl_runs_are_numbered_apart_and_opened_by_both_parties() -> None:
     ftl = FtlSpec(
         job_id="ftl",
         key_id=KEY.hex(),
@@ -192,13 +192,40 @@ def test_ftl_runs_are_numbered_apart_and_bounded() -> None:
         schedule=(2, 3, 2),
     ).policy(max_resumes=1)
     p = registered(ftl)
-    assert ask(p, ftl, FtlDecTag.K.value, (1 << 32) + 5) is Admission.NEW
+    k = FtlDecTag.K.value
+    assert ask(p, ftl, k, (1 << 32) + 5) is Admission.NEW
     for bad in ((1 << 32) + 6, (3 << 32) + 0, (1 << 32) + SCORE_OFFSET + 2):
         with pytest.raises(PolicyViolationError, match="outside"):
-            ask(p, ftl, FtlDecTag.K.value, bad)
-    assert ask(p, ftl, FtlDecTag.K.value, 2 << 32) is Admission.NEW  # the next run
+            ask(p, ftl, k, bad)
+    with pytest.raises(PolicyViolationError, match="run 2, which was not resumed"):
+        ask(p, ftl, k, 2 << 32)  # a new run the other party never agreed to
+    p.resume(ftl.job_id, 0, run=2)
+    assert ask(p, ftl, k, 2 << 32) is Admission.NEW
     with pytest.raises(PolicyViolationError, match="behind"):
-        ask(p, ftl, FtlDecTag.K.value, (1 << 32) + 5 - 1)
+        ask(p, ftl, k, (1 << 32) + 5 - 1)
+    with pytest.raises(PolicyViolationError, match="resumed 1 times"):
+        p.resume(ftl.job_id, 0, run=3)
+
+
+def test_a_repeat_is_decrypted_again_once_at_most() -> None:
+    """After a restart a lost reply is decrypted again once; cycling repeats cannot make
+    A decrypt again and again."""
+    policy = spec().policy()
+    p = registered(policy)
+    for step in range(3):
+        ask(p, policy, Z, step)
+    assert ask(p, policy, Z, 1) is Admission.REPEAT
+    with pytest.raises(PolicyViolationError, match="already answered"):
+        ask(p, policy, Z, 1)
+
+
+def test_pending_proposals_are_bounded() -> None:
+    p = DecryptionPolicy()
+    for i in range(64):
+        p.propose(spec(job_id=f"pending-{i}").policy(), submitter="bank")
+    with pytest.raises(PolicyViolationError, match="waiting for their other party"):
+        p.propose(spec(job_id="pending-64").policy(), submitter="bank")
+    assert p.propose(spec(job_id="pending-0").policy(), submitter="retailer") is True
 
 
 # -- P8: scoring grants bound to the host's ciphertexts ---------------------------------
@@ -267,20 +294,59 @@ def test_inf_z_decrypts_only_what_the_host_registered_once_within_its_cap() -> N
         inf(p, bound[6:8])
 
 
+def bind(
+    p: DecryptionPolicy, run: str, group: int, cap: int, got: list[bytes], first: bool = True
+) -> None:
+    p.bind(
+        job_id="m.scoring",
+        run_id=run,
+        group=group,
+        cap_rows=cap,
+        items=got,
+        submitter="retailer",
+        first=first,
+    )
+
+
 def test_a_host_cannot_widen_a_group_later() -> None:
     p, _ = grant()
-    p.bind(
-        job_id="m.scoring", run_id="s", group=1, cap_rows=1, items=items(2), submitter="retailer"
-    )
+    bind(p, "s", 1, 1, items(2))
     with pytest.raises(PolicyViolationError, match="changes its group's cap"):
-        p.bind(
-            job_id="m.scoring",
-            run_id="s",
-            group=1,
-            cap_rows=5,
-            items=items(2, "x"),
-            submitter="retailer",
-        )
+        bind(p, "s", 1, 5, items(2, "x"), first=False)
+    with pytest.raises(PolicyViolationError, match="exists already"):
+        bind(p, "s", 1, 1, items(2, "y"))
+
+
+def test_a_lost_answer_cannot_start_its_cap_again() -> None:
+    """Attack: the bank spends a batch answer's cap, then has the session dropped (many new
+    sessions, or an arbiter restart); the host's next chunk of that answer is refused."""
+    p, _ = grant()
+    batch = items(4, "batch")
+    bind(p, "batch", 0, 1, batch[:2])
+    assert inf(p, batch[:2], run="batch") is Admission.NEW
+    for i in range(64):  # 64 online sessions push the batch session out
+        bind(p, f"online-{i}", i, 1, items(2, f"o{i}"))
+    with pytest.raises(PolicyViolationError, match="does not hold"):
+        bind(p, "batch", 0, 1, batch[2:], first=False)
+
+
+def test_a_request_holds_whole_rows() -> None:
+    """Attack: one row's cap spent on the first block of several customers (κ = 2)."""
+    p, _ = grant(kappa=2)
+    rows = items(6, "rows")
+    bind(p, "s", 3, 1, rows)
+    with pytest.raises(PolicyViolationError, match="whole rows"):
+        inf(p, [rows[0], rows[2]], run="s")
+    with pytest.raises(PolicyViolationError, match="whole rows of 2"):
+        bind(p, "s", 4, 1, items(3, "odd"))
+    assert inf(p, rows[2:4], run="s") is Admission.NEW
+
+
+def test_a_grant_never_replaces_a_registered_job() -> None:
+    policy = spec(job_id="m.scoring").policy()
+    p = registered(policy)
+    with pytest.raises(PolicyViolationError, match="not a grant"):
+        p.grant(grant()[1])
 
 
 # -- P9: an arbiter restart forgets nothing ---------------------------------------------
@@ -318,6 +384,26 @@ def test_a_restarted_arbiter_keeps_schedule_marks_counts_and_models(tmp_path: Pa
         again.resume(policy.job_id, 2)
     for path in (tmp_path / "policy" / "jobs").iterdir():
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_a_torn_journal_line_is_cut_and_a_corrupt_one_stops_the_arbiter(tmp_path: Path) -> None:
+    """A crash mid-append leaves a torn last line: it is cut off, so the next record is
+    read back; a damaged line inside the journal stops A with the file and line named."""
+    policy = spec().policy()
+    store = PolicyStore(tmp_path / "policy")
+    p = registered(policy, store)
+    ask(p, policy, Z, 0)
+    (log,) = (tmp_path / "policy" / "jobs").glob("*.log")
+    with log.open("ab") as handle:
+        handle.write(b'{"served":"splitnn.Z_FWD","st')  # torn
+    again = DecryptionPolicy(store=PolicyStore(tmp_path / "policy"))
+    ask(again, policy, Z, 1)
+    third = DecryptionPolicy(store=PolicyStore(tmp_path / "policy"))
+    with pytest.raises(PolicyViolationError, match="already served"):
+        ask(third, policy, Z, 1, digest=digest(Z, 1, b"other"))
+    log.write_bytes(b"garbage\n" + log.read_bytes())
+    with pytest.raises(ConfigError, match="line 1, is unreadable"):
+        DecryptionPolicy(store=PolicyStore(tmp_path / "policy"))
 
 
 # -- the property: an honest job gets exactly §4.9, nothing else -------------------------

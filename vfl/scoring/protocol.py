@@ -236,6 +236,8 @@ class GrantKeeper:
             raise PolicyViolationError(f"model {model_id} scores rows of {model.kappa} values")
         if model.key_id != self.service.key_id.hex():
             raise PolicyViolationError(f"model {model_id} is under another key")
+        if requester != model.guest:
+            raise PolicyViolationError(f"{requester} may not score model {model_id}")
         now = time.time()
         with self._lock:
             if job_id not in self.first:
@@ -483,7 +485,9 @@ class ScoringHost:
         for c, start in enumerate(range(0, len(alpha), CHUNK_ROWS)):
             _, z = session.layer.forward(alpha[start : start + CHUNK_ROWS])
             try:
-                z = self._bind(envelope, session, z, step=c, group=0, cap_rows=cap_rows)
+                z = self._bind(
+                    envelope, session, z, step=c, group=0, cap_rows=cap_rows, first=c == 0
+                )
             except (VflError, TimeoutError) as exc:
                 refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
                 self._send(envelope, ScoreTag.INF_F1, c, refusal)
@@ -499,6 +503,7 @@ class ScoringHost:
         step: int,
         group: int,
         cap_rows: int,
+        first: bool = True,
     ) -> EncryptedTensor:
         """O2/B1: add G's masks for ``step`` to ``z`` and register the masked ciphertexts
         with A (group ``group``, at most ``cap_rows`` rows of it decrypted); returns them
@@ -512,6 +517,7 @@ class ScoringHost:
         body = {
             "group": group,
             "cap_rows": cap_rows,
+            "first": first,
             "digests": base64.b64encode(b"".join(items)).decode(),
         }
         self.channel.send(

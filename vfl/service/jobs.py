@@ -224,6 +224,7 @@ class ArbiterWatch:
         self.config, self.audit = config, audit
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, int]] = {}  # job -> counts last recorded
+        self._reregistered: dict[str, dict[str, int]] = {}  # job -> counts at its last new run
         self._service: ArbiterService | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -264,7 +265,14 @@ class ArbiterWatch:
             logger.warning("refused JOB_SPEC of job %s from %s: %s", job_id, sender, exc)
             raise
         if self._service is not None and self._service.policy.job(spec.job_id) is not None:
-            self.record_counts(spec.job_id, cause="registered again")  # a new run: resume
+            # a new run: the counts so far, once per run (both parties register it), whatever
+            # the periodic records wrote in between
+            counts = self._service.policy.counts(spec.job_id)
+            with self._lock:
+                again = self._reregistered.get(spec.job_id) != counts
+                self._reregistered[spec.job_id] = counts
+            if again:
+                self.record_counts(spec.job_id, cause="registered again", force=True)
         self.audit.record(event=AuditEvent.JOB_ACCEPTED, job_id=spec.job_id, **fields)
         with self._lock:
             self._jobs.setdefault(spec.job_id, {})

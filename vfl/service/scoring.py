@@ -33,7 +33,7 @@ from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
 from psi.canon import IdType
-from psi.result import read_array, read_result
+from psi.result import read_array, read_result, result_dir
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.scoring.model import SavedModel, load_model
@@ -41,6 +41,8 @@ from vfl.scoring.protocol import GrantKeeper, ScoringClient, ScoringHost, grant_
 from vfl.service.accept import check_guest
 
 logger = logging.getLogger(__name__)
+
+SCORED_MARK = "scored"  # in a PSI result folder at the host: a batch scoring session used it
 
 
 def fetch_public_key(
@@ -111,9 +113,18 @@ class ScoringService:
             )
 
     def _list_rows(self, psi_job: str) -> tuple[np.ndarray, int]:
-        """H's list rows of a ``GUEST_ONLY`` PSI and the size of G's list ``|X'|``."""
+        """H's list rows of a ``GUEST_ONLY`` PSI and the size of G's list ``|X'|``. Each
+        PSI is scored once (its folder keeps a mark): the arbiter's cap of ``|X'| + 1``
+        rows holds per session, so a second session over the same PSI would double it."""
         summary, _ = read_result(self.config.state_dir, psi_job)
         rows = read_array(self.config.state_dir, psi_job, "list_rows")
+        mark = result_dir(self.config.state_dir, psi_job) / SCORED_MARK
+        with self._lock:
+            if mark.exists():
+                raise PolicyViolationError(
+                    f"PSI {psi_job} was scored already; each batch scoring needs a new PSI"
+                )
+            atomic_write(mark, b"", mode=0o600)
         return rows, int(summary["peer_list_size"])
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ R5. G sends ``DONE``.
 R6. With a state folder, each party saves its state at the start of every epoch (the two
     newest kept, owner-only); ``START`` and ``ACCEPT`` list the epochs each holds and the
     run resumes at the newest both hold (H loads it at the first ``PHI``). Step numbers of
-    a run start at its run counter times ``2^32``, so a resumed run never asks A for a step
-    it served before.
+    a run start at its run counter times ``2^32`` (sent in ``START``), so a resumed run
+    never asks A for a step it served before; a run after the first is opened at A by both
+    parties (``RESUME{run}``, P6 of :mod:`protocols.crypto.policy`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from protocols.crypto.paillier import PublicKey
 from protocols.crypto.policy import JobPolicy, PolicyRule, StepWindow
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
-from protocols.errors import ConfigError, JobRefusedError, ProtocolError
+from protocols.errors import ConfigError, JobRefusedError, PolicyViolationError, ProtocolError
 from protocols.executor import Executor
 from protocols.files import atomic_write
 from protocols.roles import Party
@@ -331,6 +332,21 @@ def fetch_key(peer: _Peer, arbiter: Party, *, allow_test_key: bool) -> PublicKey
     return PublicKey.from_json(obj["public_key"], allow_test_key=allow_test_key)
 
 
+def open_run(peer: _Peer, arbiter: Party, run: int) -> None:
+    """R6: a run after the first (run number > 1) is opened at A by both parties
+    (``RESUME{run}``, P6 of :mod:`protocols.crypto.policy`); A refuses steps of a run not
+    opened so."""
+    from protocols.crypto.arbiter import SetupTag
+
+    if run <= 1:
+        return
+    body = ControlBlock.from_obj({"step": 0, "run": run})
+    peer.send(arbiter, SetupTag.RESUME, run, body)
+    obj = peer.control(arbiter, SetupTag.RESUMED, run)
+    if "refused" in obj:
+        raise PolicyViolationError(f"the arbiter refused run {run}: {obj['refused']}")
+
+
 def register(peer: _Peer, arbiter: Party, spec: FtlSpec) -> None:
     """R1: the JOB_SPEC; A answers once G and H sent the same."""
     from protocols.crypto.arbiter import SetupTag
@@ -407,7 +423,12 @@ class FtlGuest:
         self.key_id = key.key_id.hex()
         held = [] if self.folder is None else checkpoint.available_steps(self.folder)
         base = 0 if self.folder is None else claim_steps(self.folder)  # R6
-        start = {"job": job.to_json(), "request": self.host_request, "held": held}
+        start = {
+            "job": job.to_json(),
+            "request": self.host_request,
+            "held": held,
+            "run": base >> 32,
+        }
         peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj(start))
         accept = peer.control(self.host, FtlTag.ACCEPT)
         if not accept.get("ok"):
@@ -429,6 +450,7 @@ class FtlGuest:
             schedule=ftl_schedule(job, overlap=len(self.overlap), outside=outside),
         )
         register(peer, self.arbiter, spec)
+        open_run(peer, self.arbiter, base >> 32)
         cipher = PaillierCipher(key)
         pool = self._pool or ObfuscatorPool(key, executor=self.executor)
         md = MaskedDecryptionClient(
@@ -710,7 +732,14 @@ class FtlHost:
 
     def run(self, start: Envelope) -> nn.Module:
         """Follow G's run from its ``START``; returns the trained ``Net^B``."""
-        job = FtlJob.from_json(control_of(start)["job"])
+        body = control_of(start)
+        job = FtlJob.from_json(body["job"])
+        if job.job_id != start.job_id:
+            raise ProtocolError("START names another job than its envelope")
+        try:
+            run = int(body.get("run", 0))
+        except (TypeError, ValueError):
+            raise ProtocolError("START holds no valid run number") from None
         cfg = job.config
         self._run = (start.job_id, start.run_id)
         folder = None if self.state_dir is None else self.state_dir / "jobs" / job.job_id / "ftl"
@@ -737,6 +766,7 @@ class FtlHost:
             schedule=ftl_schedule(job, overlap=len(self.overlap), outside=len(self.outside)),
         )
         register(peer, self.arbiter, spec)
+        open_run(peer, self.arbiter, run)
         cipher = PaillierCipher(key)
         pool = self._pool or ObfuscatorPool(key, executor=self.executor)
         md = MaskedDecryptionClient(
