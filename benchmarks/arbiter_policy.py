@@ -52,9 +52,9 @@ from protocols.crypto.paillier import generate_keypair
 from protocols.crypto.policy import (
     Admission,
     DecryptionPolicy,
-    PolicyStore,
     ciphertext_digests,
 )
+from protocols.crypto.policy_store import PolicyStore
 from protocols.crypto.tensor import encrypt
 from protocols.envelope import ControlBlock, Envelope, control_of
 from protocols.executor import InlineExecutor, LocalProcessExecutor

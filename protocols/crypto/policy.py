@@ -37,9 +37,10 @@ P8. **Grants (scoring).** A grant admits whole rows up to a maximum per request,
     decrypted, all of one group (one answer of the binder), and a group decrypts at most its
     cap of rows; a group lost (restart, older sessions dropped) cannot be opened again.
 P9. **Persistence.** Registrations, served marks, counts, resumes, closes and the model
-    registry are written to a :class:`PolicyStore` (owner-only; a served mark is on disk
-    before the reply leaves A) and reloaded when A starts again. Proposals, the reply
-    cache and scoring registrations live in memory: losing them only makes A refuse.
+    registry are written to a :mod:`protocols.crypto.policy_store` (owner-only; a served
+    mark is on disk before the reply leaves A) and reloaded when A starts again.
+    Proposals, the reply cache and scoring registrations live in memory: losing them only
+    makes A refuse.
 
 Every refusal raises :class:`PolicyViolationError` with its reason; the service answers
 the requester with it and writes it to its audit log.
@@ -48,20 +49,19 @@ the requester with it and writes it to its audit log.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protocols.errors import ConfigError, PolicyViolationError
-from protocols.files import atomic_write
+from protocols.errors import PolicyViolationError
+
+if TYPE_CHECKING:
+    from protocols.crypto.policy_store import PolicyStore
 
 logger = logging.getLogger(__name__)
 
@@ -244,95 +244,6 @@ class _JobState:
     redone: set[tuple[str, int]] = field(default_factory=set)  # repeats decrypted again (P4)
     sessions: OrderedDict[str, _Session] = field(default_factory=OrderedDict)
     runs: int = 1  # the newest run of a job numbering its runs (P6: FTL)
-
-
-class PolicyStore:
-    """Where A keeps its policy state across restarts (P9), owner-only.
-
-    ``<folder>/jobs/<h>.json`` (a registration, written once, atomically) and
-    ``<folder>/jobs/<h>.log`` (its journal: one JSON line per served request, resume and
-    close, flushed and fsynced before the reply leaves), where ``h`` is the SHA-256 of the
-    job id (so no id ever becomes a path); ``<folder>/models.json`` (the model registry).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        (folder / "jobs").mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(folder, 0o700)
-
-    def _name(self, job_id: str) -> Path:
-        return self.folder / "jobs" / hashlib.sha256(job_id.encode()).hexdigest()[:40]
-
-    def save_job(self, policy: JobPolicy) -> None:
-        """Write a registration (P1)."""
-        path = self._name(policy.job_id).with_suffix(".json")
-        atomic_write(path, json.dumps(policy.to_json()).encode(), mode=0o600)
-
-    def append(self, job_id: str, record: Mapping[str, Any]) -> None:
-        """Append one journal record, on disk before this returns; raises ``OSError`` if it
-        could not be written whole (the request is then refused: nothing leaves A)."""
-        path = self._name(job_id).with_suffix(".log")
-        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                if written <= 0:
-                    raise OSError(f"short write to {path.name}")
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def jobs(self) -> Iterator[tuple[JobPolicy, list[dict[str, Any]]]]:
-        """Every registration with its journal. A torn last line (a write cut short by a
-        crash) is cut off the file, so the next record starts on a line of its own; any other
-        unreadable line stops A with the file named."""
-        for path in sorted((self.folder / "jobs").glob("*.json")):
-            try:
-                policy = JobPolicy.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"{path} is unreadable ({type(exc).__name__}); restore the arbiter's "
-                    "policy folder from backup (it holds what each job was served)"
-                ) from None
-            records = []
-            log = path.with_suffix(".log")
-            if log.is_file():
-                data = log.read_bytes()
-                whole = data[: data.rfind(b"\n") + 1]
-                if len(whole) != len(data):
-                    logger.warning("cutting a torn last line off %s", log.name)
-                    with log.open("r+b") as handle:
-                        handle.truncate(len(whole))
-                        os.fsync(handle.fileno())
-                for number, line in enumerate(whole.splitlines(), start=1):
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        raise ConfigError(
-                            f"{log}, line {number}, is unreadable; restore the arbiter's policy "
-                            "folder from backup (it holds what each job was served)"
-                        ) from None
-            yield policy, records
-
-    def save_models(self, models: Mapping[str, ModelRecord]) -> None:
-        """Write the model registry (P7)."""
-        body = {m: asdict(r) for m, r in models.items()}
-        atomic_write(self.folder / "models.json", json.dumps(body).encode(), mode=0o600)
-
-    def models(self) -> dict[str, ModelRecord]:
-        """The model registry."""
-        path = self.folder / "models.json"
-        if not path.is_file():
-            return {}
-        try:
-            return {m: ModelRecord(**r) for m, r in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"{path} is unreadable ({type(exc).__name__}); restore it from backup"
-            ) from None
 
 
 class DecryptionPolicy:

@@ -17,9 +17,9 @@ from protocols.crypto.policy import (
     DecryptionPolicy,
     JobPolicy,
     PolicyRule,
-    PolicyStore,
     StepWindow,
 )
+from protocols.crypto.policy_store import PolicyStore
 from protocols.errors import ConfigError, PolicyViolationError
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 from vfl.transfer.session import SCORE_OFFSET, FtlDecTag, FtlSpec

@@ -56,7 +56,8 @@ from protocols.crypto.paillier import (
     key_file_bytes,
     read_key_file,
 )
-from protocols.crypto.policy import DecryptionPolicy, JobPolicy, PolicyStore
+from protocols.crypto.policy import DecryptionPolicy, JobPolicy
+from protocols.crypto.policy_store import PolicyStore
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
     ConfigError,
