@@ -236,9 +236,11 @@ class GrantKeeper:
             raise PolicyViolationError(f"model {model_id} scores rows of {model.kappa} values")
         if model.key_id != self.service.key_id.hex():
             raise PolicyViolationError(f"model {model_id} is under another key")
-        if requester != model.guest:
-            raise PolicyViolationError(f"{requester} may not score model {model_id}")
         now = time.time()
+        with self._lock:
+            allowed = self.grant_for(model_id, self.first.get(job_id, now)).requesters
+        if requester != model.guest or requester not in allowed:
+            raise PolicyViolationError(f"{requester} may not score model {model_id}")
         with self._lock:
             if job_id not in self.first:
                 self.first[job_id] = now
@@ -250,8 +252,6 @@ class GrantKeeper:
                 self.usage[job_id] = 0
                 self._save()
             used = self.usage.get(job_id, 0)
-        if requester != model.guest or requester not in grant.requesters:
-            raise PolicyViolationError(f"{requester} may not score model {model_id}")
         if now > grant.expires_at:
             raise PolicyViolationError(f"the scoring grant of model {model_id} has expired")
         policy = JobPolicy(
