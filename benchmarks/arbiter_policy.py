@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import base64
 import json
 import os
 import random
@@ -62,10 +63,11 @@ from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
-from vfl.config import parse_config
+from vfl.config import ScoringGrant, parse_config
 from vfl.data.datasets import data_dir
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.protocol import ScoreTag, grant_id
 from vfl.service.accept import check_spec
 from vfl.splitnn.local import run_in_process
@@ -307,8 +309,6 @@ def honest_and_scripted(h: Harness, rng: random.Random, n_random: int) -> dict[s
     h.attack(BANK, "honest", z, last, h.cts(spec.batch), run="after-restart")
     h.attack(BANK, "honest", z, last - 1, h.cts(spec.batch), run="after-restart")
     # scoring: a grant for a model never closed, then the closed model's grant attacks
-    from vfl.scoring.protocol import GrantKeeper
-
     GrantKeeper(
         service=h.service,
         channel=h.arbiter_ch,
@@ -332,8 +332,6 @@ def honest_and_scripted(h: Harness, rng: random.Random, n_random: int) -> dict[s
     # the retailer registers one answer of 2 rows (cap 1) for session s1
     masked = h.cts(2, spec.kappa_k)
     items = ciphertext_digests(h.pk.key_id, masked.data, 2 * spec.kappa_k)
-    import base64
-
     bind = ControlBlock.from_obj(
         {
             "group": 5,
@@ -375,9 +373,7 @@ def honest_and_scripted(h: Harness, rng: random.Random, n_random: int) -> dict[s
     return {"honest_requests_served": served, "scripted_cases": scripted}
 
 
-def _grant_for(model_id: str, first: float) -> Any:
-    from vfl.config import ScoringGrant
-
+def _grant_for(model_id: str, first: float) -> ScoringGrant:
     return ScoringGrant(model_id, frozenset({"bank"}), 100_000, time.time() + 3600)
 
 

@@ -36,8 +36,9 @@ from psi.canon import IdType
 from psi.result import read_array, read_result, result_dir
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table
+from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.model import SavedModel, load_model
-from vfl.scoring.protocol import GrantKeeper, ScoringClient, ScoringHost, grant_id
+from vfl.scoring.protocol import ScoringClient, ScoringHost, grant_id
 from vfl.service.accept import check_guest
 
 logger = logging.getLogger(__name__)
