@@ -238,10 +238,8 @@ class Schedule:
     def check_at_host(self, *, job: SplitJob, rows: int, fit_rows: int) -> None:
         """H's check of the guest's evaluation steps against its own row counts: at most
         every row not used for training, evaluated after each epoch and once more."""
-        held_out = math.ceil(max(rows - fit_rows, 0) / job.batch_eval)
-        if self.eval_rewind > max(held_out, 1) or self.eval_steps > (job.epochs + 1) * max(
-            held_out, 1
-        ):
+        limit = max(math.ceil(max(rows - fit_rows, 0) / job.batch_eval), 1)
+        if self.eval_rewind > limit or self.eval_steps > (job.epochs + 1) * limit:
             raise ProtocolError("JOB_START asks for more evaluation steps than rows held out")
 
 
