@@ -15,7 +15,7 @@ is served in full, and the checks cost (almost) nothing (docs/protocol.md §2.6,
   schedule), all answered.
 * ``policy_overhead``: wall time of an honest split-NN epoch (breast, 2048-bit key,
   in-process, the arbiter's policy state on disk) with the checks, over the same epoch
-  with a policy that checks nothing, median of ``--runs`` (5) runs each, alternating, same
+  with a policy that checks nothing, median of ``--runs`` (9) runs each, alternating, same
   run (target <= 1.02); the epochs' own spread is larger than the checks, so
   ``policy_seconds`` (time spent inside the policy per epoch, its journal's fsyncs
   included) and ``policy_fraction`` (that over the epoch) say what the checks cost.
@@ -433,7 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random", type=int, default=2000, help="randomised deviations")
     parser.add_argument("--quick", action="store_true", help="1024-bit key, one epoch each")
-    parser.add_argument("--runs", type=int, default=5, help="epochs with and without checks")
+    parser.add_argument("--runs", type=int, default=9, help="epochs with and without checks")
     args = parser.parse_args()
     bits = 1024 if args.quick else 2048
     runs = 1 if args.quick else args.runs
