@@ -13,8 +13,8 @@ Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.aud
 1. G persists each submitted request (``jobs/<id>/request.json``, 0600) before it runs, and
    ``jobs/<id>/outcome.json`` once the job is done or has failed for good. On start, G's
    service resubmits every job with a request and no outcome.
-2. A run that fails with a transport error, a timeout, an arbiter refusal (a restarted
-   arbiter forgot the job) or because H reported ``RUN_STOPPED`` is followed by a new run
+2. A run that fails with a transport error, a timeout, an arbiter refusal (e.g. a reply
+   lost while the arbiter restarted) or because H reported ``RUN_STOPPED`` is followed by a new run
    (J1-J4 with a new run id: both parties resume from their checkpoints), after a backoff
    of ``RETRY_DELAYS_S`` (none after ``RUN_STOPPED{restarted}``), at most ``RETRY_LIMIT``
    times in a row without progress (a run that advanced the step resets the count). A
