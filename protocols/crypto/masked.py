@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,18 +54,19 @@ def sample_masks(
 MASK_DOMAIN = b"VFL-bound-mask-v1"
 
 
-def derived_masks(n: mpz, seed: bytes, *, label: int, count: int) -> list[mpz]:
-    """``count`` masks for the bound variant: ``SHAKE-256(domain || seed || label || i)``
-    read as an integer of ``|n| + 128`` bits, reduced mod ``n`` (statistically uniform in
-    ``Z_n``, within ``2^-128``). ``label`` separates the producer's messages (a request id
-    or chunk number)."""
+def derived_masks(n: mpz, seed: bytes, *, label: int, indices: Iterable[int]) -> list[mpz]:
+    """The masks of the ciphertexts at ``indices`` for the bound variant:
+    ``SHAKE-256(domain || seed || label || i)`` read as an integer of ``|n| + 128`` bits,
+    reduced mod ``n`` (statistically uniform in ``Z_n``, within ``2^-128``). ``label``
+    separates the producer's messages (a request id or chunk number); the producer derives
+    every index, the requester only those it forwards."""
     if len(seed) != 32:
         raise PolicyViolationError("a mask seed is 32 bytes")
     width = (int(n).bit_length() + 128 + 7) // 8
     head = MASK_DOMAIN + seed + label.to_bytes(8, "big", signed=False)
     return [
         mpz(int.from_bytes(hashlib.shake_256(head + i.to_bytes(8, "big")).digest(width), "big")) % n
-        for i in range(count)
+        for i in indices
     ]
 
 

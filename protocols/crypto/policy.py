@@ -258,37 +258,50 @@ class DecryptionPolicy:
         self._store = store
         self._proposed: dict[str, dict[str, JobPolicy]] = {}
         self._jobs: dict[str, _JobState] = {}
-        self.models: dict[str, ModelRecord] = {}
+        self._models: dict[str, ModelRecord] = {}
         if store is not None:
             self._load(store)
 
     # -- P9 ------------------------------------------------------------------------------
 
     def _load(self, store: PolicyStore) -> None:
-        self.models = store.models()
+        self._models = store.models()
         for policy, records in store.jobs():
             state = _JobState(policy=policy)
             for rec in records:
-                if "served" in rec:
-                    tag, step = str(rec["served"]), int(rec["step"])
-                    state.served[(tag, step)] = bytes.fromhex(rec["digest"])
-                    state.high[tag] = max(state.high.get(tag, -1), step)
-                    state.counts[tag] = state.counts.get(tag, 0) + int(rec["n"])
-                elif "resume" in rec:
-                    self._reopen(state, int(rec["resume"]), dict(rec.get("tag_steps", {})))
-                    state.resumes += 1
-                elif "run" in rec:
-                    state.runs = max(state.runs, int(rec["run"]))
-                    state.resumes += 1
-                elif rec.get("closed"):
-                    state.closed = True
+                self._apply(state, rec)
             self._jobs[policy.job_id] = state
         if self._jobs:
             logger.info("decryption policy: %d registered jobs reloaded", len(self._jobs))
 
-    def _journal(self, job_id: str, record: Mapping[str, Any]) -> None:
+    def _record(self, state: _JobState, record: Mapping[str, Any]) -> None:
+        """Journal a change of a job's state (on disk first), then apply it."""
         if self._store is not None:
-            self._store.append(job_id, record)
+            self._store.append(state.policy.job_id, record)
+        self._apply(state, record)
+
+    @staticmethod
+    def _apply(state: _JobState, rec: Mapping[str, Any]) -> None:
+        """One journal record: as it happens, and again when A reloads its journal."""
+        if "served" in rec:
+            tag, step = str(rec["served"]), int(rec["step"])
+            state.served[(tag, step)] = bytes.fromhex(rec["digest"])
+            state.high[tag] = max(state.high.get(tag, -1), step)
+            state.counts[tag] = state.counts.get(tag, 0) + int(rec["n"])
+        elif "resume" in rec:
+            step, thresholds = int(rec["resume"]), dict(rec.get("tag_steps", {}))
+            for tag, s in list(state.served):
+                if s >= thresholds.get(tag, step):
+                    del state.served[(tag, s)]
+                    state.replies.pop((tag, s), None)
+            for tag in state.high:
+                state.high[tag] = min(state.high[tag], thresholds.get(tag, step) - 1)
+            state.resumes += 1
+        elif "run" in rec:
+            state.runs = max(state.runs, int(rec["run"]))
+            state.resumes += 1
+        elif rec.get("closed"):
+            state.closed = True
 
     # -- P1 ------------------------------------------------------------------------------
 
@@ -435,13 +448,12 @@ class DecryptionPolicy:
                 )
             if job.binder:
                 self._spend(state, run_id, items, unit=max(rule.unit, 1))  # P8
-            if rule.window is not None:
-                self._journal(  # P9: on disk before the reply leaves
-                    job_id, {"served": tag, "step": step, "digest": digest.hex(), "n": count}
+            if rule.window is not None:  # P9: on disk before the reply leaves
+                self._record(
+                    state, {"served": tag, "step": step, "digest": digest.hex(), "n": count}
                 )
-                state.served[(tag, step)] = digest
-                state.high[tag] = step
-            state.counts[tag] = used + count
+            else:
+                state.counts[tag] = used + count
             return Admission.NEW
 
     def _spend(self, state: _JobState, run_id: str, items: Sequence[bytes], *, unit: int) -> None:
@@ -595,9 +607,7 @@ class DecryptionPolicy:
             if run is not None:
                 if run <= state.runs:
                     raise PolicyViolationError(f"run {run} of job {job_id} is not a new run")
-                self._journal(job_id, {"run": run})
-                state.runs = run
-                state.resumes += 1
+                self._record(state, {"run": run})
                 logger.info("job %s: run %d opened", job_id, run)
                 return
             for rule in state.policy.rules:
@@ -610,19 +620,8 @@ class DecryptionPolicy:
                         f"resume point {point} of {rule.tag} lies more than {rule.rewind} "
                         f"steps behind step {high} already served"
                     )
-            self._journal(job_id, {"resume": step, "tag_steps": thresholds})
-            self._reopen(state, step, thresholds)
-            state.resumes += 1
+            self._record(state, {"resume": step, "tag_steps": thresholds})
         logger.info("job %s resumed at step %d: steps re-opened", job_id, step)
-
-    @staticmethod
-    def _reopen(state: _JobState, step: int, thresholds: Mapping[str, int]) -> None:
-        for tag, s in list(state.served):
-            if s >= thresholds.get(tag, step):
-                del state.served[(tag, s)]
-                state.replies.pop((tag, s), None)
-        for tag in state.high:
-            state.high[tag] = min(state.high[tag], thresholds.get(tag, step) - 1)
 
     def close(self, job_id: str) -> ModelRecord | None:
         """P7, once every party sent JOB_DONE (the service collects them): close the job and
@@ -633,12 +632,11 @@ class DecryptionPolicy:
             if state is None:
                 raise PolicyViolationError(f"job {job_id} is not registered")
             if not state.closed:
-                self._journal(job_id, {"closed": True})
-                state.closed = True
+                self._record(state, {"closed": True})
             policy = state.policy
             if not policy.scoring_unit:
                 return None
-            record = self.models.get(job_id)
+            record = self._models.get(job_id)
             if record is None:
                 guest, host = policy.parties
                 record = ModelRecord(
@@ -649,15 +647,15 @@ class DecryptionPolicy:
                     kappa=policy.scoring_unit,
                     closed_at=time.time(),
                 )
-                self.models[job_id] = record
+                self._models[job_id] = record
                 if self._store is not None:
-                    self._store.save_models(self.models)
+                    self._store.save_models(self._models)
             return record
 
     def model(self, model_id: str) -> ModelRecord | None:
         """The registered model ``model_id`` (P7), if any."""
         with self._lock:
-            return self.models.get(model_id)
+            return self._models.get(model_id)
 
     def job(self, job_id: str) -> JobPolicy | None:
         """The registered policy of ``job_id``, if any."""

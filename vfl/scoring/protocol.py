@@ -149,7 +149,6 @@ class _HostSession:
     default: np.ndarray  # the mean customer's embedding (1 × d)
     index: dict[bytes, int]  # pseudonym -> row (online)
     seed: bytes  # G's mask seed (O2, B1)
-    timeout: float = 120.0
 
 
 class ScoringHost:
@@ -279,7 +278,6 @@ class ScoringHost:
                 default=default,
                 index=index,
                 seed=seed,
-                timeout=self.timeout,
             )
             if mode is ScoreMode.BATCH:
                 if self.list_rows is None:
@@ -345,7 +343,9 @@ class ScoringHost:
         once A confirmed."""
         n = z.cipher.key.n
         masks = np.empty(z.values.shape, dtype=object)
-        masks.reshape(-1)[:] = derived_masks(n, session.seed, label=step, count=z.values.size)
+        masks.reshape(-1)[:] = derived_masks(
+            n, session.seed, label=step, indices=range(z.values.size)
+        )
         masked = z.add_plain(masks)
         block = masked.to_block()
         items = ciphertext_digests(session.model.key_id, block.data, masked.values.size)
@@ -373,7 +373,7 @@ class ScoringHost:
                 tag=SetupTag.BOUND,
                 step=step,
                 run_id=envelope.run_id,
-                timeout=session.timeout,
+                timeout=self.timeout,
             )
         )
         if "refused" in reply:
@@ -576,12 +576,13 @@ class ScoringClient:
 
     def _masks(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> np.ndarray:
         """The masks H added to ``rows`` of a tensor it sent under ``label`` (O2, B1)."""
-        masks = np.empty(tensor.values.shape, dtype=object)
+        width = tensor.values.shape[1]
+        flat = (rows[:, None] * width + np.arange(width)).reshape(-1)
+        masks = np.empty((len(rows), width), dtype=object)
         masks.reshape(-1)[:] = derived_masks(
-            self.layer.n, self._seed, label=label, count=tensor.values.size
+            self.layer.n, self._seed, label=label, indices=(int(i) for i in flat)
         )
-        out: np.ndarray = masks[rows]
-        return out
+        return masks
 
     def _request(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> Any:
         """O3/B2: ``rows`` of H's masked ciphertexts to A as they are (bound, §5.4)."""

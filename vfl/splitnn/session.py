@@ -348,18 +348,22 @@ class _Common:
             )
         )
 
-    def recv(self, job_id: str, sender: Party, tag: StrEnum, step: int = 0) -> Envelope:
+    def recv(
+        self, job_id: str, sender: Party, tag: StrEnum, step: int = 0, *, timeout: float = 0.0
+    ) -> Envelope:
         return self.channel.recv(
             job_id=job_id,
             sender=sender,
             tag=tag,
             step=step,
             run_id=self.run_id,
-            timeout=self.timeout,
+            timeout=timeout or self.timeout,
         )
 
-    def control(self, job_id: str, sender: Party, tag: StrEnum, step: int = 0) -> dict[str, Any]:
-        env = self.recv(job_id, sender, tag, step)
+    def control(
+        self, job_id: str, sender: Party, tag: StrEnum, step: int = 0, *, timeout: float = 0.0
+    ) -> dict[str, Any]:
+        env = self.recv(job_id, sender, tag, step, timeout=timeout)
         if not isinstance(env.body, ControlBlock):
             raise ProtocolError(f"{tag} from {sender} carries no control block")
         obj = env.body.obj()
@@ -399,18 +403,9 @@ class _Common:
         did not register cannot be scored, which the log says; the job's result stands."""
         self.send(job_id, self.arbiter, SetupTag.JOB_DONE, 0, ControlBlock.from_obj({}))
         try:
-            reply = self.channel.recv(
-                job_id=job_id,
-                sender=self.arbiter,
-                tag=SetupTag.JOB_DONE,
-                step=0,
-                run_id=self.run_id,
-                timeout=min(self.timeout, DONE_WAIT_S),
-            )
-            obj = reply.body.obj() if isinstance(reply.body, ControlBlock) else {}
-            if "refused" in obj:
-                raise PolicyViolationError(str(obj["refused"]))
-        except (TimeoutError, TransportError, PolicyViolationError, RunAbortedError) as exc:
+            wait = min(self.timeout, DONE_WAIT_S)
+            self.control(job_id, self.arbiter, SetupTag.JOB_DONE, timeout=wait)
+        except (TimeoutError, TransportError, ProtocolError) as exc:
             logger.warning(
                 "job %s: the arbiter did not register its model for scoring (%s)", job_id, exc
             )
