@@ -199,9 +199,15 @@ def test_p0_job_runs(tmp_path: Path, pk: PublicKey, sk: PrivateKey, data: Any) -
 
 @pytest.mark.parametrize("task", [Task.MULTICLASS, Task.REGRESSION])
 def test_multiclass_and_regression_jobs(
-    tmp_path: Path, pk: PublicKey, sk: PrivateKey, data: Any, task: Task
+    tmp_path: Path,
+    pk: PublicKey,
+    sk: PrivateKey,
+    data: Any,
+    task: Task,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Other tasks through the loss choice; marvell is refused for them (§4.7)."""
+    """Other tasks through the loss choice, with the default protection (marvell's isotropic
+    rule for tasks without two classes, persistent per row); rr_labels is binary only (§4.7)."""
     guest, host, _ = data
     rng = np.random.default_rng(1)
     score = guest.features[:, 0] + host.features[:, 0] + 0.2 * rng.normal(size=len(guest))
@@ -212,9 +218,12 @@ def test_multiclass_and_regression_jobs(
     guest = dataclasses.replace(guest, labels=labels)
     splits = split_rows(labels, test_fraction=0.2, validation_fraction=0.2, seed=0)
     top = (3,) if task is Task.MULTICLASS else (1,)
-    with pytest.raises(ConfigError, match="binary labels only"):
-        TrainConfig(d=3, k=2, top_widths=top, task=task)
-    protect = ProtectConfig(mode=ProtectMode.GAUSSIAN, clip_norm=0.05, noise_multiplier=0.1)
+    # seeded protection noise: the thresholds below are checked on one reproducible run
+    monkeypatch.setattr("vfl.splitnn.training.new_generator", lambda: np.random.default_rng(8))
+    rr = ProtectConfig(mode=ProtectMode.RR_LABELS)
+    with pytest.raises(ConfigError, match="rr_labels randomizes binary labels"):
+        TrainConfig(d=3, k=2, top_widths=top, task=task, protect=rr)
+    protect = ProtectConfig()
     config = TrainConfig(
         d=3,
         k=4,

@@ -1402,7 +1402,9 @@ def test_s12_gaussian_protection_is_clipped_and_never_aborts(pk: PublicKey, sk: 
     Noise of σ = 50 makes most entries hit the clip; with ``η_W = 1`` (the largest allowed)
     ``D̂`` sits exactly at the bound of §2.2, and three steps complete.
     """
-    config = ProtectConfig(mode=ProtectMode.GAUSSIAN, clip_norm=1.0, noise_multiplier=50.0)
+    config = ProtectConfig(
+        mode=ProtectMode.GAUSSIAN, clip_norm=1.0, noise_multiplier=50.0, persistence=0.0
+    )
     rng = np.random.default_rng(12)
     data = dataset(2, 2, real=True)
 

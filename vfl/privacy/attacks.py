@@ -27,6 +27,29 @@ recovered up to one global flip). The attacks:
   recovered rows are then scored by the norm and the direction attack. When the protocol is
   followed, ``D_t = δ̃_t`` and the attack learns nothing beyond ``g_t``; if the guest put the
   true δ into B2, it would bypass ``Protect`` — that is what test L7 guards against.
+
+Attacks over a whole run (docs/protocol.md §4.7.1; a row is seen once per epoch):
+
+* **multi-visit averaging** (:func:`averaging_attack`): per row, the mean of its ``g_h`` over
+  all its visits so far (fresh noise shrinks as 1/visits, the label signal does not), scored by
+  its norm, its projection on the first principal component of all rows' means (no side
+  knowledge), and its cosine to the mean of the known positives' means;
+* **forward-embedding clustering** (:func:`clustering_attack`, [Sun22-FE]): the host's own α of
+  each row's latest visit, split in two by k-means (score: distance to one centre minus distance
+  to the other) and projected on its first principal component; no side knowledge;
+* **model completion** (:func:`completion_attack`, [Fu22]): with a handful of known labels
+  (:func:`known_rows`: e.g. 20, half of each class, or 1 % of the rows) the host fits a
+  logistic regression on per-row features (averaged ``g_h``, or its α) and scores every other
+  row.
+
+Every attack maps a view to one score per row; the same functions applied to a view whose
+"gradients" and "embeddings" are the host's raw features give the attack's **baseline** (what the
+host's own data tells it without the protocol).
+
+[Sun22-FE] J. Sun et al., "Label Leakage and Protection from Forward Embedding in Vertical
+Federated Learning", arXiv:2203.01451, 2022.
+[Fu22] C. Fu et al., "Label Inference Attacks Against Vertical Federated Learning", USENIX
+Security 2022.
 """
 
 from __future__ import annotations
@@ -35,7 +58,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
 
 
 @dataclass(frozen=True)
@@ -254,3 +280,154 @@ def update_tracking_attack(view: HostView, labels: np.ndarray, k: int) -> float:
     by_norm = leak_auc(norm_scores(batches), np.concatenate(batch_labels))
     by_direction = leak_auc(*direction_scores(batches, batch_labels))
     return max(by_norm, by_direction)
+
+
+def _steps_until(view: HostView, stop: int | None) -> range:
+    return range(len(view.rows) if stop is None else min(stop, len(view.rows)))
+
+
+def visit_means(
+    view: HostView, *, embeddings: bool = False, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row seen in steps ``0 .. stop − 1`` and the mean of its ``g_h`` (or α) over them.
+
+    A visit whose ``g_h`` is exactly zero (``max_visits`` reached) carries nothing and is
+    skipped, as an attacker would.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The sorted row indices and their means (one row of the matrix per index).
+    """
+    steps = _steps_until(view, stop)
+    source = view.embeddings if embeddings else view.gradients
+    rows = np.concatenate([view.rows[t] for t in steps])
+    values = np.concatenate([source[t] for t in steps])
+    if not embeddings:
+        live = np.any(values != 0, axis=1)
+        rows, values = rows[live], values[live]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    sums = np.zeros((unique.size, values.shape[1]))
+    np.add.at(sums, inverse, values)
+    counts = np.bincount(inverse, minlength=unique.size)
+    out: np.ndarray = sums / counts[:, None]
+    return unique, out
+
+
+def latest_embeddings(view: HostView, *, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every row seen in steps ``0 .. stop − 1`` and its α at its latest visit (sorted by row)."""
+    latest: dict[int, np.ndarray] = {}
+    for t in _steps_until(view, stop):
+        for row, alpha in zip(view.rows[t].tolist(), view.embeddings[t], strict=True):
+            latest[row] = alpha
+    rows = np.array(sorted(latest), dtype=np.int64)
+    return rows, np.array([latest[r] for r in rows.tolist()])
+
+
+def pc1_scores(x: np.ndarray) -> np.ndarray:
+    """Each row's projection on the first principal component of the centred rows of ``x``."""
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    out: np.ndarray = centred @ vt[0]
+    return out
+
+
+def known_rows(
+    rows: np.ndarray, labels: np.ndarray, *, count: int, seed: int, balanced: bool
+) -> np.ndarray:
+    """The attacker's side knowledge: ``count`` rows of ``rows`` whose labels it knows.
+
+    ``balanced``: half of them of each class (as with a few hand-labelled examples per class);
+    else a stratified sample at the classes' rates with at least two of each class.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)[rows]
+    chosen = []
+    for cls in (0, 1):
+        members = rows[y == cls]
+        want = count // 2 if balanced else max(2, round(count * members.size / rows.size))
+        chosen.append(rng.choice(members, size=min(want, members.size), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def averaging_attack(
+    view: HostView, labels: np.ndarray, *, known: np.ndarray, stop: int | None = None
+) -> dict[str, float]:
+    """Leak AUCs of the multi-visit averaging attack on ``g_h`` (steps ``0 .. stop − 1``).
+
+    Parameters
+    ----------
+    view
+        The host's transcript.
+    labels
+        All true labels, indexed by row (evaluation, and the known rows' side knowledge).
+    known
+        Rows whose labels the attacker knows (:func:`known_rows`); only ``avg_direction`` uses
+        them (the mean of the known positives' means), and they are not scored.
+    stop
+        Use the steps before this one (e.g. the end of an epoch); None: all.
+
+    Returns
+    -------
+    dict of str to float
+        ``avg_norm``, ``avg_pc1`` (no side knowledge) and ``avg_direction``.
+    """
+    rows, means = visit_means(view, stop=stop)
+    y = np.asarray(labels)[rows]
+    out = {
+        "avg_norm": leak_auc(np.linalg.norm(means, axis=1), y),
+        "avg_pc1": leak_auc(pc1_scores(means), y),
+    }
+    positives = np.isin(rows, known) & (y == 1)
+    if positives.any():
+        scored = ~np.isin(rows, known)
+        reference = means[positives].mean(axis=0)
+        out["avg_direction"] = leak_auc(_cosine_to(means[scored], reference), y[scored])
+    return out
+
+
+def clustering_attack(view: HostView, labels: np.ndarray, *, stop: int | None = None) -> float:
+    """Leak AUC of the forward-embedding clustering attack on the host's own α [Sun22-FE].
+
+    The better of two scorings without side knowledge: 2-means on the standardised α of each
+    row's latest visit (distance to one centre minus distance to the other), and α's first
+    principal component.
+    """
+    rows, alpha = latest_embeddings(view, stop=stop)
+    y = np.asarray(labels)[rows]
+    x = StandardScaler().fit_transform(alpha)
+    centres = KMeans(n_clusters=2, n_init=4, random_state=0).fit(x).cluster_centers_
+    by_cluster = np.linalg.norm(x - centres[0], axis=1) - np.linalg.norm(x - centres[1], axis=1)
+    return max(leak_auc(by_cluster, y), leak_auc(pc1_scores(x), y))
+
+
+def completion_attack(
+    rows: np.ndarray, features: np.ndarray, labels: np.ndarray, *, known: np.ndarray
+) -> float:
+    """Leak AUC of passive model completion [Fu22]: a classifier fitted on the known rows.
+
+    Parameters
+    ----------
+    rows
+        Row indices of ``features`` (sorted).
+    features
+        Per-row features of the host (e.g. averaged ``g_h`` or α; raw features for a baseline).
+    labels
+        All true labels, indexed by row.
+    known
+        The rows whose labels the attacker knows; they train a logistic regression on the
+        standardised features and are not scored.
+
+    Returns
+    -------
+    float
+        ``max(AUC, 1 − AUC)`` over the other rows.
+    """
+    y = np.asarray(labels)[rows]
+    train = np.isin(rows, known)
+    if np.unique(y[train]).size < 2:
+        raise ValueError("model completion needs known rows of both classes")
+    scaler = StandardScaler().fit(features[train])
+    model = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), y[train])
+    scores = model.decision_function(scaler.transform(features[~train]))
+    return leak_auc(scores, y[~train])

@@ -28,6 +28,15 @@ Modes (row-wise; afterwards every mode clips δ̃ elementwise to ``±Δ_max``):
   :class:`MarvellState`, else isotropic noise of total power ``s·max_b ‖δ_b‖²`` (Li et al.'s
   code would leave such a batch unprotected).
 
+Noise across a row's visits (``persistence`` ρ, docs/protocol.md §4.7.1): a row is seen once per
+epoch, and fresh noise averages out over its visits while its label signal does not (the
+multi-visit attack). Every mode's standard-normal draw for row r is therefore
+``√ρ·z_r + √(1−ρ)·z_fresh``, with ``z_r`` fixed for the whole job (:class:`RowNoise`, derived
+from a secret seed and the row's index); each step's marginal is unchanged, and the part of the
+noise that averaging cannot remove has variance ρ at every visit count. Non-binary tasks have no
+two classes: ``marvell`` then gives every row isotropic noise of power ``s·mean_b ‖δ_b‖²``, so
+the default applies to every task.
+
 Noise comes from a generator seeded from the OS CSPRNG (never numpy's global state); a
 test may pass its own seeded generator.
 """
@@ -55,16 +64,17 @@ class ProtectMode(StrEnum):
     GAUSSIAN = "gaussian"
     MAX_NORM = "max_norm"
     MARVELL = "marvell"
+    RR_LABELS = "rr_labels"
 
 
 @dataclass(frozen=True)
 class ProtectConfig:
     """Label protection settings.
 
-    The default is ``marvell`` (s = 4, binary labels; docs/protocol.md §9): measured on the host's
-    ``g_h`` it holds the norm and direction attacks to 0.52-0.57 AUC, where ``max_norm``
-    lets them reach 0.81 and 0.97 (tests/vfl/test_label_leakage.py). For more than two
-    classes use ``gaussian`` with ``clip_norm`` near a typical row's ‖δ‖.
+    The default is ``marvell`` with s = 4 and every row's noise fixed for the whole job
+    (``persistence`` = 1), chosen by ``benchmarks/leakage.py`` (docs/protocol.md §4.7.1): it holds
+    every attack of :mod:`vfl.privacy.attacks`, the multi-visit ones included, over a whole run.
+    ``rr_labels`` is the one mode with a formal guarantee (ε-label-DP, :mod:`vfl.privacy.label_dp`).
 
     Parameters
     ----------
@@ -79,9 +89,23 @@ class ProtectConfig:
     allow_label_leak
         Required to select ``none``.
     power_scale
-        ``marvell``: s in the power budget ``P = s·‖Δ‖²`` (default 4).
+        ``marvell``: s in the power budget ``P = s·‖Δ‖²`` (default 16).
     num_classes
-        Number of label classes C; ``marvell`` requires C = 2.
+        Number of label classes C; ``marvell`` solves its two-class problem for C = 2 only and
+        gives isotropic noise of power ``s·mean_b ‖δ_b‖²`` otherwise.
+    persistence
+        ρ in [0, 1]: the correlation of a row's noise across its visits (1: fixed per row, so
+        averaging a row's gradients over epochs cannot remove it; 0: fresh every step).
+    epsilon
+        ``rr_labels``: the label-DP ε of randomized response (0 < ε).
+    rr_prior
+        ``rr_labels``: randomized response with a prior from the guest's own features
+        (RR-with-prior [Ghazi21]); False: plain randomized response.
+    max_visits
+        Noise-adding modes: cap on a row's visits that carry label signal. From epoch
+        ``max_visits`` on (a row is seen at most once per epoch) the host-bound gradient is
+        zero, so the host's parts stop learning and its view stops growing; 0: no cap
+        (default 3).
     """
 
     mode: ProtectMode = ProtectMode.MARVELL
@@ -89,15 +113,20 @@ class ProtectConfig:
     noise_multiplier: float = 1.0
     delta_max: float = 8.0
     allow_label_leak: bool = False
-    power_scale: float = 4.0
+    power_scale: float = 16.0
     num_classes: int = 2
+    persistence: float = 1.0
+    epsilon: float = 2.0
+    rr_prior: bool = True
+    max_visits: int = 3
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", ProtectMode(self.mode))
         if self.mode is ProtectMode.NONE and not self.allow_label_leak:
             raise InsecureConfigError(
                 "protect = none sends the true gradient to the host, which reveals labels; "
-                "choose gaussian, max_norm or marvell, or set allow_label_leak = true for "
-                "experiments"
+                "choose marvell (the default), rr_labels, gaussian or max_norm, or set "
+                "allow_label_leak = true for experiments"
             )
         if self.clip_norm <= 0 or self.noise_multiplier < 0 or self.delta_max <= 0:
             raise ConfigError("clip_norm and delta_max must be positive, noise_multiplier >= 0")
@@ -105,11 +134,54 @@ class ProtectConfig:
             logger.warning("label protection is OFF (allow_label_leak): the host can infer labels")
         if self.power_scale <= 0 or self.num_classes < 1:
             raise ConfigError("power_scale must be positive and num_classes at least 1")
-        if self.mode is ProtectMode.MARVELL and self.num_classes != 2:
-            raise ConfigError(
-                f"protect = marvell is defined for binary labels only (C = 2), got C = "
-                f"{self.num_classes}; use gaussian or max_norm for more classes"
-            )
+        if not 0 <= self.persistence <= 1:
+            raise ConfigError(f"persistence = {self.persistence}: it must lie in [0, 1]")
+        if self.max_visits < 0:
+            raise ConfigError(f"max_visits = {self.max_visits}: use 0 (no cap) or more")
+        if not 0 < self.epsilon <= 50:
+            raise ConfigError(f"epsilon = {self.epsilon}: rr_labels needs 0 < epsilon <= 50")
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether :func:`protect` adds noise to δ (``rr_labels`` and ``none`` do not)."""
+        return self.mode not in (ProtectMode.NONE, ProtectMode.RR_LABELS)
+
+
+class RowNoise:
+    """Each row's fixed standard-normal vector ``z_r`` ∈ ℝᵏ for the whole job (§4.7.1).
+
+    ``z_r`` is derived from a 128-bit secret seed and the row's index (numpy's SeedSequence), so a
+    resumed guest gets the same vectors from the seed in its checkpoint, and nothing per row has
+    to be stored.
+
+    Parameters
+    ----------
+    seed
+        The job's secret 128-bit seed (:meth:`draw`; kept in the guest's owner-only
+        checkpoint).
+    k
+        The gradient width.
+    """
+
+    def __init__(self, *, seed: int, k: int) -> None:
+        self.seed, self.k = seed, k
+        self._cache: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, *, k: int) -> RowNoise:
+        """A row-noise source with a 128-bit seed from ``rng`` (:func:`new_generator`)."""
+        return cls(seed=int.from_bytes(rng.bytes(16), "big"), k=k)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """The B×k matrix of ``z_r`` for ``rows``."""
+        out = np.empty((len(rows), self.k))
+        for i, row in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+            z = self._cache.get(row)
+            if z is None:
+                z = np.random.default_rng([self.seed, row]).standard_normal(self.k)
+                self._cache[row] = z
+            out[i] = z
+        return out
 
 
 def new_generator() -> np.random.Generator:
@@ -284,13 +356,15 @@ class MarvellState:
 
 def _marvell(
     delta: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     scale: float,
-    rng: np.random.Generator,
+    z: np.ndarray,
     state: MarvellState | None,
 ) -> np.ndarray:
     k = delta.shape[1]
-    z = rng.normal(0.0, 1.0, size=delta.shape)
+    if labels is None:  # no two classes (multiclass, regression): isotropic, s × mean power
+        power = scale * float(np.mean(np.sum(delta * delta, axis=1)))
+        return delta + z * math.sqrt(power / k)
     positive = labels == 1
     if positive.all() or not positive.any():
         if state is None or state.noise is None or state.direction is None:
@@ -319,6 +393,26 @@ def _marvell(
     return out
 
 
+def standard_noise(
+    shape: tuple[int, int],
+    *,
+    rng: np.random.Generator,
+    persistence: float = 0.0,
+    rows: np.ndarray | None = None,
+    row_noise: RowNoise | None = None,
+) -> np.ndarray:
+    """The B×k standard-normal draw ``√ρ·z_r + √(1−ρ)·z_fresh`` of every mode (§4.7.1)."""
+    fresh = rng.normal(0.0, 1.0, size=shape)
+    if persistence == 0:
+        return fresh
+    if rows is None or row_noise is None or len(rows) != shape[0] or row_noise.k != shape[1]:
+        raise ConfigError("persistent label-protection noise needs the batch's rows and RowNoise")
+    out: np.ndarray = math.sqrt(persistence) * row_noise.of(rows)
+    if persistence < 1:
+        out += math.sqrt(1 - persistence) * fresh
+    return out
+
+
 def protect(
     delta: np.ndarray,
     config: ProtectConfig,
@@ -326,6 +420,8 @@ def protect(
     rng: np.random.Generator,
     labels: np.ndarray | None = None,
     state: MarvellState | None = None,
+    rows: np.ndarray | None = None,
+    row_noise: RowNoise | None = None,
 ) -> np.ndarray:
     """δ̃ for a B×k batch of gradients w.r.t. the interactive pre-activation.
 
@@ -338,9 +434,12 @@ def protect(
     rng
         The noise generator (:func:`new_generator` in production; seeded in tests).
     labels
-        The batch's labels (length B, values in {0, 1}); required by ``marvell`` only.
+        The batch's labels (length B, values in {0, 1}); required by ``marvell`` with C = 2.
     state
         ``marvell`` only, optional: the run's :class:`MarvellState` (for single-class batches).
+    rows, row_noise
+        The batch's row indices and the job's :class:`RowNoise`; required when
+        ``config.persistence > 0`` and the mode adds noise.
 
     Returns
     -------
@@ -349,24 +448,32 @@ def protect(
     """
     if delta.ndim != 2:
         raise ValueError(f"expected a B x k gradient, got shape {delta.shape}")
-    if config.mode is ProtectMode.NONE:
-        out = delta.copy()  # warned about when the config was made
-    elif config.mode is ProtectMode.GAUSSIAN:
-        norms = np.linalg.norm(delta, axis=1, keepdims=True)
-        factor = np.minimum(1.0, config.clip_norm / np.maximum(norms, 1e-300))
-        sigma = config.noise_multiplier * config.clip_norm
-        out = delta * factor + rng.normal(0.0, sigma, size=delta.shape)
-    elif config.mode is ProtectMode.MAX_NORM:
-        sq = np.sum(delta * delta, axis=1, keepdims=True)
-        variance = (sq.max() - sq) / delta.shape[1]
-        out = delta + rng.normal(0.0, 1.0, size=delta.shape) * np.sqrt(variance)
+    if not config.adds_noise:
+        out = delta.copy()  # none: warned about when the config was made; rr_labels: §4.7.2
     else:
-        if labels is None:
-            raise ConfigError("protect = marvell needs the batch's labels")
-        y = np.asarray(labels).reshape(-1)
-        if y.shape[0] != delta.shape[0] or not np.isin(y, (0, 1)).all():
-            raise ConfigError("protect = marvell needs one binary label (0 or 1) per row")
-        out = _marvell(delta, y, config.power_scale, rng, state)
+        z = standard_noise(
+            delta.shape,
+            rng=rng,
+            persistence=config.persistence,
+            rows=rows,
+            row_noise=row_noise,
+        )
+        if config.mode is ProtectMode.GAUSSIAN:
+            norms = np.linalg.norm(delta, axis=1, keepdims=True)
+            factor = np.minimum(1.0, config.clip_norm / np.maximum(norms, 1e-300))
+            out = delta * factor + z * (config.noise_multiplier * config.clip_norm)
+        elif config.mode is ProtectMode.MAX_NORM:
+            sq = np.sum(delta * delta, axis=1, keepdims=True)
+            out = delta + z * np.sqrt((sq.max() - sq) / delta.shape[1])
+        else:
+            y = None
+            if config.num_classes == 2:
+                if labels is None:
+                    raise ConfigError("protect = marvell needs the batch's labels")
+                y = np.asarray(labels).reshape(-1)
+                if y.shape[0] != delta.shape[0] or not np.isin(y, (0, 1)).all():
+                    raise ConfigError("protect = marvell needs one binary label (0 or 1) per row")
+            out = _marvell(delta, y, config.power_scale, z, state)
     clipped: np.ndarray = np.clip(out, -config.delta_max, config.delta_max)
     return clipped
 

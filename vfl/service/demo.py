@@ -302,6 +302,7 @@ def _train_and_score(
         "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"],
         "test_metrics": result["test"],
+        "privacy": result.get("privacy", {}),  # label protection and its ε (docs/protocol.md §4.7)
         "psi": psi_summary,
         "silos": silos.summary(),
         "estimate": estimate.to_json(),

@@ -26,7 +26,11 @@ Example (every key but the data aliases is optional)::
     k = 8
 
     [protect]                    # label protection of the host-bound gradient (§4.7)
-    mode = "marvell"            # default; binary labels (s = power_scale = 4)
+    mode = "marvell"             # default; or rr_labels (ε-label-DP), gaussian, max_norm
+    power_scale = 16             # marvell's s
+    persistence = 1.0            # each row's noise fixed for the job (§4.7.1)
+    max_visits = 3               # zero host-bound gradient from epoch 3 on; 0: no cap
+    epsilon = 2.0                # rr_labels only; rr_prior = true: RR-with-prior
 """
 
 from __future__ import annotations

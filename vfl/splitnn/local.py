@@ -31,7 +31,7 @@ from vfl.splitnn.session import (
     wait_job_start,
 )
 from vfl.splitnn.spec import DecTag
-from vfl.splitnn.training import HostTrainer
+from vfl.splitnn.training import HostObserver, HostTrainer
 
 GUEST = Party("guest", Role.GUEST)
 HOST = Party("host", Role.HOST)
@@ -64,10 +64,12 @@ def run_in_process(
     timeout: float = 3600.0,
     pool_executor: Executor | None = None,
     policy: DecryptionPolicy | None = None,
+    host_observer: HostObserver | None = None,
 ) -> LocalRun:
     """Run ``job`` between an in-process guest, host and arbiter; raise if any party fails.
 
-    ``policy``: the arbiter's decryption policy (default: a new one in memory)."""
+    ``policy``: the arbiter's decryption policy (default: a new one in memory);
+    ``host_observer``: called with the host's view after each training step (audits)."""
     net = InMemoryNetwork()
     tags = [SplitTag, DecTag, SetupTag, JobTag]
     channels = {p.party_id: net.channel(p, tags=TagRegistry(tags)) for p in (GUEST, HOST, ARBITER)}
@@ -93,6 +95,7 @@ def run_in_process(
                 timeout=timeout,
                 allow_test_key=allow_test_key,
                 pool_executor=pool_executor,
+                observer=host_observer,
             )
             host_out["trainer"] = session.run(wait_job_start(channels["host"], timeout=timeout))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread

@@ -84,13 +84,20 @@ from protocols.files import atomic_write
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
+from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.scoring.model import config_to_json, save_model
 from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
 from vfl.splitnn.metrics import selection_metric, task_metrics
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
-from vfl.splitnn.training import GuestTrainer, HostTrainer, TrainConfig, joint_init_component
+from vfl.splitnn.training import (
+    GuestTrainer,
+    HostObserver,
+    HostTrainer,
+    TrainConfig,
+    joint_init_component,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +292,7 @@ class SplitResult:
     test: dict[str, float]
     test_scores: list[Any]
     timings: dict[str, float]
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``result.json``)."""
@@ -556,6 +564,7 @@ class GuestSession(_Common):
         if table.labels is None:
             raise ConfigError("the guest's table has no label column")
         self.labels: np.ndarray = table.labels
+        self.train_labels = self.labels  # ỹ under rr_labels, set in run()
         self.job, self.table, self.splits = job, table, splits
         self.w0_seed, self.pool_target = w0_seed, pool_target
         self.host_request = dict(host_request or {})
@@ -583,6 +592,7 @@ class GuestSession(_Common):
             "eval_step": 0,
             "best_epoch": -1,
             "order_seed": self.order_seed.hex(),
+            "rr_seed": format(secrets.randbits(128), "x"),  # rr_labels: §4.7.2 step 1
         }
 
     def _save_progress(self, state: dict[str, Any]) -> None:
@@ -637,7 +647,14 @@ class GuestSession(_Common):
             timeout=self.timeout,
         )
         layer.run_id = self.run_id
-        trainer = GuestTrainer(layer=layer, x=x, y=self.labels, config=job.train)
+        self.train_labels = self._randomized_labels(x, state)
+        trainer = GuestTrainer(
+            layer=layer,
+            x=x,
+            y=self.train_labels,
+            config=job.train,
+            steps_per_epoch=self.steps_per_epoch,
+        )
         t = resume_point(mine, theirs)  # J4
         self.resumed_from = t
         if mine and t is None:
@@ -662,6 +679,27 @@ class GuestSession(_Common):
         finally:
             pool.close()
         return result
+
+    def privacy(self) -> LabelDpAccount:
+        """The accountant's statement for this job (ε only for ``rr_labels``, §4.7.2)."""
+        protect = self.job.train.protect
+        formal = protect.mode is ProtectMode.RR_LABELS
+        return account(mode=protect.mode.value, epsilon=protect.epsilon if formal else None)
+
+    def _randomized_labels(self, x: np.ndarray, state: dict[str, Any]) -> np.ndarray:
+        """The labels training and validation use: ``ỹ`` under ``rr_labels`` (§4.7.2), else y."""
+        protect = self.job.train.protect
+        if protect.mode is not ProtectMode.RR_LABELS:
+            return self.labels
+        rows = np.concatenate([self.splits.train, self.splits.validation])
+        return randomize_labels(
+            self.labels,
+            rows=rows,
+            x=x,
+            epsilon=protect.epsilon,
+            prior=protect.rr_prior,
+            seed=int(state["rr_seed"], 16),
+        )
 
     def _checkpoint(self, trainer: GuestTrainer, step: int) -> None:
         trees, big, meta = trainer.state()
@@ -743,7 +781,7 @@ class GuestSession(_Common):
         metrics: dict[str, float] = {}
         if len(rows):  # without validation rows: no early stopping, the last epoch is kept
             scores = self._scores(layer, trainer, rows, state)
-            metrics = task_metrics(self.job.train.task, self.labels[rows], scores)
+            metrics = task_metrics(self.job.train.task, self.train_labels[rows], scores)
         spe = self.steps_per_epoch
         metrics["train_loss"] = float(np.mean(trainer.losses[-spe:])) if trainer.losses else 0.0
         metrics["epoch"] = epoch
@@ -813,6 +851,7 @@ class GuestSession(_Common):
             history=state["history"],
             test=test,
             test_scores=scores.tolist(),
+            privacy=self.privacy().to_json(),
             timings={
                 "setup_s": setup_s,
                 "train_s": train_s,
@@ -867,6 +906,7 @@ class HostSession(_Common):
         allow_test_key: bool = False,
         pool_executor: Executor | None = None,
         accept: Callable[[JobOffer], None] | None = None,
+        observer: HostObserver | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -882,6 +922,7 @@ class HostSession(_Common):
         self.table_for, self.seed = table_for, seed
         self.pool_target = pool_target
         self.accept = accept or (lambda offer: None)
+        self.observer = observer
 
     def _refuse(self, job_id: str, exc: VflError) -> JobRefusedError:
         """J2: tell G why the job is refused; the error for :meth:`run` to raise."""
@@ -964,7 +1005,9 @@ class HostSession(_Common):
             timeout=self.timeout,
         )
         layer.run_id = self.run_id
-        trainer = HostTrainer(layer=layer, x=x, config=job.train, seed=self.seed)
+        trainer = HostTrainer(
+            layer=layer, x=x, config=job.train, seed=self.seed, observer=self.observer
+        )
         t = resume_point(guest_steps, mine)  # J4
         try:
             if t is None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import secrets
 import threading
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from vfl.privacy.label_protection import (
     MarvellState,
     ProtectConfig,
     ProtectMode,
+    RowNoise,
     embedding_noise,
     new_generator,
     protect,
@@ -69,11 +71,14 @@ class TrainConfig:
             raise ConfigError("a multiclass task needs top_widths ending in the number of classes")
         if self.task is not Task.MULTICLASS and outputs != 1:
             raise ConfigError(f"a {self.task.value} task needs top_widths ending in 1")
-        if self.task is not Task.BINARY and self.protect.mode is ProtectMode.MARVELL:
+        if self.task is not Task.BINARY and self.protect.mode is ProtectMode.RR_LABELS:
             raise ConfigError(
-                f"protect = marvell is for binary labels only; a {self.task.value} task needs "
-                "gaussian (clip_norm near a typical row's gradient norm) or max_norm (§4.7)"
+                f"protect = rr_labels randomizes binary labels; a {self.task.value} task needs "
+                "marvell (the default), gaussian or max_norm (docs/protocol.md §4.7)"
             )
+        classes = {Task.BINARY: 2, Task.MULTICLASS: self.top_widths[-1]}.get(self.task, 1)
+        if self.protect.num_classes != classes:  # marvell's two-class rule only for binary
+            object.__setattr__(self, "protect", replace(self.protect, num_classes=classes))
         if not 0 < self.eta_w <= 1:
             raise ConfigError(
                 f"eta_w = {self.eta_w}: the shared weights need 0 < eta_w <= 1 (§2.2)"
@@ -212,7 +217,13 @@ class GuestTrainer:
     """G's models, optimizer and step function around its :class:`GuestLayer`."""
 
     def __init__(
-        self, *, layer: GuestLayer, x: np.ndarray, y: np.ndarray, config: TrainConfig
+        self,
+        *,
+        layer: GuestLayer,
+        x: np.ndarray,
+        y: np.ndarray,
+        config: TrainConfig,
+        steps_per_epoch: int = 0,
     ) -> None:
         self.layer, self.config = layer, config
         self.x = torch.tensor(x, dtype=torch.float32)
@@ -221,7 +232,9 @@ class GuestTrainer:
         self.optimizer = make_optimizer(list(self.models.parameters()), config)
         self.rng = new_generator()
         self.marvell = MarvellState()
+        self.row_noise = RowNoise.draw(self.rng, k=config.k)
         self.losses: list[float] = []
+        self.steps_per_epoch = steps_per_epoch  # for protect.max_visits (0: no cap applied)
 
     def init(self, w0_guest: np.ndarray) -> None:
         """Joint initialisation (the guest's Gaussian component)."""
@@ -238,12 +251,18 @@ class GuestTrainer:
             loss, delta = guest_backward(self.config.task, self.models, z_h_t, z_own, self.y[rows])
             self.optimizer.step()
             self.losses.append(loss)
+            protect_config = self.config.protect
+            cap = protect_config.max_visits if protect_config.adds_noise else 0
+            if cap and self.steps_per_epoch and step // self.steps_per_epoch >= cap:
+                return np.zeros(tuple(delta.shape))  # §4.7.1: past the cap, no label signal
             return protect(
                 delta.double().numpy(),
                 self.config.protect,
                 rng=self.rng,
                 labels=protect_labels(self.config.task, self.y[rows]),
                 state=self.marvell,
+                rows=rows,
+                row_noise=self.row_noise,
             )
 
         self.layer.step(step, rows, delta_fn, self.config.eta_w)
@@ -263,6 +282,7 @@ class GuestTrainer:
             "protect_rng": self.rng.bit_generator.state,
             "losses": self.losses,
             "marvell": _marvell_to_json(self.marvell),
+            "row_noise_seed": format(self.row_noise.seed, "x"),
         }
         return trees, self.layer.state(), meta
 
@@ -274,20 +294,35 @@ class GuestTrainer:
         self.rng.bit_generator.state = ckpt.meta["protect_rng"]
         self.losses = [float(v) for v in ckpt.meta["losses"]]
         self.marvell = _marvell_from_json(ckpt.meta.get("marvell"))
+        seed = ckpt.meta.get("row_noise_seed")  # absent in checkpoints older than §4.7.1
+        if seed is not None:
+            self.row_noise = RowNoise(seed=int(seed, 16), k=self.config.k)
         self.layer.restore(ckpt.big_ints)
+
+
+HostObserver = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+"""``(step, rows, α, g_h)``: what the host holds after each training step (audits only)."""
 
 
 class HostTrainer:
     """H's bottom model and optimizer around its :class:`HostLayer`.
 
     ``seed`` seeds the host's own initialisation; it is the host's choice (None: the OS
-    CSPRNG for the embedding noise), never the guest's.
+    CSPRNG for the embedding noise), never the guest's. ``observer`` is called after each step
+    with the batch's rows (from ``BATCH``), the α the host encoded and the ``g_h`` it decoded
+    from B1: the host's view for the leakage audit (``benchmarks/leakage.py``).
     """
 
     def __init__(
-        self, *, layer: HostLayer, x: np.ndarray, config: TrainConfig, seed: int | None = 1
+        self,
+        *,
+        layer: HostLayer,
+        x: np.ndarray,
+        config: TrainConfig,
+        seed: int | None = 1,
+        observer: HostObserver | None = None,
     ) -> None:
-        self.layer, self.config = layer, config
+        self.layer, self.config, self.observer = layer, config, observer
         self.x = torch.tensor(x, dtype=torch.float32)
         self.bottom = _host_bottom(x.shape[1], config, seed)
         self.optimizer = make_optimizer(list(self.bottom.parameters()), config)
@@ -319,7 +354,9 @@ class HostTrainer:
             kept["alpha"] = self._alpha(batch_rows)
             return self._noisy(kept["alpha"])
 
-        _, g_h = self.layer.step(step, rows, alpha_fn)
+        alpha, g_h = self.layer.step(step, rows, alpha_fn)
+        if self.observer is not None:
+            self.observer(step, rows, alpha, g_h)
         torch.autograd.backward(kept["alpha"], grad_tensors=torch.tensor(g_h, dtype=torch.float32))
         self.optimizer.step()
 
@@ -352,7 +389,8 @@ class FloatSplitModel:
     """The split network in float64 in one process (reference S3, quality "plaintext").
 
     Built from the same seeds as :class:`GuestTrainer` and :class:`HostTrainer` and with
-    ``W_0 = W_0^G + W_0^H`` summed in float64; ``W_h`` learns by plain SGD from δ̃.
+    ``W_0 = W_0^G + W_0^H`` summed in float64; ``W_h`` learns by plain SGD from δ̃. It has no
+    epochs, so ``protect.max_visits`` does not apply here.
     """
 
     def __init__(
@@ -377,6 +415,7 @@ class FloatSplitModel:
         self.opt_h = make_optimizer(list(self.host.parameters()), config)
         self.rng = new_generator()
         self.marvell = MarvellState()
+        self.row_noise = RowNoise.draw(self.rng, k=config.k)
         self.losses: list[float] = []
 
     def step(self, rows: np.ndarray) -> None:
@@ -399,6 +438,8 @@ class FloatSplitModel:
                 rng=self.rng,
                 labels=protect_labels(self.config.task, self.y[rows]),
                 state=self.marvell,
+                rows=rows,
+                row_noise=self.row_noise,
             )
         )
         g_h = d_t @ self.w_h.T
