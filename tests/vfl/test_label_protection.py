@@ -204,3 +204,22 @@ def test_the_accountant_reports_epsilon_only_for_rr_labels() -> None:
     formal = account(mode="rr_labels", epsilon=2.0).to_json()
     assert formal["label_dp_epsilon"] == 2.0 and formal["guarantee"] == "formal"
     assert account(mode="marvell", epsilon=None).label_dp_epsilon is None
+
+
+def test_an_rr_labels_split_depends_on_no_label() -> None:
+    """§4.7.2: the split the host learns (FIT_ROWS, BATCH, EVAL_BATCH) must not move when one
+    label changes; the stratified split (other modes) does, in general."""
+    from vfl.data.tables import split_rows
+
+    y = (np.random.default_rng(3).random(400) < 0.2).astype(float)
+    other = y.copy()
+    other[int(np.flatnonzero(y == 1)[0])] = 0.0
+    kw = {"test_fraction": 0.2, "validation_fraction": 0.1, "seed": 0}
+    a, b = split_rows(y, stratified=False, **kw), split_rows(other, stratified=False, **kw)
+    assert all(np.array_equal(x, z) for x, z in zip(a.__dict__.values(), b.__dict__.values()))
+    moved = [
+        split_rows(y, **dict(kw, seed=s)).test.tolist()
+        != split_rows(other, **dict(kw, seed=s)).test.tolist()
+        for s in range(5)
+    ]
+    assert any(moved)

@@ -26,6 +26,7 @@ from vfl.privacy.attacks import (
     HostView,
     averaging_attack,
     completion_attack,
+    differencing_attack,
     known_rows,
     visit_means,
 )
@@ -167,6 +168,17 @@ def test_l9_model_completion_with_20_known_labels(seed: int) -> None:
     """L9: a logistic regression on averaged ``g_h`` fitted on 20 known labels [Fu22]."""
     assert completion(run("none", seed)) > 0.9  # the control: without protection it recovers
     assert completion(run("default", seed)) < 0.62
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_l8_differencing_visits_does_not_undo_the_persistent_noise(seed: int) -> None:
+    """L8: a row's noise is fixed, so its last ``g_h`` minus its first cancels it; what is left
+    (the change of the row's own signal) must not reveal the label either."""
+    r = run("default", seed)
+    rows = np.unique(np.concatenate(r.view.rows))
+    known = known_rows(rows, r.y, count=20, seed=0, balanced=True)
+    found = differencing_attack(r.view, r.y, known=known)
+    assert found and max(found.values()) < 0.62, found
 
 
 def test_the_default_keeps_the_model_useful() -> None:

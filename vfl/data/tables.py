@@ -232,13 +232,23 @@ class Splits:
 
 
 def split_rows(
-    labels: np.ndarray, *, test_fraction: float, validation_fraction: float, seed: int
+    labels: np.ndarray,
+    *,
+    test_fraction: float,
+    validation_fraction: float,
+    seed: int,
+    stratified: bool = True,
 ) -> Splits:
-    """Stratified test hold-out, then validation rows taken from the training rows (step 5)."""
+    """Stratified test hold-out, then validation rows taken from the training rows (step 5).
+
+    ``stratified = False`` splits without looking at the labels: the split the host learns
+    (``FIT_ROWS``, ``BATCH``, ``EVAL_BATCH``) then depends on no label, as ``rr_labels``'
+    ε-label-DP needs (docs/protocol.md §4.7.2).
+    """
     if not (0 < test_fraction < 1 and 0 <= validation_fraction < 1):
         raise ConfigError("test_fraction must lie in (0, 1) and validation_fraction in [0, 1)")
     rows = np.arange(len(labels))
-    stratify = labels if len(np.unique(labels)) <= 20 else None
+    stratify = labels if stratified and len(np.unique(labels)) <= 20 else None
     train, test = train_test_split(
         rows, test_size=test_fraction, random_state=seed, stratify=stratify
     )

@@ -37,6 +37,9 @@ Attacks over a whole run (docs/protocol.md §4.7.1; a row is seen once per epoch
 * **forward-embedding clustering** (:func:`clustering_attack`, [Sun22-FE]): the host's own α of
   each row's latest visit, split in two by k-means (score: distance to one centre minus distance
   to the other) and projected on its first principal component; no side knowledge;
+* **visit differencing** (:func:`differencing_attack`): per row, its last live ``g_h`` minus its
+  first — noise fixed per row cancels, and what is left follows how the row's prediction moved
+  toward its label; scored by norm, first principal component and model completion;
 * **model completion** (:func:`completion_attack`, [Fu22]): with a handful of known labels
   (:func:`known_rows`: e.g. 20, half of each class, or 1 % of the rows) the host fits a
   logistic regression on per-row features (averaged ``g_h``, or its α) and scores every other
@@ -431,3 +434,44 @@ def completion_attack(
     model = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), y[train])
     scores = model.decision_function(scaler.transform(features[~train]))
     return leak_auc(scores, y[~train])
+
+
+def differencing_attack(
+    view: HostView, labels: np.ndarray, *, known: np.ndarray, stop: int | None = None
+) -> dict[str, float]:
+    """Leak AUCs of visit differencing: each row's last live ``g_h`` minus its first.
+
+    Noise that is fixed per row (``persistence`` = 1) cancels in the difference; the label
+    signal's change between the visits remains. Rows with fewer than two live visits are skipped;
+    without any, the attack has nothing to score and returns an empty dict.
+
+    Returns
+    -------
+    dict of str to float
+        ``diff_norm``, ``diff_pc1`` (no side knowledge) and ``diff_completion`` (a logistic
+        regression on the differences fitted on ``known``).
+    """
+    first: dict[int, np.ndarray] = {}
+    last: dict[int, np.ndarray] = {}
+    for t in _steps_until(view, stop):
+        for row, g in zip(view.rows[t].tolist(), view.gradients[t], strict=True):
+            if not np.any(g != 0):
+                continue
+            if row in first:
+                last[row] = g
+            else:
+                first[row] = g
+    rows = np.array(sorted(last), dtype=np.int64)
+    if rows.size == 0:
+        return {}
+    diff = np.array([last[r] - first[r] for r in rows.tolist()])
+    y = np.asarray(labels)[rows]
+    if np.unique(y).size < 2:
+        return {}
+    out = {
+        "diff_norm": leak_auc(np.linalg.norm(diff, axis=1), y),
+        "diff_pc1": leak_auc(pc1_scores(diff), y),
+    }
+    if np.unique(y[np.isin(rows, known)]).size == 2:
+        out["diff_completion"] = completion_attack(rows, diff, labels, known=known)
+    return out

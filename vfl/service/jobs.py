@@ -79,6 +79,7 @@ from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.fedavg.client import FedClient
 from vfl.fedavg.jobfile import FedJobFile, parse_fed_job, with_defaults
 from vfl.fedavg.protocol import DropoutPolicy, FedResult, RoundAbortedError
+from vfl.privacy.label_protection import ProtectMode
 from vfl.service.accept import check_offer, check_spec
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.fedjobs import FedJobs
@@ -746,6 +747,8 @@ class JobRunner:
             test_fraction=job_file.test_fraction,
             validation_fraction=job_file.validation_fraction,
             seed=job_file.split_seed,
+            # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
+            stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
         )
         self._update(job_id, phase="training", rows=len(table))
         seed = self.config.seed

@@ -666,8 +666,10 @@ class GuestSession(_Common):
             if t is None:
                 trainer.init(joint_init_component(job.train.d, job.train.k, seed=self.w0_seed))
                 step = 0
+                # the batch-order and rr_labels seeds first: a restart before checkpoint 0 then
+                # draws neither again (§4.7.2 step 1)
+                self._save_progress(state)
                 self._checkpoint(trainer, 0)
-                self._save_progress(state)  # the batch-order seed, before the first batch
             else:
                 self.resume_at_arbiter(job.job_id, t, int(state["eval_step"]))
                 trainer.restore(ckpt.load(self.ckpt_dir, t))
