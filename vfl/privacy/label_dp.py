@@ -27,7 +27,9 @@ Steps
    Without ``rr_prior``, B is randomized like A.
 
 Accounting (:class:`LabelDpAccount`): each label enters exactly one ε-DP mechanism and is never
-used again, so the whole job is ε-label-DP; ε is reported in the job's result and report. The
+used again, so the whole job is ε-label-DP; ε is reported in the job's result and report. This
+needs a split that depends on no label (the host sees it; the guest's service splits without
+stratification under ``rr_labels``), and ε is per job: k jobs over the same labels are kε. The
 guarantee is about the labels only (the features are the guest's own, and the host's leakage
 about its features is §4.6's).
 
