@@ -60,6 +60,7 @@ from protocols.files import atomic_write
 from vfl.data.tables import ImputePolicy, PartyTable, Preprocessor, Splits, split_rows
 from vfl.privacy.attacks import (
     HostView,
+    ViewRecorder,
     averaging_attack,
     clustering_attack,
     completion_attack,
@@ -69,6 +70,7 @@ from vfl.privacy.attacks import (
     latest_embeddings,
     norm_attack,
     track_updates,
+    update_tracking_attack,
     visit_means,
 )
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
@@ -169,25 +171,6 @@ def load_task(name: str) -> Task:
     return default_credit(positive_rate=0.05)
 
 
-class Recorder:
-    """The host's view, as the host's trainer reports it after each step."""
-
-    def __init__(self) -> None:
-        self.gradients: list[np.ndarray] = []
-        self.embeddings: list[np.ndarray] = []
-        self.rows: list[np.ndarray] = []
-
-    def __call__(self, step: int, rows: np.ndarray, alpha: np.ndarray, g_h: np.ndarray) -> None:
-        if step != len(self.rows):
-            raise RuntimeError(f"host step {step} out of order (resumed?)")
-        self.rows.append(np.asarray(rows, dtype=np.int64).copy())
-        self.embeddings.append(np.array(alpha, dtype=np.float64))
-        self.gradients.append(np.array(g_h, dtype=np.float64))
-
-    def view(self) -> HostView:
-        return HostView(gradients=self.gradients, embeddings=self.embeddings, rows=self.rows)
-
-
 def train(
     task: Task, protect: ProtectConfig, seed: int, epochs: int
 ) -> tuple[HostView, dict[str, Any]]:
@@ -206,7 +189,7 @@ def train(
         patience=epochs,  # every epoch is attacked; the best validation epoch is kept
         encrypted=False,
     )
-    recorder = Recorder()
+    recorder = ViewRecorder()
     with tempfile.TemporaryDirectory(prefix="vfl-leakage-") as tmp:
         run = run_in_process(
             job=job,
@@ -251,15 +234,11 @@ def attack_epoch(
     start, stop = epoch * spe, (epoch + 1) * spe
     window = view.window(start, stop)
     out = {"step_norm": norm_attack(window, y), "step_direction": direction_attack(window, y)}
-    steps = [t for t in range(start, stop) if t in tracked]
-    if steps:
-        recovered = HostView(
-            gradients=[tracked[t] for t in steps],
-            embeddings=[np.zeros_like(tracked[t]) for t in steps],
-            rows=[view.rows[t] for t in steps],
-        )
-        out["update_tracking"] = max(norm_attack(recovered, y), direction_attack(recovered, y))
-    del k
+    tracking = update_tracking_attack(
+        view, y, k, recovered=tracked, steps=range(start, stop)
+    )  # None past the visit cap: nothing to recover
+    if tracking is not None:
+        out["update_tracking"] = tracking
     out.update(averaging_attack(view, y, known=known["20"], stop=stop))
     out.update(differencing_attack(view, y, known=known["20"], stop=stop))
     out["clustering"] = clustering_attack(view, y, stop=stop)
@@ -291,10 +270,9 @@ def baselines(
         out[name] = 0.5  # H's raw features do not change between visits
     rows = np.unique(np.concatenate(view.rows))
     for name, rows_known in known.items():
-        for source in ("grad", "alpha"):
-            out[f"completion_{source}_{name}"] = completion_attack(
-                rows, x[rows], y, known=rows_known
-            )
+        raw_completion = completion_attack(rows, x[rows], y, known=rows_known)
+        for source in ("grad", "alpha"):  # both read the same raw features here
+            out[f"completion_{source}_{name}"] = raw_completion
     return out
 
 

@@ -24,6 +24,7 @@ from protocols.executor import InlineExecutor
 from vfl.data.tables import PartyTable, split_rows
 from vfl.privacy.attacks import (
     HostView,
+    ViewRecorder,
     averaging_attack,
     completion_attack,
     differencing_attack,
@@ -53,21 +54,6 @@ class Run:
     view: HostView
     y: np.ndarray
     test_auc: float
-
-
-class Recorder:
-    """What the host's trainer reports after each step: rows, α, ``g_h``."""
-
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-        self.alpha: list[np.ndarray] = []
-        self.g: list[np.ndarray] = []
-
-    def __call__(self, step: int, rows: np.ndarray, alpha: np.ndarray, g_h: np.ndarray) -> None:
-        assert step == len(self.rows)
-        self.rows.append(rows.copy())
-        self.alpha.append(np.array(alpha, dtype=np.float64))
-        self.g.append(np.array(g_h, dtype=np.float64))
 
 
 def table(name: str, x: np.ndarray, y: np.ndarray | None) -> PartyTable:
@@ -112,7 +98,7 @@ def _run(mode: str, seed: int) -> Run:
         patience=EPOCHS,
         encrypted=False,
     )
-    recorder = Recorder()
+    recorder = ViewRecorder()
     public, private = keys()
     with tempfile.TemporaryDirectory() as tmp:
         out = run_in_process(
@@ -129,8 +115,7 @@ def _run(mode: str, seed: int) -> Run:
             order_seed=bytes([seed]) * 32,
             host_observer=recorder,
         )
-    view = HostView(gradients=recorder.g, embeddings=recorder.alpha, rows=recorder.rows)
-    return Run(view=view, y=y, test_auc=float(out.result.test["roc_auc"]))
+    return Run(view=recorder.view(), y=y, test_auc=float(out.result.test["roc_auc"]))
 
 
 def averaging(r: Run) -> float:

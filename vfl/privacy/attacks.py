@@ -101,6 +101,29 @@ class HostView:
         )
 
 
+class ViewRecorder:
+    """Builds a :class:`HostView` from the host's ``HostTrainer.observer`` calls, in step order.
+
+    Raises ``RuntimeError`` on a step out of order (e.g. a resumed job: its view would have a gap).
+    """
+
+    def __init__(self) -> None:
+        self.gradients: list[np.ndarray] = []
+        self.embeddings: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+
+    def __call__(self, step: int, rows: np.ndarray, alpha: np.ndarray, g_h: np.ndarray) -> None:
+        if step != len(self.rows):
+            raise RuntimeError(f"host step {step} out of order (resumed?)")
+        self.rows.append(np.asarray(rows, dtype=np.int64).copy())
+        self.embeddings.append(np.array(alpha, dtype=np.float64))
+        self.gradients.append(np.array(g_h, dtype=np.float64))
+
+    def view(self) -> HostView:
+        """What was recorded so far."""
+        return HostView(gradients=self.gradients, embeddings=self.embeddings, rows=self.rows)
+
+
 def leak_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """``max(AUC, 1 − AUC)`` of ``scores`` against binary ``labels``.
 
@@ -255,7 +278,14 @@ def track_updates(view: HostView, k: int, *, rcond: float = 1e-9) -> dict[int, n
     return out
 
 
-def update_tracking_attack(view: HostView, labels: np.ndarray, k: int) -> float:
+def update_tracking_attack(
+    view: HostView,
+    labels: np.ndarray,
+    k: int,
+    *,
+    recovered: dict[int, np.ndarray] | None = None,
+    steps: range | None = None,
+) -> float | None:
     """Leak AUC of the update-tracking attack (§4.7, test L7).
 
     The recovered ``R_t`` of :func:`track_updates` are scored by the norm attack and by the
@@ -270,16 +300,23 @@ def update_tracking_attack(view: HostView, labels: np.ndarray, k: int) -> float:
         All true labels, indexed by row (evaluation only, plus the known positive per batch).
     k
         The interactive width.
+    recovered
+        :func:`track_updates` of ``view``, if already computed (e.g. once for a whole run).
+    steps
+        Score only the recovered steps in this range (e.g. one epoch); None: all.
 
     Returns
     -------
-    float
-        ``max(AUC, 1 − AUC)`` of the better of the two scorings.
+    float or None
+        ``max(AUC, 1 − AUC)`` of the better of the two scorings; None when no step in range
+        could be recovered (e.g. all its gradients are zero).
     """
-    recovered = track_updates(view, k)
-    steps = sorted(recovered)
-    batches = [recovered[t] for t in steps]
-    batch_labels = [np.asarray(labels)[view.rows[t]] for t in steps]
+    found = track_updates(view, k) if recovered is None else recovered
+    chosen = [t for t in sorted(found) if steps is None or t in steps]
+    if not chosen:
+        return None
+    batches = [found[t] for t in chosen]
+    batch_labels = [np.asarray(labels)[view.rows[t]] for t in chosen]
     by_norm = leak_auc(norm_scores(batches), np.concatenate(batch_labels))
     by_direction = leak_auc(*direction_scores(batches, batch_labels))
     return max(by_norm, by_direction)
