@@ -23,12 +23,16 @@ from google.protobuf.message import DecodeError
 
 from protocols.errors import MalformedEnvelopeError
 from protocols.generated import transport_pb2 as pb
+from protocols.ids import check_identifier
 from protocols.roles import Party, Role, check_party_id
 from protocols.tags import tag_value
 
 _U32 = 2**32
 _U64 = 2**64
-MAX_ID_LENGTH = 128
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a control block may have (the protocol's own blocks use at most 4)."""
+MAX_JSON_INT_DIGITS = 40
+"""Longest integer literal in a control block (2^128 has 39 digits)."""
 
 _ROLE_TO_PB = {Role.GUEST: pb.GUEST, Role.HOST: pb.HOST, Role.ARBITER: pb.ARBITER}
 _PB_TO_ROLE: dict[int, Role] = {int(v): k for k, v in _ROLE_TO_PB.items()}
@@ -109,7 +113,7 @@ class ControlBlock:
 
     def obj(self) -> dict[str, Any]:
         """Decode the JSON object."""
-        return _json_object(self.data, what="control block")
+        return json_object(self.data, what="control block")
 
 
 Body: TypeAlias = CipherBlock | PlainBlock | PointBlock | IndexBlock | Uint64Block | ControlBlock
@@ -138,15 +142,9 @@ class Envelope:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tag", tag_value(self.tag))
-        for name in ("job_id", "run_id"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or len(value) > MAX_ID_LENGTH or not value.isprintable():
-                raise MalformedEnvelopeError(
-                    f"envelope {name} must be a printable string of at most {MAX_ID_LENGTH} "
-                    "characters"
-                )
-        if not self.job_id:
-            raise MalformedEnvelopeError("envelope job_id must not be empty")
+        check_identifier(self.job_id, what="envelope job_id")
+        if self.run_id:
+            check_identifier(self.run_id, what="envelope run_id")
         for name, bound in (("step", _U64), ("seq", _U64), ("epoch", _U32), ("batch", _U32)):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < bound:
@@ -340,16 +338,54 @@ def _make_body(kind: str, block: Any, payload: bytes) -> Body:
             raise MalformedEnvelopeError(f"u64 block of {len(payload)} B is not u64 values")
         return Uint64Block(data=payload, shape=shape)
     if kind == "control":
-        _json_object(payload, what="control block")
+        json_object(payload, what="control block")
         return ControlBlock(payload)
     raise MalformedEnvelopeError(f"unknown envelope body {kind!r}")  # pragma: no cover
 
 
-def _json_object(data: bytes, *, what: str) -> dict[str, Any]:
+def json_object(data: bytes, *, what: str) -> dict[str, Any]:
+    """Parse untrusted JSON that must be an object; every failure is a
+    :class:`MalformedEnvelopeError` (never a ``RecursionError`` or a ``ValueError``).
+
+    Refused: invalid UTF-8 or JSON, ``NaN``/``Infinity``, integers longer than
+    :data:`MAX_JSON_INT_DIGITS` digits, nesting deeper than :data:`MAX_JSON_DEPTH`.
+    """
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedEnvelopeError(f"{what} is not UTF-8 JSON ({len(data)} B)") from exc
+        obj = json.loads(data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # JSONDecodeError is a ValueError; so are the two refusals below.
+        reason = str(exc) if isinstance(exc, _JsonLimitError) else "is not valid UTF-8 JSON"
+        raise MalformedEnvelopeError(f"{what} of {len(data)} B {reason}") from None
     if not isinstance(obj, dict):
         raise MalformedEnvelopeError(f"{what} must hold a JSON object")
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise MalformedEnvelopeError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     return obj
+
+
+class _JsonLimitError(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _JsonLimitError(f"holds an integer of more than {MAX_JSON_INT_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise _JsonLimitError(f"holds the non-standard constant {text[:10]}")
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value, computed without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, dict):
+            deepest = max(deepest, level)
+            todo.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            deepest = max(deepest, level)
+            todo.extend((v, level + 1) for v in value)
+    return deepest

@@ -27,7 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protocols.envelope import EnvelopeDigest
+from protocols.envelope import EnvelopeDigest, json_object
 from protocols.errors import (
     MalformedEnvelopeError,
     OversizedEnvelopeError,
@@ -222,11 +222,9 @@ class TransportServer:
                 raise PeerIdentityError("this party exposes no admin commands")
             try:
                 msg = pb.AdminRequest.FromString(request)
-                data = json.loads(msg.data.decode() or "{}")
-            except (DecodeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except DecodeError as exc:
                 raise MalformedEnvelopeError("admin request does not decode") from exc
-            if not isinstance(data, dict):
-                raise MalformedEnvelopeError("admin request data must be a JSON object")
+            data = json_object(msg.data or b"{}", what="admin request data")
             reply = self._admin(msg.command, data)
             return pb.AdminReply(data=json.dumps(reply).encode())
         except Exception as exc:  # translated in one place; unknown -> INTERNAL

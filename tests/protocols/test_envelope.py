@@ -76,9 +76,16 @@ def test_control_block_json() -> None:
 @pytest.mark.parametrize(
     "kw, needle",
     [
-        ({"job_id": ""}, "must not be empty"),
-        ({"job_id": "x" * 200}, "at most"),
-        ({"job_id": "a\nb"}, "printable"),
+        ({"job_id": ""}, "not a valid identifier"),
+        ({"job_id": "x" * 200}, "1-128"),
+        ({"job_id": "a\nb"}, "not a valid identifier"),
+        ({"job_id": "."}, "job_id"),
+        ({"job_id": ".."}, "job_id"),
+        ({"job_id": "/etc/vfl"}, "job_id"),
+        ({"job_id": "a/../b"}, "job_id"),
+        ({"job_id": "a\\b"}, "job_id"),
+        ({"job_id": "C:x"}, "job_id"),
+        ({"run_id": "../r"}, "run_id"),
         ({"step": -1}, "step"),
         ({"epoch": 2**32}, "epoch"),
         ({"key_id": b"k" * 65}, "key_id"),
@@ -140,3 +147,23 @@ def _with(msg: pb.Envelope, kind: str, **fields: object) -> pb.Envelope:
         else:
             setattr(block, k, v)
     return msg
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (b"[" * 50_000 + b"]" * 50_000, "not valid"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "deeper than 32"),
+        (b'{"n":' + b"9" * 5000 + b"}", "more than 40 digits"),
+        (b'{"n":-' + b"9" * 41 + b"}", "more than 40 digits"),
+        (b'{"n":NaN}', "non-standard constant"),
+        (b'{"n":Infinity}', "non-standard constant"),
+        (b"\xff\xfe", "not valid"),
+        (b"[1]", "JSON object"),
+    ],
+)
+def test_hostile_control_blocks_raise_a_typed_error(data: bytes, needle: str) -> None:
+    msg = header()
+    msg.control.SetInParent()
+    with pytest.raises(MalformedEnvelopeError, match=needle):
+        decode(msg.SerializeToString(), data)
