@@ -33,6 +33,12 @@ class PeerUnavailableError(TransportError):
     """The peer could not be reached within the retry budget."""
 
 
+class ReceiverBusyError(TransportError):
+    """The receiver cannot take an envelope now: its queue for this sender is full, the
+    sender has too many calls open, or its state folder cannot be written. Nothing was
+    recorded; the sender retries the byte-identical envelope within its retry budget."""
+
+
 class RunAbortedError(TransportError):
     """A run of a job was stopped (its party's service stops, or a newer run replaces it);
     the receive that was waiting for it gives up. The job's checkpoints stay valid."""

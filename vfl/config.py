@@ -7,6 +7,8 @@ Example (relative paths are resolved against the config file's folder)::
     role = "guest"
     listen = "127.0.0.1:50051"   # port 0 picks a free port, written to <state_dir>/service.port
     state_dir = "state/bank"
+    health = 8081                # optional plain-HTTP /healthz and /readyz for probes: a port
+                                 # (loopback only) or "host:port"; off when absent
 
     [tls]
     ca = "certs/ca.pem"
@@ -112,7 +114,7 @@ _TESTING_KEYS = {"seed"}
 _EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _E = TypeVar("_E", bound=StrEnum)
 _ARBITER_KEYS = {"key_bits", "allow_test_key", "max_resumes"}
-_PARTY_KEYS = {"id", "role", "listen", "state_dir"}
+_PARTY_KEYS = {"id", "role", "listen", "state_dir", "health"}
 _TLS_KEYS = {"ca", "certificate", "key"}
 _PEER_KEYS = {"id", "role", "address", "certificate"}
 _TRANSPORT_KEYS = set(TransportOptions.__dataclass_fields__)
@@ -277,6 +279,7 @@ class PartyConfig:
     listen: str
     state_dir: Path
     tls: TlsPaths
+    health: str | None = None  # [party] health: the probe endpoint's host:port, or off
     peers: tuple[PeerConfig, ...] = ()
     data: Mapping[str, Path] = field(default_factory=dict)
     transport: TransportOptions = field(default_factory=TransportOptions)
@@ -330,6 +333,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     )
     listen = _address(_str(party_t, "listen", f"{where}: party.listen"), f"{where}: party.listen")
     state_dir = _path(base, _str(party_t, "state_dir", f"{where}: party.state_dir"))
+    health = _health(party_t.get("health"), f"{where}: party.health")
 
     tls_t = _table(raw, "tls", where)
     _only(tls_t, _TLS_KEYS, f"{where}: [tls]")
@@ -416,6 +420,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         source=source,
         party=party,
         listen=listen,
+        health=health,
         state_dir=state_dir,
         tls=tls,
         peers=tuple(peers),
@@ -652,6 +657,19 @@ def _address(value: str, where: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {value!r} is not host:port (e.g. '127.0.0.1:50051')")
     return value
+
+
+def _health(value: object, where: str) -> str | None:
+    """``[party] health``: a port (loopback) or ``host:port``; absent means off."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{where}: port {value} is out of range")
+        return f"127.0.0.1:{value}"
+    if isinstance(value, str):
+        return _address(value, where)
+    raise ConfigError(f"{where}: give a port (8081) or 'host:port', not {value!r}")
 
 
 def _path(base: Path, value: str) -> Path:

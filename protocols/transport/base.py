@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,21 +36,23 @@ from enum import Enum
 
 from protocols.envelope import Envelope, decode
 from protocols.errors import (
-    OversizedEnvelopeError,
     PeerIdentityError,
     ProtocolError,
+    ReceiverBusyError,
     RunAbortedError,
     TransportError,
     WrongReceiverError,
 )
 from protocols.roles import Party
 from protocols.tags import TagRegistry, tag_value
+from protocols.transport.options import ENVELOPE_OVERHEAD_BYTES
 from protocols.transport.replay import ReplayGuard, Verdict
 
 logger = logging.getLogger(__name__)
 
 MailKey = tuple[str, str, str, str, int]  # (job_id, run_id, sender id, tag, step)
 Handler = Callable[[Envelope], None]
+_KNOWN_JOBS = 4096  # job ids remembered as known (most recent first out)
 
 
 class DeliveryStatus(Enum):
@@ -83,8 +86,47 @@ class MessageFilter:
         )
 
 
+@dataclass
+class _Entry:
+    """A queued envelope, what it is charged and when it arrived."""
+
+    envelope: Envelope
+    charge: int
+    stored_at: float
+
+
+class Reservation:
+    """Queue budget reserved for one envelope of one sender (:meth:`Mailbox.reserve`).
+
+    Released when the envelope is refused, handled or read; a queued envelope keeps it.
+    """
+
+    def __init__(self, mailbox: Mailbox, sender: str, amount: int) -> None:
+        self._mailbox = mailbox
+        self.sender = sender
+        self.amount = amount
+        self._open = True
+
+    def hand_over(self) -> int:
+        """The queued envelope or its handler now holds the bytes; return their amount."""
+        self._open = False
+        return self.amount
+
+    def release(self) -> None:
+        """Give the reserved bytes back (idempotent; a no-op after :meth:`hand_over`)."""
+        if self._open:
+            self._open = False
+            self._mailbox._release(self.sender, self.amount)
+
+
 class Mailbox:
-    """Receive side of a channel: steps 1-6 of the module docstring."""
+    """Receive side of a channel: steps 1-6 of the module docstring, within budgets.
+
+    Every envelope is charged ``len(payload) + ENVELOPE_OVERHEAD_BYTES`` against its
+    sender's ``max_queued_bytes`` from before its body is read until it is read,
+    handled or dropped (:meth:`reserve`). Unread messages of a job this party never
+    heard of are dropped after ``unknown_job_seconds``; those of a stopped run at once.
+    """
 
     def __init__(
         self,
@@ -94,18 +136,22 @@ class Mailbox:
         replay: ReplayGuard,
         max_queued_bytes: int,
         handler_threads: int = 4,
+        unknown_job_seconds: float = 120.0,
     ) -> None:
         self.me = me
         self.tags = tags
         self._replay = replay
         self._max_queued = max_queued_bytes
-        self._queued_bytes = 0
+        self._unknown_job_seconds = unknown_job_seconds
+        self._queued: dict[str, int] = {}  # sender id -> bytes charged
         self._cond = threading.Condition()
-        self._box: dict[MailKey, Envelope] = {}
+        self._box: dict[MailKey, _Entry] = {}
         self._handlers: list[tuple[MessageFilter, Handler, Handler | None]] = []
         self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
         self._closed = False
         self._aborted: set[tuple[str, str]] = set()  # (job_id, run_id) of stopped runs
+        self._known_jobs: OrderedDict[str, None] = OrderedDict()
+        self._next_sweep = 0.0
 
     def add_handler(
         self, message_filter: MessageFilter, handler: Handler, on_duplicate: Handler | None = None
@@ -118,10 +164,81 @@ class Mailbox:
         with self._cond:
             self._handlers.append((message_filter, handler, on_duplicate))
 
+    # -- budget -----------------------------------------------------------------
+
+    def reserve(self, sender: str, size: int) -> Reservation:
+        """Reserve room for a ``size``-byte body from ``sender`` before it is received.
+
+        Raises :class:`ReceiverBusyError` (the sender retries) if the sender's unread,
+        unhandled and in-flight envelopes would exceed ``max_queued_bytes``.
+        """
+        amount = size + ENVELOPE_OVERHEAD_BYTES
+        with self._cond:
+            held = self._queued.get(sender, 0)
+            if held + amount > self._max_queued:
+                raise ReceiverBusyError(
+                    f"{self.me.party_id} holds {self._max_queued} B of unread messages from "
+                    f"{sender or 'this sender'} already; it is not keeping up, retry later"
+                )
+            self._queued[sender] = held + amount
+        return Reservation(self, sender, amount)
+
+    def _release(self, sender: str, amount: int) -> None:
+        with self._cond:
+            left = self._queued.get(sender, 0) - amount
+            if left > 0:
+                self._queued[sender] = left
+            else:
+                self._queued.pop(sender, None)
+
+    def queued_bytes(self, sender: str) -> int:
+        """Bytes currently charged to ``sender``."""
+        with self._cond:
+            return self._queued.get(sender, 0)
+
+    def note_job(self, job_id: str) -> None:
+        """Mark ``job_id`` as one this party knows (it sent, handled or awaits a message)."""
+        with self._cond:
+            self._note_job(job_id)
+
+    def _note_job(self, job_id: str) -> None:
+        self._known_jobs[job_id] = None
+        self._known_jobs.move_to_end(job_id)
+        if len(self._known_jobs) > _KNOWN_JOBS:
+            self._known_jobs.popitem(last=False)
+
+    # -- steps 1-6 ----------------------------------------------------------------
+
     def deliver(
-        self, header: bytes, payload: bytes, digest: bytes, *, authenticated: Party | None
+        self,
+        header: bytes,
+        payload: bytes,
+        digest: bytes,
+        *,
+        authenticated: Party | None,
+        reservation: Reservation | None = None,
     ) -> DeliveryStatus:
-        """Run steps 1-6; ``authenticated`` is the peer from TLS (``None``: insecure mode)."""
+        """Run steps 1-6; ``authenticated`` is the peer from TLS (``None``: insecure mode).
+
+        ``reservation`` is the budget the transport reserved before reading the body;
+        without one it is reserved here.
+        """
+        if reservation is None:
+            sender = "" if authenticated is None else authenticated.party_id
+            reservation = self.reserve(sender, len(payload))
+        try:
+            return self._deliver(header, payload, digest, authenticated, reservation)
+        finally:
+            reservation.release()  # no-op if a queued envelope or a handler holds it
+
+    def _deliver(
+        self,
+        header: bytes,
+        payload: bytes,
+        digest: bytes,
+        authenticated: Party | None,
+        reservation: Reservation,
+    ) -> DeliveryStatus:
         envelope = decode(header, payload)  # step 1
         if envelope.receiver != self.me:  # step 2
             raise WrongReceiverError(
@@ -138,58 +255,79 @@ class Mailbox:
                 f"the certificate names {authenticated} but the envelope claims {envelope.sender}"
             )
         self.tags.check(envelope.tag)  # step 4
-        if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
-            logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
-            self._dispatch_duplicate(envelope)
-            return DeliveryStatus.DUPLICATE
-        self._dispatch(envelope)  # step 6
-        return DeliveryStatus.ACCEPTED
-
-    def check_size(self, size: int) -> None:
-        """Refuse a body that would overflow the mailbox before it is received."""
         with self._cond:
-            if self._queued_bytes + size > self._max_queued:
-                raise OversizedEnvelopeError(
-                    f"{size} B would exceed the {self._max_queued} B this party queues for "
-                    "unread messages; the receiver is not keeping up"
-                )
-
-    def _dispatch(self, envelope: Envelope) -> None:
-        with self._cond:
+            # Under the lock, so that a replay mark is never recorded for an envelope that
+            # a closing mailbox then refuses (its retry would be taken for a duplicate).
             if self._closed:
                 raise TransportError(f"{self.me} is shutting down; envelope not accepted")
-            for message_filter, handler, _ in self._handlers:
-                if message_filter.matches(envelope):
-                    self._pool.submit(self._run_handler, handler, envelope)
-                    return
-            if (envelope.job_id, envelope.run_id) in self._aborted:
-                logger.debug("dropped a message of a stopped run: %s", envelope.describe())
+            if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
+                logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
+                self._dispatch_duplicate(envelope, reservation)
+                return DeliveryStatus.DUPLICATE
+            self._dispatch(envelope, reservation)  # step 6
+        return DeliveryStatus.ACCEPTED
+
+    def _dispatch(self, envelope: Envelope, reservation: Reservation) -> None:
+        """Step 6 (called with the lock held)."""
+        for message_filter, handler, _ in self._handlers:
+            if message_filter.matches(envelope):
+                self._note_job(envelope.job_id)
+                self._submit(handler, envelope, reservation)
                 return
-            key: MailKey = (
-                envelope.job_id,
-                envelope.run_id,
-                envelope.sender.party_id,
-                envelope.tag,
-                envelope.step,
+        if (envelope.job_id, envelope.run_id) in self._aborted:
+            logger.info("dropped a message of a stopped run: %s", envelope.describe())
+            return
+        key: MailKey = (
+            envelope.job_id,
+            envelope.run_id,
+            envelope.sender.party_id,
+            envelope.tag,
+            envelope.step,
+        )
+        now = time.monotonic()
+        self._sweep(now)
+        self._box[key] = _Entry(envelope, reservation.hand_over(), now)
+        self._cond.notify_all()
+
+    def _sweep(self, now: float) -> None:
+        """Drop unread messages of jobs nobody here knows, older than the limit."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        cutoff = now - self._unknown_job_seconds
+        stale = [
+            k for k, e in self._box.items() if e.stored_at < cutoff and k[0] not in self._known_jobs
+        ]
+        for key in stale:
+            entry = self._box.pop(key)
+            self._release(entry.envelope.sender.party_id, entry.charge)
+            logger.warning(
+                "dropped an unread message of job %s, which this party does not know, after "
+                "%.0f s: %s",
+                key[0],
+                self._unknown_job_seconds,
+                entry.envelope.describe(),
             )
-            self._box[key] = envelope
-            self._queued_bytes += len(envelope.payload)
-            self._cond.notify_all()
 
-    def _dispatch_duplicate(self, envelope: Envelope) -> None:
-        with self._cond:
-            for message_filter, _, on_duplicate in self._handlers:
-                if message_filter.matches(envelope):
-                    if on_duplicate is not None and not self._closed:
-                        self._pool.submit(self._run_handler, on_duplicate, envelope)
-                    return
+    def _dispatch_duplicate(self, envelope: Envelope, reservation: Reservation) -> None:
+        for message_filter, _, on_duplicate in self._handlers:
+            if message_filter.matches(envelope):
+                if on_duplicate is not None:
+                    self._submit(on_duplicate, envelope, reservation)
+                return
 
-    @staticmethod
-    def _run_handler(handler: Handler, envelope: Envelope) -> None:
+    def _submit(self, handler: Handler, envelope: Envelope, reservation: Reservation) -> None:
+        """Run ``handler`` on a worker; the envelope stays charged until it returns."""
+        amount = reservation.hand_over()
+        self._pool.submit(self._run_handler, handler, envelope, reservation.sender, amount)
+
+    def _run_handler(self, handler: Handler, envelope: Envelope, sender: str, amount: int) -> None:
         try:
             handler(envelope)
         except Exception:  # a handler bug must not kill the service
             logger.exception("handler for %s failed", envelope.describe())
+        finally:
+            self._release(sender, amount)
 
     def take(self, key: MailKey, timeout: float | None) -> Envelope:
         """Remove and return the envelope under ``key``, waiting up to ``timeout`` s."""
@@ -199,6 +337,7 @@ class Mailbox:
             return key in self._box or self._closed or run in self._aborted
 
         with self._cond:
+            self._note_job(key[0])
             if not self._cond.wait_for(ready, timeout):
                 raise TimeoutError(
                     f"{self.me}: no message job={key[0]} run={key[1] or '-'} from {key[2]} "
@@ -213,10 +352,12 @@ class Mailbox:
         run = (message_filter.job_id, message_filter.run_id)
 
         def ready() -> bool:
-            found[:] = [k for k, e in self._box.items() if message_filter.matches(e)][:1]
+            found[:] = [k for k, e in self._box.items() if message_filter.matches(e.envelope)][:1]
             return bool(found) or self._closed or run in self._aborted
 
         with self._cond:
+            if message_filter.job_id is not None:
+                self._note_job(message_filter.job_id)
             if not self._cond.wait_for(ready, timeout):
                 raise TimeoutError(
                     f"{self.me}: no message matching {message_filter} in {timeout} s"
@@ -237,16 +378,24 @@ class Mailbox:
             self._aborted.add((job_id, run_id))
             stale = [k for k in self._box if k[0] == job_id and k[1] == run_id]
             for key in stale:
-                self._queued_bytes -= len(self._box.pop(key).payload)
+                entry = self._box.pop(key)
+                self._release(entry.envelope.sender.party_id, entry.charge)
             self._cond.notify_all()
+        if stale:
+            logger.info(
+                "job %s run %s stopped: dropped %d unread messages",
+                job_id,
+                run_id or "-",
+                len(stale),
+            )
         return len(stale)
 
     def _pop(self, key: MailKey | None) -> Envelope:
         if key is None or key not in self._box:
             raise TransportError(f"{self.me}: channel closed while waiting for a message")
-        envelope = self._box.pop(key)
-        self._queued_bytes -= len(envelope.payload)
-        return envelope
+        entry = self._box.pop(key)
+        self._release(entry.envelope.sender.party_id, entry.charge)
+        return entry.envelope
 
     def pending(self) -> int:
         """Number of envelopes waiting in the mailbox."""
@@ -290,6 +439,7 @@ class Channel(ABC):
                 f"{self.me} cannot send an envelope claiming sender {envelope.sender}"
             )
         self.tags.check(envelope.tag)
+        self._mailbox.note_job(envelope.job_id)
         if envelope.seq == 0:
             envelope = envelope.with_seq(self._assign_seq(envelope))
         started = time.perf_counter()

@@ -114,6 +114,11 @@ class GrpcChannel(Channel):
         """The port the server listens on."""
         return self._server.port
 
+    @property
+    def serving(self) -> bool:
+        """Whether the server has started and is not stopping."""
+        return self._server.serving
+
     def add_peer(self, peer: PartyAddress) -> None:
         """Allow ``peer`` to send to us and open a client to it."""
         if peer.certificate_pem is not None:

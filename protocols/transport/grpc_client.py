@@ -1,8 +1,9 @@
 """Client side of the gRPC transport: push envelopes to one peer, with retries.
 
 A failed attempt is retried with the byte-identical envelope (the receiver's
-replay guard acknowledges a repeat it already has) after ``UNAVAILABLE`` or a
-lost reply (``DEADLINE_EXCEEDED``), until ``retry_seconds`` have passed. TLS
+replay guard acknowledges a repeat it already has) after ``UNAVAILABLE`` (peer down or
+busy), a lost reply (``DEADLINE_EXCEEDED``) or a call the receiver cancelled
+(``CANCELLED``), until ``retry_seconds`` have passed. TLS
 handshake failures are not retried: they raise :class:`HandshakeError`.
 """
 
@@ -42,6 +43,9 @@ DELIVER = f"/{SERVICE}/Deliver"
 PUSH = f"/{SERVICE}/Push"
 ADMIN = f"/{SERVICE}/Admin"
 _PEER_CLOSED_LIMIT = 5
+# Besides UNAVAILABLE (peer down, or busy: docs/protocol.md §2.9.1): a lost reply, and a call
+# the receiver's watchdog cancelled because it stalled.
+_RETRIED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def channel_options(peer_id: str, options: TransportOptions) -> list[tuple[str, Any]]:
@@ -161,7 +165,7 @@ class PeerClient:
                         raise handshake_error(
                             HandshakeFailure.REJECTED_BY_PEER, peer=peer
                         ) from None
-                elif code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                elif code not in _RETRIED:
                     raise error_from_rpc(err, peer=peer) from None
                 if time.monotonic() + delay > give_up:
                     raise PeerUnavailableError(

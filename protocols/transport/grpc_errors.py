@@ -19,6 +19,7 @@ from protocols.errors import (
     OversizedEnvelopeError,
     PeerIdentityError,
     ProtocolError,
+    ReceiverBusyError,
     ReplayConflictError,
     TransportError,
     UnknownTagError,
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 _MAX_DETAIL = 400
 
 _TO_CODE: tuple[tuple[type[VflError], grpc.StatusCode], ...] = (
+    (ReceiverBusyError, grpc.StatusCode.UNAVAILABLE),  # the client retries UNAVAILABLE
     (MalformedEnvelopeError, grpc.StatusCode.INVALID_ARGUMENT),
     (OversizedEnvelopeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnknownTagError, grpc.StatusCode.UNIMPLEMENTED),
@@ -40,7 +42,7 @@ _TO_CODE: tuple[tuple[type[VflError], grpc.StatusCode], ...] = (
     (ProtocolError, grpc.StatusCode.ABORTED),
     (VflError, grpc.StatusCode.ABORTED),
 )
-_FROM_CODE: dict[grpc.StatusCode, type[VflError]] = {code: cls for cls, code in _TO_CODE[:-2]}
+_FROM_CODE: dict[grpc.StatusCode, type[VflError]] = {code: cls for cls, code in _TO_CODE[1:-2]}
 _FROM_CODE[grpc.StatusCode.ABORTED] = ProtocolError
 
 

@@ -12,6 +12,18 @@ it is the certificate pinned for that peer, if one is pinned; the envelope's
 claimed sender is that peer. A refusal is logged here. A TLS handshake that fails
 never reaches this code: grpcio does not surface it to Python, only to its own
 C-core log (``GRPC_VERBOSITY``).
+
+Limits, so that one misbehaving peer cannot starve the others (docs/protocol.md §2.9.1):
+
+1. every call is served as a client stream (a unary ``Deliver`` is a stream of one
+   frame on the wire), so this code runs as soon as a call opens, before its first
+   byte, and can count it;
+2. a peer may hold at most ``max_calls_per_peer`` calls at once; one more is refused at
+   once as busy (:class:`ReceiverBusyError`, retried by the sender) without waiting;
+3. the declared size of a body is reserved against the peer's queue budget before the
+   body is read (:meth:`Mailbox.reserve`);
+4. a watchdog cancels a call that delivers no bytes for ``stream_idle_seconds``, and any
+   call still open ``server_deadline(size)`` after it began.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +45,7 @@ from protocols.errors import (
     MalformedEnvelopeError,
     OversizedEnvelopeError,
     PeerIdentityError,
+    ReceiverBusyError,
 )
 from protocols.generated import transport_pb2 as pb
 from protocols.roles import Party
@@ -59,7 +73,6 @@ class TransportServer:
         listen: str,
         options: TransportOptions,
         admin: AdminHandler | None = None,
-        workers: int = 8,
     ) -> None:
         self.me = mailbox.me
         self._mailbox = mailbox
@@ -70,23 +83,28 @@ class TransportServer:
         self._admin = admin
         self._known: dict[bytes, Party] = {}
         self._lock = threading.Lock()
+        self._calls: dict[str, int] = {}  # caller id -> calls open (step 2)
+        self.serving = False  # started and not stopping (for probes)
+        self._watchdog = _Watchdog(idle_seconds=options.stream_idle_seconds)
         self.health = health.HealthServicer()
         self._server = grpc.server(
-            ThreadPoolExecutor(workers, thread_name_prefix=f"{self.me.party_id}-rpc"),
+            ThreadPoolExecutor(
+                options.server_threads, thread_name_prefix=f"{self.me.party_id}-rpc"
+            ),
             options=[
                 ("grpc.max_receive_message_length", options.grpc_message_limit),
                 ("grpc.max_send_message_length", options.grpc_message_limit),
             ],
         )
-        handlers = {
-            "Deliver": grpc.unary_unary_rpc_method_handler(
-                self._deliver, response_serializer=_serialize
+        handlers = {  # all client streams (step 1); unary clients send a stream of one
+            "Deliver": grpc.stream_unary_rpc_method_handler(
+                self._limited(self._deliver), response_serializer=_serialize
             ),
             "Push": grpc.stream_unary_rpc_method_handler(
-                self._push, response_serializer=_serialize
+                self._limited(self._push), response_serializer=_serialize
             ),
-            "Admin": grpc.unary_unary_rpc_method_handler(
-                self._admin_call, response_serializer=_serialize
+            "Admin": grpc.stream_unary_rpc_method_handler(
+                self._limited(self._admin_call), response_serializer=_serialize
             ),
         }
         self._server.add_generic_rpc_handlers(
@@ -114,14 +132,18 @@ class TransportServer:
 
     def start(self) -> None:
         """Start serving and report SERVING on the health service."""
+        self._watchdog.start()
         self._server.start()
+        self.serving = True
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, finish in-flight calls for up to ``grace`` s, then stop."""
+        self.serving = False
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._watchdog.stop()
 
     # -- identity -------------------------------------------------------------
 
@@ -158,42 +180,84 @@ class TransportServer:
 
     # -- RPCs -------------------------------------------------------------------
 
-    def _deliver(self, request: bytes, context: grpc.ServicerContext) -> pb.Ack:
-        try:
-            caller = self._caller(context)
-            frame = _frame(request)
-            if frame.payload_size != len(frame.payload):
-                raise MalformedEnvelopeError(
-                    f"frame declares {frame.payload_size} B but carries {len(frame.payload)} B"
+    def _limited(self, rpc: _Rpc) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
+        """Wrap ``rpc`` with steps 2 and 4 and the one translation of errors."""
+
+        def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            call: _Call | None = None
+            caller_id: str | None = None
+            try:
+                caller = self._caller(context)
+                caller_id = "" if caller is None else caller.party_id
+                self._enter(caller_id)
+                call = self._watchdog.watch(context)
+                return rpc(caller, _Watched(requests, call), call)
+            except Exception as exc:  # translated in one place; unknown -> INTERNAL
+                reason: Exception = exc
+                if call is not None and call.cancelled_because:
+                    reason = ReceiverBusyError(f"call cancelled: {call.cancelled_because}")
+                abort_with(context, reason, peer=context.peer())
+                raise  # pragma: no cover - abort raises
+            finally:
+                if call is not None:
+                    self._watchdog.forget(call)
+                if caller_id is not None:
+                    self._leave(caller_id)
+
+        return serve
+
+    def _enter(self, caller_id: str) -> None:
+        with self._lock:
+            open_calls = self._calls.get(caller_id, 0)
+            if open_calls >= self._options.max_calls_per_peer:
+                raise ReceiverBusyError(
+                    f"{self.me.party_id} already serves {open_calls} calls from "
+                    f"{caller_id or 'this caller'} (transport.max_calls_per_peer); retry later"
                 )
-            self._mailbox.check_size(len(frame.payload))
+            self._calls[caller_id] = open_calls + 1
+
+    def _leave(self, caller_id: str) -> None:
+        with self._lock:
+            left = self._calls.get(caller_id, 0) - 1
+            if left > 0:
+                self._calls[caller_id] = left
+            else:
+                self._calls.pop(caller_id, None)
+
+    def _deliver(self, caller: Party | None, requests: Iterator[bytes], call: _Call) -> pb.Ack:
+        frame = _frame(_one(requests))
+        if frame.payload_size != len(frame.payload):
+            raise MalformedEnvelopeError(
+                f"frame declares {frame.payload_size} B but carries {len(frame.payload)} B"
+            )
+        return self._receive(caller, frame, iter(()), call)
+
+    def _push(self, caller: Party | None, requests: Iterator[bytes], call: _Call) -> pb.Ack:
+        first = next(requests, None)
+        if first is None:
+            raise MalformedEnvelopeError("empty stream: no frame header")
+        frame = _frame(first)
+        if frame.payload:
+            raise MalformedEnvelopeError("a streamed frame header must not carry payload")
+        return self._receive(caller, frame, requests, call)
+
+    def _receive(
+        self, caller: Party | None, frame: pb.Frame, chunks: Iterator[bytes], call: _Call
+    ) -> pb.Ack:
+        size = frame.payload_size
+        if size > self._options.max_envelope_bytes:
+            raise OversizedEnvelopeError(
+                f"payload of {size} B exceeds this party's limit of "
+                f"{self._options.max_envelope_bytes} B (transport.max_envelope_bytes)"
+            )
+        call.deadline = call.started + self._options.server_deadline(size)  # step 4
+        sender = "" if caller is None else caller.party_id
+        reservation = self._mailbox.reserve(sender, size)  # step 3
+        try:
             digest = EnvelopeDigest(frame.header)
             digest.update(frame.payload)
-            status = self._mailbox.deliver(
-                frame.header, frame.payload, digest.digest(), authenticated=caller
-            )
-            return self._ack(status)
-        except Exception as exc:  # translated in one place; unknown -> INTERNAL
-            abort_with(context, exc, peer=context.peer())
-            raise  # pragma: no cover - abort raises
-
-    def _push(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.Ack:
-        try:
-            caller = self._caller(context)
-            first = next(requests, None)
-            if first is None:
-                raise MalformedEnvelopeError("empty stream: no frame header")
-            frame = _frame(first)
-            size = frame.payload_size
-            if size > self._options.max_envelope_bytes:
-                raise OversizedEnvelopeError(
-                    f"payload of {size} B exceeds this party's limit of "
-                    f"{self._options.max_envelope_bytes} B (transport.max_envelope_bytes)"
-                )
-            self._mailbox.check_size(size)
-            digest = EnvelopeDigest(frame.header)
-            parts, got = [], 0
-            for chunk in requests:
+            parts, got = [frame.payload], len(frame.payload)
+            for chunk in chunks:
                 got += len(chunk)
                 if got > size:
                     raise MalformedEnvelopeError(f"stream carries more than the declared {size} B")
@@ -201,39 +265,124 @@ class TransportServer:
                 parts.append(chunk)
             if got != size:
                 raise MalformedEnvelopeError(f"stream truncated: {got} of {size} B arrived")
+            self._watchdog.forget(call)  # received; what follows is this party's own work
             payload = b"".join(parts)
             del parts
             status = self._mailbox.deliver(
-                frame.header, payload, digest.digest(), authenticated=caller
+                frame.header,
+                payload,
+                digest.digest(),
+                authenticated=caller,
+                reservation=reservation,
             )
-            return self._ack(status)
-        except Exception as exc:  # translated in one place; unknown -> INTERNAL
-            abort_with(context, exc, peer=context.peer())
-            raise  # pragma: no cover
-
-    def _admin_call(self, request: bytes, context: grpc.ServicerContext) -> pb.AdminReply:
-        try:
-            caller = self._caller(context)
-            if caller is not None and caller != self.me:
-                raise PeerIdentityError(
-                    f"admin calls are for {self.me}'s own operator, not {caller}"
-                )
-            if self._admin is None:
-                raise PeerIdentityError("this party exposes no admin commands")
-            try:
-                msg = pb.AdminRequest.FromString(request)
-            except DecodeError as exc:
-                raise MalformedEnvelopeError("admin request does not decode") from exc
-            data = json_object(msg.data or b"{}", what="admin request data")
-            reply = self._admin(msg.command, data)
-            return pb.AdminReply(data=json.dumps(reply).encode())
-        except Exception as exc:  # translated in one place; unknown -> INTERNAL
-            abort_with(context, exc, peer=context.peer())
-            raise  # pragma: no cover
-
-    def _ack(self, status: DeliveryStatus) -> pb.Ack:
+        finally:
+            reservation.release()
         code = pb.Ack.DUPLICATE if status is DeliveryStatus.DUPLICATE else pb.Ack.ACCEPTED
         return pb.Ack(status=code, receiver_id=self.me.party_id)
+
+    def _admin_call(
+        self, caller: Party | None, requests: Iterator[bytes], call: _Call
+    ) -> pb.AdminReply:
+        if caller is not None and caller != self.me:
+            raise PeerIdentityError(f"admin calls are for {self.me}'s own operator, not {caller}")
+        if self._admin is None:
+            raise PeerIdentityError("this party exposes no admin commands")
+        try:
+            msg = pb.AdminRequest.FromString(_one(requests))
+        except DecodeError as exc:
+            raise MalformedEnvelopeError("admin request does not decode") from exc
+        self._watchdog.forget(call)  # an operator's command (a whole PSI) may take long
+        data = json_object(msg.data or b"{}", what="admin request data")
+        reply = self._admin(msg.command, data)
+        return pb.AdminReply(data=json.dumps(reply).encode())
+
+
+_Rpc = Callable[[Party | None, Iterator[bytes], "_Call"], Any]
+
+
+class _Call:
+    """One open call as the watchdog sees it."""
+
+    def __init__(self, context: grpc.ServicerContext, idle_seconds: float) -> None:
+        self.context = context
+        self.started = time.monotonic()
+        self.deadline: float | None = self.started + idle_seconds  # until the size is known
+        self.last_progress = self.started
+        self.cancelled_because = ""
+
+
+class _Watched(Iterator[bytes]):
+    """A request iterator that tells the watchdog each time bytes arrive."""
+
+    def __init__(self, requests: Iterator[bytes], call: _Call) -> None:
+        self._requests = requests
+        self._call = call
+
+    def __next__(self) -> bytes:
+        try:
+            item = next(self._requests)
+        except grpc.RpcError:
+            raise ReceiverBusyError(
+                self._call.cancelled_because or "the call was cancelled"
+            ) from None
+        self._call.last_progress = time.monotonic()
+        return item
+
+
+class _Watchdog:
+    """Step 4: one thread that cancels idle or overdue calls."""
+
+    def __init__(self, *, idle_seconds: float) -> None:
+        self._idle = idle_seconds
+        self._calls: set[_Call] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rpc-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def watch(self, context: grpc.ServicerContext) -> _Call:
+        call = _Call(context, self._idle)
+        with self._lock:
+            self._calls.add(call)
+        return call
+
+    def forget(self, call: _Call) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    def _run(self) -> None:
+        period = min(1.0, self._idle / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                calls = list(self._calls)
+            for call in calls:
+                if now - call.last_progress > self._idle:
+                    reason = f"no bytes for {self._idle:.0f} s (transport.stream_idle_seconds)"
+                elif call.deadline is not None and now > call.deadline:
+                    reason = "the call outlasted its deadline for its declared size"
+                else:
+                    continue
+                call.cancelled_because = reason
+                self.forget(call)
+                call.context.cancel()
+
+
+def _one(requests: Iterator[bytes]) -> bytes:
+    """The single message of a unary call."""
+    first = next(requests, None)
+    if first is None:
+        raise MalformedEnvelopeError("the call carried no message")
+    if next(requests, None) is not None:
+        raise MalformedEnvelopeError("a unary call carried more than one message")
+    return first
 
 
 def _frame(data: bytes) -> pb.Frame:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from protocols.errors import ConfigError
 
 MiB = 1 << 20
+ENVELOPE_OVERHEAD_BYTES = 1024
+"""What a queued envelope costs beyond its payload (header, key, bookkeeping), charged
+against ``max_queued_bytes`` so that empty envelopes cannot be queued without limit."""
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,27 @@ class TransportOptions:
         Payloads up to this size go in one unary call; larger ones are streamed in
         chunks of this size (at most 4 MiB, gRPC's default message limit).
     max_envelope_bytes
-        The largest payload a receiver accepts.
+        The largest payload a receiver accepts. The default, 64 MiB, is many times the
+        protocol's messages at usual sizes (a PSI chunk of 65,536 points is 2 MiB; a P1
+        split-NN step with a batch of 1,024 rows and k = 64 is 2.5 MiB of 2048-bit
+        ciphertexts); a larger message is refused naming this setting.
     max_queued_bytes
-        The most payload bytes a receiver keeps for messages nobody has read yet.
+        The most bytes a receiver keeps *per sending peer* for messages nobody has read
+        yet: each envelope is charged its payload plus :data:`ENVELOPE_OVERHEAD_BYTES`,
+        and a body's declared size is reserved before it is received. A sender over
+        budget is told the receiver is busy and retries.
+    max_calls_per_peer
+        The most calls one peer may have open at once; further calls are refused as busy
+        (and retried) without holding a server thread, so other peers keep being served.
+    server_threads
+        Threads serving calls; at least ``3 * max_calls_per_peer`` so that two peers and
+        the party's own operator are served even while one peer holds all its calls.
+    stream_idle_seconds
+        A call that delivers no bytes for this long is cancelled by the receiver; the
+        whole call is cancelled after ``deadline(size) + stream_idle_seconds``.
+    unknown_job_seconds
+        Unread messages of a job this party has not heard of (no handler took a message
+        of it, no local protocol sent or waited for one) are dropped after this long.
     retry_seconds
         How long a sender keeps retrying a whole envelope after ``UNAVAILABLE`` or a
         lost reply before it gives up.
@@ -30,8 +51,12 @@ class TransportOptions:
     """
 
     chunk_bytes: int = 1 * MiB
-    max_envelope_bytes: int = 2048 * MiB
-    max_queued_bytes: int = 4096 * MiB
+    max_envelope_bytes: int = 64 * MiB
+    max_queued_bytes: int = 256 * MiB
+    max_calls_per_peer: int = 8
+    server_threads: int = 32
+    stream_idle_seconds: float = 15.0
+    unknown_job_seconds: float = 120.0
     retry_seconds: float = 30.0
     base_deadline_seconds: float = 10.0
     min_bytes_per_second: float = 8 * MiB
@@ -44,13 +69,32 @@ class TransportOptions:
         for name in ("max_envelope_bytes", "max_queued_bytes"):
             if getattr(self, name) < self.chunk_bytes:
                 raise ConfigError(f"transport {name} must be at least chunk_bytes")
-        for name in ("retry_seconds", "base_deadline_seconds", "min_bytes_per_second"):
+        if self.max_queued_bytes < self.max_envelope_bytes:
+            raise ConfigError("transport max_queued_bytes must be at least max_envelope_bytes")
+        for name in (
+            "retry_seconds",
+            "base_deadline_seconds",
+            "min_bytes_per_second",
+            "stream_idle_seconds",
+            "unknown_job_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"transport {name} must be positive")
+        if self.max_calls_per_peer < 1:
+            raise ConfigError("transport max_calls_per_peer must be at least 1")
+        if self.server_threads < 3 * self.max_calls_per_peer:
+            raise ConfigError(
+                f"transport server_threads={self.server_threads} must be at least "
+                f"3 * max_calls_per_peer = {3 * self.max_calls_per_peer}"
+            )
 
     def deadline(self, size: int) -> float:
         """The deadline in seconds of one attempt to send ``size`` payload bytes."""
         return self.base_deadline_seconds + size / self.min_bytes_per_second
+
+    def server_deadline(self, size: int) -> float:
+        """How long the receiver lets a call declaring ``size`` bytes last."""
+        return self.deadline(size) + self.stream_idle_seconds
 
     @property
     def grpc_message_limit(self) -> int:

@@ -12,25 +12,33 @@ digest of the one envelope that used it:
 4. seq values may arrive in any order.
 
 The marks are journaled (one JSON line per accepted envelope, appended and
-flushed) under the party's state directory, so they survive a restart.
+flushed) under the party's state directory, so they survive a restart. The line is
+written *before* the mark is recorded: if the write fails (a full disk, no file
+descriptor left) nothing is recorded and the sender is told to retry
+(:class:`ReceiverBusyError`), so its byte-identical retry is delivered, not taken for a
+duplicate. At most :data:`OPEN_JOURNALS` journal files are open at once (least
+recently used closed first), so a peer inventing job ids cannot exhaust descriptors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from enum import Enum
 from pathlib import Path
 from typing import IO
 
 from protocols.envelope import Envelope
-from protocols.errors import MalformedEnvelopeError, ReplayConflictError
+from protocols.errors import MalformedEnvelopeError, ReceiverBusyError, ReplayConflictError
 
 logger = logging.getLogger(__name__)
 
+OPEN_JOURNALS = 16
 _SeqKey = tuple[str, str]  # (job_id, sender id)
 _LogicalKey = tuple[str, str, int, str, str]
 
@@ -56,7 +64,7 @@ class ReplayGuard:
         self._seqs: dict[_SeqKey, dict[int, bytes]] = {}
         self._logical: dict[_LogicalKey, bytes] = {}
         self._journal_dir = journal_dir
-        self._journals: dict[str, IO[str]] = {}
+        self._journals: OrderedDict[str, IO[str]] = OrderedDict()
         if journal_dir is not None:
             journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._load(journal_dir)
@@ -83,9 +91,9 @@ class ReplayGuard:
                     f"{envelope.tag} from {envelope.sender.party_id} was already received; "
                     f"refused {envelope.describe()}"
                 )
+            self._journal(envelope, digest)  # first: a failed write records nothing
             seen[envelope.seq] = digest
             self._logical[logical] = digest
-            self._journal(envelope, digest)
         return Verdict.NEW
 
     def forget_job(self, job_id: str) -> None:
@@ -105,7 +113,7 @@ class ReplayGuard:
         """Close the journal files."""
         with self._lock:
             for handle in self._journals.values():
-                handle.close()
+                _close_quietly(handle)
             self._journals.clear()
 
     # -- journal ----------------------------------------------------------
@@ -118,11 +126,33 @@ class ReplayGuard:
     def _journal(self, envelope: Envelope, digest: bytes) -> None:
         if self._journal_dir is None:
             return
+        try:
+            self._append(self._journal_dir, envelope, digest)
+        except OSError as exc:
+            handle = self._journals.pop(envelope.job_id, None)
+            if handle is not None:
+                _close_quietly(handle)
+            logger.error(
+                "cannot journal a replay mark in %s (%s); the envelope is refused as busy and "
+                "the sender retries: free space or descriptors there",
+                self._journal_dir,
+                exc.strerror or exc,
+            )
+            raise ReceiverBusyError(
+                "the receiver cannot record the envelope now (its storage failed); retry later"
+            ) from None
+
+    def _append(self, journal_dir: Path, envelope: Envelope, digest: bytes) -> None:
         handle = self._journals.get(envelope.job_id)
         if handle is None:
-            path = self._journal_path(self._journal_dir, envelope.job_id)
+            while len(self._journals) >= OPEN_JOURNALS:
+                _close_quietly(self._journals.popitem(last=False)[1])
+            path = self._journal_path(journal_dir, envelope.job_id)
+            _drop_torn_tail(path)  # an earlier failed append may have left half a line
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             handle = self._journals[envelope.job_id] = os.fdopen(fd, "a", encoding="utf-8")
+        else:
+            self._journals.move_to_end(envelope.job_id)
         record = {
             "job": envelope.job_id,
             "run": envelope.run_id,
@@ -157,8 +187,16 @@ class ReplayGuard:
             logger.info("restored %d replay marks from %s", count, journal_dir)
 
 
+def _close_quietly(handle: IO[str]) -> None:
+    # OSError: the unflushed part of a failed append; its line is cut on reopen
+    with contextlib.suppress(OSError):
+        handle.close()
+
+
 def _drop_torn_tail(path: Path) -> None:
     """Cut a last line left incomplete by a crash, so later appends start on a new line."""
+    if not path.exists():
+        return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from vfl.service.admin import admin_call, service_address, wait_healthy
 from vfl.service.demo import write_demo_setup
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.service.party import ServiceTag
+from vfl.service.probe import HealthProbe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +48,11 @@ class Running:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("services")
     paths = write_demo_setup(root, data_folder=data_dir(os.environ))
+    with socket.socket() as probe_socket:  # a free port for the bank's health endpoint
+        probe_socket.bind(("127.0.0.1", 0))
+        probe_port = probe_socket.getsockname()[1]
+    text = paths["bank"].read_text()
+    paths["bank"].write_text(text.replace("[party]\n", f"[party]\nhealth = {probe_port}\n", 1))
     configs = {pid: load_config(p) for pid, p in paths.items()}
     procs = start_services(configs, logs=root / "logs")
     try:
@@ -62,6 +71,33 @@ def test_three_services_ping_each_other_concurrently(services: Running) -> None:
         replies = list(pool.map(ping, services.configs.values()))
     pairs = {(r["party"], x["peer"]) for r in replies for x in r["results"] if x.get("verified")}  # type: ignore[index, union-attr, attr-defined]
     assert len(pairs) == 6, replies  # every ordered pair, i.e. both directions
+
+
+def test_health_endpoint_answers_probes_without_a_certificate(services: Running) -> None:
+    address = services.configs["bank"].health
+    assert address is not None and address.startswith("127.0.0.1:")
+    for path, code, body in (("/healthz", 200, b"ok\n"), ("/readyz", 200, b"ok\n")):
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=30) as reply:
+            assert (reply.status, reply.read()) == (code, body)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{address}/jobs", timeout=30)
+    assert info.value.code == 404
+    assert services.configs["retailer"].health is None  # off unless configured
+
+
+def test_health_probe_reports_not_ready() -> None:
+    ready = [False]
+    probe = HealthProbe(listen="127.0.0.1:0", ready=lambda: ready[0])
+    probe.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{probe.port}/readyz", timeout=30)
+        assert info.value.code == 503
+        ready[0] = True
+        with urllib.request.urlopen(f"http://127.0.0.1:{probe.port}/readyz", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        probe.stop()
 
 
 def test_status_through_the_cli(services: Running) -> None:

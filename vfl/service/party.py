@@ -59,6 +59,7 @@ from vfl.fedavg.protocol import FedTag
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.accept import check_data, check_guest
 from vfl.service.jobs import JobRunner, decrypts_on_ray
+from vfl.service.probe import HealthProbe
 from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import JobTag
@@ -128,6 +129,7 @@ class PartyService:
         self._received: dict[str, int] = {}
         self._stopped = threading.Event()
         self._closing = threading.Event()
+        self._probe: HealthProbe | None = None
         self.jobs = JobRunner(
             config=config, channel=self.channel, executor=self.executor(), run_psi=self._admin_psi
         )
@@ -148,6 +150,12 @@ class PartyService:
     def start(self) -> int:
         """Start serving; write the bound port to ``<state_dir>/service.port``."""
         port = self.channel.start()
+        if self.config.health is not None:
+            self._probe = HealthProbe(
+                listen=self.config.health,
+                ready=lambda: self.channel.serving and not self._closing.is_set(),
+            )
+            self._probe.start()
         threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
         atomic_write(self.config.state_dir / PORT_FILE, f"{port}\n".encode())
         self.jobs.start()  # resubmit / announce jobs a stop interrupted
@@ -169,6 +177,8 @@ class PartyService:
         if self._stopped.is_set():
             return
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
+        if self._probe is not None:
+            self._probe.stop()
         self.scoring.close()
         self.jobs.close()  # stops the runs first, so their receives end at once
         self.channel.close(grace)
