@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves a partial one."""
+"""Writing files so that a crash never leaves a partial one, and owner-only by default."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ import os
 import threading
 from pathlib import Path
 
+PRIVATE_FILE = 0o600
+"""Mode of every file a party keeps (results, scores, reports, models, checkpoints)."""
+PRIVATE_DIR = 0o700
+"""Mode of every folder a party creates to hold them."""
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+
+def atomic_write(path: Path, data: bytes, *, mode: int = PRIVATE_FILE) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
     Readers see the old content or the new, never a mix. ``mode`` is set regardless of the
-    umask (``0o600`` for secrets).
+    umask: owner-only unless the caller asks for more (``0o644`` for certificates and other
+    public files).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -25,3 +31,26 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` and every missing parent as owner-only (0700) folders; return ``path``.
+
+    Unlike ``Path.mkdir(parents=True, mode=...)``, which gives the parents it creates the
+    default mode, every folder made here is 0700 regardless of the umask. Folders that exist
+    already keep their mode.
+    """
+    missing: list[Path] = []
+    folder = path
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            continue  # made meanwhile by another thread
+        os.chmod(made, PRIVATE_DIR)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a folder")
+    return path

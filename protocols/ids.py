@@ -1,8 +1,9 @@
 """Identifiers that travel between parties, and the paths a party builds from them.
 
 Every job, run, model and grant id that a peer can choose is checked by
-:func:`check_identifier` when an envelope is decoded (docs/protocol.md §2.9), so no
-protocol ever sees an id that could act as a path: no ``.`` or ``..``, no separator,
+:func:`check_identifier` when an envelope is decoded, and every id inside a control block
+where a protocol reads it (docs/protocol.md §2.9), so no protocol ever sees an id that
+could act as a path: no ``.`` or ``..``, no separator,
 no absolute path, no control character, at most :data:`MAX_ID_LENGTH` characters.
 :func:`state_path` is the only way to turn ids into a path under a party's state
 folder; it checks each part again and that the resolved result stays under the root

@@ -1,10 +1,13 @@
 """PSI results on disk: written atomically, so a crash never leaves a partial result.
 
-Layout under ``<state_dir>/psi/<job_id>/`` (owner-only files): ``rows.npy`` (this party's
+Layout under ``<state_dir>/psi/<job_id>/`` (files 0600, folders 0700): ``rows.npy`` (this party's
 row indices in the shared order, ``np.save`` without pickle; absent where the party learns
 no intersection), in ``GUEST_ONLY`` mode ``peer_positions.npy`` (G) or ``list_rows.npy`` (H)
 for batch scoring, and ``summary.json`` (counts only). The folder is assembled under a
-temporary name and renamed into place in one step.
+temporary name and renamed into place in one step. The folder's path is built with
+:func:`protocols.ids.state_path`: a job id that is not an identifier, or a planted link
+that would lead out of the state folder, is refused with
+:class:`~protocols.ids.UnsafePathError` (docs/protocol.md §2.9).
 """
 
 from __future__ import annotations
@@ -19,19 +22,21 @@ from typing import Any
 import numpy as np
 
 from protocols.errors import AlignmentError
+from protocols.files import private_dir
+from protocols.ids import state_path
 from psi.protocol import PsiResult
 
 
 def result_dir(state_dir: Path, job_id: str) -> Path:
-    """Where the result of ``job_id`` lives."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in job_id)
-    return state_dir / "psi" / safe
+    """Where the result of ``job_id`` lives (:class:`~protocols.ids.UnsafePathError` unless
+    ``job_id`` is an identifier and the folder stays under ``state_dir``)."""
+    return state_path(state_dir, "psi", job_id)
 
 
 def write_result(state_dir: Path, job_id: str, result: PsiResult) -> Path:
     """Write ``result`` atomically; return its folder."""
     final = result_dir(state_dir, job_id)
-    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(final.parent)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(mode=0o700)
     try:

@@ -2,7 +2,8 @@
 
 The guest writes it from what it already holds (its own test labels and scores, the
 per-epoch history of ``result.json``); nothing here talks to another party. Files in the
-output folder, each written atomically:
+output folder (made 0700 if missing), each written atomically and owner-only (0600: the
+scores and metrics are the guest's):
 
 1. ``roc.png``: ROC curve of the joint model on the test rows, and of a guest-only
    baseline when its scores are given, with the AUCs in the legend;
@@ -35,7 +36,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from protocols.errors import DataError
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,7 +79,7 @@ def write_report(
     Parameters
     ----------
     out
-        Output folder, created if missing; existing report files are replaced.
+        Output folder, created (0700) if missing; existing report files are replaced.
     summary
         JSON-serialisable run summary (numpy scalars and arrays, paths and enums are
         converted); copied into ``report.json``. Its ``test_auc`` and
@@ -125,18 +126,19 @@ def write_report(
     text = _json(body)  # fails before any file is written
     best_epoch = _best_epoch(summary.get("best_epoch"))
 
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     files = ReportFiles(
         report=out / REPORT_FILE,
         roc=out / ROC_FILE,
         loss=out / LOSS_FILE,
         scores=None if scores is None else out / SCORES_FILE,
     )
-    atomic_write(files.roc, _roc_png(y, joint, baseline))  # 1
-    atomic_write(files.loss, _loss_png(epochs, best_epoch=best_epoch))  # 2
+    atomic_write(files.roc, _roc_png(y, joint, baseline), mode=0o600)  # 1
+    atomic_write(files.loss, _loss_png(epochs, best_epoch=best_epoch), mode=0o600)  # 2
     if scores is not None and files.scores is not None:  # 3
-        atomic_write(files.scores, scores.to_csv(index=False, lineterminator="\n").encode())
-    atomic_write(files.report, text.encode("utf-8"))  # 4
+        csv = scores.to_csv(index=False, lineterminator="\n").encode()
+        atomic_write(files.scores, csv, mode=0o600)
+    atomic_write(files.report, text.encode("utf-8"), mode=0o600)  # 4
     logger.info(
         "report written to %s: %d test rows, %d epochs%s",
         out,

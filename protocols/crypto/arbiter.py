@@ -257,6 +257,8 @@ class ArbiterService:
         try:
             if not isinstance(envelope.body, ControlBlock):
                 raise PolicyViolationError("JOB_SPEC carries no control block")
+            if envelope.body.obj().get("job_id") != envelope.job_id:  # docs/protocol.md §2.9
+                raise PolicyViolationError("JOB_SPEC names another job than its envelope")
             if admit is not None:
                 admit(envelope.body.obj(), envelope.sender)
             policy = policy_of(envelope.body.obj())

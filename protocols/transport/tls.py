@@ -148,7 +148,7 @@ def create_ca(
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out_dir / "ca.key", out_dir / "ca.pem"
     atomic_write(key_path, mode=0o600, data=_key_pem(key))
-    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert_path, key_path
 
 
@@ -164,7 +164,7 @@ def create_key_and_csr(out_dir: Path, party: Party) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, csr_path = out_dir / f"{party.party_id}.key", out_dir / f"{party.party_id}.csr"
     atomic_write(key_path, mode=0o600, data=_key_pem(key))
-    atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return key_path, csr_path
 
 
@@ -243,6 +243,7 @@ def create_demo_pki(
         atomic_write(
             cert_path,
             sign_csr(csr_pem=csr_path.read_bytes(), ca_cert=ca_cert, ca_key=ca_key, days=days),
+            mode=0o644,  # a certificate is public
         )
         csr_path.unlink()
         paths[party.party_id] = cert_path

@@ -18,6 +18,7 @@ import torch
 
 from protocols.errors import ConfigError
 from protocols.roles import Party, Role
+from tests.vfl.state_files import not_private
 from vfl import api
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
@@ -177,6 +178,8 @@ def test_three_clients_over_grpc(federation: Federation) -> None:
             if r.get("job_id") == job_id
         ]
         assert "job_finished" in events, (pid, events)
+        state_dir = federation.configs[pid].state_dir  # model, rounds, result: owner-only
+        assert not not_private(state_dir), (pid, not_private(state_dir))
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from protocols.errors import InsecureConfigError
+from tests.vfl.state_files import not_private
 from vfl import api
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
@@ -110,6 +111,10 @@ def test_transfer_job_over_grpc_scores_the_hosts_other_customers(silos: Silos) -
             if r.get("job_id") == job_id
         ]
         assert "job_finished" in events, (pid, events)
+    # result, report (roc.png, report.json), scores, checkpoints, PSI result: owner-only
+    for pid in ("bank", "retailer", "arbiter"):
+        state_dir = silos.configs[pid].state_dir
+        assert not not_private(state_dir), (pid, not_private(state_dir))
 
 
 @pytest.mark.slow

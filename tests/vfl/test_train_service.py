@@ -32,6 +32,7 @@ from protocols.errors import DataError
 from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.grpc_channel import GrpcChannel
+from tests.vfl.state_files import not_private
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
 from vfl.scoring.protocol import ScoreTag
@@ -139,21 +140,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert all(r["counts"]["splitnn.Z_FWD"] > 0 for r in trained)
 
 
-def loose_files(state_dir: Path) -> list[str]:
-    """Everything under ``state_dir`` that others could read or enter, except the service's
-    port number."""
-    loose = []
-    for path in [state_dir, *state_dir.rglob("*")]:
-        mode = stat.S_IMODE(path.lstat().st_mode)
-        if not mode & 0o077 or path.is_symlink():
-            continue
-        rel = path.relative_to(state_dir)
-        if rel.parts == ("service.port",):
-            continue
-        loose.append(f"{rel} {mode:o}")
-    return loose
-
-
 def test_train_job_between_three_services(cluster: Cluster) -> None:
     job_file = cluster.tmp / "job.toml"
     job_file.write_text(JOB)
@@ -225,7 +211,7 @@ def test_train_job_between_three_services(cluster: Cluster) -> None:
             if stat.S_IMODE(p.stat().st_mode) & 0o077
         ]
         assert not loose, loose
-        assert not loose_files(state_dir), loose_files(state_dir)
+        assert not not_private(state_dir), not_private(state_dir)
 
 
 def _sha256(path: Path) -> str:

@@ -4,7 +4,8 @@ Roles: this client holds its own rows, its TLS key (it signs its ephemeral key w
 the pinned certificates of the other clients; it never sees another client's rows or update,
 only the averaged model (and, with two clients, what §7.2 says follows from it).
 
-Files (owner-only, under ``<state_dir>/jobs/<job>/``): ``fedavg/step-<r>/`` the model after
+Files (0600 in 0700 folders, under ``<state_dir>/jobs/<job>/``, a path built with
+:func:`protocols.ids.state_path`): ``fedavg/step-<r>/`` the model after
 round ``r`` (the two newest are kept, F2), ``model/`` the final model with its column
 statistics, ``result.json``.
 """
@@ -36,7 +37,8 @@ from protocols.errors import (
     ProtocolError,
     RunAbortedError,
 )
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
+from protocols.ids import state_path
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import ImputePolicy, PartyTable
@@ -63,10 +65,10 @@ REPLY_SLACK_S = 120.0  # beyond the round timeout, how long a client waits for A
 
 
 def job_folder(state_dir: Path, job_id: str) -> Path:
-    """``<state_dir>/jobs/<job_id>`` (owner-only)."""
-    folder = state_dir / "jobs" / job_id
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder
+    """``<state_dir>/jobs/<job_id>``, made 0700 if missing
+    (:class:`~protocols.ids.UnsafePathError` unless the job id is an identifier and the
+    folder stays in the state folder)."""
+    return private_dir(state_path(state_dir, "jobs", job_id))
 
 
 class FedClient:

@@ -52,7 +52,7 @@ from protocols.errors import ConfigError
 from vfl.data.tables import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
-from vfl.splitnn.jobfile import job_section, read_job_toml
+from vfl.splitnn.jobfile import job_id_of, job_section, read_job_toml
 
 _JOB_KEYS = {
     "type",
@@ -115,6 +115,7 @@ def parse_fed_job(raw: dict[str, Any], *, source: str, coordinator: str) -> FedJ
     for party_id, alias in clients.items():
         if not isinstance(alias, str) or not alias:
             raise ConfigError(f"{source}: clients.{party_id} must name a data alias")
+    job_id = job_id_of(job, prefix="fedavg", source=source)
     dp_raw = raw.get("dp")
     try:
         dp = None
@@ -126,7 +127,7 @@ def parse_fed_job(raw: dict[str, Any], *, source: str, coordinator: str) -> FedJ
                 delta=float(dp_t.get("delta", 1e-5)),
             )
         return FedJob(
-            job_id=str(job.get("id") or f"fedavg-{uuid.uuid4().hex[:12]}"),
+            job_id=job_id,
             coordinator=coordinator,
             clients=tuple(sorted((str(c), str(a)) for c, a in clients.items())),
             label_column=str(job.get("label_column", "y")),

@@ -24,8 +24,9 @@ What each party learns:
 
 Message flow of one run (tags :class:`FedTag`; every message carries the run id):
 
-F1. The coordinator sends ``START`` (the job) to each other client; each checks it against
-    its ``[accept]`` policy and replies ``ACCEPT`` (or a refusal with its reason).
+F1. The coordinator sends ``START`` (the job) to each other client; each refuses a job whose
+    id differs from the envelope's (docs/protocol.md §2.9), checks it against its
+    ``[accept]`` policy and replies ``ACCEPT`` (or a refusal with its reason).
 F2. Every client sends ``JOIN`` to A: the job, its digest, the digest of its column names,
     the rounds it holds checkpoints of, the digest of its initial model, and its signed
     ephemeral public key. A checks its own policy and that all clients sent the same job,
@@ -69,6 +70,7 @@ from enum import StrEnum
 from typing import Any
 
 from protocols.errors import ConfigError, TransportError
+from protocols.ids import check_identifier
 from vfl.data.tables import ImputePolicy
 from vfl.privacy.dp import DPConfig
 
@@ -178,6 +180,8 @@ class FedJob:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        # it names a folder in every client's state (docs/protocol.md §2.9)
+        check_identifier(self.job_id, what="job id", error=ConfigError)
         ids = [c for c, _ in self.clients]
         if len(set(ids)) != len(ids) or len(ids) < 2:
             raise ConfigError(f"job {self.job_id}: needs at least two distinct clients")
@@ -267,7 +271,7 @@ class FedJob:
         try:
             dp = obj.get("dp")
             return cls(
-                job_id=str(obj["job_id"]),
+                job_id=check_identifier(obj["job_id"], what="FedAvg job id"),
                 coordinator=str(obj["coordinator"]),
                 clients=tuple(sorted((str(c), str(a)) for c, a in obj["clients"])),
                 label_column=str(obj["label_column"]),

@@ -21,6 +21,7 @@ from protocols.crypto.policy import JobPolicy, PolicyRule
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
 from protocols.files import atomic_write
+from protocols.ids import check_identifier
 from protocols.transport.base import Channel, MessageFilter
 from vfl.config import ScoringGrant
 from vfl.scoring.protocol import CHUNK_ROWS, ScoreTag, grant_id
@@ -160,10 +161,13 @@ class GrantKeeper:
         if not isinstance(envelope.body, ControlBlock):
             raise ProtocolError("GRANT_REQ carries no control block")
         body = envelope.body.obj()
+        model_id = check_identifier(body.get("model_id"), what="GRANT_REQ model id")
+        if envelope.job_id != grant_id(model_id):
+            raise ProtocolError("GRANT_REQ names another model than its envelope")
         if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
-            raise PolicyViolationError(f"model {body['model_id']} is under another key")
+            raise PolicyViolationError(f"model {model_id} is under another key")
         request: dict[str, Any] = {
-            "model_id": str(body["model_id"]),
+            "model_id": model_id,
             "requester": envelope.sender.party_id,
             "kappa": int(body["kappa"]),
             "max_rows": int(body["max_rows"]),

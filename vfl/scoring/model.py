@@ -4,7 +4,8 @@ Roles: the guest saves its bottom model, ``W_g, b`` and top model; the host save
 bottom model, its share ``E`` and G's share as ciphertexts ``[[W^G]]`` (under the arbiter's
 key, which neither data party can decrypt). Neither file set holds anything of the other
 party in plaintext, and nothing is ever sent: each party keeps its folder in its own state
-directory, ``<state_dir>/models/<model_id>/``:
+directory, ``<state_dir>/models/<model_id>/`` (0700, every file 0600; the path is built with
+:func:`protocols.ids.state_path`, so a model id is always an identifier, docs/protocol.md §2.9):
 
 * ``tensors.safetensors``: the party's torch weights (no pickle);
 * ``state.json``: big-integer arrays (host: ``e``, ``enc_wg``) as hex, owner-only;
@@ -32,6 +33,7 @@ from torch import nn
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.errors import ConfigError, DataError
 from protocols.files import atomic_write
+from protocols.ids import state_path
 from vfl.data.tables import Preprocessor
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
@@ -43,10 +45,9 @@ _FILES = ("tensors.safetensors", "state.json")
 
 
 def model_dir(state_dir: Path, model_id: str) -> Path:
-    """Where this party keeps ``model_id``."""
-    if not model_id or "/" in model_id or model_id.startswith("."):
-        raise ConfigError(f"model id {model_id[:80]!r} cannot name a folder")
-    return state_dir / "models" / model_id
+    """Where this party keeps ``model_id`` (:class:`~protocols.ids.UnsafePathError` unless it
+    is an identifier and the folder stays under ``state_dir``)."""
+    return state_path(state_dir, "models", model_id)
 
 
 def config_to_json(config: TrainConfig) -> dict[str, Any]:

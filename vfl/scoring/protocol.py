@@ -75,6 +75,7 @@ from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock, control_of
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
 from protocols.executor import Executor
+from protocols.ids import check_identifier
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from psi.canon import DuplicatePolicy, IdType, prepare_ids
@@ -223,7 +224,10 @@ class ScoringHost:
             if not isinstance(envelope.body, ControlBlock):
                 raise ProtocolError("OPEN carries no control block")
             body = envelope.body.obj()
-            model = load_model(self.state_dir, str(body["model_id"]))
+            model_id = check_identifier(body.get("model_id"), what="OPEN model id")
+            if envelope.job_id != grant_id(model_id):
+                raise ProtocolError("OPEN names another model than its envelope")
+            model = load_model(self.state_dir, model_id)
             if envelope.job_id != grant_id(model.model_id):
                 raise ProtocolError("OPEN names another model than its envelope")
             if (
@@ -282,7 +286,8 @@ class ScoringHost:
             if mode is ScoreMode.BATCH:
                 if self.list_rows is None:
                     raise ConfigError("batch scoring is not available at this host")
-                rows, scored = self.list_rows(str(body["psi_job"]))
+                psi_job = check_identifier(body.get("psi_job"), what="OPEN psi_job")
+                rows, scored = self.list_rows(psi_job)
                 reply["positions"] = int(rows.size)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             logger.warning("refused scoring session from %s: %s", envelope.sender, exc)

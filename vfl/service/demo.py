@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from protocols.ids import state_path
 from protocols.roles import Party, Role
 from protocols.transport.tls import create_demo_pki
 from psi.result import read_result
@@ -233,7 +234,7 @@ def _train_and_score(
     if final.get("state") != "done":
         raise SystemExit(f"demo job failed: {final.get('error', final)}")
     job_id = job.job.job_id
-    result = json.loads((bank.state_dir / "jobs" / job_id / "result.json").read_text())
+    result = json.loads(state_path(bank.state_dir, "jobs", job_id, "result.json").read_text())
     psi_summary, psi_rows = read_result(bank.state_dir, f"{job_id}.psi")
     echo(
         f"   PSI: {psi_summary['intersection_size']:,} shared customers "

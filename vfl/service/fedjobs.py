@@ -202,7 +202,7 @@ class FedJobs:
             table = self._table(job)
             check_fed_start(self.config, job, sender=sender.party_id, features=len(table.columns))
             client = self._client(job, envelope.run_id, table)
-        except (VflError, KeyError) as exc:
+        except (VflError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc)
             if not isinstance(exc, JobRefusedError):
                 reason = f"{type(exc).__name__}: {exc}"

@@ -5,6 +5,10 @@ Roles: the guest's service runs a job its operator submits (``vfl run`` of a job
 all its labelled rows. The host's service answers ``START`` for one of its own data
 aliases and the PSI result it holds, under its ``[accept]`` policy, and, when it owns the
 scores (the default), writes ``jobs/<id>/scores.csv`` for its customers outside the overlap.
+A ``START`` whose job id differs from its envelope's, or that names a PSI job that is not an
+identifier, is refused (and audited) before its data or any job folder is touched
+(docs/protocol.md §2.9). Every file a job leaves (result, report, scores) is 0600 in 0700
+folders.
 The arbiter decrypts under the job's FTL policy (:class:`vfl.transfer.session.FtlSpec`).
 Retries, outcomes and audit records are the job runner's (:mod:`vfl.service.jobs`).
 """
@@ -24,6 +28,7 @@ import pandas as pd
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import JobRefusedError, ProtocolError, VflError
 from protocols.files import atomic_write
+from protocols.ids import check_identifier
 from protocols.roles import Role
 from protocols.transport.base import MessageFilter
 from psi.result import read_result
@@ -179,15 +184,18 @@ class FtlJobs:
                 raise ProtocolError("START must carry the job as JSON")
             body = envelope.body.obj()
             job = FtlJob.from_json(body["job"])
+            if job.job_id != job_id:
+                raise ProtocolError("START names another job than its envelope")
             request = dict(body.get("request", {}))
+            psi_job = check_identifier(request.get("psi_job"), what="START psi_job")
             alias = str(request.get("data", ""))
             check_ftl_start(self.config, job, sender=sender.party_id, alias=alias)
             table = self._table(alias, id_column=str(request.get("id_column", "id")), labels=None)
             check_ftl_start(
                 self.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
             )
-            overlap = self._overlap(str(request.get("psi_job", "")))
-        except (VflError, KeyError) as exc:
+            overlap = self._overlap(psi_job)
+        except (VflError, KeyError, TypeError, ValueError) as exc:
             reason = (
                 str(exc) if isinstance(exc, JobRefusedError) else f"{type(exc).__name__}: {exc}"
             )

@@ -69,7 +69,8 @@ from protocols.errors import (
     VflError,
 )
 from protocols.executor import Backend, Executor, make_executor
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
+from protocols.ids import check_identifier, state_path
 from protocols.ray_executor import ray_tls_on
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
@@ -331,7 +332,8 @@ def _aligned_table(
         path=config.data[alias], id_column=str(request.get("id_column", "id")), label_column=labels
     )
     table = load_table(spec)
-    psi_job = str(request.get("psi_job", ""))
+    # the guest's own (checked in its job file) or the one a guest's JOB_START names
+    psi_job = check_identifier(request.get("psi_job"), what="psi_job")
     _, rows = read_result(config.state_dir, psi_job)
     if rows is None:
         raise ConfigError(
@@ -500,11 +502,23 @@ class JobRunner:
             return self._job_locks.setdefault(job_id, threading.Lock())
 
     def _job_dir(self, job_id: str) -> Path:
-        jobs = self.config.state_dir / "jobs"
-        jobs.mkdir(parents=True, exist_ok=True, mode=0o700)
-        folder = jobs / job_id
-        folder.mkdir(exist_ok=True, mode=0o700)
-        return folder
+        """``<state_dir>/jobs/<job_id>``, made 0700 if missing; refused
+        (:class:`~protocols.ids.UnsafePathError`) unless ``job_id`` is an identifier and the
+        folder stays in the state folder (docs/protocol.md §2.9)."""
+        return private_dir(state_path(self.config.state_dir, "jobs", job_id))
+
+    def _stored_jobs(self, file: str) -> list[tuple[str, Path]]:
+        """``(job id, path)`` of every ``jobs/<id>/<file>`` in the state folder; a folder
+        whose name is not an identifier, or that leads out of the state folder (a planted
+        link), is skipped with an error in the log."""
+        out = []
+        for path in sorted((self.config.state_dir / "jobs").glob(f"*/{file}")):
+            job_id = path.parent.name
+            try:
+                out.append((job_id, state_path(self.config.state_dir, "jobs", job_id, file)))
+            except VflError as exc:
+                logger.error("ignored %s: %s", path.parent, exc)
+        return out
 
     # -- guest -----------------------------------------------------------------------
 
@@ -579,8 +593,7 @@ class JobRunner:
 
     def _resume_unfinished(self) -> None:
         """Lifecycle step 1: resubmit every job with a request and no outcome."""
-        for path in sorted((self.config.state_dir / "jobs").glob(f"*/{REQUEST_FILE}")):
-            job_id = path.parent.name
+        for job_id, path in self._stored_jobs(REQUEST_FILE):
             if (path.parent / OUTCOME_FILE).is_file():
                 continue
             try:
@@ -675,7 +688,7 @@ class JobRunner:
                 key_id=session.key_id if session is not None else None,
                 runs=attempt + 1,
             )
-            path = str(self.config.state_dir / "jobs" / job_id / "result.json")
+            path = str(state_path(self.config.state_dir, "jobs", job_id, "result.json"))
             if isinstance(result, FtlResult):
                 last = result.history[result.best_epoch - 1] if result.history else {}
                 self._finish(
@@ -948,7 +961,7 @@ class JobRunner:
 
     def _notify_restarts(self) -> None:
         """Lifecycle step 3: RUN_STOPPED{restarted} for every run still going at the stop."""
-        for path in sorted((self.config.state_dir / "jobs").glob(f"*/{HOST_RUN_FILE}")):
+        for job_id, path in self._stored_jobs(HOST_RUN_FILE):
             try:
                 info = json.loads(path.read_text())
                 if info.get("state") != "running":
@@ -961,13 +974,13 @@ class JobRunner:
             threading.Thread(
                 target=self._send_notice,
                 args=(
-                    path.parent.name,
+                    job_id,
                     guest,
                     str(info.get("run_id", "")),
                     body,
                     NOTICE_PATIENCE_S,
                 ),
-                name=f"notice-{path.parent.name}",
+                name=f"notice-{job_id}",
                 daemon=True,
             ).start()
 

@@ -45,6 +45,7 @@ from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
 from protocols.executor import Backend, Executor, ExecutorSettings, make_executor
 from protocols.files import atomic_write
+from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
 from protocols.roles import PartyAddress, Role
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
@@ -355,7 +356,11 @@ class PartyService:
         id_type = IdType(data.get("id_type", "generic"))
         mode = PsiMode(data.get("mode", "both"))
         pad_to = data.get("pad_to")
-        job_id = str(data.get("job_id") or f"psi-{uuid.uuid4().hex[:12]}")
+        job_id = check_identifier(
+            data.get("job_id") or f"psi-{uuid.uuid4().hex[:12]}",
+            what="PSI job id",
+            error=ConfigError,
+        )
         ids = self._prepare(data, id_type=id_type)
         host_request = {
             "data": data.get("host_data", data.get("data")),
@@ -395,6 +400,13 @@ class PartyService:
         if cmd is AdminCommand.STATUS:
             return self._status()
         if cmd is AdminCommand.PSI:
+            if data.get("job_id"):  # one the operator chose (derived ids may be longer)
+                check_identifier(
+                    data["job_id"],
+                    what="PSI job id",
+                    max_length=MAX_USER_ID_LENGTH,
+                    error=ConfigError,
+                )
             return self._admin_psi(data)
         if cmd is AdminCommand.TRAIN:
             return self.jobs.submit(data)

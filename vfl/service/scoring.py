@@ -29,7 +29,8 @@ from protocols.crypto.paillier import PublicKey
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
 from protocols.executor import Executor
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
+from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
 from psi.canon import IdType
@@ -208,7 +209,9 @@ class ScoringService:
         """Admin ``score`` (module docstring)."""
         if self.config.party.role is not Role.GUEST:
             raise ConfigError("only the guest (label holder) scores customers")
-        model_id = str(request.get("model", ""))
+        model_id = check_identifier(
+            request.get("model", ""), what="model", max_length=MAX_USER_ID_LENGTH, error=ConfigError
+        )
         alias = str(request.get("data", ""))
         id_column = str(request.get("id_column", "id"))
         id_type = IdType(request.get("id_type", "generic"))
@@ -296,7 +299,7 @@ class ScoringService:
         frame["host_known"] = scores.host_known
         buffer = io.StringIO()
         frame.to_csv(buffer, index=False)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(out.parent)  # applicant -> score: owner-only, as in the state folder
         atomic_write(out, buffer.getvalue().encode(), mode=0o600)
         seconds = time.monotonic() - started
         return {

@@ -13,7 +13,9 @@ Format (no pickle anywhere): ``<folder>/step-<t>/`` with
   state dict are stored in place; tensors are replaced by ``{"__tensor__": key}``.
 
 A checkpoint is written to a temporary folder, each file fsynced, then renamed into place,
-so a kill at any moment leaves either the old set or the new one. :func:`prune` keeps the
+so a kill at any moment leaves either the old set or the new one. Files are 0600 and
+folders 0700 from the moment they exist (the folder is the caller's, built with
+:func:`protocols.ids.state_path` from the job id). :func:`prune` keeps the
 steps the protocol still needs (two at the guest, one or two at the host).
 """
 
@@ -29,9 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from protocols.errors import DataError
+from protocols.files import PRIVATE_DIR, atomic_write, private_dir
 
 _PREFIX = "step-"
 BEST = "best"
@@ -132,19 +136,14 @@ def write_folder(
 ) -> Path:
     """``tensors.safetensors`` and ``state.json`` in a new owner-only folder under ``parent``
     (a temporary name: :func:`replace_folder` moves it into place)."""
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(parent)
     tmp = parent / f"{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
-    save_file(dict(tensors), str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    for file in ("tensors.safetensors", "state.json"):
-        fd = os.open(tmp / file, os.O_RDONLY)
-        try:
-            os.fchmod(fd, 0o600)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    tmp.mkdir(mode=PRIVATE_DIR)
+    os.chmod(tmp, PRIVATE_DIR)
+    # written owner-only and fsynced (never created with the umask's mode first)
+    atomic_write(tmp / "tensors.safetensors", safetensors_bytes(dict(tensors)))
+    atomic_write(tmp / "state.json", json.dumps(state).encode())
     return tmp
 
 

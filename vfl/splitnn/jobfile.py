@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
+from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
 from psi.canon import IdType
 from vfl.data.tables import ImputePolicy
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
@@ -172,6 +173,27 @@ def job_section(raw: dict[str, Any], name: str, source: str, keys: set[str]) -> 
     return table
 
 
+def job_id_of(job: dict[str, Any], *, prefix: str, source: str) -> str:
+    """``[job] id``, or a fresh ``<prefix>-<12 hex digits>`` when absent, checked as an
+    identifier a person may choose (:func:`protocols.ids.check_identifier`, at most
+    :data:`~protocols.ids.MAX_USER_ID_LENGTH` characters; it names folders in every party's
+    state)."""
+    value = job.get("id") or f"{prefix}-{uuid.uuid4().hex[:12]}"
+    return check_identifier(
+        value, what=f"{source}: [job] id", max_length=MAX_USER_ID_LENGTH, error=ConfigError
+    )
+
+
+def psi_job_of(job: dict[str, Any], *, source: str) -> str:
+    """``[job] psi_job``: empty (run PSI first) or an earlier PSI's job id (an identifier)."""
+    value = job.get("psi_job", "")
+    if value == "":
+        return ""
+    return check_identifier(
+        value, what=f"{source}: [job] psi_job", max_length=MAX_USER_ID_LENGTH, error=ConfigError
+    )
+
+
 def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
     """Read and validate a job file, naming the file and key of any problem."""
     return parse_job(read_job_toml(path), source=str(path), allow_plaintext=allow_plaintext)
@@ -206,6 +228,8 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
     bad = set(protect_raw) - pnames
     if bad:
         raise ConfigError(f"{source}: [protect] has unknown key(s) {sorted(bad)}")
+    job_id = job_id_of(job, prefix="split", source=source)
+    psi_job = psi_job_of(job, source=source)
     plaintext = bool(job.get("plaintext", False))
     if plaintext and not allow_plaintext:
         raise InsecureConfigError(
@@ -217,7 +241,7 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             protect_raw["mode"] = ProtectMode(protect_raw["mode"])
         train = TrainConfig(**model, protect=ProtectConfig(**protect_raw))
         split_job = SplitJob(
-            job_id=str(job.get("id") or f"split-{uuid.uuid4().hex[:12]}"),
+            job_id=job_id,
             train=train,
             mode=SplitMode(job.get("mode", "p1")),
             batch=int(job.get("batch", 256)),
@@ -233,7 +257,7 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             id_column=str(job.get("id_column", "id")),
             id_type=IdType(job.get("id_type", "generic")).value,
             label_column=str(job.get("label_column", "y")),
-            psi_job=str(job.get("psi_job", "")),
+            psi_job=psi_job,
             test_fraction=float(job.get("test_fraction", 0.2)),
             validation_fraction=float(job.get("validation_fraction", 0.1)),
             split_seed=int(job.get("split_seed", 0)),

@@ -49,7 +49,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import secrets
 import shutil
 import threading
@@ -80,7 +79,8 @@ from protocols.errors import (
     VflError,
 )
 from protocols.executor import Executor
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
+from protocols.ids import check_identifier, state_path
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
@@ -115,7 +115,6 @@ class JobTag(StrEnum):
 
 
 DONE_WAIT_S = 120.0  # how long a party waits for the arbiter's answer to JOB_DONE (J8)
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _HOST_TRAIN_FIELDS = (
     "d",
@@ -146,11 +145,8 @@ class SplitJob:
     encrypted: bool = True
 
     def __post_init__(self) -> None:
-        if not _JOB_ID.fullmatch(self.job_id):
-            raise ConfigError(
-                f"job id {self.job_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit (it names folders in each party's state)"
-            )
+        # it names folders in each party's state (docs/protocol.md §2.9)
+        check_identifier(self.job_id, what="job id", error=ConfigError)
         if min(self.batch, self.batch_eval, self.epochs, self.patience) < 1:
             raise ConfigError("batch, batch_eval, epochs and patience must be positive")
         if not self.encrypted:
@@ -207,7 +203,7 @@ class SplitJob:
             mode = ProtectMode(obj["protect"])
             protect = ProtectConfig(mode=mode, allow_label_leak=mode is ProtectMode.NONE)
             return cls(
-                job_id=str(obj["job_id"]),
+                job_id=check_identifier(obj["job_id"], what="JOB_START job id"),
                 train=TrainConfig(**train, protect=protect),
                 mode=SplitMode(obj["mode"]),
                 batch=int(obj["batch"]),
@@ -422,7 +418,7 @@ class _Common:
         """Fit scaling/imputation on the training rows only; keep it with the job's model."""
         pre = Preprocessor.fit(table, fit_rows, impute=self.impute)
         self.preprocessor = pre
-        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(job_dir)
         atomic_write(job_dir / "preprocessing.json", json.dumps(pre.to_json()).encode(), mode=0o600)
         return pre.transform(table)
 
@@ -487,8 +483,7 @@ def claim_run(channel: Channel, job_dir: Path, receivers: Iterable[Party]) -> in
     """Persist the next run number of the job in ``job_dir`` and move the channel's sequence
     numbers to ``runs·2^40`` for ``receivers`` (see :meth:`_Common.next_run`); the services
     also claim one for each ``RUN_STOPPED`` notice, which may follow a restart."""
-    job_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # jobs/ holds shares too
-    job_dir.mkdir(exist_ok=True, mode=0o700)
+    private_dir(job_dir)  # jobs/ holds shares too
     path = job_dir / "runs"
     runs = int(path.read_text()) + 1 if path.is_file() else 1
     atomic_write(path, f"{runs}\n".encode(), mode=0o600)
@@ -570,7 +565,7 @@ class GuestSession(_Common):
         self.host_request = dict(host_request or {})
         self.order_seed = order_seed or secrets.token_bytes(32)
         self.progress = progress or _log_progress()
-        self.job_dir = state_dir / "jobs" / job.job_id
+        self.job_dir = state_path(state_dir, "jobs", job.job_id)
         self.ckpt_dir = self.job_dir / "checkpoints"
         self.resumed_from: int | None = None
         self._epoch_orders: dict[int, list[np.ndarray]] = {}
@@ -941,10 +936,8 @@ class HostSession(_Common):
         if not isinstance(start.body, ControlBlock):
             raise ProtocolError("JOB_START carries no control block")
         body = start.body.obj()
-        if not _JOB_ID.fullmatch(start.job_id):
-            raise ProtocolError("JOB_START names an invalid job id")
         self._begin(start.job_id, start.run_id)
-        job_dir = self.state_dir / "jobs" / start.job_id
+        job_dir = state_path(self.state_dir, "jobs", start.job_id)  # checked at decode too
         ckpt_dir = job_dir / "checkpoints"
         self.next_run(job_dir)
         self.request = dict(body.get("request", {}))

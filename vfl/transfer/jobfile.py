@@ -37,13 +37,12 @@ Example (only ``type`` and the data aliases are required)::
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
-from vfl.splitnn.jobfile import job_section
+from vfl.splitnn.jobfile import job_id_of, job_section, psi_job_of
 from vfl.transfer.ftl import FtlConfig, FtlProtect
 from vfl.transfer.session import FtlJob, ScoreOwner
 
@@ -106,6 +105,8 @@ def parse_ftl_job(raw: dict[str, Any], *, source: str) -> FtlJobFile:
     for key in ("guest_data", "host_data"):
         if not isinstance(job.get(key), str) or not job[key]:
             raise ConfigError(f"{source}: [job] {key} must name a data alias")
+    job_id = job_id_of(job, prefix="ftl", source=source)
+    psi_job = psi_job_of(job, source=source)
     try:
         config = FtlConfig(
             d=int(model.get("d", 8)),
@@ -118,7 +119,7 @@ def parse_ftl_job(raw: dict[str, Any], *, source: str) -> FtlJobFile:
             reveal_overlap_repr=bool(protect.get("ftl_reveal_overlap_repr", False)),
         )
         ftl_job = FtlJob(
-            job_id=str(job.get("id") or f"ftl-{uuid.uuid4().hex[:12]}"),
+            job_id=job_id,
             config=config,
             guest_widths=tuple(int(w) for w in model.get("guest_widths", (32,))),
             host_widths=tuple(int(w) for w in model.get("host_widths", (32,))),
@@ -137,7 +138,7 @@ def parse_ftl_job(raw: dict[str, Any], *, source: str) -> FtlJobFile:
             id_column=str(job.get("id_column", "id")),
             id_type=IdType(job.get("id_type", "generic")).value,
             label_column=str(job.get("label_column", "y")),
-            psi_job=str(job.get("psi_job", "")),
+            psi_job=psi_job,
             score=bool(job.get("score", True)),
         )
     except InsecureConfigError as exc:

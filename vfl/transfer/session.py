@@ -7,8 +7,9 @@ values under the job's policy (tags :class:`FtlDecTag`: ``FTL_GB`` for H, ``FTL_
 
 Run (each step cites the T-steps of :mod:`vfl.transfer.ftl`):
 
-R1. G fetches ``pk_A`` and sends ``START`` (the job) to H; H fetches ``pk_A`` and answers
-    ``ACCEPT`` with its column count; both register the same :class:`FtlSpec` with A.
+R1. G fetches ``pk_A`` and sends ``START`` (the job) to H; H refuses a job whose id differs
+    from the envelope's (docs/protocol.md §2.9), fetches ``pk_A`` and answers ``ACCEPT``
+    with its column count; both register the same :class:`FtlSpec` with A.
 R2. Each party standardises its own columns with statistics of its own rows.
 R3. Epoch ``e``: G computes ``Φ`` over all its labelled rows and sends ``[[Φ̂]]`` (T0,
     ``PHI``); for each batch G sends ``BATCH`` (positions of overlap pairs in PSI order),
@@ -22,7 +23,8 @@ R4. Validation (G's held-out overlap pairs) and scoring (H's rows, §6.6): G sen
     (``SCORE_S``) when H owns the scores. Plaintext host representations never reach G.
 R5. G sends ``DONE``.
 R6. With a state folder, each party saves its state at the start of every epoch (the two
-    newest kept, owner-only); ``START`` and ``ACCEPT`` list the epochs each holds and the
+    newest kept, owner-only, in ``<state_dir>/jobs/<job id>/ftl``, a path built with
+    :func:`protocols.ids.state_path`); ``START`` and ``ACCEPT`` list the epochs each holds and the
     run resumes at the newest both hold (H loads it at the first ``PHI``). Step numbers of
     a run start at its run counter times ``2^32`` (sent in ``START``), so a resumed run
     never asks A for a step it served before; a run after the first is opened at A by both
@@ -55,7 +57,8 @@ from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
 from protocols.errors import ConfigError, JobRefusedError, PolicyViolationError, ProtocolError
 from protocols.executor import Executor
-from protocols.files import atomic_write
+from protocols.files import atomic_write, private_dir
+from protocols.ids import check_identifier, state_path
 from protocols.roles import Party
 from vfl.splitnn import checkpoint
 from vfl.splitnn.metrics import binary_metrics
@@ -90,10 +93,16 @@ def ftl_schedule(job: FtlJob, *, overlap: int, outside: int) -> tuple[int, int, 
     return job.epochs, max((overlap - n_val) // job.config.batch, 1), max(chunks, 1)
 
 
+def ftl_folder(state_dir: Path, job_id: str) -> Path:
+    """R6: ``<state_dir>/jobs/<job_id>/ftl`` (:class:`~protocols.ids.UnsafePathError` unless
+    the job id is an identifier and the folder stays in the state folder)."""
+    return state_path(state_dir, "jobs", job_id, "ftl")
+
+
 def claim_steps(folder: Path) -> int:
     """R6: this run's first step number, past every earlier run's (A serves each step once
     per tag): the run counter kept in the job's folder, times ``2^32``."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(folder)
     path = folder / "runs"
     runs = int(path.read_text()) + 1 if path.is_file() else 1
     atomic_write(path, f"{runs}\n".encode(), mode=0o600)
@@ -238,6 +247,10 @@ class FtlJob:
     validation_fraction: float = 0.2
     score_owner: ScoreOwner = ScoreOwner.GUEST
 
+    def __post_init__(self) -> None:
+        # it names a folder in each party's state (docs/protocol.md §2.9)
+        check_identifier(self.job_id, what="job id", error=ConfigError)
+
     def to_json(self) -> dict[str, Any]:
         """The job as JSON (``START``)."""
         out = asdict(self)
@@ -252,7 +265,7 @@ class FtlJob:
             raw = dict(obj["config"])
             raw["protect"] = FtlProtect(raw["protect"])
             return cls(
-                job_id=str(obj["job_id"]),
+                job_id=check_identifier(obj["job_id"], what="FTL job id"),
                 config=FtlConfig(**raw),
                 guest_widths=tuple(int(w) for w in obj["guest_widths"]),
                 host_widths=tuple(int(w) for w in obj["host_widths"]),
@@ -394,7 +407,7 @@ class FtlGuest:
         state_dir: Path | None = None,
     ) -> None:
         self.channel, self.host, self.arbiter, self.job = channel, host, arbiter, job
-        self.folder = None if state_dir is None else state_dir / "jobs" / job.job_id / "ftl"
+        self.folder = None if state_dir is None else ftl_folder(state_dir, job.job_id)
         self.host_request = dict(host_request or {})  # which of H's data (alias, PSI)
         self.key_id: str | None = None
         self.stopped = False
@@ -742,7 +755,7 @@ class FtlHost:
             raise ProtocolError("START holds no valid run number") from None
         cfg = job.config
         self._run = (start.job_id, start.run_id)
-        folder = None if self.state_dir is None else self.state_dir / "jobs" / job.job_id / "ftl"
+        folder = None if self.state_dir is None else ftl_folder(self.state_dir, job.job_id)
         held = [] if folder is None else checkpoint.available_steps(folder)
         peer = _Peer(
             channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
