@@ -29,6 +29,13 @@ from protocols.tags import tag_value
 
 _U32 = 2**32
 _U64 = 2**64
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest encoded envelope header (ids, tag, counters, a shape): real ones are < 1 KiB."""
+MAX_DIMS = 8
+"""Most dimensions of a block's shape (the protocol's blocks have at most 3)."""
+MAX_CONTROL_BYTES = 1 << 20
+"""Largest control block: parsed JSON takes tens of times its size in memory, so bulk data
+travels in the typed blocks, never as JSON."""
 MAX_JSON_DEPTH = 32
 """Deepest nesting a control block may have (the protocol's own blocks use at most 4)."""
 MAX_JSON_INT_DIGITS = 40
@@ -229,6 +236,10 @@ def encode(envelope: Envelope) -> tuple[bytes, bytes]:
 
 def decode(header: bytes, payload: bytes) -> Envelope:
     """Rebuild an envelope from its wire parts; raise :class:`MalformedEnvelopeError`."""
+    if len(header) > MAX_HEADER_BYTES:
+        raise MalformedEnvelopeError(
+            f"envelope header of {len(header)} B exceeds {MAX_HEADER_BYTES} B"
+        )
     msg = pb.Envelope()
     try:
         msg.ParseFromString(header)
@@ -265,6 +276,19 @@ def decode(header: bytes, payload: bytes) -> Envelope:
     )
 
 
+def mail_key(header: bytes) -> tuple[str, str, str, str, int] | None:
+    """The ``(job_id, run_id, sender id, tag, step)`` a header claims, read before the body
+    arrives so that the receiver can admit a message it is waiting for (docs/protocol.md
+    §2.9.1); ``None`` if the header does not parse. Not validated: :func:`decode` does that.
+    """
+    msg = pb.Envelope()
+    try:
+        msg.ParseFromString(header)
+    except DecodeError:
+        return None
+    return (msg.job_id, msg.run_id, msg.sender_id, msg.tag, msg.step)
+
+
 class EnvelopeDigest:
     """Incremental ``SHA-256(len(header) || header || payload)``."""
 
@@ -298,6 +322,8 @@ def _role(value: int) -> Role:
 def _shape(
     values: Sequence[int], payload: bytes, *, item: int | None, what: str
 ) -> tuple[int, ...]:
+    if len(values) > MAX_DIMS:
+        raise MalformedEnvelopeError(f"{what} has {len(values)} dimensions; at most {MAX_DIMS}")
     shape = tuple(int(v) for v in values)
     count = math.prod(shape) if shape else None
     if count is not None and item is not None and count * item != len(payload):
@@ -347,11 +373,20 @@ def json_object(data: bytes, *, what: str) -> dict[str, Any]:
     """Parse untrusted JSON that must be an object; every failure is a
     :class:`MalformedEnvelopeError` (never a ``RecursionError`` or a ``ValueError``).
 
-    Refused: invalid UTF-8 or JSON, ``NaN``/``Infinity``, integers longer than
-    :data:`MAX_JSON_INT_DIGITS` digits, nesting deeper than :data:`MAX_JSON_DEPTH`.
+    Refused: more than :data:`MAX_CONTROL_BYTES`, invalid UTF-8 or JSON, ``NaN``/``Infinity``
+    and numbers that overflow to them, integers longer than :data:`MAX_JSON_INT_DIGITS`
+    digits (and floats beyond ``1e38``, whose ``int()`` would be longer), nesting deeper than
+    :data:`MAX_JSON_DEPTH`.
     """
+    if len(data) > MAX_CONTROL_BYTES:
+        raise MalformedEnvelopeError(f"{what} of {len(data)} B exceeds {MAX_CONTROL_BYTES} B")
     try:
-        obj = json.loads(data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+        obj = json.loads(
+            data.decode("utf-8"),
+            parse_int=_bounded_int,
+            parse_float=_bounded_float,
+            parse_constant=_no_constant,
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # JSONDecodeError is a ValueError; so are the two refusals below.
         reason = str(exc) if isinstance(exc, _JsonLimitError) else "is not valid UTF-8 JSON"
@@ -371,6 +406,13 @@ def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
         raise _JsonLimitError(f"holds an integer of more than {MAX_JSON_INT_DIGITS} digits")
     return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > 1e38:
+        raise _JsonLimitError(f"holds a number out of range ({text[:20]})")
+    return value
 
 
 def _no_constant(text: str) -> Any:

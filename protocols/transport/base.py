@@ -25,6 +25,7 @@ Sequence numbers are assigned by the sender's channel, strictly increasing per
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
-from protocols.envelope import Envelope, decode
+from protocols.envelope import Envelope, decode, mail_key
 from protocols.errors import (
     PeerIdentityError,
     ProtocolError,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 MailKey = tuple[str, str, str, str, int]  # (job_id, run_id, sender id, tag, step)
 Handler = Callable[[Envelope], None]
-_KNOWN_JOBS = 4096  # job ids remembered as known (most recent first out)
+_ACTIVE_JOBS = 4096  # jobs whose last local activity is remembered (only this party's own)
 
 
 class DeliveryStatus(Enum):
@@ -88,9 +89,10 @@ class MessageFilter:
 
 @dataclass
 class _Entry:
-    """A queued envelope, what it is charged and when it arrived."""
+    """A queued envelope, who is charged for it, how much, and when it arrived."""
 
     envelope: Envelope
+    sender: str
     charge: int
     stored_at: float
 
@@ -120,12 +122,17 @@ class Reservation:
 
 
 class Mailbox:
-    """Receive side of a channel: steps 1-6 of the module docstring, within budgets.
+    """Receive side of a channel: steps 1-6 of the module docstring, within the limits of
+    docs/protocol.md §2.9.1.
 
-    Every envelope is charged ``len(payload) + ENVELOPE_OVERHEAD_BYTES`` against its
-    sender's ``max_queued_bytes`` from before its body is read until it is read,
-    handled or dropped (:meth:`reserve`). Unread messages of a job this party never
-    heard of are dropped after ``unknown_job_seconds``; those of a stopped run at once.
+    Every envelope is charged ``len(header) + len(payload) + ENVELOPE_OVERHEAD_BYTES``
+    against its sender's ``max_queued_bytes`` from before its body is read until it is
+    read, handled or dropped (:meth:`reserve`); an envelope a local receive is waiting for
+    is admitted even over budget, so a full budget never blocks the message that would
+    drain it. Each sender has at most ``handler_threads // 2`` envelopes with handlers
+    running or queued. Unread messages of a job with no local activity (no local protocol
+    sent, awaited or read a message of it) for ``stale_mail_seconds`` are dropped; those
+    of a stopped run at once.
     """
 
     def __init__(
@@ -135,22 +142,26 @@ class Mailbox:
         tags: TagRegistry,
         replay: ReplayGuard,
         max_queued_bytes: int,
-        handler_threads: int = 4,
-        unknown_job_seconds: float = 120.0,
+        handler_threads: int = 8,
+        stale_mail_seconds: float = 300.0,
     ) -> None:
         self.me = me
         self.tags = tags
         self._replay = replay
         self._max_queued = max_queued_bytes
-        self._unknown_job_seconds = unknown_job_seconds
+        self._stale_seconds = stale_mail_seconds
         self._queued: dict[str, int] = {}  # sender id -> bytes charged
         self._cond = threading.Condition()
-        self._box: dict[MailKey, _Entry] = {}
+        self._box: dict[str, dict[MailKey, _Entry]] = {}  # job id -> its unread mail
         self._handlers: list[tuple[MessageFilter, Handler, Handler | None]] = []
         self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
+        self._max_handled = max(1, handler_threads // 2)
+        self._handled: dict[str, int] = {}  # sender id -> envelopes at its handlers
         self._closed = False
         self._aborted: set[tuple[str, str]] = set()  # (job_id, run_id) of stopped runs
-        self._known_jobs: OrderedDict[str, None] = OrderedDict()
+        self._activity: OrderedDict[str, float] = OrderedDict()  # job id -> last local use
+        self._waiting: dict[MailKey, int] = {}  # keys local receives wait for
+        self._waiting_jobs: dict[str, int] = {}
         self._next_sweep = 0.0
 
     def add_handler(
@@ -166,16 +177,18 @@ class Mailbox:
 
     # -- budget -----------------------------------------------------------------
 
-    def reserve(self, sender: str, size: int) -> Reservation:
-        """Reserve room for a ``size``-byte body from ``sender`` before it is received.
+    def reserve(self, sender: str, size: int, *, key: MailKey | None = None) -> Reservation:
+        """Reserve room for an envelope of ``size`` bytes (header and body) from ``sender``
+        before its body is received.
 
         Raises :class:`ReceiverBusyError` (the sender retries) if the sender's unread,
-        unhandled and in-flight envelopes would exceed ``max_queued_bytes``.
+        unhandled and in-flight envelopes would exceed ``max_queued_bytes``, unless a local
+        receive is waiting for ``key``, the envelope's mail key.
         """
         amount = size + ENVELOPE_OVERHEAD_BYTES
         with self._cond:
             held = self._queued.get(sender, 0)
-            if held + amount > self._max_queued:
+            if held + amount > self._max_queued and key not in self._waiting:
                 raise ReceiverBusyError(
                     f"{self.me.party_id} holds {self._max_queued} B of unread messages from "
                     f"{sender or 'this sender'} already; it is not keeping up, retry later"
@@ -197,15 +210,15 @@ class Mailbox:
             return self._queued.get(sender, 0)
 
     def note_job(self, job_id: str) -> None:
-        """Mark ``job_id`` as one this party knows (it sent, handled or awaits a message)."""
+        """Record local activity on ``job_id`` (this party sent, awaits or read a message)."""
         with self._cond:
-            self._note_job(job_id)
+            self._touch(job_id)
 
-    def _note_job(self, job_id: str) -> None:
-        self._known_jobs[job_id] = None
-        self._known_jobs.move_to_end(job_id)
-        if len(self._known_jobs) > _KNOWN_JOBS:
-            self._known_jobs.popitem(last=False)
+    def _touch(self, job_id: str) -> None:
+        self._activity[job_id] = time.monotonic()
+        self._activity.move_to_end(job_id)
+        if len(self._activity) > _ACTIVE_JOBS:
+            self._activity.popitem(last=False)
 
     # -- steps 1-6 ----------------------------------------------------------------
 
@@ -225,7 +238,7 @@ class Mailbox:
         """
         if reservation is None:
             sender = "" if authenticated is None else authenticated.party_id
-            reservation = self.reserve(sender, len(payload))
+            reservation = self.reserve(sender, len(header) + len(payload), key=mail_key(header))
         try:
             return self._deliver(header, payload, digest, authenticated, reservation)
         finally:
@@ -257,23 +270,37 @@ class Mailbox:
         self.tags.check(envelope.tag)  # step 4
         with self._cond:
             # Under the lock, so that a replay mark is never recorded for an envelope that
-            # a closing mailbox then refuses (its retry would be taken for a duplicate).
+            # a closing mailbox or a busy handler queue then refuses (its retry would be
+            # taken for a duplicate).
             if self._closed:
                 raise TransportError(f"{self.me} is shutting down; envelope not accepted")
+            handler = self._handler_for(envelope)
+            if handler is not None and self._handled.get(reservation.sender, 0) >= (
+                self._max_handled
+            ):
+                raise ReceiverBusyError(
+                    f"{self.me.party_id} is still handling {self._max_handled} envelopes from "
+                    f"{reservation.sender or 'this sender'}; retry later"
+                )
             if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
                 logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
-                self._dispatch_duplicate(envelope, reservation)
+                if handler is not None and handler[1] is not None:
+                    self._submit(handler[1], envelope, reservation)
                 return DeliveryStatus.DUPLICATE
-            self._dispatch(envelope, reservation)  # step 6
+            if handler is not None:  # step 6
+                self._submit(handler[0], envelope, reservation)
+            else:
+                self._store(envelope, reservation)
         return DeliveryStatus.ACCEPTED
 
-    def _dispatch(self, envelope: Envelope, reservation: Reservation) -> None:
-        """Step 6 (called with the lock held)."""
-        for message_filter, handler, _ in self._handlers:
+    def _handler_for(self, envelope: Envelope) -> tuple[Handler, Handler | None] | None:
+        for message_filter, handler, on_duplicate in self._handlers:
             if message_filter.matches(envelope):
-                self._note_job(envelope.job_id)
-                self._submit(handler, envelope, reservation)
-                return
+                return handler, on_duplicate
+        return None
+
+    def _store(self, envelope: Envelope, reservation: Reservation) -> None:
+        """Step 6 without a handler (called with the lock held)."""
         if (envelope.job_id, envelope.run_id) in self._aborted:
             logger.info("dropped a message of a stopped run: %s", envelope.describe())
             return
@@ -286,40 +313,41 @@ class Mailbox:
         )
         now = time.monotonic()
         self._sweep(now)
-        self._box[key] = _Entry(envelope, reservation.hand_over(), now)
+        entry = _Entry(envelope, reservation.sender, reservation.hand_over(), now)
+        self._box.setdefault(envelope.job_id, {})[key] = entry
         self._cond.notify_all()
 
     def _sweep(self, now: float) -> None:
-        """Drop unread messages of jobs nobody here knows, older than the limit."""
+        """Drop unread mail of jobs with no local activity for ``stale_mail_seconds``."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
-        cutoff = now - self._unknown_job_seconds
-        stale = [
-            k for k, e in self._box.items() if e.stored_at < cutoff and k[0] not in self._known_jobs
-        ]
-        for key in stale:
-            entry = self._box.pop(key)
-            self._release(entry.envelope.sender.party_id, entry.charge)
-            logger.warning(
-                "dropped an unread message of job %s, which this party does not know, after "
-                "%.0f s: %s",
-                key[0],
-                self._unknown_job_seconds,
-                entry.envelope.describe(),
-            )
-
-    def _dispatch_duplicate(self, envelope: Envelope, reservation: Reservation) -> None:
-        for message_filter, _, on_duplicate in self._handlers:
-            if message_filter.matches(envelope):
-                if on_duplicate is not None:
-                    self._submit(on_duplicate, envelope, reservation)
-                return
+        cutoff = now - self._stale_seconds
+        for job_id in list(self._box):
+            if self._waiting_jobs.get(job_id) or self._activity.get(job_id, -math.inf) > cutoff:
+                continue
+            mail = self._box[job_id]
+            stale = [k for k, e in mail.items() if e.stored_at < cutoff]
+            for key in stale:
+                entry = mail.pop(key)
+                self._release(entry.sender, entry.charge)
+            if not mail:
+                del self._box[job_id]
+            if stale:
+                logger.warning(
+                    "dropped %d unread messages of job %s from %s: nothing here used the job "
+                    "for %.0f s (transport.stale_mail_seconds)",
+                    len(stale),
+                    job_id,
+                    ", ".join(sorted({k[2] for k in stale})),
+                    self._stale_seconds,
+                )
 
     def _submit(self, handler: Handler, envelope: Envelope, reservation: Reservation) -> None:
         """Run ``handler`` on a worker; the envelope stays charged until it returns."""
-        amount = reservation.hand_over()
-        self._pool.submit(self._run_handler, handler, envelope, reservation.sender, amount)
+        sender, amount = reservation.sender, reservation.hand_over()
+        self._handled[sender] = self._handled.get(sender, 0) + 1
+        self._pool.submit(self._run_handler, handler, envelope, sender, amount)
 
     def _run_handler(self, handler: Handler, envelope: Envelope, sender: str, amount: int) -> None:
         try:
@@ -327,22 +355,51 @@ class Mailbox:
         except Exception:  # a handler bug must not kill the service
             logger.exception("handler for %s failed", envelope.describe())
         finally:
-            self._release(sender, amount)
+            with self._cond:
+                left = self._handled.get(sender, 0) - 1
+                if left > 0:
+                    self._handled[sender] = left
+                else:
+                    self._handled.pop(sender, None)
+                self._release(sender, amount)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _wait(self, key: MailKey) -> None:
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._waiting_jobs[key[0]] = self._waiting_jobs.get(key[0], 0) + 1
+
+    def _unwait(self, key: MailKey) -> None:
+        left = self._waiting[key] - 1
+        if left:
+            self._waiting[key] = left
+        else:
+            del self._waiting[key]
+        jobs_left = self._waiting_jobs[key[0]] - 1
+        if jobs_left:
+            self._waiting_jobs[key[0]] = jobs_left
+        else:
+            del self._waiting_jobs[key[0]]
 
     def take(self, key: MailKey, timeout: float | None) -> Envelope:
         """Remove and return the envelope under ``key``, waiting up to ``timeout`` s."""
         run = (key[0], key[1])
 
         def ready() -> bool:
-            return key in self._box or self._closed or run in self._aborted
+            return key in self._box.get(key[0], {}) or self._closed or run in self._aborted
 
         with self._cond:
-            self._note_job(key[0])
-            if not self._cond.wait_for(ready, timeout):
-                raise TimeoutError(
-                    f"{self.me}: no message job={key[0]} run={key[1] or '-'} from {key[2]} "
-                    f"tag={key[3]} step={key[4]} within {timeout} s"
-                )
+            self._touch(key[0])
+            self._wait(key)
+            try:
+                if not self._cond.wait_for(ready, timeout):
+                    raise TimeoutError(
+                        f"{self.me}: no message job={key[0]} run={key[1] or '-'} from {key[2]} "
+                        f"tag={key[3]} step={key[4]} within {timeout} s"
+                    )
+            finally:
+                self._unwait(key)
+            self._touch(key[0])
             self._check_aborted(run)
             return self._pop(key)
 
@@ -350,20 +407,24 @@ class Mailbox:
         """Remove and return the oldest envelope matching ``message_filter``."""
         found: list[MailKey] = []
         run = (message_filter.job_id, message_filter.run_id)
+        job = message_filter.job_id
 
         def ready() -> bool:
-            found[:] = [k for k, e in self._box.items() if message_filter.matches(e.envelope)][:1]
+            boxes = [self._box.get(job, {})] if job is not None else list(self._box.values())
+            found[:] = [
+                k for mail in boxes for k, e in mail.items() if message_filter.matches(e.envelope)
+            ][:1]
             return bool(found) or self._closed or run in self._aborted
 
         with self._cond:
-            if message_filter.job_id is not None:
-                self._note_job(message_filter.job_id)
+            if job is not None:
+                self._touch(job)
             if not self._cond.wait_for(ready, timeout):
                 raise TimeoutError(
                     f"{self.me}: no message matching {message_filter} in {timeout} s"
                 )
-            if message_filter.job_id is not None and message_filter.run_id is not None:
-                self._check_aborted((message_filter.job_id, message_filter.run_id))
+            if job is not None and message_filter.run_id is not None:
+                self._check_aborted((job, message_filter.run_id))
             return self._pop(found[0] if found else None)
 
     def _check_aborted(self, run: tuple[str, str]) -> None:
@@ -376,10 +437,13 @@ class Mailbox:
         arrive. Returns the number of messages dropped."""
         with self._cond:
             self._aborted.add((job_id, run_id))
-            stale = [k for k in self._box if k[0] == job_id and k[1] == run_id]
+            mail = self._box.get(job_id, {})
+            stale = [k for k in mail if k[1] == run_id]
             for key in stale:
-                entry = self._box.pop(key)
-                self._release(entry.envelope.sender.party_id, entry.charge)
+                entry = mail.pop(key)
+                self._release(entry.sender, entry.charge)
+            if not mail:
+                self._box.pop(job_id, None)
             self._cond.notify_all()
         if stale:
             logger.info(
@@ -391,23 +455,27 @@ class Mailbox:
         return len(stale)
 
     def _pop(self, key: MailKey | None) -> Envelope:
-        if key is None or key not in self._box:
+        mail = None if key is None else self._box.get(key[0])
+        if key is None or mail is None or key not in mail:
             raise TransportError(f"{self.me}: channel closed while waiting for a message")
-        entry = self._box.pop(key)
-        self._release(entry.envelope.sender.party_id, entry.charge)
+        entry = mail.pop(key)
+        if not mail:
+            del self._box[key[0]]
+        self._release(entry.sender, entry.charge)
         return entry.envelope
 
     def pending(self) -> int:
         """Number of envelopes waiting in the mailbox."""
         with self._cond:
-            return len(self._box)
+            return sum(len(mail) for mail in self._box.values())
 
     def close(self) -> None:
-        """Wake all waiters, refuse new envelopes and let running handlers finish."""
+        """Wake all waiters, refuse new envelopes, let running handlers finish and drop
+        the queued ones."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._replay.close()
 
 

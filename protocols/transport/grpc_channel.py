@@ -91,6 +91,8 @@ class GrpcChannel(Channel):
             tags=tags,
             replay=ReplayGuard(journal_dir=journal_dir),
             max_queued_bytes=options.max_queued_bytes,
+            handler_threads=options.handler_threads,
+            stale_mail_seconds=options.stale_mail_seconds,
         )
         super().__init__(me=me, mailbox=mailbox)
         self._identity = identity
@@ -105,6 +107,7 @@ class GrpcChannel(Channel):
             listen=listen,
             options=options,
             admin=admin,
+            threads=options.threads_for(max(len(peers), 2)),
         )
         for peer in peers:
             self.add_peer(peer)

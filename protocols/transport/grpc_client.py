@@ -117,7 +117,10 @@ class PeerClient:
         """Call an admin command on the peer's service (the peer must be ourselves)."""
         request = pb.AdminRequest(command=command, data=json.dumps(data).encode())
         reply = self._with_retries(
-            lambda t: self._admin(request.SerializeToString(), timeout=t), 0, deadline=timeout
+            lambda t: self._admin(request.SerializeToString(), timeout=t),
+            0,
+            deadline=timeout,
+            idempotent=False,
         )
         obj = json.loads(reply.data.decode() or "{}")
         if not isinstance(obj, dict):
@@ -140,7 +143,11 @@ class PeerClient:
         for start in range(0, len(payload), step):
             yield payload[start : start + step]
 
-    def _with_retries(self, call: Any, size: int, *, deadline: float | None = None) -> Any:
+    def _with_retries(
+        self, call: Any, size: int, *, deadline: float | None = None, idempotent: bool = True
+    ) -> Any:
+        """Make ``call`` until it succeeds; an admin command (not idempotent) is repeated
+        only when it certainly did not run (``UNAVAILABLE``)."""
         attempt_deadline = deadline or self._options.deadline(size)
         give_up = time.monotonic() + self._options.retry_seconds
         delay, peer_closed = 0.05, 0
@@ -165,7 +172,7 @@ class PeerClient:
                         raise handshake_error(
                             HandshakeFailure.REJECTED_BY_PEER, peer=peer
                         ) from None
-                elif code not in _RETRIED:
+                elif code not in _RETRIED or not idempotent:
                     raise error_from_rpc(err, peer=peer) from None
                 if time.monotonic() + delay > give_up:
                     raise PeerUnavailableError(

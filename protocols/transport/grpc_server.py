@@ -19,7 +19,7 @@ Limits, so that one misbehaving peer cannot starve the others (docs/protocol.md 
    frame on the wire), so this code runs as soon as a call opens, before its first
    byte, and can count it;
 2. a peer may hold at most ``max_calls_per_peer`` calls at once; one more is refused at
-   once as busy (:class:`ReceiverBusyError`, retried by the sender) without waiting;
+   once as busy (:class:`ReceiverBusyError`, retried by the sender), freeing its thread;
 3. the declared size of a body is reserved against the peer's queue budget before the
    body is read (:meth:`Mailbox.reserve`);
 4. a watchdog cancels a call that delivers no bytes for ``stream_idle_seconds``, and any
@@ -40,8 +40,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protocols.envelope import EnvelopeDigest, json_object
+from protocols.envelope import MAX_HEADER_BYTES, EnvelopeDigest, json_object, mail_key
 from protocols.errors import (
+    ConfigError,
     MalformedEnvelopeError,
     OversizedEnvelopeError,
     PeerIdentityError,
@@ -73,6 +74,7 @@ class TransportServer:
         listen: str,
         options: TransportOptions,
         admin: AdminHandler | None = None,
+        threads: int | None = None,
     ) -> None:
         self.me = mailbox.me
         self._mailbox = mailbox
@@ -89,7 +91,8 @@ class TransportServer:
         self.health = health.HealthServicer()
         self._server = grpc.server(
             ThreadPoolExecutor(
-                options.server_threads, thread_name_prefix=f"{self.me.party_id}-rpc"
+                threads or options.threads_for(max(len(peers), 2)),
+                thread_name_prefix=f"{self.me.party_id}-rpc",
             ),
             options=[
                 ("grpc.max_receive_message_length", options.grpc_message_limit),
@@ -159,7 +162,10 @@ class TransportServer:
             known = self._known.get(pem)
             if known is not None:
                 return known
-            party = party_of(pem)
+            try:
+                party = party_of(pem)
+            except ConfigError as exc:  # a certificate of the CA without a party's names
+                raise PeerIdentityError(f"the client certificate names no party: {exc}") from None
             if party == self.me:
                 self._known[pem] = party
                 return party
@@ -188,8 +194,8 @@ class TransportServer:
             caller_id: str | None = None
             try:
                 caller = self._caller(context)
-                caller_id = "" if caller is None else caller.party_id
-                self._enter(caller_id)
+                self._enter("" if caller is None else caller.party_id)
+                caller_id = "" if caller is None else caller.party_id  # only once admitted
                 call = self._watchdog.watch(context)
                 return rpc(caller, _Watched(requests, call), call)
             except Exception as exc:  # translated in one place; unknown -> INTERNAL
@@ -250,9 +256,15 @@ class TransportServer:
                 f"payload of {size} B exceeds this party's limit of "
                 f"{self._options.max_envelope_bytes} B (transport.max_envelope_bytes)"
             )
+        if len(frame.header) > MAX_HEADER_BYTES:
+            raise MalformedEnvelopeError(
+                f"envelope header of {len(frame.header)} B exceeds {MAX_HEADER_BYTES} B"
+            )
         call.deadline = call.started + self._options.server_deadline(size)  # step 4
         sender = "" if caller is None else caller.party_id
-        reservation = self._mailbox.reserve(sender, size)  # step 3
+        reservation = self._mailbox.reserve(  # step 3
+            sender, len(frame.header) + size, key=mail_key(frame.header)
+        )
         try:
             digest = EnvelopeDigest(frame.header)
             digest.update(frame.payload)

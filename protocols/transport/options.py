@@ -28,21 +28,27 @@ class TransportOptions:
         ciphertexts); a larger message is refused naming this setting.
     max_queued_bytes
         The most bytes a receiver keeps *per sending peer* for messages nobody has read
-        yet: each envelope is charged its payload plus :data:`ENVELOPE_OVERHEAD_BYTES`,
-        and a body's declared size is reserved before it is received. A sender over
-        budget is told the receiver is busy and retries.
+        or handled yet: each envelope is charged its header and payload plus
+        :data:`ENVELOPE_OVERHEAD_BYTES`, and a body's declared size is reserved before it
+        is received. A sender over budget is told the receiver is busy and retries; an
+        envelope a local receive is waiting for is always admitted.
     max_calls_per_peer
-        The most calls one peer may have open at once; further calls are refused as busy
-        (and retried) without holding a server thread, so other peers keep being served.
+        The most calls one peer may have open at once; one more is refused as busy (and
+        retried) at once, so other peers keep being served.
     server_threads
-        Threads serving calls; at least ``3 * max_calls_per_peer`` so that two peers and
-        the party's own operator are served even while one peer holds all its calls.
+        Threads serving calls; 0 (default) means ``(peers + 1) * max_calls_per_peer + 4``,
+        so that every peer and the party's own operator are served even while one peer
+        holds all its calls.
+    handler_threads
+        Threads running handlers (a service's replies to job submissions, decryption
+        requests, pings); each sender may occupy at most half of them.
     stream_idle_seconds
         A call that delivers no bytes for this long is cancelled by the receiver; the
         whole call is cancelled after ``deadline(size) + stream_idle_seconds``.
-    unknown_job_seconds
-        Unread messages of a job this party has not heard of (no handler took a message
-        of it, no local protocol sent or waited for one) are dropped after this long.
+    stale_mail_seconds
+        Unread messages of a job with no local activity for this long (no local protocol
+        sent, awaited or read a message of it: an unknown, finished or failed job) are
+        dropped.
     retry_seconds
         How long a sender keeps retrying a whole envelope after ``UNAVAILABLE`` or a
         lost reply before it gives up.
@@ -54,9 +60,10 @@ class TransportOptions:
     max_envelope_bytes: int = 64 * MiB
     max_queued_bytes: int = 256 * MiB
     max_calls_per_peer: int = 8
-    server_threads: int = 32
+    server_threads: int = 0
+    handler_threads: int = 8
     stream_idle_seconds: float = 15.0
-    unknown_job_seconds: float = 120.0
+    stale_mail_seconds: float = 300.0
     retry_seconds: float = 30.0
     base_deadline_seconds: float = 10.0
     min_bytes_per_second: float = 8 * MiB
@@ -76,17 +83,19 @@ class TransportOptions:
             "base_deadline_seconds",
             "min_bytes_per_second",
             "stream_idle_seconds",
-            "unknown_job_seconds",
+            "stale_mail_seconds",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"transport {name} must be positive")
-        if self.max_calls_per_peer < 1:
-            raise ConfigError("transport max_calls_per_peer must be at least 1")
-        if self.server_threads < 3 * self.max_calls_per_peer:
-            raise ConfigError(
-                f"transport server_threads={self.server_threads} must be at least "
-                f"3 * max_calls_per_peer = {3 * self.max_calls_per_peer}"
-            )
+        for name in ("max_calls_per_peer", "handler_threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"transport {name} must be a whole number of at least 1")
+        if not isinstance(self.server_threads, int) or self.server_threads < 0:
+            raise ConfigError("transport server_threads must be a whole number (0: automatic)")
+
+    def threads_for(self, peers: int) -> int:
+        """Server threads for a party with ``peers`` peers (see ``server_threads``)."""
+        return self.server_threads or (peers + 1) * self.max_calls_per_peer + 4
 
     def deadline(self, size: int) -> float:
         """The deadline in seconds of one attempt to send ``size`` payload bytes."""

@@ -157,6 +157,9 @@ def _with(msg: pb.Envelope, kind: str, **fields: object) -> pb.Envelope:
         (b'{"n":' + b"9" * 5000 + b"}", "more than 40 digits"),
         (b'{"n":-' + b"9" * 41 + b"}", "more than 40 digits"),
         (b'{"n":NaN}', "non-standard constant"),
+        (b'{"lr":1e999}', "out of range"),
+        (b'{"lr":1e300}', "out of range"),
+        (b'{"a":"' + b"x" * (1 << 20) + b'"}', "exceeds"),
         (b'{"n":Infinity}', "non-standard constant"),
         (b"\xff\xfe", "not valid"),
         (b"[1]", "JSON object"),
@@ -167,3 +170,13 @@ def test_hostile_control_blocks_raise_a_typed_error(data: bytes, needle: str) ->
     msg.control.SetInParent()
     with pytest.raises(MalformedEnvelopeError, match=needle):
         decode(msg.SerializeToString(), data)
+
+
+def test_hostile_shapes_and_headers_are_refused_cheaply() -> None:
+    msg = header()
+    msg.masked_u64.shape.extend([1] * 500)
+    with pytest.raises(MalformedEnvelopeError, match="dimensions"):
+        decode(msg.SerializeToString(), b"")
+    msg = header(job_id="j" * 20_000)
+    with pytest.raises(MalformedEnvelopeError, match="header of"):
+        decode(msg.SerializeToString(), b"")

@@ -118,11 +118,17 @@ def test_stalled_streams_at_the_cap_leave_other_peers_served(pki: Pki, host: Grp
             identity=pki.identity(BANK),
             options=LIMITS,
         )
-        with pytest.raises(grpc.RpcError) as info:
-            extra.unary_unary(DELIVER)(b"", timeout=30)
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "max_calls_per_peer" in (info.value.details() or "")
+        for _ in range(3):  # refusals do not give the peer its slots back
+            with pytest.raises(grpc.RpcError) as info:
+                extra.unary_unary(DELIVER)(b"", timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "max_calls_per_peer" in (info.value.details() or "")
         extra.close()
+        assert host._server._calls["bank"] == LIMITS.max_calls_per_peer
+        refused = stalled.open("job-stall", 9, 1024)
+        with pytest.raises(grpc.RpcError) as info:
+            refused.result(timeout=30)
+        assert "max_calls_per_peer" in (info.value.details() or "")
         # the arbiter, another peer, is served meanwhile
         honest = GrpcChannel(
             me=ARBITER, identity=pki.identity(ARBITER), tags=TagRegistry([TestTag]), options=LIMITS
@@ -180,7 +186,8 @@ def mailbox(max_queued: int, journal_dir: Path | None = None) -> Mailbox:
         tags=TagRegistry([TestTag]),
         replay=ReplayGuard(journal_dir=journal_dir),
         max_queued_bytes=max_queued,
-        unknown_job_seconds=60,
+        handler_threads=4,
+        stale_mail_seconds=60,
     )
 
 
@@ -189,31 +196,90 @@ def put(box: Mailbox, envelope: Envelope) -> DeliveryStatus:
     return box.deliver(header, payload, digest(header, payload), authenticated=envelope.sender)
 
 
+def charge(envelope: Envelope) -> int:
+    header, payload = encode(envelope)
+    return len(header) + len(payload) + ENVELOPE_OVERHEAD_BYTES
+
+
 def test_empty_envelopes_are_charged_a_fixed_cost() -> None:
-    box = mailbox(8 * ENVELOPE_OVERHEAD_BYTES)
+    box = mailbox(sum(charge(data("job-empty", step)) for step in range(8)))
     for step in range(8):
         put(box, data("job-empty", step))
     with pytest.raises(ReceiverBusyError, match="not keeping up"):
         put(box, data("job-empty", 8))
-    box.take(("job-empty", "", "bank", TestTag.DATA.value, 0), timeout=1)
+    box.take(("job-empty", "", "bank", TestTag.DATA.value, 7), timeout=1)
     assert put(box, data("job-empty", 8)) is DeliveryStatus.ACCEPTED  # room again once read
     box.close()
 
 
-def test_unread_messages_of_an_unknown_job_are_dropped(
+def test_a_message_a_receive_waits_for_is_admitted_over_budget() -> None:
+    box = mailbox(sum(charge(data("job-junk", step)) for step in range(4)))
+    for step in range(4):
+        put(box, data("job-junk", step))
+    with pytest.raises(ReceiverBusyError):
+        put(box, data("job-wanted", 0, b"drains"))
+    got: list[Envelope] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(
+            box.take(("job-wanted", "", "bank", TestTag.DATA.value, 0), timeout=60)
+        )
+    )
+    waiter.start()
+    wait_until(lambda: bool(box._waiting), "the receive is waiting")
+    assert put(box, data("job-wanted", 0, b"drains")) is DeliveryStatus.ACCEPTED
+    waiter.join()
+    assert got[0].payload == b"drains"
+    box.close()
+
+
+def test_mail_of_jobs_nobody_here_uses_is_dropped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = [1000.0]
     monkeypatch.setattr(transport_base.time, "monotonic", lambda: clock[0])
     box = mailbox(1 * MiB)
-    box.note_job("job-known")
     put(box, data("job-unknown", 0, b"junk"))
-    put(box, data("job-known", 0, b"kept"))
+    put(box, data("job-active", 0, b"kept"))
     clock[0] += 61
-    put(box, data("job-known", 1, b"sweeps"))
+    box.note_job("job-active")  # a local protocol sent or read a message of it
+    put(box, data("job-active", 1, b"sweeps"))
     assert box.pending() == 2
-    assert box.queued_bytes("bank") == 2 * ENVELOPE_OVERHEAD_BYTES + len(b"kept" + b"sweeps")
-    assert any("does not know" in r.message for r in caplog.records)
+    assert box.queued_bytes("bank") == charge(data("job-active", 0, b"kept")) + charge(
+        data("job-active", 1, b"sweeps")
+    )
+    assert any("nothing here used the job" in r.message for r in caplog.records)
+    box.close()
+
+
+def test_insecure_senders_get_their_budget_back() -> None:
+    box = mailbox(1 * MiB)
+    envelope = data("job-insecure", 0, b"x")
+    header, payload = encode(envelope)
+    box.deliver(header, payload, digest(header, payload), authenticated=None)
+    assert box.queued_bytes("") > 0
+    box.take(("job-insecure", "", "bank", TestTag.DATA.value, 0), timeout=1)
+    assert box.queued_bytes("") == 0
+    box.close()
+
+
+def test_one_sender_holds_at_most_half_the_handler_threads() -> None:
+    box = mailbox(1 * MiB)
+    gate = threading.Event()
+    handled: list[int] = []
+
+    def slow(envelope: Envelope) -> None:
+        gate.wait(60)
+        handled.append(envelope.step)
+
+    box.add_handler(transport_base.MessageFilter.for_tags(TestTag.DATA), slow)
+    for step in range(2):  # handler_threads=4: two each for this sender
+        put(box, data("job-h", step))
+    busy = data("job-h", 2)
+    with pytest.raises(ReceiverBusyError, match="still handling"):
+        put(box, busy)
+    gate.set()
+    wait_until(lambda: len(handled) == 2, "the handlers finished")
+    assert put(box, busy) is DeliveryStatus.ACCEPTED  # refused before its replay mark
     box.close()
 
 

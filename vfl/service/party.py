@@ -424,8 +424,11 @@ class PartyService:
         peers = data.get("peers") or [p.party.party_id for p in self.config.peers]
         payload_bytes = data.get("bytes", 1024)
         rounds = data.get("rounds", 3)
-        if not isinstance(payload_bytes, int) or not 0 <= payload_bytes <= MAX_PING_BYTES:
-            raise ConfigError(f"ping bytes must be an integer in [0, {MAX_PING_BYTES}]")
+        most = min(MAX_PING_BYTES, self.config.transport.max_envelope_bytes)
+        if not isinstance(payload_bytes, int) or not 0 <= payload_bytes <= most:
+            raise ConfigError(
+                f"ping bytes must be an integer in [0, {most}] (transport.max_envelope_bytes)"
+            )
         if not isinstance(rounds, int) or not 1 <= rounds <= 1000:
             raise ConfigError("ping rounds must be an integer in [1, 1000]")
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ class HealthProbe:
                 listen,
             )
         handler = _handler_for(ready)
-        self._server = ThreadingHTTPServer((host, int(port)), handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host, int(port)), handler)
         self.port: int = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="health-probe", daemon=True
@@ -60,10 +60,41 @@ class HealthProbe:
         self._server.server_close()
 
 
+_CONNECTIONS = 16  # probes open at once; more are closed at once
+_SOCKET_SECONDS = 5.0  # a probe that sends nothing for this long is closed
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most ``_CONNECTIONS`` connections at once, each with a socket timeout, and no
+    tracebacks for a client that went away."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("health probe connection ended with an error", exc_info=True)
+
+
 def _handler_for(ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        server_version = "vfl"
+        server_version = ""
         sys_version = ""
+        timeout = _SOCKET_SECONDS
 
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
             if self.path == "/healthz":
