@@ -194,14 +194,31 @@ def _close_quietly(handle: IO[str]) -> None:
 
 
 def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line left incomplete by a crash, so later appends start on a new line."""
-    if not path.exists():
+    """Cut a last line left incomplete by a crash, so later appends start on a new line.
+
+    Reads only the file's tail (journals grow with a job; this runs on every reopen)."""
+    try:
+        handle = path.open("r+b")
+    except FileNotFoundError:
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning(
-            "replay journal %s ends in a torn line; dropped %d B", path, len(data) - keep
-        )
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # find the last newline, a block at a time from the end
+            start = max(0, end - 65536)
+            handle.seek(start)
+            block = handle.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        logger.warning("replay journal %s ends in a torn line; dropped %d B", path, size - keep)
+        handle.truncate(keep)
