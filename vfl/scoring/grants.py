@@ -19,7 +19,13 @@ from typing import Any
 from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.policy import JobPolicy, PolicyRule
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
+from protocols.errors import (
+    ConfigError,
+    PolicyViolationError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.files import atomic_write
 from protocols.transport.base import Channel, MessageFilter
 from vfl.config import ScoringGrant
@@ -181,7 +187,9 @@ class GrantKeeper:
             policy, reply = self._policy(envelope)
             self.service.policy.grant(policy, used={DecTag.INF_Z.value: reply.pop("used")})
         except (VflError, KeyError, TypeError, ValueError) as exc:
-            reason = str(exc)[:300]
-            self.service.refuse(envelope, reason)
-            reply = {"refused": reason}
+            self.service.refuse(envelope, str(exc)[:300])  # in full: A's log and audit only
+            if isinstance(exc, VflError):
+                reply = {"refused": peer_reason(exc)}
+            else:
+                reply = {"refused": f"malformed request ({type(exc).__name__})"}
         self.service.reply(envelope, ScoreTag.GRANT, reply)
