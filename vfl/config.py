@@ -57,7 +57,7 @@ Example (relative paths are resolved against the config file's folder)::
                                  # elements (default 0: no minimum)
     id_column = "id"             # the id column of every alias (default "id") ...
     duplicates = "error"         # ... and its duplicates policy (default "error")
-    [psi.data.customers]         # per data alias, overriding the defaults above
+    [psi.data.credit]            # per data alias, overriding the defaults above
     id_column = "email"
     id_type = "email"            # the canonicalisation a guest must ask for (default: any)
     duplicates = "latest"        # "error", "first" or "latest" (needs timestamp_column)

@@ -114,9 +114,15 @@ class GrantKeeper:
     ) -> tuple[JobPolicy, dict[str, Any]]:
         """G1's checks; the grant's policy and the reply."""
         if job_id != grant_id(model_id):
-            raise ProtocolError("GRANT_REQ names another model than its envelope")
+            raise ProtocolError(
+                "GRANT_REQ names another model than its envelope",
+                public="GRANT_REQ names another model than its envelope",
+            )
         if not 1 <= max_rows <= CHUNK_ROWS + 1:
-            raise ProtocolError("GRANT_REQ asks for an implausible request size")
+            raise ProtocolError(
+                "GRANT_REQ asks for an implausible request size",
+                public="GRANT_REQ asks for an implausible request size",
+            )
         model = self.service.policy.model(model_id)
         if model is None:
             raise PolicyViolationError(
