@@ -32,8 +32,11 @@ from psi.protocol import PsiMode, PsiOptions, PsiResult, PsiTag, run_guest
 from psi.result import read_result, write_result
 from tests.conftest import BANK, RETAILER
 from vfl.config import PartyConfig, PsiDataPolicy, parse_config
+from vfl.service.accept import check_offer
 from vfl.service.jobs import _aligned_table
 from vfl.service.psihost import answer_psi
+from vfl.splitnn.session import JobOffer, SplitJob
+from vfl.splitnn.training import TrainConfig
 
 HOST = """
 [party]
@@ -319,6 +322,14 @@ def test_jobs_on_a_psi_result_go_through_the_same_policy(data: Path) -> None:
     with pytest.raises(JobRefusedError) as caught:
         _aligned_table(config, request, labels=None, guest="mallory")
     assert peer_reason(caught.value) == "PSI p aligned other data or another guest here"
+    # a split-NN JOB_START naming another id column is refused at J2, before anything loads
+    offer = JobOffer(
+        guest="bank",
+        job=SplitJob(job_id="j", train=TrainConfig(d=3, k=2)),
+        request={"data": "customers", "id_column": "age"},
+    )
+    with pytest.raises(JobRefusedError, match=re.escape("[psi] policy: id column not allowed")):
+        check_offer(config, offer)
 
 
 def test_psi_config(tmp_path: Path) -> None:
