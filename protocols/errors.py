@@ -2,15 +2,40 @@
 
 Every error says what was wrong and what to do about it. Callers that expect
 built-in exceptions can catch them: :class:`ConfigError` is a ``ValueError``.
+
+Two texts per error (docs/protocol.md §1.5, refusals): the message (``str(exc)``) is for
+this party's own log and operator and may name its files, columns, rows and counts; the
+text a *peer* may see is :func:`peer_reason`: the error's ``public`` reason where the raiser
+gave one (it names the rule that refused, never the party's paths, columns, row numbers
+or counts), else a generic reason by kind of error. Everything that answers a peer with a
+refusal or a failure sends :func:`peer_reason`, never ``str(exc)``.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import ClassVar
 
 
 class VflError(Exception):
-    """Base class of every error raised on purpose by this engine."""
+    """Base class of every error raised on purpose by this engine.
+
+    Parameters
+    ----------
+    *args
+        The message (for this party's own log), as for :class:`Exception`.
+    public
+        The reason a peer may be told, if it differs from the generic one of
+        :func:`peer_reason`: the rule that refused, never this party's paths, columns,
+        row numbers or counts.
+    """
+
+    #: whether the message itself is peer-safe by construction (rule-level texts only)
+    peer_safe: ClassVar[bool] = False
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public
 
 
 class ConfigError(VflError, ValueError):
@@ -130,16 +155,54 @@ class PackingOverflowError(DecodingOverflowError):
 
 
 class PolicyViolationError(ProtocolError):
-    """The arbiter refused a decryption request (wrong requester, count, step or a repeat)."""
+    """The arbiter refused a decryption request (wrong requester, count, step or a repeat).
+
+    Its messages are peer-safe by construction: they name the rule, the job's tags, steps
+    and its public schedule (docs/protocol.md §2.6), nothing of the refusing party's files.
+    """
+
+    peer_safe = True
 
 
 class JobRefusedError(PolicyViolationError):
-    """A party refused a job under its own acceptance policy (its ``[accept]`` config).
+    """A party refused a job under its own acceptance policy (its ``[accept]`` or ``[psi]``
+    config).
 
     Not retried: the message names the party and its reason; change the job or ask that
-    party's operator to allow it.
+    party's operator to allow it. Raisers that mention anything of their own data (an
+    alias list, a file) must give a separate ``public`` reason.
     """
 
 
 class InvalidPointError(AlignmentError):
     """A received PSI element is not a canonical, distinct Curve25519 point."""
+
+
+_GENERIC: tuple[tuple[type[BaseException], str], ...] = (
+    (DataError, "its data failed a check"),
+    (ConfigError, "its configuration does not allow this"),
+    (AlignmentError, "the alignment (PSI) failed"),
+    (CryptoError, "a cryptographic check failed"),
+    (ProtocolError, "a protocol check failed"),
+    (TransportError, "a transport failure"),
+    (TimeoutError, "a timeout"),
+)
+
+
+def peer_reason(exc: BaseException) -> str:
+    """The reason for ``exc`` that a peer may be told (module docstring).
+
+    ``exc.public`` if the raiser gave one; the message itself for error classes whose
+    messages are peer-safe by construction (:attr:`VflError.peer_safe`); otherwise a
+    generic reason by kind (``"DataError: its data failed a check (details in its own
+    log)"``). At most 300 characters.
+    """
+    if isinstance(exc, VflError):
+        if exc.public is not None:
+            return exc.public[:300]
+        if exc.peer_safe:
+            return str(exc)[:300]
+    for kind, text in _GENERIC:
+        if isinstance(exc, kind):
+            return f"{type(exc).__name__}: {text} (details in its own log)"
+    return "an internal error (details in its own log)"

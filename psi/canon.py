@@ -155,7 +155,8 @@ def prepare_ids(
             raise DataError(
                 f"{source}, column {column!r}: row {row} has the same canonical id as row "
                 f"{held}; clean the data, or choose duplicates='first' or 'latest' "
-                "(with a timestamp column)"
+                "(with a timestamp column)",
+                public=f"the data has duplicate ids (duplicates policy '{duplicates.value}')",
             )
         dropped += 1
         later = duplicates is DuplicatePolicy.LATEST and timestamps is not None
@@ -164,7 +165,10 @@ def prepare_ids(
     canonical = list(chosen)
     rows = np.fromiter((chosen[c] for c in canonical), dtype=np.int64, count=len(canonical))
     if not canonical:
-        raise AlignmentError(f"{source}, column {column!r}: no usable identifiers ({rejected})")
+        raise AlignmentError(
+            f"{source}, column {column!r}: no usable identifiers ({rejected})",
+            public="the id column holds no usable identifiers",
+        )
     return PreparedIds(
         id_type=id_type,
         canonical=canonical,
@@ -179,4 +183,7 @@ def _later(a: object, b: object, *, source: str, row: int) -> bool:
     try:
         return bool(a > b)  # type: ignore[operator]
     except TypeError:
-        raise DataError(f"{source}: timestamp of row {row} cannot be compared") from None
+        raise DataError(
+            f"{source}: timestamp of row {row} cannot be compared",
+            public="the timestamp column holds values that cannot be compared",
+        ) from None

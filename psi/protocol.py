@@ -15,8 +15,12 @@ With ``pad_to = N_max`` both lists are padded with dummy points, so only ``N_max
 
 Steps (code comments cite them):
 
-0. G → H ``HELLO`` {run id, mode, id type, canonicalisation version, padding, size};
-   H → G ``HELLO_ACK`` {accept or reason, its size}.
+0. G → H ``HELLO`` {run id, mode, id type, canonicalisation version, padding, size, and
+   for a host service the data alias it asks for}; H → G ``HELLO_ACK`` {accept or a
+   peer-safe reason, its size}. H's service decides, under its own ``[psi]`` policy,
+   which id column, timestamp column and duplicates policy it uses, which modes it
+   serves and the least padding it accepts; the guest only chooses among what H allows
+   (docs/protocol.md §3.4.1).
 1. H → G ``A_H`` = shuffled ``M_kH(u(c))`` of its ids plus dummies, in chunks;
 1'. G → H ``A_G`` likewise (concurrently).
 2. H → G ``D_G[i] = M_kH(A_G[i])``, same order (shuffled in ``CARDINALITY``), streamed
@@ -51,6 +55,7 @@ from protocols.errors import (
     InvalidPointError,
     MalformedEnvelopeError,
     VflError,
+    peer_reason,
 )
 from protocols.executor import Executor
 from protocols.roles import Party
@@ -149,7 +154,10 @@ class _Run:
         n_real = len(ids.canonical)
         size = options.pad_to or n_real
         if n_real > size:
-            raise AlignmentError(f"{n_real} ids exceed the agreed padding size {size}")
+            raise AlignmentError(
+                f"{n_real} ids exceed the agreed padding size {size}",
+                public=f"the set is larger than the agreed padding pad_to = {size}",
+            )
         self.size = size
         self.n_real = n_real
         # a uniformly random order of list positions from the OS CSPRNG (ties: negligible)
@@ -503,7 +511,8 @@ def read_hello(envelope: Envelope) -> dict[str, Any]:
 
 
 def refuse(channel: Channel, hello_envelope: Envelope, reason: str) -> None:
-    """Answer a ``HELLO`` with a refusal."""
+    """Answer a ``HELLO`` with a refusal; ``reason`` must be peer-safe (a rule, never the
+    host's paths, columns, row numbers or counts: :func:`protocols.errors.peer_reason`)."""
     hello = read_hello(hello_envelope)
     channel.send(
         Envelope(
@@ -533,7 +542,7 @@ def run_host(
             f"canonicalisation differs (guest {hello['id_type']} v{hello['canon_version']}, "
             f"host {ids.id_type.value} v{CANON_VERSION})"
         )
-        refuse(channel, hello_envelope, reason)
+        refuse(channel, hello_envelope, reason)  # protocol parameters only, no data
         raise AlignmentError(reason)
     try:
         options = PsiOptions(
@@ -552,7 +561,7 @@ def run_host(
             salt=bytes.fromhex(hello["run_id"]),
         )
     except VflError as exc:
-        refuse(channel, hello_envelope, str(exc))
+        refuse(channel, hello_envelope, peer_reason(exc))  # never str(exc): counts stay here
         raise
     channel.send(
         run.envelope(PsiTag.HELLO_ACK, 0, ControlBlock.from_obj({"accept": True, "size": run.size}))

@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     psi.add_argument("--data", required=True, help="this party's data alias ([data] in its config)")
     psi.add_argument("--id-column", default="id")
     psi.add_argument("--host-data", help="the host's data alias (default: same as --data)")
-    psi.add_argument("--host-id-column", help="the host's id column (default: same as --id-column)")
+    psi.add_argument(
+        "--host-id-column",
+        help="the host's id column (default: the one its [psi] policy names; another is refused)",
+    )
     psi.add_argument("--id-type", default="generic", choices=[t.value for t in IdType])
     psi.add_argument("--mode", default="both", choices=[m.value for m in PsiMode])
     psi.add_argument("--pad-to", type=int, help="pad both lists to this public size N_max")

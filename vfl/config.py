@@ -53,6 +53,18 @@ Example (relative paths are resolved against the config file's folder)::
     protect_modes = ["gaussian", "max_norm", "marvell"]  # default: every mode but "none"
     allow_plaintext = false      # plaintext experiments (nothing encrypted)
 
+    [psi]                        # optional (host): what a guest's PSI may use of our data
+    modes = ["both", "guest_only", "cardinality"]   # PSI modes served; default: all
+    min_pad_to = 100000          # a request must pad both lists to at least this many
+                                 # elements (default 0: no minimum)
+    id_column = "id"             # the id column of every alias (default "id") ...
+    duplicates = "error"         # ... and its duplicates policy (default "error")
+    [psi.data.credit]            # per data alias, overriding the defaults above
+    id_column = "email"
+    id_type = "email"            # the canonicalisation a guest must ask for (default: any)
+    duplicates = "latest"        # "error", "first" or "latest" (needs timestamp_column)
+    timestamp_column = "updated"
+
     [scoring]                    # arbiter only, optional: who may score with which model
     requesters = ["bank"]        # default: every [[peers]] guest
     quota_rows = 100000          # rows each model may score per quota window
@@ -83,6 +95,8 @@ from protocols.executor import Backend, ExecutorSettings
 from protocols.roles import Party, PartyAddress, Role, check_party_id
 from protocols.transport.options import TransportOptions
 from protocols.transport.tls import TlsIdentity, load_identity
+from psi.canon import DuplicatePolicy, IdType
+from psi.protocol import PsiMode
 from vfl.privacy.label_protection import ProtectMode
 
 _SECTIONS = {
@@ -94,6 +108,7 @@ _SECTIONS = {
     "executor",
     "arbiter",
     "accept",
+    "psi",
     "scoring",
     "testing",
 }
@@ -108,6 +123,8 @@ _ACCEPT_KEYS = {
     "protect_modes",
     "allow_plaintext",
 }
+_PSI_KEYS = {"modes", "min_pad_to", "id_column", "duplicates", "data"}
+_PSI_DATA_KEYS = {"id_column", "id_type", "duplicates", "timestamp_column"}
 _SCORING_KEYS = {"requesters", "quota_rows", "quota_days", "valid_days", "models"}
 _SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
 _TESTING_KEYS = {"seed"}
@@ -207,6 +224,59 @@ class AcceptPolicy:
 
 
 @dataclass(frozen=True)
+class PsiDataPolicy:
+    """How this party (as host) lines up one data alias in a guest's PSI (``[psi]``).
+
+    Parameters
+    ----------
+    id_column
+        The column that holds the identifiers; a guest's request naming another is refused.
+    id_type
+        The canonicalisation a guest must ask for (``None``: the guest's choice).
+    duplicates
+        What to do with several rows of one canonical id (docs/protocol.md §3.2).
+    timestamp_column
+        The column ``duplicates = "latest"`` orders by (required for it, else ``None``).
+    """
+
+    id_column: str = "id"
+    id_type: IdType | None = None
+    duplicates: DuplicatePolicy = DuplicatePolicy.ERROR
+    timestamp_column: str | None = None
+
+
+@dataclass(frozen=True)
+class PsiPolicy:
+    """What a guest's PSI may use of this party's data (``[psi]``; docs/protocol.md §3.4.1).
+
+    The guest names a data alias (one of ``[accept] data``), a mode and a padding; this
+    party decides everything else. The defaults are the safe choice: id column ``"id"``,
+    duplicates ``"error"``, every mode, no minimum padding.
+
+    Parameters
+    ----------
+    modes
+        The PSI modes served.
+    min_pad_to
+        Requests must pad both lists to at least this many elements (0: no minimum); a
+        request without padding or with less is refused.
+    default
+        The policy of an alias without its own ``[psi.data.<alias>]`` table.
+    data
+        Per-alias policies.
+    """
+
+    modes: frozenset[PsiMode] = frozenset(PsiMode)
+    min_pad_to: int = 0
+    default: PsiDataPolicy = PsiDataPolicy()
+    data: Mapping[str, PsiDataPolicy] = field(default_factory=dict)
+
+    def for_alias(self, alias: str) -> PsiDataPolicy:
+        """The policy of data alias ``alias``."""
+        return self.data.get(alias, self.default)
+
+
+@dataclass(frozen=True)
 class ScoringGrant:
     """What the arbiter's operator allows for one model's scoring (see
     :meth:`ScoringPolicyConfig.grant`)."""
@@ -288,6 +358,7 @@ class PartyConfig:
     allow_test_key: bool = False
     max_resumes: int = 100  # [arbiter] max_resumes
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
+    psi: PsiPolicy = field(default_factory=PsiPolicy)
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
     seed: int | None = None  # [testing] seed: reproducible experiments only
 
@@ -407,6 +478,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
 
     guest_peers = tuple(p.party.party_id for p in peers if p.party.role is Role.GUEST)
     accept = _accept(raw, where, guest_peers, peers, data, allow_test_key)
+    psi = _psi(raw, where, data)
     scoring = _scoring(raw, where, guest_peers, peers)
     testing_t = raw.get("testing", {})
     if not isinstance(testing_t, dict):
@@ -431,6 +503,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         allow_test_key=allow_test_key,
         max_resumes=max_resumes,
         accept=accept,
+        psi=psi,
         scoring=scoring,
         seed=seed,
     )
@@ -518,6 +591,78 @@ def _accept(
         ),
         protect_modes=default.protect_modes if modes is None else frozenset(modes),
         allow_plaintext=allow_plaintext,
+    )
+
+
+def _psi(raw: Mapping[str, Any], where: str, data: Mapping[str, Path]) -> PsiPolicy:
+    table = raw.get("psi", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [psi] must be a table")
+    _only(table, _PSI_KEYS, f"{where}: [psi]")
+    modes = _enums(table, "modes", f"{where}: psi.modes", PsiMode)
+    min_pad = table.get("min_pad_to", 0)
+    if not isinstance(min_pad, int) or isinstance(min_pad, bool) or min_pad < 0:
+        raise ConfigError(f"{where}: psi.min_pad_to must be a whole number >= 0, got {min_pad!r}")
+    default = _psi_data(table, f"{where}: psi", PsiDataPolicy(), per_alias=False)
+    per_alias_t = table.get("data", {})
+    if not isinstance(per_alias_t, dict):
+        raise ConfigError(f"{where}: psi.data must be tables [psi.data.<alias>]")
+    per_alias: dict[str, PsiDataPolicy] = {}
+    for alias, alias_t in per_alias_t.items():
+        aw = f"{where}: psi.data.{alias}"
+        if alias not in data:
+            known = ", ".join(sorted(data)) or "none"
+            raise ConfigError(f"{aw}: {alias!r} is not an alias in [data] (aliases: {known})")
+        if not isinstance(alias_t, dict):
+            raise ConfigError(f"{aw} must be a table")
+        _only(alias_t, _PSI_DATA_KEYS, aw)
+        per_alias[alias] = _psi_data(alias_t, aw, default, per_alias=True)
+    return PsiPolicy(
+        modes=PsiPolicy().modes if modes is None else frozenset(modes),
+        min_pad_to=min_pad,
+        default=default,
+        data=per_alias,
+    )
+
+
+def _psi_data(
+    table: Mapping[str, Any], where: str, base: PsiDataPolicy, *, per_alias: bool
+) -> PsiDataPolicy:
+    """One alias's PSI policy: the keys ``table`` sets, the rest from ``base``."""
+    column = _str(table, "id_column", f"{where}.id_column") if "id_column" in table else None
+    duplicates = base.duplicates
+    if "duplicates" in table:
+        name = table["duplicates"]
+        try:
+            duplicates = DuplicatePolicy(name)
+        except ValueError:
+            raise ConfigError(
+                f"{where}.duplicates: {name!r} is not one of "
+                f"{', '.join(d.value for d in DuplicatePolicy)}"
+            ) from None
+    id_type = base.id_type
+    stamp = None
+    if per_alias:
+        if "id_type" in table:
+            name = table["id_type"]
+            try:
+                id_type = IdType(name)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.id_type: {name!r} is not one of {', '.join(t.value for t in IdType)}"
+                ) from None
+        if "timestamp_column" in table:
+            stamp = _str(table, "timestamp_column", f"{where}.timestamp_column")
+    if (duplicates is DuplicatePolicy.LATEST) != (stamp is not None):
+        raise ConfigError(
+            f'{where}: duplicates = "latest" needs a timestamp_column, and a timestamp_column '
+            'is used only with duplicates = "latest" (set both in [psi.data.<alias>])'
+        )
+    return PsiDataPolicy(
+        id_column=column or base.id_column,
+        id_type=id_type,
+        duplicates=duplicates,
+        timestamp_column=stamp,
     )
 
 

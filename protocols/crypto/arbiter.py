@@ -23,7 +23,8 @@ S5. ``BIND{group, cap_rows, first, digests}`` from a grant's binder → P8 regis
 Decryption requests (D1-D3):
 
 D1. A computes the request's digest and, for a bound grant, each ciphertext's digest, and
-    asks the policy (P2-P5, P8); a refusal is answered with its reason, logged as an alert
+    asks the policy (P2-P5, P8); a refusal is answered with its peer-safe reason
+    (:func:`protocols.errors.peer_reason`), logged in full as an alert
     and passed to the refusal listeners (the service's audit log);
 D2. A new request is decrypted (on the executor's workers) and answered; its reply is
     cached (P4); a byte-identical repeat gets the cached reply or, if no longer cached,
@@ -63,7 +64,13 @@ from protocols.crypto.policy import (
 )
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
-from protocols.errors import CryptoError, PolicyViolationError, ProtocolError, VflError
+from protocols.errors import (
+    CryptoError,
+    PolicyViolationError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.executor import Executor, split
 from protocols.roles import Party
 from protocols.tags import tag_value
@@ -163,6 +170,7 @@ class ArbiterService:
         self._done: dict[str, dict[str, tuple[bytes, Envelope]]] = {}
         self._refused_listeners: list[Callable[[Envelope, str], None]] = []
         self._served_listeners: list[Callable[[str, str, int], None]] = []
+        self._closed_listeners: list[Callable[[str], None]] = []
         self._stream_lock = threading.Lock()
         self._streams: set[tuple[str, str]] = set()
 
@@ -180,6 +188,10 @@ class ArbiterService:
     def on_served(self, listener: Callable[[str, str, int], None]) -> None:
         """Call ``listener(job_id, tag, count)`` after each answered request (usage records)."""
         self._served_listeners.append(listener)
+
+    def on_closed(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(job_id)`` once a job is closed (S4: both parties sent JOB_DONE)."""
+        self._closed_listeners.append(listener)
 
     def on_refused(self, listener: Callable[[Envelope, str], None]) -> None:
         """Call ``listener(request, reason)`` for every refused request (D1, S2-S5)."""
@@ -276,11 +288,11 @@ class ArbiterService:
                 if active:
                     waiting = self._waiting_ready.pop(envelope.job_id)
         except (PolicyViolationError, VflError) as exc:
-            self.refuse(envelope, str(exc))
+            self.refuse(envelope, str(exc))  # the full text: A's own log and audit only
             with self._setup_lock:
                 others = self._waiting_ready.pop(envelope.job_id, [])
             for request in [*others, envelope]:
-                self.reply(request, SetupTag.JOB_READY, {"refused": str(exc)[:300]})
+                self.reply(request, SetupTag.JOB_READY, {"refused": peer_reason(exc)})
             return
         for request in waiting:
             self.reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
@@ -309,7 +321,7 @@ class ArbiterService:
             requests = self._agreed(envelope, self._resumes)
         except PolicyViolationError as exc:
             self.refuse(envelope, str(exc))
-            self.reply(envelope, SetupTag.RESUMED, {"refused": str(exc)})
+            self.reply(envelope, SetupTag.RESUMED, {"refused": peer_reason(exc)})
             return
         if requests is None:
             return
@@ -327,7 +339,7 @@ class ArbiterService:
         except PolicyViolationError as exc:
             for _, request in requests:
                 self.refuse(request, str(exc))
-                self.reply(request, SetupTag.RESUMED, {"refused": str(exc)[:300]})
+                self.reply(request, SetupTag.RESUMED, {"refused": peer_reason(exc)})
             return
         for _, request in requests:
             self.reply(request, SetupTag.RESUMED, {"step": step})
@@ -341,10 +353,12 @@ class ArbiterService:
             model = self.policy.close(envelope.job_id)
         except PolicyViolationError as exc:
             self.refuse(envelope, str(exc))
-            self.reply(envelope, SetupTag.JOB_DONE, {"refused": str(exc)[:300]})
+            self.reply(envelope, SetupTag.JOB_DONE, {"refused": peer_reason(exc)})
             return
         answer = {"closed": True, "scoring": model is not None}
         logger.info("job %s closed%s", envelope.job_id, ": model registered" if model else "")
+        for listener in self._closed_listeners:
+            listener(envelope.job_id)
         for _, request in requests:
             self.reply(request, SetupTag.JOB_DONE, answer)
 
@@ -376,7 +390,7 @@ class ArbiterService:
             )
         except PolicyViolationError as exc:
             self.refuse(envelope, str(exc))
-            self.reply(envelope, SetupTag.BOUND, {"refused": str(exc)[:300]})
+            self.reply(envelope, SetupTag.BOUND, {"refused": peer_reason(exc)})
             return
         self.reply(envelope, SetupTag.BOUND, {"bound": len(items)})
 
@@ -415,7 +429,7 @@ class ArbiterService:
         except (PolicyViolationError, CryptoError, ProtocolError) as exc:
             self.refuse(envelope, str(exc))
             self._channel.send(
-                self._reply(envelope, ControlBlock.from_obj({"refused": str(exc)[:300]}))
+                self._reply(envelope, ControlBlock.from_obj({"refused": peer_reason(exc)}))
             )
             return
         body = PlainBlock(self._cipher.key.residues_to_bytes(plain), shape=envelope.body.shape)

@@ -121,12 +121,13 @@ def run(t: Trio, the_job: SplitJob, config: PartyConfig | None, alias: str = "cr
         ),
         ('job_types = ["psi"]', job(), "credit", "split_nn jobs are not accepted here"),
         ("guests = []", job(), "credit", "bank may not submit jobs here (accept.guests)"),
-        # known only once the host has loaded its table (4 columns) ...
+        # known only once the host has loaded its table (4 columns; the count, 51, which
+        # would give them away, stays in the host's log) ...
         (
             "max_host_params = 40",
             job(),
             "credit",
-            "the host bottom model would have 51 parameters, more than accept.max_host_params",
+            "the host bottom model would have more parameters than accept.max_host_params = 40 (",
         ),
         # ... and once it has fetched the arbiter's (1024-bit test) key
         ("min_key_bits = 2048", job(), "credit", "the arbiter's key has 1024 bits, fewer than"),

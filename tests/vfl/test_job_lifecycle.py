@@ -11,22 +11,23 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
-from protocols.crypto.paillier import PrivateKey, PublicKey
+from protocols.crypto.paillier import PrivateKey, PublicKey, key_file_bytes
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
     ConfigError,
+    DataError,
     JobRefusedError,
     PeerUnavailableError,
     PolicyViolationError,
 )
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry
-from protocols.transport.inmemory import InMemoryNetwork
+from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG, Crash, crashing
@@ -378,3 +379,119 @@ def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> No
     ]
     assert records[1]["submitter"] == "retailer" and "max_d" in records[1]["reason"]
     assert records[5]["counts"] == {"splitnn.Z_FWD": 24} and records[0]["key_id"] == "ab" * 8
+
+
+ARBITER_PARTY = """
+[party]
+id = "arbiter"
+role = "arbiter"
+listen = "127.0.0.1:0"
+state_dir = "state/arbiter"
+
+[tls]
+ca = "ca.pem"
+certificate = "me.pem"
+key = "me.key"
+
+[[peers]]
+id = "bank"
+role = "guest"
+address = "127.0.0.1:1"
+
+[[peers]]
+id = "retailer"
+role = "host"
+address = "127.0.0.1:2"
+
+[arbiter]
+allow_test_key = true
+"""
+
+BAD_DATA = "bank_private.csv row 12, column 'income': not a number"
+
+
+class BadDataMidRun(InMemoryChannel):
+    """The guest finds bad data after the job started: its third step fails."""
+
+    armed: ClassVar[bool] = True
+
+    def send(self, envelope: Envelope) -> Envelope:
+        if BadDataMidRun.armed and envelope.tag == "splitnn.B1" and envelope.step == 2:
+            BadDataMidRun.armed = False
+            raise DataError(BAD_DATA)
+        return super().send(envelope)
+
+
+def test_a_guest_failure_mid_run_shows_failed_at_every_party(
+    tmp_path: Path, pk: PublicKey, sk: PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifecycle step 6 (R3): the guest's job fails for good in the middle of a run; without
+    any restart the host stops its run and both host and arbiter show the job failed, with
+    the guest's peer-safe reason (not the file, row or column of the guest's error)."""
+    guest_table, host_table, splits = synthetic_tables(rows=160)
+    net = InMemoryNetwork()
+    arb_cfg = parse_config(tomllib.loads(ARBITER_PARTY), source=tmp_path / "arbiter.toml")
+    arb_cfg.state_dir.mkdir(parents=True)
+    (arb_cfg.state_dir / jobs_module.KEY_FILE).write_bytes(key_file_bytes(pk, sk))
+    runners = {
+        "arbiter": JobRunner(
+            config=arb_cfg,
+            channel=net.channel(ARBITER, tags=TagRegistry(TAGS)),
+            executor=InlineExecutor(),
+            run_psi=None,
+        ),
+        "retailer": JobRunner(
+            config=config(tmp_path, "retailer"),
+            channel=net.channel(RETAILER, tags=TagRegistry(TAGS)),
+            executor=InlineExecutor(),
+            run_psi=None,
+        ),
+        "bank": JobRunner(
+            config=config(tmp_path, "bank"),
+            channel=net.channel(BANK, tags=TagRegistry(TAGS), channel_class=BadDataMidRun),
+            executor=InlineExecutor(),
+            run_psi=None,
+        ),
+    }
+    runners["arbiter"].serve_arbiter()
+
+    def table(
+        config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: Any = None
+    ) -> Any:
+        return guest_table if labels else host_table
+
+    monkeypatch.setattr(jobs_module, "_aligned_table", table)
+    monkeypatch.setattr(jobs_module, "split_rows", lambda *args, **kwargs: splits)
+    monkeypatch.setattr(jobs_module, "HostSession", _quick(jobs_module.HostSession))
+    monkeypatch.setattr(jobs_module, "GuestSession", _quick(jobs_module.GuestSession))
+    for runner in runners.values():
+        monkeypatch.setattr(runner, "background", lambda: InlineExecutor())
+    job = {"psi_job": "p", "batch": 16, "batch_eval": 24, "epochs": 2, "mode": "p0"}
+    submitted = request("r3", **job)
+    submitted["job_file"]["model"] = {"d": 3, "k": 2, "guest_widths": [6, 4], "host_widths": [6, 3]}
+    submitted["job_file"]["protect"] = {"mode": "none", "allow_label_leak": True}
+    runners["bank"].submit(submitted)
+
+    def state(party: str) -> dict[str, Any]:
+        give_up = time.monotonic() + 60
+        while time.monotonic() < give_up:
+            now = runners[party].status().get("r3", {})
+            if now.get("state") == "failed":
+                return now
+            time.sleep(0.05)
+        raise AssertionError(f"{party}: {runners[party].status()}")
+
+    assert BAD_DATA in state("bank")["error"]  # the guest's own status has the details
+    public = "bank failed: DataError: its data failed a check (details in its own log)"
+    assert state("retailer")["error"] == public
+    assert state("arbiter")["error"] == public
+    host_run = json.loads(
+        (tmp_path / "state" / "retailer" / "jobs" / "r3" / "host_run.json").read_text()
+    )
+    assert host_run["state"] == "failed"  # a restarted host sends no RUN_STOPPED for it
+    for party in ("retailer", "arbiter"):
+        records = read_audit(tmp_path / "state" / party / "audit.jsonl")
+        assert [r["event"] for r in records][-1] == "job_failed"
+        assert "bank_private" not in json.dumps(records)
+    for runner in runners.values():
+        runner.close()

@@ -36,8 +36,8 @@ def test_two_services_align_real_rows(tmp_path: Path) -> None:
     paths = write_demo_setup(tmp_path / "setup", data_folder=folder)
     with paths["bank"].open("a") as f:
         f.write(f'customers = "{guest_csv}"\n')
-    with paths["retailer"].open("a") as f:
-        f.write(f'customers = "{host_csv}"\n')
+    with paths["retailer"].open("a") as f:  # the retailer's own choice of id column (§3.4.1)
+        f.write(f'customers = "{host_csv}"\n\n[psi.data.customers]\nid_column = "email"\n')
     configs = {pid: load_config(p) for pid, p in paths.items() if pid != "arbiter"}
     procs = start_services(configs, logs=tmp_path / "logs")
     try:

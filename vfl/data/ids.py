@@ -14,7 +14,10 @@ def load_id_column(
 ) -> tuple[list[object], list[object] | None]:
     """The values of ``column`` (as strings) and optionally of ``timestamp_column``."""
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; check the [data] alias in the config")
+        raise DataError(
+            f"data file {path} does not exist; check the [data] alias in the config",
+            public="the data file of the alias is missing",
+        )
     wanted = [column] + ([timestamp_column] if timestamp_column else [])
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
@@ -24,7 +27,8 @@ def load_id_column(
     except ValueError as exc:
         available = _columns(path)
         raise DataError(
-            f"{path}: cannot read column(s) {wanted} ({exc}); available columns: {available}"
+            f"{path}: cannot read column(s) {wanted} ({exc}); available columns: {available}",
+            public="a configured column cannot be read from the data",
         ) from None
     ids = frame[column].tolist()
     stamps = None
@@ -33,7 +37,10 @@ def load_id_column(
         bad = stamps.isna()
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            raise DataError(f"{path} row {row}, column {timestamp_column!r}: not a timestamp")
+            raise DataError(
+                f"{path} row {row}, column {timestamp_column!r}: not a timestamp",
+                public="the timestamp column holds a value that is not a timestamp",
+            )
         stamps = stamps.tolist()
     return ids, stamps
 

@@ -21,7 +21,13 @@ import numpy as np
 
 from protocols import secagg
 from protocols.envelope import ControlBlock, Envelope, Uint64Block, control_of
-from protocols.errors import JobRefusedError, ProtocolError, RunAbortedError, VflError
+from protocols.errors import (
+    JobRefusedError,
+    ProtocolError,
+    RunAbortedError,
+    VflError,
+    peer_reason,
+)
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
 from vfl.fedavg.aggregate import combine_metrics, sample_participants
@@ -138,12 +144,14 @@ class FedAggregator:
         except _Abort as exc:
             self._abort(run, clients, str(exc))
         except JobRefusedError as exc:
-            self._abort(run, clients, f"refused by the aggregator: {exc}", refused=True)
+            self._abort(
+                run, clients, f"refused by the aggregator: {peer_reason(exc)}", refused=True
+            )
         except RunAbortedError:
             logger.info("job %s: run %s stopped", run.job_id, run.run_id)
         except (VflError, TimeoutError, ValueError) as exc:
             logger.error("job %s: run %s failed: %s", run.job_id, run.run_id, exc)
-            self._abort(run, clients, f"{type(exc).__name__}: {exc}")
+            self._abort(run, clients, peer_reason(exc))  # the clients see the rule only
         finally:
             with self._lock:
                 if self._runs.get((run.job_id, run.run_id)) is run:

@@ -36,6 +36,7 @@ from protocols.errors import (
     JobRefusedError,
     ProtocolError,
     RunAbortedError,
+    peer_reason,
 )
 from protocols.files import atomic_write, private_dir
 from protocols.ids import state_path
@@ -144,7 +145,7 @@ class FedClient:
             raise  # A ended the run, or this party stopped it
         except Exception as exc:
             try:
-                reason = f"{type(exc).__name__}: {exc}"[:400]
+                reason = peer_reason(exc)  # the rule only; the details stay in this log
                 self._send(FedTag.ABORT, 0, ControlBlock.from_obj({"reason": reason}))
             except Exception:  # noqa: BLE001 - A may be the reason; the error below stands
                 logger.info("job %s: could not tell the aggregator", self.job.job_id)

@@ -19,7 +19,13 @@ from typing import Any
 from protocols.crypto.arbiter import ArbiterService
 from protocols.crypto.policy import JobPolicy, PolicyRule
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
+from protocols.errors import (
+    ConfigError,
+    PolicyViolationError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.files import atomic_write
 from protocols.ids import check_identifier
 from protocols.transport.base import Channel, MessageFilter
@@ -109,9 +115,15 @@ class GrantKeeper:
     ) -> tuple[JobPolicy, dict[str, Any]]:
         """G1's checks; the grant's policy and the reply."""
         if job_id != grant_id(model_id):
-            raise ProtocolError("GRANT_REQ names another model than its envelope")
+            raise ProtocolError(
+                "GRANT_REQ names another model than its envelope",
+                public="GRANT_REQ names another model than its envelope",
+            )
         if not 1 <= max_rows <= CHUNK_ROWS + 1:
-            raise ProtocolError("GRANT_REQ asks for an implausible request size")
+            raise ProtocolError(
+                "GRANT_REQ asks for an implausible request size",
+                public="GRANT_REQ asks for an implausible request size",
+            )
         model = self.service.policy.model(model_id)
         if model is None:
             raise PolicyViolationError(
@@ -185,7 +197,9 @@ class GrantKeeper:
             policy, reply = self._policy(envelope)
             self.service.policy.grant(policy, used={DecTag.INF_Z.value: reply.pop("used")})
         except (VflError, KeyError, TypeError, ValueError) as exc:
-            reason = str(exc)[:300]
-            self.service.refuse(envelope, reason)
-            reply = {"refused": reason}
+            self.service.refuse(envelope, str(exc)[:300])  # in full: A's log and audit only
+            if isinstance(exc, VflError):
+                reply = {"refused": peer_reason(exc)}
+            else:
+                reply = {"refused": f"malformed request ({type(exc).__name__})"}
         self.service.reply(envelope, ScoreTag.GRANT, reply)

@@ -73,7 +73,13 @@ from protocols.crypto.paillier import PublicKey
 from protocols.crypto.policy import ciphertext_digests
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock, control_of
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError, VflError
+from protocols.errors import (
+    ConfigError,
+    PolicyViolationError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.executor import Executor
 from protocols.ids import check_identifier
 from protocols.roles import Party
@@ -291,7 +297,7 @@ class ScoringHost:
                 reply["positions"] = int(rows.size)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             logger.warning("refused scoring session from %s: %s", envelope.sender, exc)
-            refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
+            refusal = ControlBlock.from_obj({"refused": _public(exc)})  # the rule only
             self._send(envelope, ScoreTag.READY, envelope.step, refusal)
             return
         with self._lock:
@@ -327,7 +333,7 @@ class ScoringHost:
                     envelope, session, z, step=c, group=0, cap_rows=cap_rows, first=c == 0
                 )
             except (VflError, TimeoutError) as exc:
-                refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
+                refusal = ControlBlock.from_obj({"refused": _public(exc)})
                 self._send(envelope, ScoreTag.INF_F1, c, refusal)
                 raise
             self._send(envelope, ScoreTag.INF_F1, c, z.to_block(), session.model.key_id)
@@ -407,7 +413,7 @@ class ScoringHost:
             )
         except (VflError, TimeoutError) as exc:
             logger.warning("INF_REQ from %s not answered: %s", envelope.sender, exc)
-            refusal = ControlBlock.from_obj({"refused": str(exc)[:300]})
+            refusal = ControlBlock.from_obj({"refused": _public(exc)})
             self._send(envelope, ScoreTag.INF_F1, envelope.step, refusal)
             return
         self._send(envelope, ScoreTag.INF_F1, envelope.step, z.to_block(), session.model.key_id)
@@ -657,3 +663,10 @@ class ScoringClient:
         """C1."""
         self._send(self.host, ScoreTag.CLOSE, 0, ControlBlock.from_obj({}))
         self.layer.pool.close()
+
+
+def _public(exc: BaseException) -> str:
+    """What a refused peer is told (:func:`peer_reason`; malformed requests by kind)."""
+    if isinstance(exc, KeyError | TypeError | ValueError) and not isinstance(exc, VflError):
+        return f"malformed request ({type(exc).__name__})"
+    return peer_reason(exc)

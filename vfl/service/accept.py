@@ -20,6 +20,13 @@ The arbiter applies 1 (to the spec's guest), :func:`check_parties` (the spec's g
 host are two different configured peers of those roles, and the sender is one of them),
 and ``d``/``k``, plaintext and the key size of 2 and 4.
 
+PSI (:func:`check_psi`, the host's ``[psi]`` policy, docs/protocol.md §3.4.1): 1 with job
+type ``psi`` and the data alias of 2; then the mode is one of ``psi.modes``, the padding is
+at least ``psi.min_pad_to``, and whatever the guest names of the alias (id column, id type,
+timestamp column, duplicates policy) is what the host configured for it, which the host
+then uses. Jobs that align on a PSI result (split NN, transfer) name the same columns
+through :func:`host_id_column`; the host uses its own.
+
 Horizontal (FedAvg) jobs: a client checks the coordinator's ``START`` with 1 (job type
 ``horizontal``), that the sender is the job's coordinator, the data alias of 2 and, once
 its column count is known, the model's parameters ``<= max_host_params``; the aggregator
@@ -28,11 +35,14 @@ checks 1 against the coordinator.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from protocols.errors import ConfigError, JobRefusedError
 from protocols.roles import Party, Role
-from vfl.config import AcceptPolicy, JobType, PartyConfig
+from psi.canon import IdType
+from psi.protocol import PsiMode
+from vfl.config import AcceptPolicy, JobType, PartyConfig, PsiDataPolicy
 from vfl.fedavg.protocol import FedJob
 from vfl.splitnn.session import JobOffer
 from vfl.splitnn.spec import JobSpec
@@ -49,7 +59,77 @@ def host_bottom_params(*, features: int, train: TrainConfig) -> int:
 
 def _refuse(reason: str) -> JobRefusedError:
     """The refusal (sent to the guest as it is: it names the rule, not this party's files)."""
-    return JobRefusedError(reason)
+    return JobRefusedError(reason, public=reason)
+
+
+def _psi_refusal(rule: str, detail: str) -> JobRefusedError:
+    """A refusal under the ``[psi]`` policy: ``rule`` goes to the guest, ``detail`` (which may
+    name this party's columns) only to this party's log."""
+    public = f"refused by the host's [psi] policy: {rule}"
+    return JobRefusedError(f"{public} ({detail})", public=public)
+
+
+def check_psi(
+    config: PartyConfig,
+    *,
+    guest: str,
+    mode: PsiMode,
+    pad_to: int | None,
+    id_type: IdType,
+    request: Mapping[str, Any],
+) -> PsiDataPolicy:
+    """The host's checks of a PSI ``HELLO`` (module docstring); returns the policy of the
+    alias it names, which the host applies."""
+    check_guest(config, guest=guest, job_type=JobType.PSI)
+    alias = str(request.get("data", ""))
+    check_data(config, alias=alias)
+    policy = config.psi
+    if mode not in policy.modes:
+        allowed = ", ".join(sorted(m.value for m in policy.modes)) or "none"
+        raise _psi_refusal(
+            f"mode {mode.value!r} not allowed (psi.modes: {allowed})", f"requested {mode.value}"
+        )
+    if policy.min_pad_to and (pad_to is None or pad_to < policy.min_pad_to):
+        raise _psi_refusal(
+            f"padding below the minimum (psi.min_pad_to = {policy.min_pad_to})",
+            f"requested pad_to {pad_to}",
+        )
+    data = policy.for_alias(alias)
+    if data.id_type is not None and id_type is not data.id_type:
+        raise _psi_refusal(
+            f"id type {id_type.value!r} not allowed for data alias {alias!r} (psi id_type)",
+            f"configured {data.id_type.value}",
+        )
+    host_id_column(config, request)
+    stamp = request.get("timestamp_column")
+    if stamp is not None and stamp != data.timestamp_column:
+        raise _psi_refusal(
+            f"timestamp column not allowed for data alias {alias!r} (psi timestamp_column)",
+            f"requested {str(stamp)[:64]!r}, configured {data.timestamp_column!r}",
+        )
+    duplicates = request.get("duplicates")
+    if duplicates is not None and duplicates != data.duplicates.value:
+        raise _psi_refusal(
+            f"duplicates policy {str(duplicates)[:16]!r} not allowed for data alias {alias!r} "
+            f"(the host's is {data.duplicates.value!r})",
+            "psi duplicates",
+        )
+    return data
+
+
+def host_id_column(config: PartyConfig, request: Mapping[str, Any]) -> str:
+    """The id column the host uses for the alias a guest's request names (its ``[psi]``
+    policy); a request naming another column is refused."""
+    alias = str(request.get("data", ""))
+    column = config.psi.for_alias(alias).id_column
+    asked = request.get("id_column")
+    if asked is not None and asked != column:
+        raise _psi_refusal(
+            f"id column not allowed for data alias {alias!r} (psi id_column; omit it to use "
+            "the host's)",
+            f"requested {str(asked)[:64]!r}, configured {column!r}",
+        )
+    return column
 
 
 def check_guest(config: PartyConfig, *, guest: str, job_type: JobType) -> None:
@@ -105,13 +185,16 @@ def check_offer(config: PartyConfig, offer: JobOffer) -> None:
         raise _refuse(
             f"label protection {mode.value!r} is not accepted (accept.protect_modes: {allowed})",
         )
+    host_id_column(config, offer.request)
     if offer.features is not None:
         params = host_bottom_params(features=offer.features, train=job.train)
         if params > policy.max_host_params:
-            raise _refuse(
-                f"the host bottom model would have {params} parameters, more than "
-                f"accept.max_host_params = {policy.max_host_params}",
+            # the count stays here: with the guest's widths it would give the host's columns
+            public = (
+                f"the host bottom model would have more parameters than "
+                f"accept.max_host_params = {policy.max_host_params}"
             )
+            raise JobRefusedError(f"{public} ({params})", public=public)
     if offer.key_bits is not None and offer.key_bits < policy.min_key_bits:
         raise _refuse(
             f"the arbiter's key has {offer.key_bits} bits, fewer than accept.min_key_bits = "
@@ -157,10 +240,11 @@ def check_fed_start(
     if features is not None:
         params = mlp_params(features=features, widths=job.widths)
         if params > config.accept.max_host_params:
-            raise _refuse(
-                f"the model would have {params} parameters, more than accept.max_host_params "
+            public = (
+                "the model would have more parameters than accept.max_host_params "
                 f"= {config.accept.max_host_params}"
             )
+            raise JobRefusedError(f"{public} ({params})", public=public)
 
 
 def check_fed_job(config: PartyConfig, job: FedJob, coordinator: Party) -> None:
@@ -197,10 +281,11 @@ def check_ftl_start(
     if features is not None:
         params = mlp_params(features=features, widths=(*job.host_widths, job.config.d))
         if params > config.accept.max_host_params:
-            raise _refuse(
-                f"the host network would have {params} parameters, more than "
+            public = (
+                "the host network would have more parameters than "
                 f"accept.max_host_params = {config.accept.max_host_params}"
             )
+            raise JobRefusedError(f"{public} ({params})", public=public)
 
 
 def check_ftl_spec(config: PartyConfig, body: dict[str, Any], sender: Party) -> FtlSpec:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, JobRefusedError, ProtocolError, VflError
+from protocols.errors import ConfigError, JobRefusedError, ProtocolError, VflError, peer_reason
 from protocols.roles import Party, Role
 from protocols.transport.base import MessageFilter
 from vfl.data.tables import PartyTable, TableSpec, load_table
@@ -214,7 +214,8 @@ class FedJobs:
                 reason=reason[:500],
             )
             runner._update(job_id, state="refused", phase="refused", error=reason[:500])
-            self._reply(envelope, {"ok": False, "reason": reason[:500]})
+            public = peer_reason(exc) if isinstance(exc, VflError) else "malformed START"
+            self._reply(envelope, {"ok": False, "reason": public})  # details: this log only
             return
         done = threading.Event()
         with runner._job_lock(job_id):

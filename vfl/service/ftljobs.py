@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import JobRefusedError, ProtocolError, VflError
+from protocols.errors import JobRefusedError, ProtocolError, VflError, peer_reason
 from protocols.files import atomic_write
 from protocols.ids import check_identifier
 from protocols.roles import Role
@@ -34,7 +34,7 @@ from protocols.transport.base import MessageFilter
 from psi.result import read_result
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.report import write_report
-from vfl.service.accept import check_ftl_start
+from vfl.service.accept import check_ftl_start, host_id_column
 from vfl.service.audit import AuditEvent, file_digest
 from vfl.transfer.jobfile import FtlJobFile
 from vfl.transfer.session import FtlGuest, FtlHost, FtlJob, FtlResult, FtlTag
@@ -61,13 +61,21 @@ class FtlJobs:
     def _table(self, alias: str, *, id_column: str, labels: str | None) -> PartyTable:
         if alias not in self.config.data:
             known = ", ".join(sorted(self.config.data)) or "none"
-            raise JobRefusedError(f"no data alias {alias!r} here (aliases: {known})")
+            raise JobRefusedError(
+                f"no data alias {alias!r} here (aliases: {known})",
+                public=f"no data alias {alias!r} here",
+            )
         return load_table(
             TableSpec(path=self.config.data[alias], id_column=id_column, label_column=labels)
         )
 
-    def _overlap(self, psi_job: str) -> np.ndarray:
-        _, rows = read_result(self.config.state_dir, psi_job)
+    def _overlap(self, psi_job: str, *, alias: str = "", guest: str = "") -> np.ndarray:
+        summary, rows = read_result(self.config.state_dir, psi_job)
+        if guest:  # at H: a PSI it ran with this guest on this alias (docs/protocol.md §3.4.1)
+            for key, wanted in (("data", alias), ("peer", guest)):
+                if key in summary and summary[key] != wanted:
+                    public = f"PSI {psi_job} aligned other data or another guest here"
+                    raise JobRefusedError(f"{public} ({key} {summary[key]!r})", public=public)
         if rows is None:
             raise JobRefusedError(f"PSI {psi_job} kept no rows here (cardinality mode?)")
         return np.asarray(rows, dtype=np.int64)
@@ -111,11 +119,7 @@ class FtlJobs:
             seed=self.config.seed,
             progress=progress,
             state_dir=self.config.state_dir,
-            host_request={
-                "data": job_file.host_data,
-                "id_column": job_file.id_column,
-                "psi_job": psi_job,
-            },
+            host_request={"data": job_file.host_data, "psi_job": psi_job},
         )
         with runner._lock:
             entry.session = session
@@ -190,15 +194,17 @@ class FtlJobs:
             psi_job = check_identifier(request.get("psi_job"), what="START psi_job")
             alias = str(request.get("data", ""))
             check_ftl_start(self.config, job, sender=sender.party_id, alias=alias)
-            table = self._table(alias, id_column=str(request.get("id_column", "id")), labels=None)
+            column = host_id_column(self.config, request)  # its own [psi] policy's column
+            table = self._table(alias, id_column=column, labels=None)
             check_ftl_start(
                 self.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
             )
-            overlap = self._overlap(psi_job)
+            overlap = self._overlap(psi_job, alias=alias, guest=sender.party_id)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             reason = (
                 str(exc) if isinstance(exc, JobRefusedError) else f"{type(exc).__name__}: {exc}"
             )
+            public = peer_reason(exc) if isinstance(exc, VflError) else "malformed START"
             logger.warning("refused FTL job %s from %s: %s", job_id, sender, reason)
             runner.audit.record(
                 event=AuditEvent.JOB_REFUSED,
@@ -207,7 +213,7 @@ class FtlJobs:
                 reason=reason,
             )
             runner._update(job_id, state="refused", phase="refused", error=reason[:500])
-            self._refuse(envelope, reason)
+            self._refuse(envelope, public)  # the rule only; the details stay in H's log
             return
         host = FtlHost(
             channel=self.channel,
@@ -225,6 +231,8 @@ class FtlJobs:
             with self._lock:
                 old = self._hosts.get(job_id)
                 self._hosts[job_id] = (host, done)
+            with runner._lock:
+                runner._guest_failed.pop(job_id, None)  # a new run of the job
             if old is not None and not old[1].is_set():
                 old[0].stop()
                 old[1].wait(30.0)
@@ -262,6 +270,19 @@ class FtlJobs:
         finally:
             done.set()
             self.channel.abort_run(job_id, envelope.run_id)
+
+    def guest_of(self, job_id: str) -> str | None:
+        """The guest of the transfer run this host follows for ``job_id``, if any."""
+        with self._lock:
+            entry = self._hosts.get(job_id)
+        return None if entry is None else entry[0].guest.party_id
+
+    def stop_run(self, job_id: str) -> None:
+        """Stop this host's run of ``job_id`` if it still runs (R3: its guest failed)."""
+        with self._lock:
+            entry = self._hosts.get(job_id)
+        if entry is not None and not entry[1].is_set():
+            entry[0].stop()
 
     def close(self) -> None:
         """Stop every run this host follows (service stop)."""

@@ -22,12 +22,21 @@ Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.aud
 3. H records each accepted run (``jobs/<id>/host_run.json``); on start, its service sends
    ``RUN_STOPPED{restarted}`` to the guest of every run that was still going when it
    stopped, retrying until the guest is reachable; a run of H that fails sends
-   ``RUN_STOPPED{failed}``.
+   ``RUN_STOPPED{failed}`` with the error's peer-safe reason.
 4. A ``JOB_START`` for a job whose older run is still being served at H stops that run
    first (its receives raise :class:`RunAbortedError`) and waits for it to end.
 5. On SIGTERM (:meth:`JobRunner.close`, before the channel closes) every run is stopped the
    same way: checkpoints are written per step, so nothing needs saving; the jobs resume
    when the service is started again.
+6. A split-NN or transfer job that fails for good at G (lifecycle step 2: not retried, or
+   out of retries) is announced to H and A (``JOB_FAILED{run id, reason}``, R3 of the
+   session module, best effort with retries for a minute): H stops its run of the job, and
+   H and A record the job as ``failed`` with G's peer-safe reason instead of showing it
+   ``running``. Only the job's guest may say so, and only a job shown ``running`` changes.
+
+Whatever one party tells another about a failure or refusal is :func:`peer_reason` of the
+error (the rule, never its files, columns, rows or counts); the full text stays in that
+party's log, status and audit log.
 
 The arbiter keeps job registrations, served-step marks, counts, resumes and its model
 registry in ``<state_dir>/arbiter_policy`` (P9 of :mod:`protocols.crypto.policy`): a
@@ -44,6 +53,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -67,6 +77,7 @@ from protocols.errors import (
     PolicyViolationError,
     TransportError,
     VflError,
+    peer_reason,
 )
 from protocols.executor import Backend, Executor, make_executor
 from protocols.files import atomic_write, private_dir
@@ -81,7 +92,7 @@ from vfl.fedavg.client import FedClient
 from vfl.fedavg.jobfile import FedJobFile, parse_fed_job, with_defaults
 from vfl.fedavg.protocol import DropoutPolicy, FedResult, RoundAbortedError
 from vfl.privacy.label_protection import ProtectMode
-from vfl.service.accept import check_offer, check_spec
+from vfl.service.accept import check_offer, check_spec, host_id_column
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.fedjobs import FedJobs
 from vfl.service.ftljobs import FtlJobs
@@ -111,6 +122,7 @@ RETRY_DELAYS_S = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0)
 NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
 COUNTS_EVERY_S = 60.0  # the arbiter's periodic decryption-count records (when they changed)
 STOP_WAIT_S = 10.0  # how long close() waits for runs to end
+FAILED_NOTICE_S = 60.0  # how long G keeps trying to tell H and A that a job failed (R3)
 
 
 class RunStop(StrEnum):
@@ -223,8 +235,15 @@ class ArbiterWatch:
     for every job registered since the service started.
     """
 
-    def __init__(self, *, config: PartyConfig, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        *,
+        config: PartyConfig,
+        audit: AuditLog,
+        status: Callable[..., None] | None = None,
+    ) -> None:
         self.config, self.audit = config, audit
+        self.status = status or (lambda job_id, **fields: None)
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, int]] = {}  # job -> counts last recorded
         self._reregistered: dict[str, dict[str, int]] = {}  # job -> counts at its last new run
@@ -277,6 +296,7 @@ class ArbiterWatch:
             if again:
                 self.record_counts(spec.job_id, cause="registered again", force=True)
         self.audit.record(event=AuditEvent.JOB_ACCEPTED, job_id=spec.job_id, **fields)
+        self.status(spec.job_id, state="running", phase="registered", guest=spec.guest)
         with self._lock:
             self._jobs.setdefault(spec.job_id, {})
 
@@ -321,25 +341,38 @@ class ArbiterWatch:
 
 
 def _aligned_table(
-    config: PartyConfig, request: dict[str, Any], *, labels: str | None
+    config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: str | None = None
 ) -> PartyTable:
-    """This party's rows for the job, in the PSI's shared order."""
+    """This party's rows for the job, in the PSI's shared order.
+
+    At the host (``guest`` given) the id column is the one its ``[psi]`` policy names for the
+    alias (:func:`host_id_column`), and the PSI result must be one it ran with that guest on
+    that alias (docs/protocol.md §3.4.1).
+    """
     alias = str(request.get("data", ""))
     if alias not in config.data:
         known = ", ".join(sorted(config.data)) or "none"
-        raise ConfigError(f"{config.party.party_id} has no data alias {alias!r} (aliases: {known})")
-    spec = TableSpec(
-        path=config.data[alias], id_column=str(request.get("id_column", "id")), label_column=labels
+        raise ConfigError(
+            f"{config.party.party_id} has no data alias {alias!r} (aliases: {known})",
+            public=f"no data alias {alias!r} here",
+        )
+    column = (
+        str(request.get("id_column", "id")) if guest is None else host_id_column(config, request)
     )
-    table = load_table(spec)
-    # the guest's own (checked in its job file) or the one a guest's JOB_START names
+    spec = TableSpec(path=config.data[alias], id_column=column, label_column=labels)
     psi_job = check_identifier(request.get("psi_job"), what="psi_job")
-    _, rows = read_result(config.state_dir, psi_job)
+    summary, rows = read_result(config.state_dir, psi_job)
+    if guest is not None:
+        for key, wanted in (("data", alias), ("id_column", column), ("peer", guest)):
+            if key in summary and summary[key] != wanted:  # results of older versions lack them
+                public = f"PSI {psi_job} aligned other data or another guest here"
+                raise JobRefusedError(f"{public} ({key} {summary[key]!r})", public=public)
     if rows is None:
         raise ConfigError(
-            f"PSI {psi_job} at {config.party.party_id} kept no rows (cardinality mode?)"
+            f"PSI {psi_job} at {config.party.party_id} kept no rows (cardinality mode?)",
+            public=f"PSI {psi_job} kept no rows here (cardinality or guest-only mode?)",
         )
-    return table.take(rows)
+    return load_table(spec).take(rows)
 
 
 class _GuestJob:
@@ -395,6 +428,7 @@ class JobRunner:
         self._guest_jobs: dict[str, _GuestJob] = {}
         self._host_runs: dict[str, _HostRun] = {}
         self._job_locks: dict[str, threading.Lock] = {}
+        self._guest_failed: dict[str, str] = {}  # H: jobs whose guest reported R3, and why
         self.audit = AuditLog(config.state_dir / AUDIT_FILE, party=config.party.party_id)
         self.watch: ArbiterWatch | None = None
         if config.seed is not None:
@@ -413,13 +447,17 @@ class JobRunner:
             self.ftl.serve_host()
         if role is Role.GUEST:
             channel.add_handler(MessageFilter.for_tags(JobTag.RUN_STOPPED), self._on_run_stopped)
+        else:
+            channel.add_handler(MessageFilter.for_tags(JobTag.JOB_FAILED), self._on_job_failed)
 
     def serve_arbiter(self) -> ArbiterService:
         """Arbiter: answer key, setup and decryption requests under the acceptance policy,
         with audit records (:class:`ArbiterWatch`); returns the decryption service."""
-        self.watch = ArbiterWatch(config=self.config, audit=self.audit)
+        self.watch = ArbiterWatch(config=self.config, audit=self.audit, status=self._update)
         self.fed.serve_aggregator()
-        return serve_arbiter(self.config, self.channel, self.executor, watch=self.watch)
+        service = serve_arbiter(self.config, self.channel, self.executor, watch=self.watch)
+        service.on_closed(lambda job_id: self._update(job_id, state="done", phase="done"))
+        return service
 
     def background(self) -> Executor:
         """Low-priority workers that fill obfuscator pools with otherwise idle CPU time (on a
@@ -484,6 +522,10 @@ class JobRunner:
         """A host's run of ``what`` (FedAvg, FTL) ended with ``exc``: interrupted if it was
         stopped (a newer run, or the service stop), else failed, in the status and audit log."""
         error = f"{type(exc).__name__}: {exc}"[:500]
+        with self._lock:
+            guest_failed = job_id in self._guest_failed
+        if guest_failed:  # R3 recorded it failed already; the stop was its consequence
+            return
         if stopped or self._stopping.is_set():
             self._update(job_id, state="interrupted", phase="stopped")
             return
@@ -656,6 +698,10 @@ class JobRunner:
                         attempts=attempt + 1,
                     )
                     self._finish(job_id, state="failed", error=error[:500])
+                    public = peer_reason(exc)
+                    if notice is not None and notice.get("reason") == RunStop.FAILED.value:
+                        public = f"{notice.get('from')} failed: {notice.get('error', 'no reason')}"
+                    self._tell_failed(entry, public[:300])
                     return
                 attempt += 1
                 restarted = notice is not None and notice.get("reason") == RunStop.RESTARTED.value
@@ -717,6 +763,87 @@ class JobRunner:
             )
             return
 
+    def _tell_failed(self, entry: _GuestJob, reason: str) -> None:
+        """Lifecycle step 6 (R3): tell the host and the arbiter that the job failed for good."""
+        if isinstance(entry.job_file, FedJobFile):
+            return  # a horizontal job's aggregator tells its clients itself (ABORT)
+        job_id = entry.job_file.job.job_id
+        session = entry.session
+        body = {"run_id": session.run_id if session is not None else "", "reason": reason}
+        receivers = (
+            self.config.peer_with_role(Role.HOST),
+            self.config.peer_with_role(Role.ARBITER),
+        )
+        threading.Thread(
+            target=self._send_failed,
+            args=(job_id, receivers, body),
+            name=f"failed-{job_id}",
+            daemon=True,
+        ).start()
+
+    def _send_failed(self, job_id: str, receivers: tuple[Party, ...], body: dict[str, Any]) -> None:
+        """Send ``JOB_FAILED`` (R3) to each receiver, retrying for ``FAILED_NOTICE_S``."""
+        give_up = time.monotonic() + FAILED_NOTICE_S
+        with self._job_lock(job_id):  # a fresh run number: never a replay of an earlier one
+            number = claim_run(self.channel, self._job_dir(job_id), receivers)
+        for receiver in receivers:
+            delay = 1.0
+            while not self._stopping.is_set():
+                try:
+                    self.channel.send(
+                        Envelope(
+                            job_id=job_id,
+                            sender=self.channel.me,
+                            receiver=receiver,
+                            tag=JobTag.JOB_FAILED,
+                            step=number,
+                            body=ControlBlock.from_obj(body),
+                        )
+                    )
+                except (VflError, OSError) as exc:
+                    if time.monotonic() + delay > give_up:
+                        logger.warning(
+                            "job %s: could not tell %s that it failed: %s", job_id, receiver, exc
+                        )
+                        break
+                    self._stopping.wait(delay)
+                    delay = min(2 * delay, 10.0)
+                    continue
+                logger.info("job %s: told %s that it failed", job_id, receiver.party_id)
+                break
+
+    def _on_job_failed(self, envelope: Envelope) -> None:
+        """R3 at H and A: the job's guest says the job failed for good. H stops its run of
+        it; both record it ``failed`` with the guest's (peer-safe) reason. Only the guest of
+        a job shown ``running`` here can do so."""
+        job_id, sender = envelope.job_id, envelope.sender.party_id
+        body = envelope.body.obj() if isinstance(envelope.body, ControlBlock) else {}
+        reason = f"{sender} failed: {str(body.get('reason') or 'no reason given')[:300]}"
+        with self._lock:
+            state = dict(self.jobs.get(job_id, {}))
+            run = self._host_runs.get(job_id)
+        if self.config.party.role is Role.HOST:
+            guest = run.envelope.sender.party_id if run is not None else self.ftl.guest_of(job_id)
+        else:
+            guest = state.get("guest")
+        if state.get("state") != "running" or guest != sender:
+            logger.info(
+                "ignored JOB_FAILED for job %s from %s (not its running guest here)", job_id, sender
+            )
+            return
+        logger.warning("job %s: %s", job_id, reason)
+        with self._lock:
+            self._guest_failed[job_id] = reason
+        self.audit.record(
+            event=AuditEvent.JOB_FAILED, job_id=job_id, submitter=sender, reason=reason
+        )
+        self._update(job_id, state="failed", phase="failed", error=reason)
+        if run is not None:
+            self._host_run_state(job_id, run.envelope, state="failed")
+            if not run.done.is_set():
+                run.session.stop()
+        self.ftl.stop_run(job_id)
+
     def _has_psi(self, psi_job: str) -> bool:
         try:
             read_result(self.config.state_dir, psi_job)
@@ -734,7 +861,7 @@ class JobRunner:
                 {
                     "peer": self.config.peer_with_role(Role.HOST).party_id,
                     "data": job_file.guest_data,
-                    "host_data": job_file.host_data,
+                    "host_data": job_file.host_data,  # the host uses its own [psi] columns
                     "id_column": job_file.id_column,
                     "id_type": job_file.id_type,
                     "job_id": psi_job,
@@ -780,11 +907,7 @@ class JobRunner:
             allow_test_key=self.config.allow_test_key,
             progress=lambda p: self._on_progress(p),
             pool_executor=self.background(),
-            host_request={
-                "data": job_file.host_data,
-                "id_column": job_file.id_column,
-                "psi_job": psi_job,
-            },
+            host_request={"data": job_file.host_data, "psi_job": psi_job},
         )
         with self._lock:
             entry.session = session
@@ -863,7 +986,13 @@ class JobRunner:
                 channel=self.channel,
                 guest=envelope.sender,
                 arbiter=self.config.peer_with_role(Role.ARBITER),
-                table_for=lambda request: _aligned_table(self.config, request, labels=None),
+                table_for=lambda request: _aligned_table(
+                    self.config, request, labels=None, guest=envelope.sender.party_id
+                ),
+                request_for=lambda request: {
+                    **request,
+                    "id_column": host_id_column(self.config, request),
+                },
                 executor=self.executor,
                 state_dir=self.config.state_dir,
                 seed=self.config.seed,
@@ -874,6 +1003,7 @@ class JobRunner:
             run = _HostRun(session, envelope)
             with self._lock:
                 self._host_runs[job_id] = run
+                self._guest_failed.pop(job_id, None)  # a new run of the job (resubmitted)
         self._update(job_id, state="running", phase="training", started=time.time())
         try:
             session.run(envelope)
@@ -894,7 +1024,9 @@ class JobRunner:
                 self._update(job_id, state="interrupted", phase="stopped")
             elif session.stopped:
                 logger.info(
-                    "job %s: run %s ended, a newer run replaces it", job_id, envelope.run_id
+                    "job %s: run %s stopped (a newer run replaces it, or the guest failed)",
+                    job_id,
+                    envelope.run_id,
                 )
             else:
                 logger.error("job %s failed at the host: %s", job_id, error)
@@ -907,7 +1039,11 @@ class JobRunner:
                 )
                 self._host_run_state(job_id, envelope, state="failed")
                 self._update(job_id, state="failed", error=error)
-                body = {"reason": RunStop.FAILED.value, "error": error, "retry": retryable(exc)}
+                body = {
+                    "reason": RunStop.FAILED.value,
+                    "error": peer_reason(exc),  # the full error stays in H's log and status
+                    "retry": retryable(exc),
+                }
                 threading.Thread(
                     target=self._send_notice,
                     args=(job_id, envelope.sender, envelope.run_id, body, 60.0),

@@ -9,12 +9,14 @@ What it does now (later capabilities add protocols to this same service):
 1. listens on ``[party] listen`` with the standard gRPC health service;
 2. answers ``service.PING`` envelopes from peers with ``service.PONG`` carrying
    the SHA-256 of the received body, so the sender can check integrity;
-3. as host, answers a guest's PSI ``HELLO`` for one of its own data aliases and writes
-   its result to ``<state_dir>/psi/<job_id>/``;
+3. as host, answers a guest's PSI ``HELLO`` for one of its own data aliases, on the id
+   column and duplicates policy its own ``[psi]`` config names, and writes its result to
+   ``<state_dir>/psi/<job_id>/`` (with the alias, column and guest it aligned);
 4. runs split-NN jobs (:mod:`vfl.service.jobs`): the arbiter answers key, setup and masked
    decryption requests; the guest runs jobs its operator submits (``train``); the host
    follows a guest's ``JOB_START`` for one of its own data aliases; host and arbiter check
-   what a guest asks (PSI too) against their ``[accept]`` policy (:mod:`vfl.service.accept`);
+   what a guest asks (PSI too) against their ``[accept]`` policy (:mod:`vfl.service.accept`;
+   a PSI also against the host's ``[psi]`` policy, which fixes the columns it uses);
    every party appends its job events to ``<state_dir>/audit.jsonl``; jobs a stop
    interrupted resume when the services start again (lifecycle in :mod:`vfl.service.jobs`);
 5. scores new customers after training (:mod:`vfl.service.scoring`): the arbiter keeps
@@ -42,7 +44,12 @@ from typing import Any
 
 from protocols.crypto.arbiter import SetupTag
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
-from protocols.errors import ConfigError, MalformedEnvelopeError, TransportError, VflError
+from protocols.errors import (
+    ConfigError,
+    MalformedEnvelopeError,
+    TransportError,
+    VflError,
+)
 from protocols.executor import Backend, Executor, ExecutorSettings, make_executor
 from protocols.files import atomic_write
 from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
@@ -51,16 +58,15 @@ from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.grpc_channel import GrpcChannel
 from protocols.transport.tls import TlsIdentity
-from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
-from psi.protocol import PsiMode, PsiOptions, PsiTag, read_hello, refuse, run_guest, run_host
+from psi.canon import DuplicatePolicy, IdType
+from psi.protocol import PsiMode, PsiOptions, PsiTag, run_guest
 from psi.result import write_result
-from vfl.config import JobType, PartyConfig
-from vfl.data.ids import load_id_column
+from vfl.config import PartyConfig
 from vfl.fedavg.protocol import FedTag
 from vfl.scoring.protocol import ScoreTag
-from vfl.service.accept import check_data, check_guest
 from vfl.service.jobs import JobRunner, decrypts_on_ray
 from vfl.service.probe import HealthProbe
+from vfl.service.psihost import answer_psi, prepare_alias
 from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
 from vfl.splitnn.session import JobTag
@@ -306,52 +312,18 @@ class PartyService:
             return ExecutorSettings()
         return settings
 
-    def _prepare(self, request: dict[str, Any], *, id_type: IdType) -> PreparedIds:
-        alias = str(request.get("data", ""))
-        if alias not in self.config.data:
-            known = ", ".join(sorted(self.config.data)) or "none"
-            raise ConfigError(
-                f"{self.party.party_id} has no data alias {alias!r} (aliases: {known})"
-            )
-        path = self.config.data[alias]
-        column = str(request.get("id_column", "id"))
-        stamp_column = request.get("timestamp_column")
-        ids, stamps = load_id_column(path, column, timestamp_column=stamp_column)
-        return prepare_ids(
-            ids,
-            id_type=id_type,
-            duplicates=DuplicatePolicy(request.get("duplicates", "error")),
-            timestamps=stamps,
-            column=column,
-            source=str(path),
-        )
-
     def _on_psi_hello(self, envelope: Envelope) -> None:
-        hello = read_hello(envelope)
-        request = hello.get("request", {})
-        try:
-            check_guest(self.config, guest=envelope.sender.party_id, job_type=JobType.PSI)
-            check_data(self.config, alias=str(request.get("data", "")))
-            ids = self._prepare(request, id_type=IdType(hello["id_type"]))
-        except VflError as exc:
-            logger.warning("%s: refused PSI %s: %s", self.party.party_id, envelope.job_id, exc)
-            refuse(self.channel, envelope, str(exc))
-            return
-        logger.info(
-            "%s: PSI %s with %s, mode %s, %d usable ids",
-            self.party.party_id,
-            envelope.job_id,
-            envelope.sender,
-            hello["mode"],
-            len(ids.canonical),
+        """A guest's PSI, under this party's ``[accept]`` and ``[psi]`` policy
+        (:mod:`vfl.service.psihost`)."""
+        answer_psi(
+            config=self.config, channel=self.channel, envelope=envelope, executor=self.executor()
         )
-        result = run_host(
-            channel=self.channel, hello_envelope=envelope, ids=ids, executor=self.executor()
-        )
-        folder = write_result(self.config.state_dir, envelope.job_id, result)
-        logger.info("%s: PSI %s done, result in %s", self.party.party_id, envelope.job_id, folder)
 
     def _admin_psi(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Admin ``psi`` (guest): align this party's alias ``data`` with the host's alias
+        ``host_data``. The host decides its own columns and duplicates policy (its ``[psi]``
+        config); ``host_id_column``, ``host_duplicates`` and ``host_timestamp_column`` are
+        sent only when given, and the host refuses values other than its own."""
         peer = self.config.peer(str(data.get("peer", ""))).party
         id_type = IdType(data.get("id_type", "generic"))
         mode = PsiMode(data.get("mode", "both"))
@@ -361,14 +333,19 @@ class PartyService:
             what="PSI job id",
             error=ConfigError,
         )
-        ids = self._prepare(data, id_type=id_type)
-        host_request = {
-            "data": data.get("host_data", data.get("data")),
-            "id_column": data.get("host_id_column", data.get("id_column", "id")),
-            "duplicates": data.get("host_duplicates", data.get("duplicates", "error")),
-        }
-        if data.get("host_timestamp_column"):
-            host_request["timestamp_column"] = data["host_timestamp_column"]
+        stamp = data.get("timestamp_column")
+        ids = prepare_alias(
+            self.config,
+            str(data.get("data", "")),
+            id_type=id_type,
+            column=str(data.get("id_column", "id")),
+            duplicates=DuplicatePolicy(data.get("duplicates", "error")),
+            timestamp_column=str(stamp) if stamp else None,
+        )
+        host_request: dict[str, Any] = {"data": data.get("host_data", data.get("data"))}
+        for key in ("id_column", "duplicates", "timestamp_column"):
+            if data.get(f"host_{key}"):
+                host_request[key] = data[f"host_{key}"]
         result = run_guest(
             channel=self.channel,
             host=peer,

@@ -275,7 +275,7 @@ class ScoringService:
                 "data": alias,
                 "host_data": model.manifest["data"].get("host_alias", ""),
                 "id_column": id_column,
-                "host_id_column": request.get("host_id_column", id_column),
+                "host_id_column": request.get("host_id_column"),  # default: the host's [psi]
                 "id_type": id_type.value,
                 "mode": "guest_only",
                 "job_id": psi_job,

@@ -14,7 +14,8 @@ J2. G → H ``JOB_START{job, run id, G's checkpoints, schedule}`` and ``FIT_ROWS
     its own row counts (:meth:`Schedule.check_at_host`) and the job against its acceptance
     policy (its ``accept`` hook: guest, data alias, shapes, protection mode, then its
     column count and the arbiter's key size) and answers ``JOB_ACCEPT{H's checkpoints}``
-    or ``JOB_ACCEPT{refused: reason}`` (G raises :class:`JobRefusedError`, not retried).
+    or ``JOB_ACCEPT{refused: reason}`` with the rule only (docs/protocol.md §1.7; G raises
+    :class:`JobRefusedError`, not retried).
 J3. G and H → A ``JOB_SPEC``; A → ``JOB_READY`` once both sent the same (policy, §2.6), or
     ``JOB_READY{refused: reason}`` if the job is outside A's own acceptance policy.
 J4. Resume point ``t`` = the newest step both still hold. If there is one, both send
@@ -41,6 +42,10 @@ R1. H → G ``RUN_STOPPED{run id, reason}`` when H's service starts again after 
     of waiting for its receive timeout. Its step is a fresh run number of H (never a replay).
 R2. A session's :meth:`_Common.stop` ends its run: every receive of that run raises
     :class:`RunAbortedError` (a newer run of the same job replaces it, or the service stops).
+R3. G → H and A ``JOB_FAILED{run id, reason}`` when G's job failed for good (not when it is
+    only interrupted or retried): H stops its run of the job and, like A, records the job
+    as failed with G's peer-safe reason, so no party shows it running. Its step is a fresh
+    run number of G.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from protocols.errors import (
     RunAbortedError,
     TransportError,
     VflError,
+    peer_reason,
 )
 from protocols.executor import Executor
 from protocols.files import atomic_write, private_dir
@@ -112,6 +118,7 @@ class JobTag(StrEnum):
     USE_BEST = "splitjob.USE_BEST"
     JOB_END = "splitjob.JOB_END"
     RUN_STOPPED = "splitjob.RUN_STOPPED"  # R1: H tells G that a run of it ended early
+    JOB_FAILED = "splitjob.JOB_FAILED"  # R3: G tells H and A that the job failed for good
 
 
 DONE_WAIT_S = 120.0  # how long a party waits for the arbiter's answer to JOB_DONE (J8)
@@ -880,11 +887,14 @@ class HostSession(_Common):
 
     ``table_for(request)`` returns H's rows in the PSI order for the job (from its own data
     alias and PSI result named in the guest's request; a :class:`VflError` refuses the job);
-    ``seed`` seeds H's own initialisation (None: OS CSPRNG). ``accept(offer)`` is H's
+    ``seed`` seeds H's own initialisation (None: OS CSPRNG). ``request_for(request)`` is H's
+    own reading of the guest's request (its ``[psi]`` policy fixes the id column; a
+    :class:`VflError` refuses the job). ``accept(offer)`` is H's
     acceptance policy: called at J2 before anything is written, again with H's column count
     once its table is loaded and again with the arbiter's key once fetched; a
-    :class:`VflError` it raises refuses the job with its message (``JOB_ACCEPT{refused}``)
-    and :meth:`run` raises :class:`JobRefusedError`.
+    :class:`VflError` it raises refuses the job (``JOB_ACCEPT{refused}`` with its
+    :func:`peer_reason`, never its full message) and :meth:`run` raises
+    :class:`JobRefusedError`.
     """
 
     def __init__(
@@ -904,6 +914,7 @@ class HostSession(_Common):
         pool_executor: Executor | None = None,
         accept: Callable[[JobOffer], None] | None = None,
         observer: HostObserver | None = None,
+        request_for: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -920,15 +931,20 @@ class HostSession(_Common):
         self.pool_target = pool_target
         self.accept = accept or (lambda offer: None)
         self.observer = observer
+        self.request_for = request_for or (lambda request: request)
 
     def _refuse(self, job_id: str, exc: VflError) -> JobRefusedError:
-        """J2: tell G why the job is refused; the error for :meth:`run` to raise."""
+        """J2: tell G why the job is refused (the rule, :func:`peer_reason`; the details only
+        in H's log); the error for :meth:`run` to raise."""
         reason = str(exc)[:500]
+        public = peer_reason(exc)
         self.send(
-            job_id, self.peer, JobTag.JOB_ACCEPT, 0, ControlBlock.from_obj({"refused": reason})
+            job_id, self.peer, JobTag.JOB_ACCEPT, 0, ControlBlock.from_obj({"refused": public})
         )
         logger.warning("refused job %s of %s: %s", job_id, self.peer.party_id, reason)
-        return JobRefusedError(f"refused job {job_id} of {self.peer.party_id}: {reason}")
+        return JobRefusedError(
+            f"refused job {job_id} of {self.peer.party_id}: {reason}", public=public
+        )
 
     def run(self, start: Envelope) -> HostTrainer:
         """Serve the job that ``start`` (a ``JOB_START``) opens, until ``JOB_END``."""
@@ -942,6 +958,7 @@ class HostSession(_Common):
         self.next_run(job_dir)
         self.request = dict(body.get("request", {}))
         try:
+            self.request = self.request_for(self.request)  # H's own reading of it
             job = SplitJob.from_host_part(body)
             if job.job_id != start.job_id:
                 raise ProtocolError("JOB_START names another job than its envelope")
