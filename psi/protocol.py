@@ -241,12 +241,15 @@ class _Run:
         )
 
     def abort(self, reason: str) -> None:
-        """Tell the peer we stopped (best effort), so it does not wait for its timeout."""
+        """Tell the peer we stopped (best effort), so it does not wait for its timeout, and
+        drop this run's unread chunks and any still arriving (they would otherwise hold the
+        peer's queue budget here, docs/protocol.md §2.9.1)."""
         try:
             body = ControlBlock.from_obj({"reason": reason[:300]})
             self.channel.send(self.envelope(PsiTag.ABORT, 0, body))
         except Exception:  # noqa: BLE001 - the original error matters more
             logger.debug("could not send PSI ABORT to %s", self.peer)
+        self.channel.abort_run(self.job_id, self.run_id)
 
     def start_sender(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Run ``fn`` in a thread; the returned function joins it and re-raises its error."""

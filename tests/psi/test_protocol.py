@@ -54,8 +54,9 @@ def run(
     host_id_type: IdType | None = None,
     job_id: str = "psi-job",
     tamper: Callable[[Channel], None] | None = None,
+    pair: tuple[Channel, Channel] | None = None,
 ) -> Outcome:
-    cg, ch = channels()
+    cg, ch = pair or channels()
     sent: dict[str, list[Envelope]] = {"guest": [], "host": []}
     record(cg, sent["guest"])
     record(ch, sent["host"])
@@ -250,13 +251,19 @@ def test_p8_a_malformed_chunk_aborts_with_a_typed_error() -> None:
 
         channel.send = send  # type: ignore[method-assign]
 
+    pair = channels()
     with pytest.raises(InvalidPointError, match="bit 255"):
         run(
             ids("m", range(10)),
             ids("m", range(10)),
             tamper=corrupt,
             options=PsiOptions(chunk_points=4, task_points=2, timeout=5),
+            pair=pair,
         )
+    # the failed run's unread chunks are dropped: they hold no budget (protocol §2.9.1)
+    for channel in pair:
+        assert channel._mailbox.pending() == 0
+        assert all(channel._mailbox.queued_bytes(p) == 0 for p in ("bank", "retailer"))
 
 
 def test_mismatching_id_types_are_refused() -> None:
