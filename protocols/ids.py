@@ -68,10 +68,11 @@ def check_identifier(
     if is_identifier(value, max_length=max_length):
         return str(value)
     shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
-    raise error(
+    message = (
         f"{what} {shown} is not a valid identifier: use 1-{max_length} letters, digits, "
         "'.', '_' or '-', starting with a letter or digit"
     )
+    raise error(message, public=message)  # about the sender's own value: safe to tell it
 
 
 def state_path(root: Path, *parts: str) -> Path:

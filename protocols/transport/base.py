@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MailKey = tuple[str, str, str, str, int]  # (job_id, run_id, sender id, tag, step)
 Handler = Callable[[Envelope], None]
+_Task = tuple[Handler, Envelope, str, int]  # handler, envelope, sender charged, charge
 _ACTIVE_JOBS = 4096  # jobs whose last local activity is remembered (only this party's own)
 
 
@@ -129,10 +130,11 @@ class Mailbox:
     against its sender's ``max_queued_bytes`` from before its body is read until it is
     read, handled or dropped (:meth:`reserve`); an envelope a local receive is waiting for
     is admitted even over budget, so a full budget never blocks the message that would
-    drain it. Each sender has at most ``handler_threads // 2`` envelopes with handlers
-    running or queued. Unread messages of a job with no local activity (no local protocol
-    sent, awaited or read a message of it) for ``stale_mail_seconds`` are dropped; those
-    of a stopped run at once.
+    drain it. At most ``handler_threads // 2`` handlers of one sender run at once; its
+    others wait in its own queue, so one sender cannot occupy every handler thread.
+    Unread messages of a job with no local activity (no local protocol sent, awaited or
+    read a message of it) for ``stale_mail_seconds`` are dropped; those of a stopped run
+    at once.
     """
 
     def __init__(
@@ -156,7 +158,8 @@ class Mailbox:
         self._handlers: list[tuple[MessageFilter, Handler, Handler | None]] = []
         self._pool = ThreadPoolExecutor(handler_threads, thread_name_prefix=f"{me.party_id}-h")
         self._max_handled = max(1, handler_threads // 2)
-        self._handled: dict[str, int] = {}  # sender id -> envelopes at its handlers
+        self._handled: dict[str, int] = {}  # sender id -> its handlers running
+        self._backlog: dict[str, deque[_Task]] = {}  # sender id -> its handlers waiting
         self._closed = False
         self._aborted: set[tuple[str, str]] = set()  # (job_id, run_id) of stopped runs
         self._activity: OrderedDict[str, float] = OrderedDict()  # job id -> last local use
@@ -270,18 +273,10 @@ class Mailbox:
         self.tags.check(envelope.tag)  # step 4
         with self._cond:
             # Under the lock, so that a replay mark is never recorded for an envelope that
-            # a closing mailbox or a busy handler queue then refuses (its retry would be
-            # taken for a duplicate).
+            # a closing mailbox then refuses (its retry would be taken for a duplicate).
             if self._closed:
                 raise TransportError(f"{self.me} is shutting down; envelope not accepted")
             handler = self._handler_for(envelope)
-            if handler is not None and self._handled.get(reservation.sender, 0) >= (
-                self._max_handled
-            ):
-                raise ReceiverBusyError(
-                    f"{self.me.party_id} is still handling {self._max_handled} envelopes from "
-                    f"{reservation.sender or 'this sender'}; retry later"
-                )
             if self._replay.check(envelope, digest) is Verdict.DUPLICATE:  # step 5
                 logger.info("duplicate acknowledged, not processed again: %s", envelope.describe())
                 if handler is not None and handler[1] is not None:
@@ -344,24 +339,37 @@ class Mailbox:
                 )
 
     def _submit(self, handler: Handler, envelope: Envelope, reservation: Reservation) -> None:
-        """Run ``handler`` on a worker; the envelope stays charged until it returns."""
-        sender, amount = reservation.sender, reservation.hand_over()
-        self._handled[sender] = self._handled.get(sender, 0) + 1
-        self._pool.submit(self._run_handler, handler, envelope, sender, amount)
+        """Run ``handler`` on a worker, at most ``handler_threads // 2`` at once per sender
+        (the rest wait in the sender's own queue); the envelope stays charged until its
+        handler returns. Called with the lock held."""
+        task = (handler, envelope, reservation.sender, reservation.hand_over())
+        if self._handled.get(task[2], 0) < self._max_handled:
+            self._start(task)
+        else:
+            self._backlog.setdefault(task[2], deque()).append(task)
 
-    def _run_handler(self, handler: Handler, envelope: Envelope, sender: str, amount: int) -> None:
+    def _start(self, task: _Task) -> None:
+        self._handled[task[2]] = self._handled.get(task[2], 0) + 1
+        self._pool.submit(self._run_handler, task)
+
+    def _run_handler(self, task: _Task) -> None:
+        handler, envelope, sender, amount = task
         try:
             handler(envelope)
         except Exception:  # a handler bug must not kill the service
             logger.exception("handler for %s failed", envelope.describe())
         finally:
             with self._cond:
-                left = self._handled.get(sender, 0) - 1
-                if left > 0:
-                    self._handled[sender] = left
-                else:
-                    self._handled.pop(sender, None)
                 self._release(sender, amount)
+                waiting = self._backlog.get(sender)
+                if waiting and not self._closed:
+                    self._pool.submit(self._run_handler, waiting.popleft())
+                else:
+                    self._handled[sender] -= 1
+                    if not self._handled[sender]:
+                        del self._handled[sender]
+                if not waiting:
+                    self._backlog.pop(sender, None)
 
     # -- reading ------------------------------------------------------------------
 

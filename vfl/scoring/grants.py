@@ -175,7 +175,10 @@ class GrantKeeper:
         body = envelope.body.obj()
         model_id = check_identifier(body.get("model_id"), what="GRANT_REQ model id")
         if envelope.job_id != grant_id(model_id):
-            raise ProtocolError("GRANT_REQ names another model than its envelope")
+            raise ProtocolError(
+                "GRANT_REQ names another model than its envelope",
+                public="GRANT_REQ names another model than its envelope",
+            )
         if bytes.fromhex(str(body["key_id"])) != self.service.key_id:
             raise PolicyViolationError(f"model {model_id} is under another key")
         request: dict[str, Any] = {

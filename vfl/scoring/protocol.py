@@ -232,10 +232,16 @@ class ScoringHost:
             body = envelope.body.obj()
             model_id = check_identifier(body.get("model_id"), what="OPEN model id")
             if envelope.job_id != grant_id(model_id):
-                raise ProtocolError("OPEN names another model than its envelope")
+                raise ProtocolError(
+                    "OPEN names another model than its envelope",
+                    public="OPEN names another model than its envelope",
+                )
             model = load_model(self.state_dir, model_id)
             if envelope.job_id != grant_id(model.model_id):
-                raise ProtocolError("OPEN names another model than its envelope")
+                raise ProtocolError(
+                    "OPEN names another model than its envelope",
+                    public="OPEN names another model than its envelope",
+                )
             if (
                 model.manifest["role"] != "host"
                 or model.manifest["peer"] != envelope.sender.party_id

@@ -197,7 +197,10 @@ class FedJobs:
                 raise ProtocolError("START must carry the job as JSON")
             job = FedJob.from_json(envelope.body.obj()["job"])
             if job.job_id != job_id:
-                raise ProtocolError("START names another job than its envelope")
+                raise ProtocolError(
+                    "START names another job than its envelope",
+                    public="START names another job than its envelope",
+                )
             check_fed_start(self.config, job, sender=sender.party_id)
             table = self._table(job)
             check_fed_start(self.config, job, sender=sender.party_id, features=len(table.columns))

@@ -189,7 +189,10 @@ class FtlJobs:
             body = envelope.body.obj()
             job = FtlJob.from_json(body["job"])
             if job.job_id != job_id:
-                raise ProtocolError("START names another job than its envelope")
+                raise ProtocolError(
+                    "START names another job than its envelope",
+                    public="START names another job than its envelope",
+                )
             request = dict(body.get("request", {}))
             psi_job = check_identifier(request.get("psi_job"), what="START psi_job")
             alias = str(request.get("data", ""))

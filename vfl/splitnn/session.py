@@ -961,7 +961,10 @@ class HostSession(_Common):
             self.request = self.request_for(self.request)  # H's own reading of it
             job = SplitJob.from_host_part(body)
             if job.job_id != start.job_id:
-                raise ProtocolError("JOB_START names another job than its envelope")
+                raise ProtocolError(
+                    "JOB_START names another job than its envelope",
+                    public="JOB_START names another job than its envelope",
+                )
             offer = JobOffer(guest=self.peer.party_id, job=job, request=self.request)
             self.accept(offer)  # J2, before anything is written
         except VflError as exc:

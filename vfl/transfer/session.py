@@ -748,7 +748,10 @@ class FtlHost:
         body = control_of(start)
         job = FtlJob.from_json(body["job"])
         if job.job_id != start.job_id:
-            raise ProtocolError("START names another job than its envelope")
+            raise ProtocolError(
+                "START names another job than its envelope",
+                public="START names another job than its envelope",
+            )
         try:
             run = int(body.get("run", 0))
         except (TypeError, ValueError):
