@@ -64,6 +64,8 @@ Example (relative paths are resolved against the config file's folder)::
     [testing]                    # optional, reproducible experiments only: never with data
     seed = 7                     # fixes this party's own random draws (its W_0 component,
                                  # its model's initialisation, the guest's batch order)
+    allow_hold = true            # the guest's `train` may ask to pause after a step
+                                 # ("hold_at_step") until admin `release` (tests of restarts)
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ _ACCEPT_KEYS = {
 }
 _SCORING_KEYS = {"requesters", "quota_rows", "quota_days", "valid_days", "models"}
 _SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
-_TESTING_KEYS = {"seed"}
+_TESTING_KEYS = {"seed", "allow_hold"}
 _EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _E = TypeVar("_E", bound=StrEnum)
 _ARBITER_KEYS = {"key_bits", "allow_test_key", "max_resumes"}
@@ -287,6 +289,7 @@ class PartyConfig:
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
     seed: int | None = None  # [testing] seed: reproducible experiments only
+    allow_hold: bool = False  # [testing] allow_hold: jobs may pause at a step (tests only)
 
     def peer_with_role(self, role: Role) -> Party:
         """The one configured peer with ``role`` (a job needs exactly one host and arbiter)."""
@@ -411,6 +414,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     seed = testing_t.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"{where}: testing.seed must be a non-negative integer, got {seed!r}")
+    allow_hold = testing_t.get("allow_hold", False)
+    if not isinstance(allow_hold, bool):
+        raise ConfigError(f"{where}: testing.allow_hold must be true or false")
 
     return PartyConfig(
         source=source,
@@ -428,6 +434,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         accept=accept,
         scoring=scoring,
         seed=seed,
+        allow_hold=allow_hold,
     )
 
 

@@ -65,6 +65,7 @@ from protocols.errors import (
     DataError,
     JobRefusedError,
     PolicyViolationError,
+    RunAbortedError,
     TransportError,
     VflError,
 )
@@ -348,6 +349,9 @@ class _GuestJob:
     ) -> None:
         self.job_file, self.request = job_file, request
         self.wake = threading.Event()  # cuts a retry's backoff short
+        hold = request.get("hold_at_step")  # [testing] allow_hold only (checked at submit)
+        self.hold_at = hold if isinstance(hold, int) else None
+        self.release = threading.Event()  # admin `release`: the hold is over (for good)
         self.session: GuestSession | FedClient | FtlGuest | None = None
         self.notice: dict[str, Any] | None = None  # H's RUN_STOPPED for the current run
         self.thread: threading.Thread | None = None
@@ -393,6 +397,7 @@ class JobRunner:
         self._guest_jobs: dict[str, _GuestJob] = {}
         self._host_runs: dict[str, _HostRun] = {}
         self._job_locks: dict[str, threading.Lock] = {}
+        self._released: set[str] = set()  # jobs released from their hold (testing)
         self.audit = AuditLog(config.state_dir / AUDIT_FILE, party=config.party.party_id)
         self.watch: ArbiterWatch | None = None
         if config.seed is not None:
@@ -516,6 +521,12 @@ class JobRunner:
             request = {**request, "job_file": with_defaults(dict(request["job_file"]))}
         job_file = self._parse(request, source="train request")
         job_id = job_file.job.job_id
+        hold = request.get("hold_at_step")
+        if hold is not None:
+            if not self.config.allow_hold:
+                raise ConfigError("hold_at_step needs [testing] allow_hold = true (tests only)")
+            if not isinstance(hold, int) or isinstance(hold, bool) or hold < 1:
+                raise ConfigError("hold_at_step must be a positive integer (steps done)")
         with self._lock:
             if self.jobs.get(job_id, {}).get("state") == "running":
                 raise ConfigError(f"job {job_id} is already running")
@@ -570,6 +581,9 @@ class JobRunner:
     ) -> None:
         entry = _GuestJob(job_file, request)
         job_id = job_file.job.job_id
+        with self._lock:
+            if job_id in self._released:
+                entry.release.set()
         entry.thread = threading.Thread(
             target=self._guest_job, args=(entry,), name=f"job-{job_id}", daemon=True
         )
@@ -595,6 +609,34 @@ class JobRunner:
             logger.info("resuming job %s (unfinished when the service stopped)", job_id)
             self._update(job_id, state="running", phase="resuming", started=time.time())
             self._launch(job_file, request)
+
+    def release(self, job_id: str) -> dict[str, Any]:
+        """Admin ``release``: end the test hold of ``job_id`` (``hold_at_step``), now or, if
+        its run has not reached the hold yet (e.g. it is being resubmitted), when it does."""
+        if not self.config.allow_hold:
+            raise ConfigError("release needs [testing] allow_hold = true (tests only)")
+        with self._lock:
+            self._released.add(job_id)
+            entry = self._guest_jobs.get(job_id)
+        if entry is not None:
+            entry.release.set()
+        return {"job_id": job_id, "released": True}
+
+    def _hold(self, entry: _GuestJob, step: int) -> None:
+        """The ``after_step`` hook of a job submitted with ``hold_at_step`` (tests of
+        restarts): after that many steps the run waits, status ``phase = "held"``, until
+        admin ``release``; a stop of the run or the service ends the wait (the run is
+        then interrupted like any other)."""
+        job_id = entry.job_file.job.job_id
+        if entry.hold_at != step or entry.release.is_set():
+            return
+        logger.info("job %s held after step %d (testing): admin release goes on", job_id, step)
+        self._update(job_id, phase="held", held_at=step)
+        while not entry.release.wait(0.2):
+            session = entry.session
+            if self._stopping.is_set() or (session is not None and session.stopped):
+                raise RunAbortedError(f"job {job_id} was stopped while held after step {step}")
+        self._update(job_id, phase="training")
 
     def _finish(self, job_id: str, *, state: str, **fields: Any) -> None:
         """Record that the job is over for good (not resubmitted on start)."""
@@ -772,6 +814,7 @@ class JobRunner:
                 "id_column": job_file.id_column,
                 "psi_job": psi_job,
             },
+            after_step=None if entry.hold_at is None else lambda step: self._hold(entry, step),
         )
         with self._lock:
             entry.session = session

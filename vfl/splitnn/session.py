@@ -527,6 +527,9 @@ class GuestSession(_Common):
         Reproducibility for experiments (None: the OS CSPRNG, the production default).
     progress
         Called after every step and validation (default: a log line every 10 s).
+    after_step
+        Called with the number of steps done after each step's checkpoint and ``STEP_ACK``
+        (the services' test hold, ``[testing] allow_hold``; may raise to end the run).
     """
 
     def __init__(
@@ -549,6 +552,7 @@ class GuestSession(_Common):
         progress: Callable[[Progress], None] | None = None,
         host_request: dict[str, Any] | None = None,
         pool_executor: Executor | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -570,6 +574,7 @@ class GuestSession(_Common):
         self.host_request = dict(host_request or {})
         self.order_seed = order_seed or secrets.token_bytes(32)
         self.progress = progress or _log_progress()
+        self.after_step = after_step
         self.job_dir = state_dir / "jobs" / job.job_id
         self.ckpt_dir = self.job_dir / "checkpoints"
         self.resumed_from: int | None = None
@@ -756,6 +761,8 @@ class GuestSession(_Common):
                     loss=trainer.losses[-1],
                 )
             )
+            if self.after_step is not None:
+                self.after_step(step)
         return self._finish(layer, trainer, state, setup_s, train_s, eval_s)
 
     def _should_stop(self, state: dict[str, Any]) -> bool:
