@@ -136,15 +136,19 @@ def write_folder(
     tmp = parent / f"{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
-    save_file(dict(tensors), str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    for file in ("tensors.safetensors", "state.json"):
-        fd = os.open(tmp / file, os.O_RDONLY)
-        try:
-            os.fchmod(fd, 0o600)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    try:
+        save_file(dict(tensors), str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+        for file in ("tensors.safetensors", "state.json"):
+            fd = os.open(tmp / file, os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o600)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:  # a full disk: leave no half-written folder taking up space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -190,7 +194,11 @@ def snapshot_best(folder: Path, step: int) -> None:
     """Copy checkpoint ``step`` to ``best`` atomically (early stopping restores it)."""
     tmp = folder / f".tmp-best-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(step_dir(folder, step), tmp)
+    try:
+        shutil.copytree(step_dir(folder, step), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = folder / f".old-best-{os.getpid()}"
     if (folder / BEST).exists():
         os.rename(folder / BEST, old)

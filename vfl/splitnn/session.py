@@ -80,7 +80,7 @@ from protocols.errors import (
     VflError,
 )
 from protocols.executor import Executor
-from protocols.files import atomic_write
+from protocols.files import NO_SPACE, atomic_write
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
@@ -376,7 +376,8 @@ class _Common:
             raise ProtocolError(f"{tag} from {sender} carries no control block")
         obj = env.body.obj()
         if "refused" in obj:
-            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY):  # its acceptance policy
+            full = NO_SPACE in str(obj["refused"]).lower()  # not a refusal of the job
+            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY) and not full:  # [accept] policy
                 raise JobRefusedError(
                     f"{sender.party_id} refused job {job_id}: {obj['refused']} (change the job, "
                     f"or ask {sender.party_id}'s operator to allow it in its [accept] config)"
