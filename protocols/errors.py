@@ -50,6 +50,11 @@ class DataError(VflError, ValueError):
     """An input data file is missing, corrupt or does not match its schema."""
 
 
+class NoSpaceError(DataError):
+    """A party's state folder is full (``ENOSPC``/``EDQUOT``). What needed the space was not
+    written (nor half-written); the work stops and goes on once space is freed there."""
+
+
 class TransportError(VflError):
     """A message could not be delivered between parties."""
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
+
+from protocols.errors import NoSpaceError
 
 PRIVATE_FILE = 0o600
 """Mode of every file a party keeps (results, scores, reports, models, checkpoints)."""
@@ -54,3 +57,33 @@ def private_dir(path: Path) -> Path:
     if not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder")
     return path
+
+
+NO_SPACE = "no space left"
+"""The phrase every report of a full state folder carries, also across parties (a host's
+``RUN_STOPPED``, an arbiter's refusal), so the guest can tell it from other failures."""
+
+
+def is_no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a full disk: ``ENOSPC``/``EDQUOT``,
+    a :class:`NoSpaceError`, or a peer's report of one (an error naming :data:`NO_SPACE`)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, NoSpaceError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if NO_SPACE in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space_error(folder: Path, exc: BaseException, *, what: str) -> NoSpaceError:
+    """The error that names the full ``folder`` (``what``: whose folder it is)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return NoSpaceError(
+        f"{NO_SPACE} in {folder} ({what}): {reason}; free space there, the job goes on by "
+        "itself once it can write again"
+    )

@@ -78,6 +78,8 @@ Example (relative paths are resolved against the config file's folder)::
     [testing]                    # optional, reproducible experiments only: never with data
     seed = 7                     # fixes this party's own random draws (its W_0 component,
                                  # its model's initialisation, the guest's batch order)
+    allow_hold = true            # the guest's `train` may ask to pause after a step
+                                 # ("hold_at_step") until admin `release` (tests of restarts)
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ _PSI_KEYS = {"modes", "min_pad_to", "id_column", "duplicates", "data"}
 _PSI_DATA_KEYS = {"id_column", "id_type", "duplicates", "timestamp_column"}
 _SCORING_KEYS = {"requesters", "quota_rows", "quota_days", "valid_days", "models"}
 _SCORING_MODEL_KEYS = {"quota_rows", "expires", "requesters"}
-_TESTING_KEYS = {"seed"}
+_TESTING_KEYS = {"seed", "allow_hold"}
 _EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _E = TypeVar("_E", bound=StrEnum)
 _ARBITER_KEYS = {"key_bits", "allow_test_key", "max_resumes"}
@@ -361,6 +363,7 @@ class PartyConfig:
     psi: PsiPolicy = field(default_factory=PsiPolicy)
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
     seed: int | None = None  # [testing] seed: reproducible experiments only
+    allow_hold: bool = False  # [testing] allow_hold: jobs may pause at a step (tests only)
 
     def peer_with_role(self, role: Role) -> Party:
         """The one configured peer with ``role`` (a job needs exactly one host and arbiter)."""
@@ -487,6 +490,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     seed = testing_t.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"{where}: testing.seed must be a non-negative integer, got {seed!r}")
+    allow_hold = testing_t.get("allow_hold", False)
+    if not isinstance(allow_hold, bool):
+        raise ConfigError(f"{where}: testing.allow_hold must be true or false")
 
     return PartyConfig(
         source=source,
@@ -506,6 +512,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         psi=psi,
         scoring=scoring,
         seed=seed,
+        allow_hold=allow_hold,
     )
 
 

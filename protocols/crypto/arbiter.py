@@ -66,6 +66,7 @@ from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
 from protocols.errors import (
     CryptoError,
+    NoSpaceError,
     PolicyViolationError,
     ProtocolError,
     VflError,
@@ -254,6 +255,17 @@ class ArbiterService:
             )
         )
 
+    @staticmethod
+    def _no_space(envelope: Envelope, exc: NoSpaceError) -> str:
+        """Log that the policy state could not be written (the folder is named here only)
+        and return the reason the requester hears: the request is refused, nothing is
+        decrypted, and the same request is answered once space is freed."""
+        logger.error("cannot record %s: %s", envelope.describe(), exc)
+        return (
+            "no space left in the arbiter's state folder; nothing was decrypted or recorded, "
+            "ask again once its operator freed space"
+        )
+
     def _on_key_request(self, envelope: Envelope) -> None:
         """S1."""
         self.reply(envelope, SetupTag.KEY, {"public_key": self._cipher.key.to_json()})
@@ -288,11 +300,15 @@ class ArbiterService:
                 if active:
                     waiting = self._waiting_ready.pop(envelope.job_id)
         except (PolicyViolationError, VflError) as exc:
-            self.refuse(envelope, str(exc))  # the full text: A's own log and audit only
+            if isinstance(exc, NoSpaceError):
+                public = self._no_space(envelope, exc)
+            else:
+                public = peer_reason(exc)
+                self.refuse(envelope, str(exc))  # the full text: A's own log and audit only
             with self._setup_lock:
                 others = self._waiting_ready.pop(envelope.job_id, [])
             for request in [*others, envelope]:
-                self.reply(request, SetupTag.JOB_READY, {"refused": peer_reason(exc)})
+                self.reply(request, SetupTag.JOB_READY, {"refused": public})
             return
         for request in waiting:
             self.reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
@@ -336,6 +352,11 @@ class ArbiterService:
             except (KeyError, TypeError, ValueError):
                 raise PolicyViolationError("malformed RESUME") from None
             self.policy.resume(envelope.job_id, step, tag_steps=tag_steps, run=run)
+        except NoSpaceError as exc:
+            reason = self._no_space(envelope, exc)
+            for _, request in requests:
+                self.reply(request, SetupTag.RESUMED, {"refused": reason})
+            return
         except PolicyViolationError as exc:
             for _, request in requests:
                 self.refuse(request, str(exc))
@@ -350,7 +371,13 @@ class ArbiterService:
             requests = self._agreed(envelope, self._done)
             if requests is None:
                 return
-            model = self.policy.close(envelope.job_id)
+            try:
+                model = self.policy.close(envelope.job_id)
+            except NoSpaceError as exc:  # both asked: both hear why nothing was closed
+                reason = self._no_space(envelope, exc)
+                for _, request in requests:
+                    self.reply(request, SetupTag.JOB_DONE, {"refused": reason})
+                return
         except PolicyViolationError as exc:
             self.refuse(envelope, str(exc))
             self.reply(envelope, SetupTag.JOB_DONE, {"refused": peer_reason(exc)})
@@ -426,11 +453,13 @@ class ArbiterService:
             )
             values = list(tensor.values.reshape(-1))
             plain = self._decrypt(values) if job is None or job.encrypted else values  # D2
-        except (PolicyViolationError, CryptoError, ProtocolError) as exc:
-            self.refuse(envelope, str(exc))
-            self._channel.send(
-                self._reply(envelope, ControlBlock.from_obj({"refused": peer_reason(exc)}))
-            )
+        except (PolicyViolationError, CryptoError, ProtocolError, NoSpaceError) as exc:
+            if isinstance(exc, NoSpaceError):  # not the requester's doing: no alert
+                public = self._no_space(envelope, exc)
+            else:
+                public = peer_reason(exc)
+                self.refuse(envelope, str(exc))
+            self._channel.send(self._reply(envelope, ControlBlock.from_obj({"refused": public})))
             return
         body = PlainBlock(self._cipher.key.residues_to_bytes(plain), shape=envelope.body.shape)
         sent = self._channel.send(self._reply(envelope, body))

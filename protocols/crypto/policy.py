@@ -647,9 +647,10 @@ class DecryptionPolicy:
                     kappa=policy.scoring_unit,
                     closed_at=time.time(),
                 )
-                self._models[job_id] = record
-                if self._store is not None:
-                    self._store.save_models(self._models)
+                models = {**self._models, job_id: record}
+                if self._store is not None:  # on disk first (a full folder: not registered)
+                    self._store.save_models(models)
+                self._models = models
             return record
 
     def model(self, model_id: str) -> ModelRecord | None:
@@ -662,6 +663,12 @@ class DecryptionPolicy:
         with self._lock:
             state = self._jobs.get(job_id)
             return None if state is None else state.policy
+
+    def closed(self, job_id: str) -> bool:
+        """Whether ``job_id`` is registered and closed (P7)."""
+        with self._lock:
+            state = self._jobs.get(job_id)
+            return state is not None and state.closed
 
     def counts(self, job_id: str) -> dict[str, int]:
         """Values decrypted per tag so far (the audit log's figures)."""

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from protocols.crypto.policy import JobPolicy, ModelRecord
-from protocols.errors import ConfigError
-from protocols.files import atomic_write
+from protocols.errors import ConfigError, NoSpaceError
+from protocols.files import atomic_write, is_no_space, no_space_error
 
 logger = logging.getLogger(__name__)
 
@@ -40,25 +40,47 @@ class PolicyStore:
     def _name(self, job_id: str) -> Path:
         return self.folder / "jobs" / hashlib.sha256(job_id.encode()).hexdigest()[:40]
 
+    def _full(self, exc: OSError) -> NoSpaceError | OSError:
+        """A full folder as :class:`NoSpaceError` (naming it), any other error as it is."""
+        if is_no_space(exc):
+            return no_space_error(self.folder, exc, what="the arbiter's policy folder")
+        return exc
+
     def save_job(self, policy: JobPolicy) -> None:
-        """Write a registration (P1)."""
+        """Write a registration (P1); :class:`NoSpaceError` if the folder is full."""
         path = self._name(policy.job_id).with_suffix(".json")
-        atomic_write(path, json.dumps(policy.to_json()).encode(), mode=0o600)
+        try:
+            atomic_write(path, json.dumps(policy.to_json()).encode(), mode=0o600)
+        except OSError as exc:
+            raise self._full(exc) from exc
 
     def append(self, job_id: str, record: Mapping[str, Any]) -> None:
         """Append one journal record, on disk before this returns; raises ``OSError`` if it
-        could not be written whole (the request is then refused: nothing leaves A)."""
+        could not be written whole (:class:`NoSpaceError` if the folder is full; the request
+        is then refused: nothing leaves A). A record written in part is cut off again, so
+        the journal never holds a torn line between two whole ones."""
         path = self._name(job_id).with_suffix(".log")
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                if written <= 0:
-                    raise OSError(f"short write to {path.name}")
-                view = view[written:]
-            os.fsync(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise self._full(exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    written = os.write(fd, view)
+                    if written <= 0:
+                        raise OSError(f"short write to {path.name}")
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:  # the torn line is cut when the journal is next read
+                    logger.warning("could not cut a torn record off %s", path.name)
+                raise self._full(exc) from exc
         finally:
             os.close(fd)
 
@@ -97,7 +119,10 @@ class PolicyStore:
     def save_models(self, models: Mapping[str, ModelRecord]) -> None:
         """Write the model registry (P7)."""
         body = {m: asdict(r) for m, r in models.items()}
-        atomic_write(self.folder / "models.json", json.dumps(body).encode(), mode=0o600)
+        try:
+            atomic_write(self.folder / "models.json", json.dumps(body).encode(), mode=0o600)
+        except OSError as exc:
+            raise self._full(exc) from exc
 
     def models(self) -> dict[str, ModelRecord]:
         """The model registry."""

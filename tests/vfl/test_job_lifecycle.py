@@ -3,9 +3,11 @@ the guest, a new run replacing one the host still serves, and the audit log file
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -17,11 +19,13 @@ import numpy as np
 import pytest
 
 from protocols.crypto.paillier import PrivateKey, PublicKey, key_file_bytes
+from protocols.crypto.policy_store import PolicyStore
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
     ConfigError,
     DataError,
     JobRefusedError,
+    NoSpaceError,
     PeerUnavailableError,
     PolicyViolationError,
 )
@@ -50,7 +54,7 @@ from vfl.service.jobs import (
     retryable,
 )
 from vfl.splitnn.jobfile import parse_job
-from vfl.splitnn.session import GuestSession, JobTag, SplitJob
+from vfl.splitnn.session import GuestSession, JobTag, SplitJob, SplitResult
 
 PARTY = """
 [party]
@@ -495,3 +499,89 @@ def test_a_guest_failure_mid_run_shows_failed_at_every_party(
         assert "bank_private" not in json.dumps(records)
     for runner in runners.values():
         runner.close()
+
+
+def _enospc(*_: Any, **__: Any) -> Any:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_audit_record_that_does_not_fit_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the record written in part is cut off again (no torn line between two
+    whole ones), the error is logged, not raised; later records append normally."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, party="bank")
+    log.record(event=AuditEvent.JOB_SUBMITTED, job_id="a")
+    real_write = os.write
+
+    def half(fd: int, data: bytes) -> int:
+        return real_write(fd, data[: len(data) // 2])  # a short write, as on a full disk
+
+    monkeypatch.setattr(os, "write", half)
+    log.record(event=AuditEvent.JOB_RETRIED, job_id="b")
+    monkeypatch.setattr(os, "write", real_write)
+    log.record(event=AuditEvent.JOB_FINISHED, job_id="c")
+    log.close()
+    assert [r["job_id"] for r in read_audit(path)] == ["a", "c"]
+
+
+def test_a_guest_whose_folder_is_full_waits_for_space_without_using_up_its_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifecycle step 6 at G: runs that fail for lack of space (more than RETRY_LIMIT of
+    them, and a transport failure while it lasts) do not fail the job; the status says
+    why, naming the folder; the job finishes once a run gets through."""
+    monkeypatch.setattr(jobs_module, "NO_SPACE_DELAYS_S", (0.0,))
+    cfg = config(tmp_path, "bank")
+    net = InMemoryNetwork()
+    runner = JobRunner(
+        config=cfg,
+        channel=net.channel(BANK, tags=TagRegistry(TAGS)),
+        executor=InlineExecutor(),
+        run_psi=None,
+    )
+    seen: list[dict[str, Any]] = []
+    failures = [OSError(errno.ENOSPC, "No space left on device")] * (jobs_module.RETRY_LIMIT + 2)
+    failures.insert(3, PeerUnavailableError("the arbiter cannot journal it either"))
+
+    def attempt(entry: _GuestJob) -> SplitResult:
+        seen.append(runner.status()["full"])
+        if failures:
+            raise failures.pop(0)
+        return SplitResult("full", 1, 0, [], {"auc": 1.0}, [0.5], {})
+
+    monkeypatch.setattr(runner, "_guest_attempt", attempt)
+    job_file = parse_job(request("full")["job_file"], source="test")
+    runner._update("full", state="running")
+    runner._launch(job_file, request("full"))
+    runner._guest_jobs["full"].thread.join(30)  # type: ignore[union-attr]
+    status = runner.status()["full"]
+    assert status["state"] == "done" and status["no_space"] is None, status
+    waiting = [s for s in seen if s.get("phase") == "waiting_for_space"]
+    assert len(waiting) == jobs_module.RETRY_LIMIT + 3
+    assert all(str(cfg.state_dir) in s["no_space"] for s in waiting)
+    assert all(s["no_space"].startswith("no space left in") for s in waiting)
+    events = [r["event"] for r in read_audit(cfg.state_dir / "audit.jsonl")]
+    assert events.count("job_retried") == 1 and "job_failed" not in events
+    runner.close()
+
+
+def test_the_arbiter_refuses_what_it_cannot_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's policy journal cannot take the record (a full folder): the journal keeps no part
+    of it, the error names the folder, and the store reads back what was written."""
+    store = PolicyStore(tmp_path / "policy")
+    store.append("j", {"served": "t", "step": 0, "digest": "00", "n": 1})
+    path = next((tmp_path / "policy" / "jobs").glob("*.log"))
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:5]))
+    monkeypatch.setattr(os, "fsync", _enospc)
+    folder = re.escape(str(tmp_path / "policy"))
+    with pytest.raises(NoSpaceError, match=f"no space left in {folder}"):
+        store.append("j", {"served": "t", "step": 1, "digest": "00", "n": 1})
+    monkeypatch.undo()
+    assert path.read_bytes().count(b"\n") == 1 and path.read_bytes().endswith(b"\n")
+    store.append("j", {"served": "t", "step": 2, "digest": "00", "n": 1})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -157,7 +158,11 @@ def save_model(
         **manifest,
         "files": {name: _sha256(tmp / name) for name in _FILES},
     }
-    atomic_write(tmp / "manifest.json", json.dumps(body, indent=2).encode(), mode=0o600)
+    try:
+        atomic_write(tmp / "manifest.json", json.dumps(body, indent=2).encode(), mode=0o600)
+    except BaseException:  # a full disk: no half-written model folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ckpt.replace_folder(tmp, final)
     return final
 

@@ -19,11 +19,13 @@ per tag at the arbiter, ``run_id``).
 
 The file is opened with ``O_APPEND`` and created owner-only (0600); each record is one
 ``write`` followed by ``fsync``, under a lock, so records never interleave and a crash
-loses at most the record being written.
+loses at most the record being written; a record that does not fit (a full disk) is cut
+off again, so none is left torn between two whole ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -160,12 +162,17 @@ class AuditLog:
                     "audit log %s is closed; %s of %s not recorded", self.path, event.value, job_id
                 )
                 return
+            size = -1
             try:
+                size = os.fstat(self._fd).st_size
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(f"short write ({written} of {len(line)} bytes)")
                 os.fsync(self._fd)
             except OSError as exc:
+                if size >= 0:  # cut a record written in part (a full disk): no torn line
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, size)
                 logger.error(
                     "audit log %s: cannot append %s of %s: %s", self.path, event.value, job_id, exc
                 )

@@ -153,6 +153,47 @@ def write_demo_setup(
     return paths
 
 
+def write_cluster_setup(
+    out: Path,
+    *,
+    data_folder: Path,
+    key_bits: int = 2048,
+    seed: int | None = None,
+    host_protect_modes: Sequence[str] | None = None,
+    allow_hold: bool = False,
+) -> dict[str, Path]:
+    """:func:`write_demo_setup` for tests and benchmarks of the three services.
+
+    ``key_bits`` below 2048 makes the arbiter use a test key, which the data parties then
+    accept (``allow_test_key``: never outside tests); ``seed`` fixes both data parties'
+    random draws (``[testing] seed``: two runs of a job give the same scores);
+    ``host_protect_modes`` widens the retailer's ``[accept] protect_modes`` (``"none"`` for
+    noise-free comparisons); ``allow_hold`` lets the bank's jobs pause after a step
+    (``[testing] allow_hold``)."""
+    test_key = key_bits < 2048
+    extra: dict[str, list[str]] = {"bank": [], "retailer": [], "arbiter": []}
+    if test_key or key_bits != 2048:
+        extra["arbiter"] += ["[arbiter]", f"key_bits = {key_bits}"]
+        if test_key:
+            extra["arbiter"].append("allow_test_key = true  # test only")
+    for pid in ("bank", "retailer"):
+        if test_key:
+            extra[pid] += ["[arbiter]", "allow_test_key = true  # accept the test key", ""]
+        testing = [f"seed = {seed}"] if seed is not None else []
+        if allow_hold and pid == "bank":
+            testing.append("allow_hold = true")
+        if testing:
+            extra[pid] += ["[testing]", *testing, ""]
+    if host_protect_modes is not None:
+        modes = ", ".join(f'"{m}"' for m in host_protect_modes)
+        extra["retailer"] += ["[accept]", f"protect_modes = [{modes}]"]
+    return write_demo_setup(
+        out,
+        data_folder=data_folder,
+        extra={pid: "\n".join(lines) for pid, lines in extra.items() if lines},
+    )
+
+
 def fraud_setup(out: Path, *, data_folder: Path) -> tuple[SiloFiles, dict[str, Path]]:
     """The fraud demo's silos, certificates and party configs under ``out`` (steps 2-3)."""
     out = out.resolve()  # the configs name files by absolute path

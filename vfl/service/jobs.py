@@ -33,6 +33,18 @@ Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.aud
    session module, best effort with retries for a minute): H stops its run of the job, and
    H and A record the job as ``failed`` with G's peer-safe reason instead of showing it
    ``running``. Only the job's guest may say so, and only a job shown ``running`` changes.
+7. A run that stops because a state folder is full (G's own, H's as its ``RUN_STOPPED``
+   says, A's as its refusal or its ``RUN_STOPPED{no_space}`` says; every such error reads
+   ``no space left in ...``) is followed by a new run after ``NO_SPACE_DELAYS_S``, without
+   counting towards ``RETRY_LIMIT`` (nor do the transport failures that follow while it
+   lasts), for up to ``NO_SPACE_PATIENCE_S``: G's status shows
+   ``phase = "waiting_for_space"`` and the error (``no_space``, naming the folder), the
+   party's log the same. Every party checks its folder every ``SPACE_PROBE_S`` while it
+   has runs or jobs (a full folder also fails the transport's replay journal, so nothing
+   reaches that party: without the check its runs would end only with their receive
+   timeouts); H and A then tell G. Nothing already written is torn (files are replaced
+   atomically; the audit log and A's policy journal cut off a record that did not fit), so
+   the job resumes from its checkpoints once space is freed.
 
 Whatever one party tells another about a failure or refusal is :func:`peer_reason` of the
 error (the rule, never its files, columns, rows or counts); the full text stays in that
@@ -75,12 +87,13 @@ from protocols.errors import (
     DataError,
     JobRefusedError,
     PolicyViolationError,
+    RunAbortedError,
     TransportError,
     VflError,
     peer_reason,
 )
 from protocols.executor import Backend, Executor, make_executor
-from protocols.files import atomic_write, private_dir
+from protocols.files import NO_SPACE, atomic_write, is_no_space, no_space_error, private_dir
 from protocols.ids import check_identifier, state_path
 from protocols.ray_executor import ray_tls_on
 from protocols.roles import Party, Role
@@ -123,13 +136,19 @@ NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarte
 COUNTS_EVERY_S = 60.0  # the arbiter's periodic decryption-count records (when they changed)
 STOP_WAIT_S = 10.0  # how long close() waits for runs to end
 FAILED_NOTICE_S = 60.0  # how long G keeps trying to tell H and A that a job failed (R3)
+NO_SPACE_DELAYS_S = (2.0, 5.0, 10.0, 15.0)  # G's new runs while a state folder is full
+NO_SPACE_PATIENCE_S = 86400.0  # how long G keeps trying before the job fails for good
+SPACE_PROBE_S = 5.0  # how often a party with runs going checks it can still write its state
+SPACE_PROBE_BYTES = 16 << 10  # the probe's size (a small checkpoint's)
 
 
 class RunStop(StrEnum):
-    """Why H reports that a run ended early (``RUN_STOPPED``, R1 of the session module)."""
+    """Why H reports that a run ended early (``RUN_STOPPED``, R1 of the session module), or
+    A that the runs of its open jobs cannot go on (``NO_SPACE``, lifecycle step 6)."""
 
     RESTARTED = "restarted"
     FAILED = "failed"
+    NO_SPACE = "no_space"
 
 
 def retryable(exc: BaseException) -> bool:
@@ -255,6 +274,11 @@ class ArbiterWatch:
         """The decryption service whose counts and refusals are recorded."""
         self._service = service
         service.on_refused(self.refused)
+
+    @property
+    def service(self) -> ArbiterService | None:
+        """The decryption service (once attached)."""
+        return self._service
 
     def refused(self, request: Envelope, reason: str) -> None:
         """Record a refused request (P1-P8 of :mod:`protocols.crypto.policy`) with its
@@ -383,6 +407,11 @@ class _GuestJob:
     ) -> None:
         self.job_file, self.request = job_file, request
         self.wake = threading.Event()  # cuts a retry's backoff short
+        hold = request.get("hold_at_step")  # [testing] allow_hold only (checked at submit)
+        self.hold_at = hold if isinstance(hold, int) else None
+        self.release = threading.Event()  # admin `release`: the hold is over (for good)
+        self.no_space: str | None = None  # the space probe stopped the current run
+        self.peer_full: str | None = None  # H said its folder is full (kept between runs)
         self.session: GuestSession | FedClient | FtlGuest | None = None
         self.notice: dict[str, Any] | None = None  # H's RUN_STOPPED for the current run
         self.thread: threading.Thread | None = None
@@ -394,6 +423,7 @@ class _HostRun:
     def __init__(self, session: HostSession, envelope: Envelope) -> None:
         self.session, self.envelope = session, envelope
         self.done = threading.Event()
+        self.no_space: str | None = None  # the space probe stopped this run
 
 
 class JobRunner:
@@ -429,6 +459,7 @@ class JobRunner:
         self._host_runs: dict[str, _HostRun] = {}
         self._job_locks: dict[str, threading.Lock] = {}
         self._guest_failed: dict[str, str] = {}  # H: jobs whose guest reported R3, and why
+        self._released: set[str] = set()  # jobs released from their hold (testing)
         self.audit = AuditLog(config.state_dir / AUDIT_FILE, party=config.party.party_id)
         self.watch: ArbiterWatch | None = None
         if config.seed is not None:
@@ -477,8 +508,94 @@ class JobRunner:
             self._resume_unfinished()
         elif role is Role.HOST:
             self._notify_restarts()
+        threading.Thread(target=self._watch_space, name="space-probe", daemon=True).start()
         if self.watch is not None:
             self.watch.start()
+
+    def _watch_space(self) -> None:
+        """Lifecycle step 6 at G and H: every ``SPACE_PROBE_S`` while runs are going, check
+        that the state folder still takes a write; if it is full, stop those runs with the
+        error naming it. A full folder also fails the transport's replay journal, so nothing
+        reaches this party any more: without the probe its runs would only end with their
+        receive timeouts. The arbiter, which runs no sessions, checks while it has jobs
+        registered and says so in its log (its peers only see their requests fail)."""
+        full = False
+        while not self._stopping.wait(SPACE_PROBE_S):
+            with self._lock:
+                entries = [
+                    e
+                    for e in self._guest_jobs.values()
+                    if e.session is not None and e.thread is not None and e.thread.is_alive()
+                ]
+                runs = [r for r in self._host_runs.values() if not r.done.is_set()]
+            serving = self.watch is not None and bool(self.watch.jobs())
+            if not entries and not runs and not serving:
+                continue
+            error = self._probe_space()
+            if error is None:
+                if full:
+                    logger.info("%s takes writes again", self.config.state_dir)
+                full = False
+                continue
+            if not full:
+                logger.error("%s; stopping %d run(s)", error, len(entries) + len(runs))
+                if serving:
+                    self._tell_guests_full()
+            full = True
+            for entry in entries:
+                if entry.session is not None and not entry.session.stopped:
+                    entry.no_space = error
+                    entry.session.stop()
+            for run in runs:
+                if not run.session.stopped:
+                    run.no_space = error
+                    run.session.stop()
+
+    def _tell_guests_full(self) -> None:
+        """At A: ``RUN_STOPPED{no_space}`` to the guest of every open job (a full folder
+        fails A's transport journal too, so its peers' requests only fail with an internal
+        error: this tells them why, and they wait for space instead of giving up)."""
+        service = self.watch.service if self.watch is not None else None
+        if service is None:
+            return
+        body = {
+            "reason": RunStop.NO_SPACE.value,
+            "no_space": True,
+            "error": "no space left in the arbiter's state folder; it answers again once its "
+            "operator freed space",
+        }
+        for job_id in self.watch.jobs() if self.watch is not None else []:
+            policy = service.policy.job(job_id)
+            if policy is None or service.policy.closed(job_id) or not policy.parties:
+                continue
+            try:
+                guest = self.config.peer(policy.parties[0]).party
+                self.channel.fresh_stream(job_id, (guest,))
+                self.channel.send(
+                    Envelope(
+                        job_id=job_id,
+                        sender=self.channel.me,
+                        receiver=guest,
+                        tag=JobTag.RUN_STOPPED,
+                        step=time.time_ns() // 1000,
+                        body=ControlBlock.from_obj(body),
+                    )
+                )
+            except (VflError, OSError) as exc:
+                logger.warning("job %s: could not tell its guest that A is full: %s", job_id, exc)
+
+    def _probe_space(self) -> str | None:
+        """The error naming the state folder if it cannot take a small write now."""
+        path = self.config.state_dir / ".space-probe"
+        try:
+            atomic_write(path, bytes(SPACE_PROBE_BYTES), mode=0o600)
+            path.unlink()
+        except OSError as exc:
+            if is_no_space(exc):
+                what = f"{self.config.party.party_id}'s state folder"
+                return str(no_space_error(self.config.state_dir, exc, what=what))
+            logger.warning("cannot probe %s: %s", self.config.state_dir, exc)
+        return None
 
     def close(self) -> None:
         """Stop every run (lifecycle step 5), record the arbiter's counts, stop workers."""
@@ -572,6 +689,12 @@ class JobRunner:
             request = {**request, "job_file": with_defaults(dict(request["job_file"]))}
         job_file = self._parse(request, source="train request")
         job_id = job_file.job.job_id
+        hold = request.get("hold_at_step")
+        if hold is not None:
+            if not self.config.allow_hold:
+                raise ConfigError("hold_at_step needs [testing] allow_hold = true (tests only)")
+            if not isinstance(hold, int) or isinstance(hold, bool) or hold < 1:
+                raise ConfigError("hold_at_step must be a positive integer (steps done)")
         with self._lock:
             if self.jobs.get(job_id, {}).get("state") == "running":
                 raise ConfigError(f"job {job_id} is already running")
@@ -626,6 +749,9 @@ class JobRunner:
     ) -> None:
         entry = _GuestJob(job_file, request)
         job_id = job_file.job.job_id
+        with self._lock:
+            if job_id in self._released:
+                entry.release.set()
         entry.thread = threading.Thread(
             target=self._guest_job, args=(entry,), name=f"job-{job_id}", daemon=True
         )
@@ -651,18 +777,77 @@ class JobRunner:
             self._update(job_id, state="running", phase="resuming", started=time.time())
             self._launch(job_file, request)
 
+    def release(self, job_id: str) -> dict[str, Any]:
+        """Admin ``release``: end the test hold of ``job_id`` (``hold_at_step``), now or, if
+        its run has not reached the hold yet (e.g. it is being resubmitted), when it does."""
+        if not self.config.allow_hold:
+            raise ConfigError("release needs [testing] allow_hold = true (tests only)")
+        with self._lock:
+            self._released.add(job_id)
+            entry = self._guest_jobs.get(job_id)
+        if entry is not None:
+            entry.release.set()
+        return {"job_id": job_id, "released": True}
+
+    def _hold(self, entry: _GuestJob, step: int) -> None:
+        """The ``after_step`` hook of a job submitted with ``hold_at_step`` (tests of
+        restarts): after that many steps the run waits, status ``phase = "held"``, until
+        admin ``release``; a stop of the run or the service ends the wait (the run is
+        then interrupted like any other)."""
+        job_id = entry.job_file.job.job_id
+        if entry.hold_at != step or entry.release.is_set():
+            return
+        logger.info("job %s held after step %d (testing): admin release goes on", job_id, step)
+        self._update(job_id, phase="held", held_at=step)
+        while not entry.release.wait(0.2):
+            session = entry.session
+            if self._stopping.is_set() or (session is not None and session.stopped):
+                raise RunAbortedError(f"job {job_id} was stopped while held after step {step}")
+        self._update(job_id, phase="training")
+
     def _finish(self, job_id: str, *, state: str, **fields: Any) -> None:
         """Record that the job is over for good (not resubmitted on start)."""
         self._update(job_id, state=state, phase=state, **fields)
         body = {"state": state, "time": time.time(), **fields}
-        atomic_write(self._job_dir(job_id) / OUTCOME_FILE, json.dumps(body).encode(), mode=0o600)
+        try:
+            atomic_write(
+                self._job_dir(job_id) / OUTCOME_FILE, json.dumps(body).encode(), mode=0o600
+            )
+        except OSError as exc:
+            logger.error(
+                "job %s is %s, but %s cannot record it (%s); the job is resubmitted when the "
+                "service starts again",
+                job_id,
+                state,
+                self.config.state_dir,
+                exc,
+            )
+
+    def _no_space(self, exc: BaseException, notice: dict[str, Any] | None) -> str | None:
+        """The error to report if a run stopped because a state folder is full: this
+        party's own (named), or the host's or the arbiter's as they reported it."""
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, OSError) and is_no_space(cause):
+                what = f"{self.config.party.party_id}'s state folder"
+                return str(no_space_error(self.config.state_dir, cause, what=what))
+            cause = cause.__cause__ or cause.__context__
+        if notice is not None and notice.get("no_space"):
+            return f"{notice.get('from')} stopped: {notice.get('error', NO_SPACE)}"
+        if is_no_space(exc):
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def _guest_job(self, entry: _GuestJob) -> None:
         """Lifecycle step 2: runs until the job is done, fails for good, or the service stops."""
         job_id = entry.job_file.job.job_id
         attempt = 0
+        full_since: float | None = None  # when runs began to fail for lack of space
+        full_waits = 0
+        last_full = ""
         while True:
             entry.notice = None
+            entry.no_space = None
             entry.wake.clear()
             step_before = self.status().get(job_id, {}).get("step", 0)
             try:
@@ -670,6 +855,9 @@ class JobRunner:
             except Exception as exc:  # noqa: BLE001 - reported through status and the audit log
                 if self.status().get(job_id, {}).get("step", 0) > step_before:
                     attempt = 0  # the run made progress: the retry limit counts from here
+                    if full_since is not None:  # and space was back for a while
+                        full_since, full_waits, last_full = None, 0, ""
+                        self._update(job_id, no_space=None)
                 key_id = entry.session.key_id if entry.session is not None else None
                 notice = entry.notice
                 error = f"{type(exc).__name__}: {exc}"
@@ -679,6 +867,39 @@ class JobRunner:
                     logger.info("job %s interrupted by the service stop; resumes on start", job_id)
                     self._update(job_id, state="interrupted", phase="stopped")
                     return
+                full = entry.no_space or self._no_space(exc, notice) or entry.peer_full
+                entry.peer_full = None
+                if full is None and full_since is not None and notice is None and retryable(exc):
+                    # a party whose folder is full may fail otherwise too (its transport
+                    # cannot journal what it receives): still the same episode
+                    full = f"{last_full} (since then: {error[:200]})"
+                if full is not None:  # this party's, the host's or the arbiter's folder
+                    last_full = full if full_since is None else last_full
+                    full_since = full_since or time.monotonic()
+                    if time.monotonic() - full_since < NO_SPACE_PATIENCE_S:
+                        if not full_waits:
+                            self.audit.record(
+                                event=AuditEvent.JOB_RETRIED,
+                                job_id=job_id,
+                                key_id=key_id,
+                                reason=full[:500],
+                                attempt=attempt + 1,
+                            )
+                        full_waits += 1
+                        delay = NO_SPACE_DELAYS_S[min(full_waits, len(NO_SPACE_DELAYS_S)) - 1]
+                        logger.error("job %s stopped: %s; new run in %.0f s", job_id, full, delay)
+                        self._update(
+                            job_id, phase="waiting_for_space", last_error=full[:500], no_space=full
+                        )
+                        entry.wake.wait(delay)
+                        if self._stopping.is_set():
+                            self._update(job_id, state="interrupted", phase="stopped")
+                            return
+                        continue
+                    error = full
+                elif full_since is not None:
+                    full_since, full_waits, last_full = None, 0, ""
+                    self._update(job_id, no_space=None)
                 if notice is not None:
                     again = notice.get("reason") == RunStop.RESTARTED.value or bool(
                         notice.get("retry", False)
@@ -727,6 +948,8 @@ class JobRunner:
                     self._update(job_id, state="interrupted", phase="stopped")
                     return
                 continue
+            if full_since is not None:
+                self._update(job_id, no_space=None)
             session = entry.session
             self.audit.record(  # before the status says done
                 event=AuditEvent.JOB_FINISHED,
@@ -908,6 +1131,7 @@ class JobRunner:
             progress=lambda p: self._on_progress(p),
             pool_executor=self.background(),
             host_request={"data": job_file.host_data, "psi_job": psi_job},
+            after_step=None if entry.hold_at is None else lambda step: self._hold(entry, step),
         )
         with self._lock:
             entry.session = session
@@ -920,9 +1144,12 @@ class JobRunner:
                 self.channel.abort_run(job_id, session.run_id)
 
     def _on_run_stopped(self, envelope: Envelope) -> None:
-        """R1 at G: H says a run ended early; stop it now if it is the current one."""
+        """R1 at G: H says a run ended early; stop it now if it is the current one. Also
+        A's ``RUN_STOPPED{no_space}`` (its state folder is full): stop the current run and
+        wait for space (lifecycle step 6)."""
         host = self.config.peer_with_role(Role.HOST)
-        if envelope.sender != host or not isinstance(envelope.body, ControlBlock):
+        arbiter = self.config.peer_with_role(Role.ARBITER)
+        if not isinstance(envelope.body, ControlBlock) or envelope.sender not in (host, arbiter):
             logger.warning("ignored a RUN_STOPPED from %s", envelope.sender)
             return
         body = envelope.body.obj()
@@ -930,6 +1157,16 @@ class JobRunner:
             entry = self._guest_jobs.get(envelope.job_id)
         if entry is None:
             logger.info("RUN_STOPPED for job %s, which is not running here", envelope.job_id)
+            return
+        if envelope.sender == arbiter:
+            if body.get("reason") != RunStop.NO_SPACE.value:
+                logger.warning("ignored a RUN_STOPPED from %s", envelope.sender)
+                return
+            entry.peer_full = f"{arbiter.party_id} stopped: {body.get('error', NO_SPACE)}"[:500]
+            logger.error("job %s: %s", envelope.job_id, entry.peer_full)
+            if entry.session is not None:
+                entry.session.stop()
+            entry.wake.set()
             return
         session = entry.session
         run_id = str(body.get("run_id", ""))
@@ -943,6 +1180,8 @@ class JobRunner:
         )
         # a restarted H serves no earlier run of G at all; a failure concerns its own run
         restarted = body.get("reason") == RunStop.RESTARTED.value
+        if body.get("no_space"):  # also if that run already ended: the next one fails too
+            entry.peer_full = f"{host.party_id} stopped: {body.get('error', NO_SPACE)}"[:500]
         if session is not None and session.run_id and (restarted or session.run_id == run_id):
             entry.notice = {**body, "from": host.party_id}
             session.stop()
@@ -1019,10 +1258,16 @@ class JobRunner:
             self._update(job_id, state="refused", phase="refused", error=str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - reported through status, audit and R1
             error = f"{type(exc).__name__}: {exc}"[:500]
+            full = is_no_space(exc) or run.no_space is not None
+            if run.no_space is not None:
+                error = run.no_space[:500]
+            elif full and isinstance(exc, OSError):
+                what = f"{self.config.party.party_id}'s state folder"
+                error = str(no_space_error(self.config.state_dir, exc, what=what))[:500]
             if self._stopping.is_set():
                 logger.info("job %s: run %s stopped with the service", job_id, envelope.run_id)
                 self._update(job_id, state="interrupted", phase="stopped")
-            elif session.stopped:
+            elif session.stopped and run.no_space is None:
                 logger.info(
                     "job %s: run %s stopped (a newer run replaces it, or the guest failed)",
                     job_id,
@@ -1037,12 +1282,19 @@ class JobRunner:
                     key_id=session.key_id,
                     reason=error,
                 )
-                self._host_run_state(job_id, envelope, state="failed")
+                self._host_run_state(job_id, envelope, state="failed", strict=False)
                 self._update(job_id, state="failed", error=error)
                 body = {
                     "reason": RunStop.FAILED.value,
-                    "error": peer_reason(exc),  # the full error stays in H's log and status
-                    "retry": retryable(exc),
+                    # the rule only: never H's paths (its log and status have the folder)
+                    "error": (
+                        f"{NO_SPACE} in {self.config.party.party_id}'s state folder; its "
+                        "operator must free space"
+                        if full
+                        else peer_reason(exc)
+                    ),
+                    "retry": retryable(exc) or full,
+                    "no_space": full,
                 }
                 threading.Thread(
                     target=self._send_notice,
@@ -1056,7 +1308,7 @@ class JobRunner:
                 submitter=envelope.sender.party_id,
                 key_id=session.key_id,
             )
-            self._host_run_state(job_id, envelope, state="done")
+            self._host_run_state(job_id, envelope, state="done", strict=False)
             self._update(job_id, state="done", phase="done")
         finally:
             run.done.set()
@@ -1091,9 +1343,20 @@ class JobRunner:
             run_id=envelope.run_id,
         )
 
-    def _host_run_state(self, job_id: str, envelope: Envelope, *, state: str) -> None:
+    def _host_run_state(
+        self, job_id: str, envelope: Envelope, *, state: str, strict: bool = True
+    ) -> None:
+        """Record the run H serves (``strict=False``: a failure to write is only logged, so
+        the run's end is still reported; a restart may then send one needless notice)."""
         body = {"guest": envelope.sender.party_id, "run_id": envelope.run_id, "state": state}
-        atomic_write(self._job_dir(job_id) / HOST_RUN_FILE, json.dumps(body).encode(), mode=0o600)
+        try:
+            atomic_write(
+                self._job_dir(job_id) / HOST_RUN_FILE, json.dumps(body).encode(), mode=0o600
+            )
+        except OSError as exc:
+            if strict:
+                raise
+            logger.error("job %s: cannot record run %s %s: %s", job_id, envelope.run_id, state, exc)
 
     def _notify_restarts(self) -> None:
         """Lifecycle step 3: RUN_STOPPED{restarted} for every run still going at the stop."""
@@ -1132,8 +1395,16 @@ class JobRunner:
             if resumed:  # G has started a new run with this process already: nothing to say
                 return
             try:
-                with self._job_lock(job_id):
-                    number = claim_run(self.channel, self._job_dir(job_id), (guest,))
+                try:
+                    with self._job_lock(job_id):
+                        number = claim_run(self.channel, self._job_dir(job_id), (guest,))
+                except OSError as exc:
+                    if not is_no_space(exc):
+                        raise
+                    # a full folder cannot keep the run count: a step and sequence numbers
+                    # from the clock instead, past every run number (G reads no step here)
+                    self.channel.fresh_stream(job_id, (guest,))
+                    number = time.time_ns() // 1000
                 self.channel.send(
                     Envelope(
                         job_id=job_id,
@@ -1168,5 +1439,8 @@ class JobRunner:
                     return
                 if info.get("run_id") == run_id and info.get("state") == "running":
                     info["state"] = "notified"
-                    atomic_write(path, json.dumps(info).encode(), mode=0o600)
+                    try:
+                        atomic_write(path, json.dumps(info).encode(), mode=0o600)
+                    except OSError as exc:
+                        logger.error("job %s: cannot record the notice: %s", job_id, exc)
             return

@@ -95,6 +95,7 @@ class AdminCommand(StrEnum):
     TRAIN = "train"
     SCORE = "score"
     SET_PEER_ADDRESS = "set_peer_address"
+    RELEASE = "release"  # [testing] allow_hold: end a job's hold_at_step
 
 
 class PartyService:
@@ -387,6 +388,8 @@ class PartyService:
             return self._admin_psi(data)
         if cmd is AdminCommand.TRAIN:
             return self.jobs.submit(data)
+        if cmd is AdminCommand.RELEASE:
+            return self.jobs.release(str(data.get("job_id", ""))[:128])
         if cmd is AdminCommand.SCORE:
             return self.scoring.score(data)
         if cmd is AdminCommand.SET_PEER_ADDRESS:

@@ -141,9 +141,12 @@ def write_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=PRIVATE_DIR)
     os.chmod(tmp, PRIVATE_DIR)
-    # written owner-only and fsynced (never created with the umask's mode first)
-    atomic_write(tmp / "tensors.safetensors", safetensors_bytes(dict(tensors)))
-    atomic_write(tmp / "state.json", json.dumps(state).encode())
+    try:  # written owner-only and fsynced (never created with the umask's mode first)
+        atomic_write(tmp / "tensors.safetensors", safetensors_bytes(dict(tensors)))
+        atomic_write(tmp / "state.json", json.dumps(state).encode())
+    except BaseException:  # a full disk: leave no half-written folder taking up space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -189,7 +192,11 @@ def snapshot_best(folder: Path, step: int) -> None:
     """Copy checkpoint ``step`` to ``best`` atomically (early stopping restores it)."""
     tmp = folder / f".tmp-best-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(step_dir(folder, step), tmp)
+    try:
+        shutil.copytree(step_dir(folder, step), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = folder / f".old-best-{os.getpid()}"
     if (folder / BEST).exists():
         os.rename(folder / BEST, old)

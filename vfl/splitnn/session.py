@@ -85,7 +85,7 @@ from protocols.errors import (
     peer_reason,
 )
 from protocols.executor import Executor
-from protocols.files import atomic_write, private_dir
+from protocols.files import NO_SPACE, atomic_write, private_dir
 from protocols.ids import check_identifier, state_path
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
@@ -379,7 +379,8 @@ class _Common:
             raise ProtocolError(f"{tag} from {sender} carries no control block")
         obj = env.body.obj()
         if "refused" in obj:
-            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY):  # its acceptance policy
+            full = NO_SPACE in str(obj["refused"]).lower()  # not a refusal of the job
+            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY) and not full:  # [accept] policy
                 raise JobRefusedError(
                     f"{sender.party_id} refused job {job_id}: {obj['refused']} (change the job, "
                     f"or ask {sender.party_id}'s operator to allow it in its [accept] config)"
@@ -529,6 +530,9 @@ class GuestSession(_Common):
         Reproducibility for experiments (None: the OS CSPRNG, the production default).
     progress
         Called after every step and validation (default: a log line every 10 s).
+    after_step
+        Called with the number of steps done after each step's checkpoint and ``STEP_ACK``
+        (the services' test hold, ``[testing] allow_hold``; may raise to end the run).
     """
 
     def __init__(
@@ -551,6 +555,7 @@ class GuestSession(_Common):
         progress: Callable[[Progress], None] | None = None,
         host_request: dict[str, Any] | None = None,
         pool_executor: Executor | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -572,6 +577,7 @@ class GuestSession(_Common):
         self.host_request = dict(host_request or {})
         self.order_seed = order_seed or secrets.token_bytes(32)
         self.progress = progress or _log_progress()
+        self.after_step = after_step
         self.job_dir = state_path(state_dir, "jobs", job.job_id)
         self.ckpt_dir = self.job_dir / "checkpoints"
         self.resumed_from: int | None = None
@@ -758,6 +764,8 @@ class GuestSession(_Common):
                     loss=trainer.losses[-1],
                 )
             )
+            if self.after_step is not None:
+                self.after_step(step)
         return self._finish(layer, trainer, state, setup_s, train_s, eval_s)
 
     def _should_stop(self, state: dict[str, Any]) -> bool:
