@@ -664,6 +664,15 @@ class DecryptionPolicy:
             state = self._jobs.get(job_id)
             return None if state is None else state.policy
 
+    def open_jobs(self) -> list[tuple[str, str]]:
+        """``(job id, guest)`` of every registered job of two parties not yet closed."""
+        with self._lock:
+            return [
+                (job_id, state.policy.parties[0])
+                for job_id, state in sorted(self._jobs.items())
+                if len(state.policy.parties) == 2 and not state.closed
+            ]
+
     def closed(self, job_id: str) -> bool:
         """Whether ``job_id`` is registered and closed (P7)."""
         with self._lock:

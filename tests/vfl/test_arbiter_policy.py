@@ -172,7 +172,9 @@ def test_the_budget_bounds_every_tag() -> None:
 def test_a_closed_job_decrypts_nothing_and_registers_its_model() -> None:
     policy = spec().policy()
     p = registered(policy)
+    assert p.open_jobs() == [(policy.job_id, "bank")] and not p.closed(policy.job_id)
     model = p.close(policy.job_id)
+    assert p.open_jobs() == [] and p.closed(policy.job_id)
     assert model is not None and (model.guest, model.host, model.kappa) == ("bank", "retailer", 1)
     with pytest.raises(PolicyViolationError, match="finished"):
         ask(p, policy, Z, 0)

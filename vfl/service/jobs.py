@@ -22,7 +22,10 @@ Lifecycle across stops and restarts (each party logs it in :mod:`vfl.service.aud
 3. H records each accepted run (``jobs/<id>/host_run.json``); on start, its service sends
    ``RUN_STOPPED{restarted}`` to the guest of every run that was still going when it
    stopped, retrying until the guest is reachable; a run of H that fails sends
-   ``RUN_STOPPED{failed}`` with the error's peer-safe reason.
+   ``RUN_STOPPED{failed}`` with the error's peer-safe reason. A, on start, sends
+   ``RUN_STOPPED{restarted}`` to the guest of every open job (registered, not closed) that
+   has not registered again with it: a request it had acknowledged but not answered when it
+   was killed gets no reply.
 4. A ``JOB_START`` for a job whose older run is still being served at H stops that run
    first (its receives raise :class:`RunAbortedError`) and waits for it to end.
 5. On SIGTERM (:meth:`JobRunner.close`, before the channel closes) every run is stopped the
@@ -501,13 +504,17 @@ class JobRunner:
             return self._background
 
     def start(self) -> None:
-        """Once the service listens: resubmit G's unfinished jobs, send H's restart notices,
-        start the arbiter's periodic count records (lifecycle steps 1 and 3)."""
+        """Once the service listens: resubmit G's unfinished jobs, send H's and A's restart
+        notices, start the arbiter's periodic count records (lifecycle steps 1 and 3)."""
         role = self.config.party.role
         if role is Role.GUEST:
             self._resume_unfinished()
         elif role is Role.HOST:
             self._notify_restarts()
+        elif self.watch is not None:
+            threading.Thread(
+                target=self._notify_arbiter_restart, name="notice-arbiter", daemon=True
+            ).start()
         threading.Thread(target=self._watch_space, name="space-probe", daemon=True).start()
         if self.watch is not None:
             self.watch.start()
@@ -550,6 +557,48 @@ class JobRunner:
                 if not run.session.stopped:
                     run.no_space = error
                     run.session.stop()
+
+    def _notify_arbiter_restart(self) -> None:
+        """Lifecycle step 3 at A: ``RUN_STOPPED{restarted}`` to the guest of every open job
+        that has not registered again with this process, retrying until the guest is
+        reachable (for up to ``NOTICE_PATIENCE_S``). A request A had acknowledged but not
+        answered when it stopped is never answered (its reply cache died with it, and a
+        repeat is only acknowledged), so the run waiting for it starts anew at once instead
+        of at its receive timeout."""
+        service = self.watch.service if self.watch is not None else None
+        if service is None:
+            return
+        pending = dict(service.policy.open_jobs())
+        give_up, delay = time.monotonic() + NOTICE_PATIENCE_S, 1.0
+        body = {"reason": RunStop.RESTARTED.value, "run_id": ""}
+        while pending and not self._stopping.is_set():
+            for job_id, guest_id in list(pending.items()):
+                if self.watch is not None and job_id in self.watch.jobs():
+                    del pending[job_id]  # a run registered with this process already
+                    continue
+                try:
+                    guest = self.config.peer(guest_id).party
+                    self.channel.fresh_stream(job_id, (guest,))
+                    self.channel.send(
+                        Envelope(
+                            job_id=job_id,
+                            sender=self.channel.me,
+                            receiver=guest,
+                            tag=JobTag.RUN_STOPPED,
+                            step=time.time_ns() // 1000,
+                            body=ControlBlock.from_obj(body),
+                        )
+                    )
+                except (VflError, OSError) as exc:
+                    logger.debug("job %s: restart notice to %s: %s", job_id, guest_id, exc)
+                    continue
+                del pending[job_id]
+                logger.info("job %s: told %s that the arbiter restarted", job_id, guest_id)
+            if pending and time.monotonic() + delay > give_up:
+                logger.warning("no restart notice reached the guests of %s", sorted(pending))
+                return
+            self._stopping.wait(delay)
+            delay = min(2 * delay, 10.0)
 
     def _tell_guests_full(self) -> None:
         """At A: ``RUN_STOPPED{no_space}`` to the guest of every open job (a full folder
@@ -1145,8 +1194,8 @@ class JobRunner:
 
     def _on_run_stopped(self, envelope: Envelope) -> None:
         """R1 at G: H says a run ended early; stop it now if it is the current one. Also
-        A's ``RUN_STOPPED{no_space}`` (its state folder is full): stop the current run and
-        wait for space (lifecycle step 6)."""
+        A's ``RUN_STOPPED``: ``restarted`` stops the current run (a new one starts at once),
+        ``no_space`` (its state folder is full) stops it and waits for space (step 6)."""
         host = self.config.peer_with_role(Role.HOST)
         arbiter = self.config.peer_with_role(Role.ARBITER)
         if not isinstance(envelope.body, ControlBlock) or envelope.sender not in (host, arbiter):
@@ -1159,6 +1208,13 @@ class JobRunner:
             logger.info("RUN_STOPPED for job %s, which is not running here", envelope.job_id)
             return
         if envelope.sender == arbiter:
+            if body.get("reason") == RunStop.RESTARTED.value:  # no reply to an open request
+                logger.warning("job %s: the arbiter restarted; new run", envelope.job_id)
+                if entry.session is not None and entry.session.run_id:
+                    entry.notice = {**body, "from": arbiter.party_id}
+                    entry.session.stop()
+                entry.wake.set()
+                return
             if body.get("reason") != RunStop.NO_SPACE.value:
                 logger.warning("ignored a RUN_STOPPED from %s", envelope.sender)
                 return
