@@ -60,21 +60,20 @@ def private_dir(path: Path) -> Path:
 
 
 NO_SPACE = "no space left"
-"""The phrase every report of a full state folder carries, also across parties (a host's
-``RUN_STOPPED``, an arbiter's refusal), so the guest can tell it from other failures."""
+"""The phrase every report of a full state folder starts with (for people: the signal
+between parties is the ``no_space`` flag, never this text)."""
 
 
 def is_no_space(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or an error it was raised from) is a full disk: ``ENOSPC``/``EDQUOT``,
-    a :class:`NoSpaceError`, or a peer's report of one (an error naming :data:`NO_SPACE`)."""
+    """Whether ``exc`` (or an error it was raised from) is a full disk: ``ENOSPC``/``EDQUOT``
+    or a :class:`NoSpaceError` (raised for a peer's report only when the peer flagged it,
+    ``no_space``: no text a peer chooses passes for one)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, NoSpaceError):
             return True
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if NO_SPACE in str(exc).lower():
             return True
         exc = exc.__cause__ or exc.__context__
     return False

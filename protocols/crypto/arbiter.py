@@ -256,6 +256,15 @@ class ArbiterService:
         )
 
     @staticmethod
+    def _refusal(public: str, exc: BaseException) -> dict[str, Any]:
+        """A refusal's body; a full state folder is flagged (``no_space``), never read from
+        the text, so no peer-chosen string can pass for it (docs/protocol.md §4.4.1)."""
+        body: dict[str, Any] = {"refused": public}
+        if isinstance(exc, NoSpaceError):
+            body["no_space"] = True
+        return body
+
+    @staticmethod
     def _no_space(envelope: Envelope, exc: NoSpaceError) -> str:
         """Log that the policy state could not be written (the folder is named here only)
         and return the reason the requester hears: the request is refused, nothing is
@@ -278,6 +287,7 @@ class ArbiterService:
     ) -> None:
         """S2: register when both parties sent the same spec, then answer them both."""
         waiting: list[Envelope] = []
+        parties: tuple[str, ...] = ()  # the job's parties, once the sender's spec is valid
         try:
             if not isinstance(envelope.body, ControlBlock):
                 raise PolicyViolationError("JOB_SPEC carries no control block")
@@ -294,6 +304,7 @@ class ArbiterService:
                 logger.warning(
                     "job %s is a PLAINTEXT experiment: nothing is encrypted", policy.job_id
                 )
+            parties = tuple(policy.parties)
             with self._setup_lock:
                 active = self.policy.propose(policy, submitter=envelope.sender.party_id)
                 self._waiting_ready.setdefault(envelope.job_id, []).append(envelope)
@@ -305,10 +316,21 @@ class ArbiterService:
             else:
                 public = peer_reason(exc)
                 self.refuse(envelope, str(exc))  # the full text: A's own log and audit only
+            # Only a disagreement between the job's own parties ends the others' wait; a
+            # spec refused before (or from a party its spec does not name) answers its
+            # sender alone, so a third party cannot end another guest's registration.
             with self._setup_lock:
-                others = self._waiting_ready.pop(envelope.job_id, [])
+                queue = self._waiting_ready.get(envelope.job_id, [])
+                others = [r for r in queue if r.sender.party_id in parties]
+                kept = [r for r in queue if r.sender.party_id not in parties]
+                if envelope.sender.party_id not in parties:
+                    others, kept = [], queue
+                if kept:
+                    self._waiting_ready[envelope.job_id] = kept
+                else:
+                    self._waiting_ready.pop(envelope.job_id, None)
             for request in [*others, envelope]:
-                self.reply(request, SetupTag.JOB_READY, {"refused": public})
+                self.reply(request, SetupTag.JOB_READY, self._refusal(public, exc))
             return
         for request in waiting:
             self.reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
@@ -459,7 +481,9 @@ class ArbiterService:
             else:
                 public = peer_reason(exc)
                 self.refuse(envelope, str(exc))
-            self._channel.send(self._reply(envelope, ControlBlock.from_obj({"refused": public})))
+            self._channel.send(
+                self._reply(envelope, ControlBlock.from_obj(self._refusal(public, exc)))
+            )
             return
         body = PlainBlock(self._cipher.key.residues_to_bytes(plain), shape=envelope.body.shape)
         sent = self._channel.send(self._reply(envelope, body))

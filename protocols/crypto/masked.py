@@ -33,7 +33,7 @@ from protocols.crypto.cipher import Cipher
 from protocols.crypto.fixedpoint import unmask
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
-from protocols.errors import MalformedEnvelopeError, PolicyViolationError
+from protocols.errors import MalformedEnvelopeError, NoSpaceError, PolicyViolationError
 from protocols.roles import Party
 from protocols.tags import tag_value
 from protocols.transport.base import Channel
@@ -153,7 +153,10 @@ class MaskedDecryptionClient:
             timeout=self._timeout,
         )
         if isinstance(reply.body, ControlBlock):
-            reason = reply.body.obj().get("refused", "no reason given")
+            body = reply.body.obj()
+            reason = str(body.get("refused", "no reason given"))[:300]
+            if body.get("no_space") is True:  # the arbiter's folder is full (§4.4.1)
+                raise NoSpaceError(f"the arbiter cannot decrypt {reply.tag} now: {reason}")
             raise PolicyViolationError(
                 f"the arbiter refused decryption {reply.tag} step {step}: {reason}"
             )

@@ -8,8 +8,10 @@ Rules (the code cites them):
 
 P1. **Registration.** A job is active once each of its parties (its guest and its host,
     two different parties) proposed the byte-equal policy. A proposal from anyone else, a
-    policy that names one party twice, or two proposals that differ refuse the job; a party
-    has at most :data:`MAX_PENDING_JOBS` proposals waiting for the other party.
+    policy that names one party twice, or two proposals that differ refuse the job (a
+    differing proposal from someone the waiting one does not name is refused alone, the
+    waiting one stays); a party has at most :data:`MAX_PENDING_JOBS` proposals waiting for
+    the other party.
 P2. **Schedule.** Each tag has one requester, a count per request and a step window
     derived from the job's schedule (training tags: epochs × steps per epoch; ``Z_EVAL``:
     every validation and test batch; FTL numbers its runs ``2^32`` apart). A request
@@ -332,6 +334,12 @@ class DecryptionPolicy:
                     )
             proposals = self._proposed.setdefault(policy.job_id, {})
             for other_submitter, other in proposals.items():
+                if other != policy and submitter not in other.parties:
+                    # someone the waiting proposal does not name: refused alone, so that a
+                    # third party cannot end another guest's registration (P1)
+                    raise PolicyViolationError(
+                        f"job {policy.job_id} is waiting for other parties' JOB_SPECs"
+                    )
                 if other != policy:
                     del self._proposed[policy.job_id]
                     raise PolicyViolationError(

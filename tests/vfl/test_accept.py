@@ -246,3 +246,113 @@ def test_a_horizontal_job_names_only_configured_clients(tmp_path: Path) -> None:
         check_fed_job(config, fed, coordinator)
     fed = FedJob(job_id="h", coordinator="bank", clients=(("bank", "a"), ("retailer", "b")))
     check_fed_job(config, fed, coordinator)
+
+
+SPEC_ARBITER = """
+[party]
+id = "arbiter"
+role = "arbiter"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+certificate = "me.pem"
+key = "me.key"
+[[peers]]
+id = "bank"
+role = "guest"
+address = "127.0.0.1:1"
+[[peers]]
+id = "bank2"
+role = "guest"
+address = "127.0.0.1:3"
+[[peers]]
+id = "retailer"
+role = "host"
+address = "127.0.0.1:2"
+[arbiter]
+allow_test_key = true
+"""
+
+
+def test_another_guest_cannot_end_a_registration_or_inject_a_reason(tmp_path: Path) -> None:
+    """A second configured guest sends a JOB_SPEC for the bank's job id, naming free text as
+    its guest: only it is answered, with a rule that repeats none of its text, and the bank's
+    registration goes on (docs/protocol.md §4.4.1)."""
+    from types import SimpleNamespace
+
+    from protocols.crypto.arbiter import ArbiterService, SetupTag
+    from protocols.crypto.policy import DecryptionPolicy
+    from protocols.envelope import ControlBlock, Envelope
+    from vfl.service.accept import check_spec
+    from vfl.splitnn.spec import JobSpec
+
+    config = parse_config(tomllib.loads(SPEC_ARBITER), source=tmp_path / "arbiter.toml")
+    arbiter = Party("arbiter", Role.ARBITER)
+    bank, bank2 = Party("bank", Role.GUEST), Party("bank2", Role.GUEST)
+    retailer = Party("retailer", Role.HOST)
+    sent: list[Envelope] = []
+
+    class Channel:
+        me = arbiter
+
+        def send(self, envelope: Envelope) -> Envelope:
+            sent.append(envelope)
+            return envelope
+
+        def restore_stream_state(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cipher = SimpleNamespace(encrypted=False, key=SimpleNamespace(key_id=bytes.fromhex("ab" * 8)))
+    service = ArbiterService(
+        channel=Channel(),  # type: ignore[arg-type]
+        cipher=cipher,  # type: ignore[arg-type]
+        private_key=None,
+        policy=DecryptionPolicy(),
+        executor=None,  # type: ignore[arg-type]
+    )
+    spec = {
+        "job_id": "j1",
+        "key_id": "ab" * 8,
+        "key_bits": 2048,
+        "mode": "p1",
+        "batch": 16,
+        "d": 3,
+        "k": 2,
+        "batch_eval": 24,
+        "guest": "bank",
+        "host": "retailer",
+        "epochs": 1,
+        "steps_per_epoch": 4,
+        "eval_steps": 1,
+        "eval_rewind": 1,
+        "encrypted": True,
+    }
+
+    def deliver(sender: Party, body: dict[str, object]) -> None:
+        envelope = Envelope(
+            job_id="j1",
+            sender=sender,
+            receiver=arbiter,
+            tag=SetupTag.JOB_SPEC,
+            run_id="r1",
+            body=ControlBlock.from_obj(body),
+        )
+        service._on_job_spec(
+            envelope,
+            lambda b: JobSpec.from_json(b).policy(max_resumes=5),
+            lambda b, s: check_spec(config, b, s),
+        )
+
+    deliver(bank, spec)
+    assert sent == []  # waits for the host
+    deliver(bank2, {**spec, "guest": "no space left in /arbiter/state (fake)"})
+    deliver(bank2, {**spec, "guest": "bank2"})  # a valid spec of its own, disagreeing
+    assert {e.receiver for e in sent} == {bank2}
+    for reply in sent:
+        body = reply.body.obj()  # type: ignore[union-attr]
+        assert "no space" not in body["refused"] and "no_space" not in body
+    sent.clear()
+    deliver(retailer, spec)
+    assert {e.receiver for e in sent} == {bank, retailer}
+    assert all(e.body.obj() == {"job_id": "j1"} for e in sent)  # type: ignore[union-attr]

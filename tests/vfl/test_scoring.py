@@ -102,7 +102,7 @@ def session(setup: Setup) -> Iterator[tuple[ScoringClient, list[Envelope], list[
         executor=InlineExecutor(),
         table_for=lambda alias, column, columns: setup.host,
         public_key=lambda: setup.pk,
-        list_rows=lambda psi_job: (
+        list_rows=lambda psi_job, **_: (
             read_array(t.state / "retailer", psi_job, "list_rows"),
             int(read_result(t.state / "retailer", psi_job)[0]["peer_list_size"]),
         ),

@@ -163,8 +163,9 @@ class ScoringHost:
 
     ``table_for(alias, id_column, columns)`` loads those columns of one of H's own data
     aliases; ``allow(guest, model)`` raises a :class:`VflError` to refuse (H's acceptance
-    policy); ``list_rows(psi_job)`` gives H's list rows of a ``GUEST_ONLY`` PSI and the
-    size of G's list ``|X'|`` (batch scoring).
+    policy); ``list_rows(psi_job, guest=, alias=, id_column=)`` gives H's list rows of a
+    ``GUEST_ONLY`` PSI that guest ran on the model's alias and id column, and the size of
+    G's list ``|X'|`` (batch scoring).
     """
 
     def __init__(
@@ -178,7 +179,7 @@ class ScoringHost:
         public_key: Callable[[], PublicKey],
         pool_executor: Executor | None = None,
         allow: Callable[[str, SavedModel], None] | None = None,
-        list_rows: Callable[[str], tuple[np.ndarray, int]] | None = None,
+        list_rows: Callable[..., tuple[np.ndarray, int]] | None = None,
         timeout: float = 120.0,
     ) -> None:
         self.channel, self.arbiter, self.state_dir = channel, arbiter, state_dir
@@ -299,7 +300,12 @@ class ScoringHost:
                 if self.list_rows is None:
                     raise ConfigError("batch scoring is not available at this host")
                 psi_job = check_identifier(body.get("psi_job"), what="OPEN psi_job")
-                rows, scored = self.list_rows(psi_job)
+                rows, scored = self.list_rows(
+                    psi_job,
+                    guest=envelope.sender.party_id,
+                    alias=str(data["alias"]),
+                    id_column=str(data["id_column"]),
+                )
                 reply["positions"] = int(rows.size)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             logger.warning("refused scoring session from %s: %s", envelope.sender, exc)

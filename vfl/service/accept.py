@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from protocols.errors import ConfigError, JobRefusedError
-from protocols.roles import Party, Role
+from protocols.roles import Party, Role, check_party_id
 from psi.canon import IdType
 from psi.protocol import PsiMode
 from vfl.config import AcceptPolicy, JobType, PartyConfig, PsiDataPolicy
@@ -55,6 +55,14 @@ def host_bottom_params(*, features: int, train: TrainConfig) -> int:
     """Parameters of the host bottom model (``features`` → ``host_widths[:-1]`` → ``d``),
     computed without building it (a guest could ask for one too large to build)."""
     return mlp_params(features=features, widths=(*train.host_widths[:-1], train.d))
+
+
+def _is_party_id(value: str) -> bool:
+    try:
+        check_party_id(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def _refuse(reason: str) -> JobRefusedError:
@@ -136,7 +144,9 @@ def check_guest(config: PartyConfig, *, guest: str, job_type: JobType) -> None:
     """Check 1: ``guest`` may submit jobs of ``job_type`` here."""
     policy = config.accept
     if guest not in policy.guests:
-        raise _refuse(f"{guest} may not submit jobs here (accept.guests)")
+        # a name a peer wrote into a spec is echoed only if it is a party id (no free text)
+        named = guest if _is_party_id(guest) else "the named guest"
+        raise _refuse(f"{named} may not submit jobs here (accept.guests)")
     if job_type not in policy.job_types:
         raise _refuse(f"{job_type.value} jobs are not accepted here (accept.job_types)")
 

@@ -307,6 +307,13 @@ class ArbiterWatch:
         }
         try:
             spec = check_spec(self.config, body, sender)
+            known = self._service.policy.job(spec.job_id) if self._service is not None else None
+            parties = getattr(known, "parties", ())
+            if parties and parties[0] != spec.guest:
+                raise JobRefusedError(
+                    f"job {spec.job_id} is registered to {parties[0]}, not {spec.guest}",
+                    public="this job id is registered to another guest",
+                )
         except JobRefusedError as exc:
             self.audit.record(
                 event=AuditEvent.JOB_REFUSED, job_id=job_id, reason=str(exc), **fields
@@ -1266,6 +1273,19 @@ class JobRunner:
         with self._job_lock(job_id):
             with self._lock:
                 old = self._host_runs.get(job_id)
+            owner = self._job_guest(job_id, old)
+            if owner is not None and owner != envelope.sender.party_id:
+                # a job id belongs to the guest that started it: another guest may neither
+                # stop its run nor take over its checkpoints
+                reason = f"job {job_id} belongs to {owner}; JOB_START from {envelope.sender}"
+                logger.warning("refused a JOB_START: %s", reason)
+                self.audit.record(
+                    event=AuditEvent.JOB_REFUSED,
+                    job_id=job_id,
+                    submitter=envelope.sender.party_id,
+                    reason=reason,
+                )
+                return
             if old is not None and not old.done.is_set():
                 logger.info(
                     "job %s: run %s replaces run %s, which is stopped first",
@@ -1398,6 +1418,17 @@ class JobRunner:
             key_id=offer.key_id,
             run_id=envelope.run_id,
         )
+
+    def _job_guest(self, job_id: str, run: _HostRun | None) -> str | None:
+        """H: the guest a job id belongs to (its current run's, or the one recorded)."""
+        if run is not None:
+            return run.envelope.sender.party_id
+        path = state_path(self.config.state_dir, "jobs", job_id, HOST_RUN_FILE)
+        try:
+            guest = json.loads(path.read_text()).get("guest")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(guest) if guest else None
 
     def _host_run_state(
         self, job_id: str, envelope: Envelope, *, state: str, strict: bool = True

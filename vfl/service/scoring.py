@@ -114,11 +114,21 @@ class ScoringService:
                 list_rows=self._list_rows,
             )
 
-    def _list_rows(self, psi_job: str) -> tuple[np.ndarray, int]:
-        """H's list rows of a ``GUEST_ONLY`` PSI and the size of G's list ``|X'|``. Each
+    def _list_rows(
+        self, psi_job: str, *, guest: str, alias: str, id_column: str
+    ) -> tuple[np.ndarray, int]:
+        """H's list rows of a ``GUEST_ONLY`` PSI that ``guest`` ran with this party on the
+        model's data ``alias`` and ``id_column``, and the size of G's list ``|X'|``. Each
         PSI is scored once (its folder keeps a mark): the arbiter's cap of ``|X'| + 1``
         rows holds per session, so a second session over the same PSI would double it."""
         summary, _ = read_result(self.config.state_dir, psi_job)
+        bound = {"peer": guest, "data": alias, "id_column": id_column, "mode": "guest_only"}
+        for key, wanted in bound.items():
+            if summary.get(key) != wanted:
+                public = f"PSI {psi_job} is not a guest-only PSI of yours on this model's data"
+                raise PolicyViolationError(
+                    f"{public} ({key} {summary.get(key)!r}, wanted {wanted!r})", public=public
+                )
         rows = read_array(self.config.state_dir, psi_job, "list_rows")
         mark = result_dir(self.config.state_dir, psi_job) / SCORED_MARK
         with self._lock:

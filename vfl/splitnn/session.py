@@ -77,6 +77,7 @@ from protocols.envelope import ControlBlock, Envelope, IndexBlock
 from protocols.errors import (
     ConfigError,
     JobRefusedError,
+    NoSpaceError,
     PolicyViolationError,
     ProtocolError,
     RunAbortedError,
@@ -85,7 +86,7 @@ from protocols.errors import (
     peer_reason,
 )
 from protocols.executor import Executor
-from protocols.files import NO_SPACE, atomic_write, private_dir
+from protocols.files import atomic_write, private_dir
 from protocols.ids import check_identifier, state_path
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
@@ -379,8 +380,9 @@ class _Common:
             raise ProtocolError(f"{tag} from {sender} carries no control block")
         obj = env.body.obj()
         if "refused" in obj:
-            full = NO_SPACE in str(obj["refused"]).lower()  # not a refusal of the job
-            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY) and not full:  # [accept] policy
+            if obj.get("no_space") is True:  # flagged, never read from the text (§4.4.1)
+                raise NoSpaceError(f"{sender} cannot go on: {str(obj['refused'])[:300]}")
+            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY):  # [accept] policy
                 raise JobRefusedError(
                     f"{sender.party_id} refused job {job_id}: {obj['refused']} (change the job, "
                     f"or ask {sender.party_id}'s operator to allow it in its [accept] config)"

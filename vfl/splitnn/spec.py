@@ -216,7 +216,9 @@ class JobSpec:
         except KeyError as exc:
             raise ConfigError(f"JOB_SPEC lacks field {exc}") from None
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"JOB_SPEC is malformed: {exc}") from None
+            raise ConfigError(
+                f"JOB_SPEC is malformed: {exc}", public="JOB_SPEC is malformed"
+            ) from None
 
     def digest_text(self) -> str:
         """Canonical JSON (what both parties must agree on byte for byte)."""
