@@ -194,8 +194,9 @@ class TransportServer:
             caller_id: str | None = None
             try:
                 caller = self._caller(context)
-                self._enter("" if caller is None else caller.party_id)
-                caller_id = "" if caller is None else caller.party_id  # only once admitted
+                ident = "" if caller is None else caller.party_id
+                self._enter(ident)
+                caller_id = ident  # only once admitted: a refused call frees no slot
                 call = self._watchdog.watch(context)
                 return rpc(caller, _Watched(requests, call), call)
             except Exception as exc:  # translated in one place; unknown -> INTERNAL
