@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from pathlib import Path
 
 from protocols.errors import NoSpaceError
+
+logger = logging.getLogger(__name__)
 
 PRIVATE_FILE = 0o600
 """Mode of every file a party keeps (results, scores, reports, models, checkpoints)."""
@@ -86,3 +89,34 @@ def no_space_error(folder: Path, exc: BaseException, *, what: str) -> NoSpaceErr
         f"{NO_SPACE} in {folder} ({what}): {reason}; free space there, the job goes on by "
         "itself once it can write again"
     )
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Cut a last line left incomplete (a crash, a failed write), so that the next append
+    starts on a line of its own; reads only the file's tail. For append-only journals (the
+    replay journal, the arbiter's policy journal)."""
+    try:
+        handle = path.open("r+b")
+    except FileNotFoundError:
+        return
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # find the last newline, a block at a time from the end
+            start = max(0, end - 65536)
+            handle.seek(start)
+            block = handle.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        logger.warning("journal %s ends in a torn line; dropped %d B", path, size - keep)
+        handle.truncate(keep)

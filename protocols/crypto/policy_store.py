@@ -18,7 +18,7 @@ from typing import Any
 
 from protocols.crypto.policy import JobPolicy, ModelRecord
 from protocols.errors import ConfigError, NoSpaceError
-from protocols.files import atomic_write, is_no_space, no_space_error
+from protocols.files import atomic_write, cut_torn_tail, is_no_space, no_space_error
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class PolicyStore:
         path = self._name(job_id).with_suffix(".log")
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         try:
+            cut_torn_tail(path)  # a fragment an earlier failed write could not cut
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             raise self._full(exc) from exc

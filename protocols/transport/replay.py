@@ -35,6 +35,7 @@ from typing import IO
 
 from protocols.envelope import Envelope
 from protocols.errors import MalformedEnvelopeError, ReceiverBusyError, ReplayConflictError
+from protocols.files import cut_torn_tail
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class ReplayGuard:
             while len(self._journals) >= OPEN_JOURNALS:
                 _close_quietly(self._journals.popitem(last=False)[1])
             path = self._journal_path(journal_dir, envelope.job_id)
-            _drop_torn_tail(path)  # an earlier failed append may have left half a line
+            cut_torn_tail(path)  # an earlier failed append may have left half a line
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             handle = self._journals[envelope.job_id] = os.fdopen(fd, "a", encoding="utf-8")
         else:
@@ -168,7 +169,7 @@ class ReplayGuard:
     def _load(self, journal_dir: Path) -> None:
         count = 0
         for path in sorted(journal_dir.glob("*.jsonl")):
-            _drop_torn_tail(path)
+            cut_torn_tail(path)
             with path.open(encoding="utf-8") as handle:
                 for lineno, line in enumerate(handle, start=1):
                     try:
@@ -191,34 +192,3 @@ def _close_quietly(handle: IO[str]) -> None:
     # OSError: the unflushed part of a failed append; its line is cut on reopen
     with contextlib.suppress(OSError):
         handle.close()
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line left incomplete by a crash, so later appends start on a new line.
-
-    Reads only the file's tail (journals grow with a job; this runs on every reopen)."""
-    try:
-        handle = path.open("r+b")
-    except FileNotFoundError:
-        return
-    with handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return
-        end = size
-        while end > 0:  # find the last newline, a block at a time from the end
-            start = max(0, end - 65536)
-            handle.seek(start)
-            block = handle.read(end - start)
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-        else:
-            keep = 0
-        logger.warning("replay journal %s ends in a torn line; dropped %d B", path, size - keep)
-        handle.truncate(keep)

@@ -408,6 +408,26 @@ def test_a_torn_journal_line_is_cut_and_a_corrupt_one_stops_the_arbiter(tmp_path
         DecryptionPolicy(store=PolicyStore(tmp_path / "policy"))
 
 
+def test_a_fragment_left_by_a_failed_write_never_ends_up_inside_the_journal(
+    tmp_path: Path,
+) -> None:
+    """A write that failed and could not be cut back leaves a fragment at the end while A
+    keeps running: the next record is appended after cutting it, so the journal still reads
+    back after a restart (not "restore from backup")."""
+    policy = spec().policy()
+    store = PolicyStore(tmp_path / "policy")
+    p = registered(policy, store)
+    ask(p, policy, Z, 0)
+    (log,) = (tmp_path / "policy" / "jobs").glob("*.log")
+    with log.open("ab") as handle:
+        handle.write(b'{"served":"splitnn.Z_FWD","st')  # the failed write's fragment
+    ask(p, policy, Z, 1)  # the same process goes on
+    assert all(line.endswith("}") for line in log.read_text().splitlines())
+    again = DecryptionPolicy(store=PolicyStore(tmp_path / "policy"))
+    with pytest.raises(PolicyViolationError, match="already served"):
+        ask(again, policy, Z, 1, digest=digest(Z, 1, b"other"))
+
+
 # -- the property: an honest job gets exactly §4.9, nothing else -------------------------
 
 
