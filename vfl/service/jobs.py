@@ -584,18 +584,7 @@ class JobRunner:
                     del pending[job_id]  # a run registered with this process already
                     continue
                 try:
-                    guest = self.config.peer(guest_id).party
-                    self.channel.fresh_stream(job_id, (guest,))
-                    self.channel.send(
-                        Envelope(
-                            job_id=job_id,
-                            sender=self.channel.me,
-                            receiver=guest,
-                            tag=JobTag.RUN_STOPPED,
-                            step=time.time_ns() // 1000,
-                            body=ControlBlock.from_obj(body),
-                        )
-                    )
+                    self._stopped_notice(job_id, guest_id, body)
                 except (VflError, OSError) as exc:
                     logger.debug("job %s: restart notice to %s: %s", job_id, guest_id, exc)
                     continue
@@ -607,10 +596,27 @@ class JobRunner:
             self._stopping.wait(delay)
             delay = min(2 * delay, 10.0)
 
+    def _stopped_notice(self, job_id: str, guest_id: str, body: dict[str, Any]) -> None:
+        """At A: one ``RUN_STOPPED`` to the guest of ``job_id``, on a fresh stream (A keeps
+        no sequence numbers of its own across restarts)."""
+        guest = self.config.peer(guest_id).party
+        self.channel.fresh_stream(job_id, (guest,))
+        self.channel.send(
+            Envelope(
+                job_id=job_id,
+                sender=self.channel.me,
+                receiver=guest,
+                tag=JobTag.RUN_STOPPED,
+                step=time.time_ns() // 1000,
+                body=ControlBlock.from_obj(body),
+            )
+        )
+
     def _tell_guests_full(self) -> None:
         """At A: ``RUN_STOPPED{no_space}`` to the guest of every open job (a full folder
-        fails A's transport journal too, so its peers' requests only fail with an internal
-        error: this tells them why, and they wait for space instead of giving up)."""
+        fails A's replay journal too, so its peers' requests are only refused as busy,
+        docs/protocol.md §2.9.1: this tells them why, and they wait for space instead of
+        giving up)."""
         service = self.watch.service if self.watch is not None else None
         if service is None:
             return
@@ -625,18 +631,7 @@ class JobRunner:
             if policy is None or service.policy.closed(job_id) or not policy.parties:
                 continue
             try:
-                guest = self.config.peer(policy.parties[0]).party
-                self.channel.fresh_stream(job_id, (guest,))
-                self.channel.send(
-                    Envelope(
-                        job_id=job_id,
-                        sender=self.channel.me,
-                        receiver=guest,
-                        tag=JobTag.RUN_STOPPED,
-                        step=time.time_ns() // 1000,
-                        body=ControlBlock.from_obj(body),
-                    )
-                )
+                self._stopped_notice(job_id, policy.parties[0], body)
             except (VflError, OSError) as exc:
                 logger.warning("job %s: could not tell its guest that A is full: %s", job_id, exc)
 
