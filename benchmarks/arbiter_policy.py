@@ -70,8 +70,8 @@ from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.protocol import ScoreTag, grant_id
 from vfl.service.accept import check_spec
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.local import run_in_process
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 from vfl.splitnn.training import TrainConfig
 from vfl.transfer.session import FtlDecTag

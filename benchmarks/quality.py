@@ -36,6 +36,7 @@ import torch
 from protocols.crypto.paillier import generate_keypair
 from protocols.executor import Executor, InlineExecutor, LocalProcessExecutor
 from protocols.files import atomic_write
+from vfl.common.metrics import binary_metrics
 from vfl.data.datasets import data_dir, verify
 from vfl.data.tables import (
     BatchOrder,
@@ -49,9 +50,8 @@ from vfl.data.tables import (
 )
 from vfl.models.split import Task, loss_for
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.local import run_in_process
-from vfl.splitnn.metrics import binary_metrics
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.training import (
     FloatSplitModel,
     GuestModels,

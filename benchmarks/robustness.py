@@ -102,14 +102,14 @@ from protocols.roles import Party, Role
 from protocols.transport.grpc_client import DELIVER, PUSH, open_channel
 from protocols.transport.options import TransportOptions
 from protocols.transport.tls import TlsIdentity
+from vfl.common import checkpoint as ckpt
 from vfl.data.datasets import data_dir
 from vfl.service.admin import admin_call, service_address
 from vfl.service.demo import write_cluster_setup
 from vfl.service.local import LocalCluster
 from vfl.service.party import ServiceTag
-from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.interactive import SplitTag
-from vfl.splitnn.session import JobTag
+from vfl.splitnn.job import JobTag
 from vfl.splitnn.spec import DecTag
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ from psi.canon import IdType, prepare_ids
 from psi.inprocess import align_in_process
 from psi.protocol import PsiOptions, PsiResult
 from tests.vfl.session_setup import synthetic_tables
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.local import run_in_process
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.training import TrainConfig
 
 

@@ -18,16 +18,11 @@ from psi.protocol import PsiTag
 from tests.conftest import ARBITER, BANK, RETAILER
 from vfl.data.tables import PartyTable, Splits, split_rows
 from vfl.scoring.protocol import ScoreTag
+from vfl.splitnn.guest import GuestSession
+from vfl.splitnn.host import HostSession
 from vfl.splitnn.interactive import SplitTag
-from vfl.splitnn.session import (
-    GuestSession,
-    HostSession,
-    JobTag,
-    SplitJob,
-    SplitResult,
-    serve_decryptions,
-    wait_job_start,
-)
+from vfl.splitnn.job import JobTag, SplitJob, SplitResult
+from vfl.splitnn.session import serve_decryptions, wait_job_start
 from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import HostTrainer
 

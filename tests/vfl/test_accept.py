@@ -17,6 +17,7 @@ from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from tests.conftest import ARBITER
 from tests.vfl.session_setup import TAGS, Outcome, Trio, run_job, synthetic_tables, trio
+from vfl.common import checkpoint as ckpt
 from vfl.config import PartyConfig, parse_config
 from vfl.fedavg.protocol import FedJob
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
@@ -27,8 +28,8 @@ from vfl.service.accept import (
     check_spec,
     host_bottom_params,
 )
-from vfl.splitnn import checkpoint as ckpt
-from vfl.splitnn.session import JobOffer, SplitJob, serve_decryptions
+from vfl.splitnn.job import JobOffer, SplitJob
+from vfl.splitnn.session import serve_decryptions
 from vfl.splitnn.training import TrainConfig, _host_bottom
 
 BASE = """

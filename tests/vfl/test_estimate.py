@@ -14,8 +14,8 @@ from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import ConfigError
 from vfl.data.tables import split_rows
 from vfl.splitnn import estimate as est
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.jobfile import TrainJobFile, parse_job
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.spec import JobSpec, SplitMode
 from vfl.splitnn.training import TrainConfig
 

@@ -22,6 +22,7 @@ from protocols.tags import TagRegistry
 from protocols.transport.base import Channel
 from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from protocols.transport.tls import TlsIdentity, create_demo_pki, load_demo_identity
+from vfl.common import checkpoint
 from vfl.data.datasets import data_dir
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.fedavg import aggregate
@@ -32,7 +33,6 @@ from vfl.fedavg.protocol import FedJob, FedTag, RoundAbortedError
 from vfl.fedavg.train import build_model, client_splits, local_train
 from vfl.privacy.accountant import epsilon
 from vfl.privacy.dp import DPConfig
-from vfl.splitnn import checkpoint
 
 FILES = {
     "bank": "breast_homo_guest.csv",

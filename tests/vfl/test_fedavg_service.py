@@ -20,6 +20,7 @@ from protocols.errors import ConfigError
 from protocols.roles import Party, Role
 from tests.vfl.state_files import not_private
 from vfl import api
+from vfl.common.metrics import binary_metrics
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir
 from vfl.data.tables import TableSpec, load_table
@@ -34,7 +35,6 @@ from vfl.service.local import (
     start_services,
     stop_services,
 )
-from vfl.splitnn.metrics import binary_metrics
 
 PARTIES = (
     Party("bank", Role.GUEST),

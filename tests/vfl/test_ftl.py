@@ -19,7 +19,7 @@ from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import ConfigError, InsecureConfigError
 from protocols.executor import InlineExecutor
-from vfl.splitnn import checkpoint
+from vfl.common import checkpoint
 from vfl.transfer.ftl import (
     FtlConfig,
     FtlProtect,

@@ -33,13 +33,13 @@ from vfl.data.datasets import data_dir
 from vfl.fedavg.client import job_folder
 from vfl.fedavg.jobfile import parse_fed_job
 from vfl.fedavg.protocol import FedJob, FedTag
-from vfl.scoring.model import model_dir
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.admin import admin_call, service_address
 from vfl.service.demo import write_demo_setup
 from vfl.service.local import Processes, connect_services, start_services, stop_services
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.jobfile import parse_job
-from vfl.splitnn.session import SplitJob
+from vfl.splitnn.saved import model_dir
 from vfl.transfer.jobfile import parse_ftl_job
 from vfl.transfer.session import FtlJob, FtlTag, ftl_folder
 

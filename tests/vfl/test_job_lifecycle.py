@@ -53,8 +53,9 @@ from vfl.service.jobs import (
     _GuestJob,
     retryable,
 )
+from vfl.splitnn.guest import GuestSession
+from vfl.splitnn.job import JobTag, SplitJob, SplitResult
 from vfl.splitnn.jobfile import parse_job
-from vfl.splitnn.session import GuestSession, JobTag, SplitJob, SplitResult
 
 PARTY = """
 [party]

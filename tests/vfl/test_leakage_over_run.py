@@ -32,8 +32,8 @@ from vfl.privacy.attacks import (
     visit_means,
 )
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.local import run_in_process
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.training import TrainConfig
 
 SEEDS = (0, 1, 2)

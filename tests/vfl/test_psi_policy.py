@@ -35,7 +35,7 @@ from vfl.config import PartyConfig, PsiDataPolicy, parse_config
 from vfl.service.accept import check_offer
 from vfl.service.jobs import _aligned_table
 from vfl.service.psihost import answer_psi
-from vfl.splitnn.session import JobOffer, SplitJob
+from vfl.splitnn.job import JobOffer, SplitJob
 from vfl.splitnn.training import TrainConfig
 
 HOST = """

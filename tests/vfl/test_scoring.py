@@ -28,9 +28,9 @@ from tests.vfl.session_setup import Trio, run_job, synthetic_tables, trio
 from vfl.config import ScoringGrant
 from vfl.data.tables import PartyTable
 from vfl.scoring.grants import GrantKeeper
-from vfl.scoring.model import SavedModel, load_model
 from vfl.scoring.protocol import ScoreTag, ScoringClient, ScoringHost, grant_id
-from vfl.splitnn.session import SplitJob
+from vfl.splitnn.job import SplitJob
+from vfl.splitnn.saved import SavedModel, load_model
 from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import TrainConfig, guest_scores
 

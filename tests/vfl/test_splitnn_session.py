@@ -18,11 +18,11 @@ from protocols.tags import tag_value
 from protocols.transport.base import DeliveryStatus
 from protocols.transport.inmemory import InMemoryChannel
 from tests.vfl.session_setup import Outcome, run_job, synthetic_tables, trio
+from vfl.common import checkpoint as ckpt
 from vfl.data.tables import BatchOrder, ImputePolicy, Preprocessor, split_rows
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
-from vfl.splitnn import checkpoint as ckpt
-from vfl.splitnn.session import SplitJob
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.spec import SplitMode
 from vfl.splitnn.training import FloatSplitModel, TrainConfig, joint_init_component
 

@@ -20,7 +20,7 @@ from tests.vfl.session_setup import run_job, trio
 from vfl.data.datasets import data_dir, verify
 from vfl.data.tables import TableSpec, load_table, split_rows
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
-from vfl.splitnn.session import SplitJob
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.training import TrainConfig
 
 

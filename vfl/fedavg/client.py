@@ -42,6 +42,7 @@ from protocols.files import atomic_write, private_dir
 from protocols.ids import state_path
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
+from vfl.common import checkpoint
 from vfl.data.tables import ImputePolicy, PartyTable
 from vfl.fedavg import aggregate
 from vfl.fedavg.protocol import (
@@ -54,7 +55,6 @@ from vfl.fedavg.protocol import (
 )
 from vfl.fedavg.train import build_model, client_splits, evaluate, local_train
 from vfl.privacy.accountant import RdpAccountant
-from vfl.splitnn import checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
+from vfl.common.jobfile import job_id_of, job_section, read_job_toml
 from vfl.data.tables import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
-from vfl.splitnn.jobfile import job_id_of, job_section, read_job_toml
 
 _JOB_KEYS = {
     "type",

@@ -11,10 +11,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from vfl.common.metrics import binary_metrics
 from vfl.fedavg.protocol import FedJob, Optimizer
 from vfl.models.mlp import MLP
 from vfl.privacy.dp import dp_epoch
-from vfl.splitnn.metrics import binary_metrics
 
 
 def build_model(job: FedJob, *, in_features: int) -> MLP:

@@ -87,8 +87,8 @@ from protocols.transport.base import Channel, MessageFilter
 from psi.canon import DuplicatePolicy, IdType, prepare_ids
 from vfl.data.tables import PartyTable
 from vfl.models.split import Task
-from vfl.scoring.model import SavedModel, load_model
 from vfl.splitnn.interactive import GuestLayer, HostLayer
+from vfl.splitnn.saved import SavedModel, load_model
 from vfl.splitnn.spec import DecTag, JobSpec
 from vfl.splitnn.training import guest_scores
 

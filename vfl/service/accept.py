@@ -44,7 +44,7 @@ from psi.canon import IdType
 from psi.protocol import PsiMode
 from vfl.config import AcceptPolicy, JobType, PartyConfig, PsiDataPolicy
 from vfl.fedavg.protocol import FedJob
-from vfl.splitnn.session import JobOffer
+from vfl.splitnn.job import JobOffer
 from vfl.splitnn.spec import JobSpec
 from vfl.splitnn.training import TrainConfig
 from vfl.transfer.ftl import FtlProtect

@@ -36,8 +36,10 @@ from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.report import write_report
 from vfl.service.accept import check_ftl_start, host_id_column
 from vfl.service.audit import AuditEvent, file_digest
+from vfl.transfer.guest import FtlGuest
+from vfl.transfer.host import FtlHost
 from vfl.transfer.jobfile import FtlJobFile
-from vfl.transfer.session import FtlGuest, FtlHost, FtlJob, FtlResult, FtlTag
+from vfl.transfer.session import FtlJob, FtlResult, FtlTag
 
 if TYPE_CHECKING:
     from vfl.service.jobs import JobRunner, _GuestJob

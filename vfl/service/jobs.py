@@ -102,6 +102,7 @@ from protocols.ray_executor import ray_tls_on
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
 from psi.result import read_result
+from vfl.common.jobfile import JobKind, job_kind
 from vfl.config import PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.fedavg.client import FedClient
@@ -112,20 +113,15 @@ from vfl.service.accept import check_offer, check_spec, host_id_column
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.fedjobs import FedJobs
 from vfl.service.ftljobs import FtlJobs
-from vfl.splitnn.jobfile import JobKind, TrainJobFile, job_kind, parse_job
-from vfl.splitnn.session import (
-    GuestSession,
-    HostSession,
-    JobOffer,
-    JobTag,
-    Progress,
-    SplitResult,
-    claim_run,
-    serve_decryptions,
-)
+from vfl.splitnn.guest import GuestSession
+from vfl.splitnn.host import HostSession
+from vfl.splitnn.job import JobOffer, JobTag, Progress, SplitResult
+from vfl.splitnn.jobfile import TrainJobFile, parse_job
+from vfl.splitnn.session import claim_run, serve_decryptions
 from vfl.splitnn.spec import DecTag, JobSpec
+from vfl.transfer.guest import FtlGuest
 from vfl.transfer.jobfile import FtlJobFile, parse_ftl_job
-from vfl.transfer.session import FtlDecTag, FtlGuest, FtlResult, FtlSpec
+from vfl.transfer.session import FtlDecTag, FtlResult, FtlSpec
 
 logger = logging.getLogger(__name__)
 

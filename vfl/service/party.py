@@ -69,7 +69,7 @@ from vfl.service.probe import HealthProbe
 from vfl.service.psihost import answer_psi, prepare_alias
 from vfl.service.scoring import ScoringService
 from vfl.splitnn.interactive import SplitTag
-from vfl.splitnn.session import JobTag
+from vfl.splitnn.job import JobTag
 from vfl.splitnn.spec import DecTag
 from vfl.transfer.session import FtlDecTag, FtlTag
 

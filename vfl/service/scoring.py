@@ -38,9 +38,9 @@ from psi.result import read_array, read_result, result_dir
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.scoring.grants import GrantKeeper
-from vfl.scoring.model import SavedModel, load_model
 from vfl.scoring.protocol import ScoringClient, ScoringHost, grant_id
 from vfl.service.accept import check_guest
+from vfl.splitnn.saved import SavedModel, load_model
 
 logger = logging.getLogger(__name__)
 

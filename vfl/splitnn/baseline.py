@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from protocols.errors import ConfigError
+from vfl.common.metrics import selection_metric, task_metrics
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
-from vfl.splitnn.metrics import selection_metric, task_metrics
 from vfl.splitnn.training import (
     TrainConfig,
     guest_models,

@@ -119,8 +119,8 @@ from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.crypto.tensor import TABLE_MIN_REUSE
 from protocols.errors import ConfigError, CryptoError
 from psi import ecdh
+from vfl.splitnn.job import SplitJob
 from vfl.splitnn.jobfile import TrainJobFile
-from vfl.splitnn.session import SplitJob
 from vfl.splitnn.spec import JobSpec, StepCounts
 
 A_BITS = 28  # |â| < 2^28 (§2.2)

@@ -20,16 +20,11 @@ from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from vfl.data.tables import PartyTable, Splits
+from vfl.splitnn.guest import GuestSession
+from vfl.splitnn.host import HostSession
 from vfl.splitnn.interactive import SplitTag
-from vfl.splitnn.session import (
-    GuestSession,
-    HostSession,
-    JobTag,
-    SplitJob,
-    SplitResult,
-    serve_decryptions,
-    wait_job_start,
-)
+from vfl.splitnn.job import JobTag, SplitJob, SplitResult
+from vfl.splitnn.session import serve_decryptions, wait_job_start
 from vfl.splitnn.spec import DecTag
 from vfl.splitnn.training import HostObserver, HostTrainer
 

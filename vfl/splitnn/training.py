@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from protocols.errors import ConfigError
+from vfl.common.checkpoint import Checkpoint
 from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
 from vfl.privacy.label_protection import (
     MarvellNoise,
@@ -39,7 +40,6 @@ from vfl.privacy.label_protection import (
     new_generator,
     protect,
 )
-from vfl.splitnn.checkpoint import Checkpoint
 from vfl.splitnn.interactive import GuestLayer, HostLayer
 
 

@@ -25,15 +25,9 @@ from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.inmemory import InMemoryNetwork
-from vfl.transfer.session import (
-    FtlDecTag,
-    FtlGuest,
-    FtlHost,
-    FtlJob,
-    FtlResult,
-    FtlSpec,
-    FtlTag,
-)
+from vfl.transfer.guest import FtlGuest
+from vfl.transfer.host import FtlHost
+from vfl.transfer.session import FtlDecTag, FtlJob, FtlResult, FtlSpec, FtlTag
 
 GUEST = Party("guest", Role.GUEST)
 HOST = Party("host", Role.HOST)

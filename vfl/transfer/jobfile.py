@@ -42,7 +42,7 @@ from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
-from vfl.splitnn.jobfile import job_id_of, job_section, psi_job_of
+from vfl.common.jobfile import job_id_of, job_section, psi_job_of
 from vfl.transfer.ftl import FtlConfig, FtlProtect
 from vfl.transfer.session import FtlJob, ScoreOwner
 

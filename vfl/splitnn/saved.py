@@ -35,10 +35,10 @@ from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.errors import ConfigError, DataError
 from protocols.files import atomic_write
 from protocols.ids import state_path
+from vfl.common import checkpoint as ckpt
 from vfl.data.tables import Preprocessor
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
-from vfl.splitnn import checkpoint as ckpt
 from vfl.splitnn.training import GuestModels, TrainConfig, guest_models, host_bottom
 
 MODEL_FORMAT = 1

@@ -1,0 +1,1 @@
+"""Pieces every mode shares: checkpoints, metrics, job-file reading (no mode imported)."""

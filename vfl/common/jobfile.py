@@ -1,0 +1,75 @@
+"""Reading job files of every kind: TOML, sections, ids and the job's kind."""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from protocols.errors import ConfigError
+from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
+
+
+def read_job_toml(path: Path) -> dict[str, Any]:
+    """A job file's TOML (any kind of job), naming the file if it cannot be read."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+class JobKind(StrEnum):
+    """``[job] type`` of a job file."""
+
+    SPLIT_NN = "split_nn"
+    HORIZONTAL = "horizontal"  # vfl.fedavg.jobfile
+    TRANSFER = "transfer"  # vfl.transfer.jobfile
+
+
+def job_kind(raw: dict[str, Any]) -> JobKind:
+    """The kind of a job file (``split_nn`` when ``[job] type`` is absent)."""
+    job = raw.get("job", {})
+    kind = job.get("type", "split_nn") if isinstance(job, dict) else "split_nn"
+    try:
+        return JobKind(kind)
+    except ValueError:
+        kinds = ", ".join(k.value for k in JobKind)
+        raise ConfigError(f"[job] type = {kind!r}: use one of {kinds}") from None
+
+
+def job_section(raw: dict[str, Any], name: str, source: str, keys: set[str]) -> dict[str, Any]:
+    """Section ``[name]`` of a job file (empty if absent), refusing keys outside ``keys``."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    bad = set(table) - keys
+    if bad:
+        raise ConfigError(
+            f"{source}: [{name}] has unknown key(s) {sorted(bad)}; known: {sorted(keys)}"
+        )
+    return table
+
+
+def job_id_of(job: dict[str, Any], *, prefix: str, source: str) -> str:
+    """``[job] id``, or a fresh ``<prefix>-<12 hex digits>`` when absent, checked as an
+    identifier a person may choose (:func:`protocols.ids.check_identifier`, at most
+    :data:`~protocols.ids.MAX_USER_ID_LENGTH` characters; it names folders in every party's
+    state)."""
+    value = job.get("id") or f"{prefix}-{uuid.uuid4().hex[:12]}"
+    return check_identifier(
+        value, what=f"{source}: [job] id", max_length=MAX_USER_ID_LENGTH, error=ConfigError
+    )
+
+
+def psi_job_of(job: dict[str, Any], *, source: str) -> str:
+    """``[job] psi_job``: empty (run PSI first) or an earlier PSI's job id (an identifier)."""
+    value = job.get("psi_job", "")
+    if value == "":
+        return ""
+    return check_identifier(
+        value, what=f"{source}: [job] psi_job", max_length=MAX_USER_ID_LENGTH, error=ConfigError
+    )
