@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import generate_keypair

@@ -83,7 +83,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.arbiter.service import SetupTag
 from protocols.envelope import (
     CipherBlock,
     ControlBlock,

@@ -9,7 +9,7 @@ Who holds what: the driver sends each chunk's arguments to the cluster, so every
 what a local worker process would see: for PSI the run's ephemeral X25519 key and the
 ids' hashes, for Paillier work public keys and ciphertexts. The arbiter's private key is
 never sent: without Ray TLS the arbiter decrypts in its own processes; with it, its actors
-load the key from the arbiter's key file themselves (:class:`protocols.crypto.arbiter.
+load the key from the arbiter's key file themselves (:class:`protocols.arbiter.service.
 ArbiterService`, ``key_file``). Without Ray TLS (``RAY_USE_TLS=1`` on every node) chunks
 cross the silo's network unencrypted, so a cluster without TLS needs
 ``allow_plaintext_cluster``, which logs a warning.

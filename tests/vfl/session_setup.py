@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.executor import InlineExecutor
 from protocols.tags import TagRegistry

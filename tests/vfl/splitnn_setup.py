@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from protocols.crypto.arbiter import ArbiterService
+from protocols.arbiter.service import ArbiterService
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool

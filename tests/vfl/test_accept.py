@@ -282,7 +282,7 @@ def test_another_guest_cannot_end_a_registration_or_inject_a_reason(tmp_path: Pa
     registration goes on (docs/protocol.md §4.4.1)."""
     from types import SimpleNamespace
 
-    from protocols.crypto.arbiter import ArbiterService, SetupTag
+    from protocols.arbiter.service import ArbiterService, SetupTag
     from protocols.crypto.policy import DecryptionPolicy
     from protocols.envelope import ControlBlock, Envelope
     from vfl.service.accept import check_spec

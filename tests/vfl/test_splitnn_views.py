@@ -7,7 +7,7 @@ on in-memory channels whose transport records every envelope each party receives
 Nothing of the crypto is mocked.
 
 Statistical tests are deterministic: the test-only randomness hook of §2.3
-(:func:`protocols.crypto.masked.sample_masks` with a seeded ``randbelow``) gives the
+(:func:`protocols.arbiter.masked.sample_masks` with a seeded ``randbelow``) gives the
 decryption masks, the shares ``E`` come from the same kind of seeded stream (one per party
 thread), and the test key is made from seeded primes (every mask and P0 share is drawn mod
 n, so the session's random key would change every statistic). The obfuscators stay random.
@@ -40,13 +40,13 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
-from protocols.crypto import masked
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.masked import MaskedDecryptionClient
+from protocols.arbiter.service import ArbiterService, SetupTag
+from protocols.arbiter import masked
 from protocols.crypto.cipher import Cipher, PaillierCipher
 from protocols.crypto.counters import OpCounts, snapshot
 from protocols.crypto.fixed_base import multi_exp
 from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring
-from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import unpack_rows
 from protocols.crypto.paillier import PrivateKey, PublicKey

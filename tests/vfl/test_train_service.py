@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.arbiter.service import SetupTag
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.paillier import PublicKey
 from protocols.crypto.tensor import EncryptedTensor

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import ArbiterService
+from protocols.arbiter.service import ArbiterService
 from protocols.crypto.policy import JobPolicy, PolicyRule
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (

@@ -65,9 +65,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.arbiter.masked import derived_masks
+from protocols.arbiter.service import SetupTag
 from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.masked import derived_masks
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
 from protocols.crypto.policy import ciphertext_digests

@@ -73,7 +73,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import ArbiterService
+from protocols.arbiter.service import ArbiterService
 from protocols.crypto.paillier import (
     PrivateKey,
     PublicKey,

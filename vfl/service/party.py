@@ -42,7 +42,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.arbiter.service import SetupTag
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import (
     ConfigError,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.paillier import PublicKey
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import ConfigError, PolicyViolationError, ProtocolError

@@ -38,9 +38,9 @@ from enum import StrEnum
 
 import numpy as np
 
+from protocols.arbiter.masked import MaskedDecryptionClient, PendingDecryption
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring
-from protocols.crypto.masked import MaskedDecryptionClient, PendingDecryption
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import pack_rows, unpack_rows
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocols.crypto.arbiter import SetupTag
+from protocols.arbiter.service import SetupTag
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.crypto.policy import DecryptionPolicy
 from protocols.errors import ProtocolError

@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool

@@ -2,7 +2,7 @@
 
 Roles: the guest G and the host H each send the same ``JOB_SPEC`` to the arbiter A (§4.4.1),
 which registers the decryption policy derived here only when both agree
-(:meth:`protocols.crypto.arbiter.DecryptionPolicy.propose`). A learns shapes and counts,
+(:meth:`protocols.arbiter.service.DecryptionPolicy.propose`). A learns shapes and counts,
 nothing else.
 
 Counts per training step (``B`` rows, host embedding width ``d``, interactive width ``k``;

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocols.arbiter.masked import MaskedDecryptionClient
 from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
 from protocols.envelope import ControlBlock

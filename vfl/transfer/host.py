@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from protocols.arbiter.masked import MaskedDecryptionClient
 from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.tensor import EncryptedTensor
 from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of

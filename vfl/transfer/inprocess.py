@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from protocols.crypto.arbiter import ArbiterService, SetupTag
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.crypto.policy import DecryptionPolicy

@@ -317,7 +317,7 @@ class PeerLink:
 
 def fetch_key(peer: PeerLink, arbiter: Party, *, allow_test_key: bool) -> PublicKey:
     """R1: ``pk_A`` from A."""
-    from protocols.crypto.arbiter import SetupTag
+    from protocols.arbiter.service import SetupTag
 
     peer.send(arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
     obj = peer.control(arbiter, SetupTag.KEY)
@@ -328,7 +328,7 @@ def open_run(peer: PeerLink, arbiter: Party, run: int) -> None:
     """R6: a run after the first (run number > 1) is opened at A by both parties
     (``RESUME{run}``, P6 of :mod:`protocols.crypto.policy`); A refuses steps of a run not
     opened so."""
-    from protocols.crypto.arbiter import SetupTag
+    from protocols.arbiter.service import SetupTag
 
     if run <= 1:
         return
@@ -341,7 +341,7 @@ def open_run(peer: PeerLink, arbiter: Party, run: int) -> None:
 
 def register(peer: PeerLink, arbiter: Party, spec: FtlSpec) -> None:
     """R1: the JOB_SPEC; A answers once G and H sent the same."""
-    from protocols.crypto.arbiter import SetupTag
+    from protocols.arbiter.service import SetupTag
 
     peer.send(arbiter, SetupTag.JOB_SPEC, 0, ControlBlock.from_obj(spec.to_json()))
     obj = peer.control(arbiter, SetupTag.JOB_READY)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
-from protocols.crypto.arbiter import ArbiterService, _decrypt_chunk_from_file
+from protocols.arbiter.masked import MaskedDecryptionClient
+from protocols.arbiter.service import ArbiterService, _decrypt_chunk_from_file
 from protocols.crypto.cipher import PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import lift
-from protocols.crypto.masked import MaskedDecryptionClient
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair, key_file_bytes
 from protocols.crypto.policy import (

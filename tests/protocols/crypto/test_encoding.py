@@ -13,9 +13,9 @@ from gmpy2 import mpz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocols.arbiter.masked import sample_masks
 from protocols.crypto.fixed_base import SignedFixedBase, multi_exp
 from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring, unmask
-from protocols.crypto.masked import sample_masks
 from protocols.crypto.packing import capacity, pack, pack_rows, slot_bits_for, unpack, unpack_rows
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import DecodingOverflowError, EncodingBoundError, PackingOverflowError
