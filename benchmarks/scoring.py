@@ -45,10 +45,11 @@ import pandas as pd
 from protocols.files import atomic_write
 from vfl.config import load_config
 from vfl.data.datasets import data_dir
+from vfl.estimate.job import estimate_job_file
+from vfl.estimate.measure import quick_costs
 from vfl.service.admin import admin_call
 from vfl.service.demo import DEMO_JOB, fraud_setup
 from vfl.service.local import connect_services, start_services, stop_services
-from vfl.splitnn.estimate import estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import parse_job
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -18,7 +18,7 @@ Figures (``benchmarks/results/splitnn.json``):
 * ``setup_s`` (key, registration, joint initialisation; PSI reported as ``psi_s``),
   ``eval_s`` (validation after the epoch), ``rows_per_s``;
 * ``estimate``: what ``vfl estimate`` predicts before the run
-  (:func:`vfl.splitnn.estimate.estimate_job_file` on :func:`~vfl.splitnn.estimate.quick_costs`
+  (:func:`vfl.estimate.job.estimate_job_file` on :func:`~vfl.estimate.measure.quick_costs`
   timed just before the services start), and ``estimate_epoch_ratio`` / ``estimate_total_ratio``
   = measured / predicted (epoch; PSI to the end of the test).
 
@@ -58,11 +58,12 @@ from splitnn_costs import (
 from protocols.files import atomic_write
 from vfl.config import load_config
 from vfl.data.datasets import data_dir
+from vfl.estimate.job import estimate_job_file
+from vfl.estimate.measure import quick_costs
 from vfl.service.admin import admin_call
 from vfl.service.demo import write_demo_setup
 from vfl.service.jobs import arbiter_key
 from vfl.service.local import connect_services, start_services, stop_services
-from vfl.splitnn.estimate import estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import parse_job
 from vfl.splitnn.spec import JobSpec, SplitMode
 

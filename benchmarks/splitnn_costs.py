@@ -2,14 +2,14 @@
 
 A library for ``benchmarks/splitnn.py`` (nothing runs at import). Three parts:
 
-1. :func:`vfl.splitnn.estimate.measure_primitive_costs` times, in this process, every
+1. :func:`vfl.estimate.measure.measure_primitive_costs` times, in this process, every
    primitive one step of the interactive layer is made of, each through the engine's own
    code path (CRT decryption, fixed-base obfuscators, signed fixed-base tables and pows,
    Pippenger multi-exponentiation, powmod, mulmod, inversion; see that module);
-2. :func:`vfl.splitnn.estimate.epoch_floor` multiplies the §4.9 counts of one step
+2. :func:`vfl.estimate.costmodel.epoch_floor` multiplies the §4.9 counts of one step
    (:meth:`vfl.splitnn.spec.JobSpec.step_counts`) by these costs, times the steps, divided by
    the cores, each product costed by the method ``plain_matmul`` uses (``few_reuse`` costs
-   B2 otherwise). Both live in :mod:`vfl.splitnn.estimate` (behind ``vfl estimate``) and
+   B2 otherwise). Both live in :mod:`vfl.estimate` (behind ``vfl estimate``) and
    are imported from there;
 3. :func:`naive_phe_epoch_seconds` writes the same epoch's P0 flow (F1, F2/F3, B1-1..B1-3,
    B2-1..B2-4 and H's ``⊖`` of §4.4) straightforwardly with python-paillier's
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 # Run as a script, this folder comes first on sys.path, where benchmarks/psi.py would shadow
-# the psi package that vfl.splitnn.estimate imports: drop the folder (as splitnn.py does).
+# the psi package that vfl.estimate.measure imports: drop the folder (as splitnn.py does).
 if __name__ == "__main__":
     _HERE = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
@@ -58,14 +58,13 @@ from phe import paillier as phe_paillier
 from phe.encoding import EncodedNumber
 
 from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
-from vfl.splitnn.estimate import (
+from vfl.estimate.costmodel import FloorBreakdown, epoch_floor
+from vfl.estimate.measure import (
     A_BITS,
     D_BITS,
-    FloorBreakdown,
     PrimitiveCosts,
-    _signed_scalars,
-    epoch_floor,
     measure_primitive_costs,
+    signed_scalars,
 )
 from vfl.splitnn.spec import JobSpec, SplitMode
 
@@ -296,9 +295,9 @@ def naive_phe_epoch_seconds(
     e_new = [[rng.randrange(n) for _ in range(k)] for _ in range(d)]  # H's E'
     enc_wg = [[held(v) for v in row] for row in wg]  # at H
     enc_e = [[held(v) for v in row] for row in e]  # at G
-    a_hat = [_signed_scalars(rng, a_bits, d) for _ in rows]
-    d_hat = [_signed_scalars(rng, d_bits, k) for _ in rows]  # δ̂ (B1)
-    big_d = [_signed_scalars(rng, d_bits, k) for _ in rows]  # D̂ = enc(η_W·δ̃) (B2)
+    a_hat = [signed_scalars(rng, bits=a_bits, count=d) for _ in rows]
+    d_hat = [signed_scalars(rng, bits=d_bits, count=k) for _ in rows]  # δ̂ (B1)
+    big_d = [signed_scalars(rng, bits=d_bits, count=k) for _ in rows]  # D̂ = enc(η_W·δ̃) (B2)
     v_acc: list[list[Any]] = [[None] * k for _ in range(d)]
     out: dict[str, list[Any]] = {}
 

@@ -22,9 +22,10 @@ from psi.result import read_result
 from vfl.common.jobfile import JobKind, job_kind, read_job_toml
 from vfl.config import load_config
 from vfl.data.tables import TableSpec, load_table
+from vfl.estimate.job import JobEstimate, estimate_job_file
+from vfl.estimate.measure import quick_costs
 from vfl.fedavg.jobfile import parse_fed_job, with_defaults
 from vfl.service.admin import admin_call
-from vfl.splitnn.estimate import JobEstimate, estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import load_job_file
 from vfl.transfer.jobfile import parse_ftl_job
 

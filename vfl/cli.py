@@ -296,7 +296,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from vfl import api
-    from vfl.splitnn.estimate import format_estimate
+    from vfl.estimate.job import format_estimate
 
     found = api.estimate(args.job, config=args.config, rows=args.rows, key_bits=args.key_bits)
     print(json.dumps(found.to_json(), indent=2) if args.json else format_estimate(found))

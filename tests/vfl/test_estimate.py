@@ -1,4 +1,4 @@
-"""vfl.splitnn.estimate: run-time estimates from the §4.9 counts and primitive costs."""
+"""vfl.estimate: run-time estimates from the §4.9 counts and primitive costs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,26 @@ import pytest
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import ConfigError
 from vfl.data.tables import split_rows
-from vfl.splitnn import estimate as est
+from vfl.estimate.costmodel import epoch_floor, eval_floor
+from vfl.estimate.job import (
+    EPOCH_OVERHEAD,
+    POOL_TARGET,
+    PSI_FIXED_S,
+    JobEstimate,
+    _job_spec,
+    estimate_job,
+    estimate_job_file,
+    format_duration,
+    format_estimate,
+    psi_seconds,
+    split_sizes,
+)
+from vfl.estimate.measure import (
+    PSI_REFERENCE_HASH_S,
+    PSI_REFERENCE_X25519_S,
+    PrimitiveCosts,
+    quick_costs,
+)
 from vfl.splitnn.job import SplitJob
 from vfl.splitnn.jobfile import TrainJobFile, parse_job
 from vfl.splitnn.spec import JobSpec, SplitMode
@@ -22,7 +41,7 @@ from vfl.splitnn.training import TrainConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 # distinct costs, in the proportions of a 2048-bit measurement
-COSTS = est.PrimitiveCosts(
+COSTS = PrimitiveCosts(
     bits=2048,
     a_bits=28,
     d_bits=36,
@@ -67,7 +86,7 @@ def split_job(
     )
 
 
-def estimate(job: SplitJob | None = None, **kwargs: object) -> est.JobEstimate:
+def estimate(job: SplitJob | None = None, **kwargs: object) -> JobEstimate:
     args: dict[str, object] = {
         "job": job or split_job(),
         "train_rows": 23_999,
@@ -77,7 +96,7 @@ def estimate(job: SplitJob | None = None, **kwargs: object) -> est.JobEstimate:
         "cores": 2,
     }
     args.update(kwargs)
-    return est.estimate_job(**args)  # type: ignore[arg-type]
+    return estimate_job(**args)  # type: ignore[arg-type]
 
 
 def job_file(test_fraction: float, validation_fraction: float) -> TrainJobFile:
@@ -100,10 +119,10 @@ def test_epoch_is_steps_times_the_step_floor_with_overhead() -> None:
     assert e.steps_per_epoch == 23_999 // 256 == 93
     assert e.epochs == 12
     assert e.epoch_s == pytest.approx(e.steps_per_epoch * e.step_s)
-    spec = est._job_spec(split_job(), 2048)
-    floor = est.epoch_floor(spec=spec, steps=1, costs=COSTS, cores=2)
+    spec = _job_spec(split_job(), 2048)
+    floor = epoch_floor(spec=spec, steps=1, costs=COSTS, cores=2)
     assert e.step_cpu_s == pytest.approx(floor.cpu_s_per_step)
-    assert e.step_s == pytest.approx(floor.cpu_s_per_step / 2 * est.EPOCH_OVERHEAD)
+    assert e.step_s == pytest.approx(floor.cpu_s_per_step / 2 * EPOCH_OVERHEAD)
     assert e.train_s == pytest.approx(12 * e.epoch_s)
 
 
@@ -159,16 +178,16 @@ def test_step_counts_are_the_specs(mode: SplitMode, batch: int, d: int, k: int) 
 
 def test_evaluation_counts_padded_batches_and_the_pool() -> None:
     job = split_job(batch_eval=1024)
-    spec = est._job_spec(job, 2048)
-    floor = est.eval_floor(spec=spec, batches=3, costs=COSTS, cores=2)
+    spec = _job_spec(job, 2048)
+    floor = eval_floor(spec=spec, batches=3, costs=COSTS, cores=2)
     items = {i.name.split(" (")[0]: i for i in floor.items}
     assert items["decryptions"].count_per_step == 1024  # κ_k = 1
     assert items["F1 â ⊙ [[W^G]]"].count_per_step == 1024 * 8
     e = estimate(job, validation_rows=2049, test_rows=2049)  # 3 padded batches each
-    ready = min(est.POOL_TARGET, 3 * 1024)
-    assert e.test_s == pytest.approx(floor.cpu_s / 2 * est.EPOCH_OVERHEAD)
+    ready = min(POOL_TARGET, 3 * 1024)
+    assert e.test_s == pytest.approx(floor.cpu_s / 2 * EPOCH_OVERHEAD)
     assert e.validation_s == pytest.approx(
-        (floor.cpu_s - ready * COSTS.obfuscator_s) / 2 * est.EPOCH_OVERHEAD
+        (floor.cpu_s - ready * COSTS.obfuscator_s) / 2 * EPOCH_OVERHEAD
     )
     assert estimate(job, validation_rows=3072).validation_s == pytest.approx(e.validation_s)
     none = estimate(job, validation_rows=0, test_rows=0)
@@ -176,9 +195,9 @@ def test_evaluation_counts_padded_batches_and_the_pool() -> None:
 
 
 def test_psi_grows_with_the_ids() -> None:
-    small = est.psi_seconds(rows=10_000, costs=COSTS, cores=2)
-    large = est.psi_seconds(rows=20_000, costs=COSTS, cores=2)
-    assert large - est.PSI_FIXED_S == pytest.approx(2 * (small - est.PSI_FIXED_S))
+    small = psi_seconds(rows=10_000, costs=COSTS, cores=2)
+    large = psi_seconds(rows=20_000, costs=COSTS, cores=2)
+    assert large - PSI_FIXED_S == pytest.approx(2 * (small - PSI_FIXED_S))
     assert estimate(psi_rows=10_000).psi_s == pytest.approx(small)
 
 
@@ -194,32 +213,32 @@ def test_job_file_splits_match_split_rows(
         labels, test_fraction=test_fraction, validation_fraction=validation_fraction, seed=0
     )
     jf = job_file(test_fraction, validation_fraction)
-    e = est.estimate_job_file(jf, rows=rows, costs=COSTS, cores=2, run_psi=True)
+    e = estimate_job_file(jf, rows=rows, costs=COSTS, cores=2, run_psi=True)
     assert (e.train_rows, e.validation_rows, e.test_rows) == (
         len(splits.train),
         len(splits.validation),
         len(splits.test),
     )
     assert e.psi_rows == rows and e.epochs == 3 and e.steps_per_epoch == len(splits.train) // 16
-    no_psi = est.estimate_job_file(jf, rows=rows, costs=COSTS, cores=2, run_psi=False)
+    no_psi = estimate_job_file(jf, rows=rows, costs=COSTS, cores=2, run_psi=False)
     assert no_psi.psi_s == 0.0 and no_psi.total_s == pytest.approx(e.total_s - e.psi_s)
 
 
 def test_estimates_and_costs_round_trip_through_json() -> None:
     e = estimate(psi_rows=30_000)
-    assert est.JobEstimate.from_json(json.loads(json.dumps(e.to_json()))) == e
-    assert est.PrimitiveCosts.from_json(json.loads(json.dumps(COSTS.to_json()))) == COSTS
+    assert JobEstimate.from_json(json.loads(json.dumps(e.to_json()))) == e
+    assert PrimitiveCosts.from_json(json.loads(json.dumps(COSTS.to_json()))) == COSTS
     with pytest.raises(ConfigError, match="malformed"):
-        est.JobEstimate.from_json({"mode": "p1"})
+        JobEstimate.from_json({"mode": "p1"})
 
 
 def test_costs_from_an_older_results_file_take_the_psi_defaults() -> None:
     old = {k: v for k, v in COSTS.to_json().items() if k not in ("hash_to_curve_s", "x25519_s")}
-    costs = est.PrimitiveCosts.from_json(old)
-    assert costs.hash_to_curve_s == est.PSI_REFERENCE_HASH_S
-    assert costs.x25519_s == est.PSI_REFERENCE_X25519_S
+    costs = PrimitiveCosts.from_json(old)
+    assert costs.hash_to_curve_s == PSI_REFERENCE_HASH_S
+    assert costs.x25519_s == PSI_REFERENCE_X25519_S
     with pytest.raises(ConfigError, match="malformed"):
-        est.PrimitiveCosts.from_json({**old, "decrypt_s": "fast"})
+        PrimitiveCosts.from_json({**old, "decrypt_s": "fast"})
 
 
 @pytest.mark.parametrize(
@@ -241,38 +260,38 @@ def test_invalid_inputs_are_config_errors(kwargs: dict[str, int], message: str) 
 def test_invalid_job_file_inputs_are_config_errors() -> None:
     jf = job_file(0.2, 0.1)
     with pytest.raises(ConfigError, match="rows must be at least 1, got 0"):
-        est.estimate_job_file(jf, rows=0, costs=COSTS, cores=2, run_psi=False)
+        estimate_job_file(jf, rows=0, costs=COSTS, cores=2, run_psi=False)
     with pytest.raises(ConfigError, match="no training rows"):
-        est.split_sizes(rows=1, test_fraction=0.5, validation_fraction=0.0)
+        split_sizes(rows=1, test_fraction=0.5, validation_fraction=0.0)
     with pytest.raises(ConfigError, match="fewer than one batch"):
-        est.estimate_job_file(jf, rows=20, costs=COSTS, cores=2, run_psi=False)
+        estimate_job_file(jf, rows=20, costs=COSTS, cores=2, run_psi=False)
 
 
 def test_plaintext_jobs_and_foreign_key_sizes_are_refused() -> None:
     plain = dataclasses.replace(split_job(), encrypted=False)
     with pytest.raises(ConfigError, match="plaintext"):
         estimate(plain)
-    spec = est._job_spec(split_job(), 3072)
+    spec = _job_spec(split_job(), 3072)
     with pytest.raises(ConfigError, match="bits"):
-        est.epoch_floor(spec=spec, steps=1, costs=COSTS)
+        epoch_floor(spec=spec, steps=1, costs=COSTS)
 
 
 def test_format_estimate_says_it_is_an_upper_bound() -> None:
-    text = est.format_estimate(estimate(psi_rows=30_000))
+    text = format_estimate(estimate(psi_rows=30_000))
     assert "upper bound" in text and "early stopping" in text
     assert "93 steps/epoch × 12 epochs" in text and "PSI" in text
-    assert "PSI" not in est.format_estimate(estimate())
-    assert est.format_duration(42.4) == "42 s"
-    assert est.format_duration(187.3) == "3 min 7 s"
-    assert est.format_duration(2 * 3600 + 5 * 60 + 10) == "2 h 5 min"
+    assert "PSI" not in format_estimate(estimate())
+    assert format_duration(42.4) == "42 s"
+    assert format_duration(187.3) == "3 min 7 s"
+    assert format_duration(2 * 3600 + 5 * 60 + 10) == "2 h 5 min"
 
 
 def test_quick_costs_on_a_small_key(keypair: tuple[PublicKey, PrivateKey]) -> None:
-    costs = est.quick_costs(keypair=keypair)  # checks decryption, tables, multi_exp
+    costs = quick_costs(keypair=keypair)  # checks decryption, tables, multi_exp
     values = dataclasses.asdict(costs)
     assert costs.bits == 1024 and costs.clock == "thread_time"
     assert all(v > 0 for k, v in values.items() if k.endswith("_s"))
-    e = est.estimate_job(
+    e = estimate_job(
         job=split_job(),
         train_rows=1024,
         validation_rows=100,
@@ -289,7 +308,7 @@ def test_the_calibration_reproduces_the_benchmark_epoch() -> None:
     if not path.is_file():
         pytest.skip("no benchmark results")
     result = json.loads(path.read_text())
-    costs = est.PrimitiveCosts.from_json(result["costs"])
+    costs = PrimitiveCosts.from_json(result["costs"])
     job = split_job(batch=result["batch"], d=result["d"], k=result["k"], epochs=1)
     e = estimate(job, train_rows=result["rows"], costs=costs, cores=result["machine"]["cpus"])
     assert e.steps_per_epoch == result["steps"]

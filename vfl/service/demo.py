@@ -6,7 +6,7 @@
    each side's own noise, and new applicants at the bank;
 3. issue a demo CA and certificates, write one config per party, start ``vfl serve`` for
    each as its own process and wait until each reports SERVING (gRPC health);
-4. print the run-time estimate of the job (:mod:`vfl.splitnn.estimate`);
+4. print the run-time estimate of the job (:mod:`vfl.estimate`);
 5. the bank submits the job (``vfl run``): PSI on canonicalised e-mails, then encrypted
    split-NN training with the default label protection, with a progress bar;
 6. the bank trains its guest-only baseline on the same rows (nothing leaves the bank);
@@ -43,13 +43,14 @@ from vfl.data.demo_silos import (
     build_silos,
 )
 from vfl.data.tables import TableSpec, load_table, split_rows
+from vfl.estimate.job import estimate_job_file, format_estimate
+from vfl.estimate.measure import quick_costs
 from vfl.report import write_report
 from vfl.service.admin import admin_call
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.service.party import AdminCommand
 from vfl.service.progress import follow_job
 from vfl.splitnn.baseline import guest_only_scores
-from vfl.splitnn.estimate import estimate_job_file, format_estimate, quick_costs
 from vfl.splitnn.jobfile import load_job_file
 
 DEMO_PARTIES = (
