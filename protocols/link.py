@@ -6,7 +6,8 @@ routing of every envelope it sends (sender = this party, job id, run id and, whe
 the key id of a ciphertext body). Answers go back on the route of the request they answer
 (:meth:`JobLink.answering`): same job, run and step, to the request's sender. A refusal is an
 answer whose control block is ``{"refused": reason}``; the reason is written for the peer
-(docs/protocol.md §1.7) and never carries this party's paths, columns or counts.
+(docs/protocol.md §1.7) and never carries this party's paths, columns or counts; the one who
+asked turns it into its typed error with :func:`raise_if_refused`.
 
 Roles and keys: none; a link carries whatever body it is given. What a peer learns is what
 the calling protocol sends; the link adds nothing but the routing fields of §2.9.
@@ -14,14 +15,21 @@ the calling protocol sends; the link adds nothing but the routing fields of §2.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
 from protocols.envelope import Body, CipherBlock, ControlBlock, Envelope, control_of
-from protocols.errors import MalformedEnvelopeError
+from protocols.errors import (
+    JobRefusedError,
+    MalformedEnvelopeError,
+    NoSpaceError,
+    PolicyViolationError,
+)
 from protocols.roles import Party
-from protocols.transport.base import Channel
+from protocols.tags import tag_value
+from protocols.transport.base import Channel, MessageFilter
 
 REFUSED = "refused"
 """The control-block key of a refusal; its value is the peer-safe reason."""
@@ -47,12 +55,16 @@ class JobLink:
         The run (restart) of the job; empty for messages outside runs.
     timeout
         Seconds a receive waits by default.
+    key_id
+        The key id every message carries unless it names its own (a protocol whose every
+        message is bound to the job's Paillier key, §2.9); empty by default.
     """
 
     channel: Channel
     job_id: str
     run_id: str = ""
     timeout: float = 60.0
+    key_id: bytes = b""
 
     @property
     def me(self) -> Party:
@@ -86,7 +98,7 @@ class JobLink:
             receiver=to,
             tag=tag,
             step=step,
-            key_id=key_id or b"",
+            key_id=key_id or self.key_id,
             body=_body(body),
         )
 
@@ -115,6 +127,21 @@ class JobLink:
             tag=tag,
             step=step,
             run_id=self.run_id,
+            timeout=self.timeout if timeout is None else timeout,
+        )
+
+    def recv_any(
+        self, sender: Party, tags: Iterable[StrEnum | str], *, timeout: float | None = None
+    ) -> Envelope:
+        """The next message from ``sender`` in this job and run carrying any of ``tags``,
+        whatever its step (for loops that follow a peer's lead)."""
+        return self.channel.recv_any(
+            MessageFilter(
+                job_id=self.job_id,
+                run_id=self.run_id,
+                sender=sender.party_id,
+                tags=frozenset(tag_value(t) for t in tags),
+            ),
             timeout=self.timeout if timeout is None else timeout,
         )
 
@@ -185,3 +212,27 @@ def refusal(obj: dict[str, Any]) -> str | None:
     """The reason of a refusal answer, or ``None`` if ``obj`` is no refusal."""
     value = obj.get(REFUSED)
     return None if value is None else str(value)[:MAX_REASON_CHARS]
+
+
+def raise_if_refused(
+    obj: dict[str, Any], *, sender: Party, what: str, refuses_job: bool = False
+) -> dict[str, Any]:
+    """``obj`` if it is no refusal; else the refusal as its typed error.
+
+    A refusal flagged ``no_space`` (never read from the text, so no peer-chosen reason passes
+    for it, docs/protocol.md §4.4.1) raises :class:`NoSpaceError`; with ``refuses_job`` (an
+    answer under the sender's acceptance policy: ``JOB_ACCEPT``, ``JOB_READY``) a refusal
+    raises :class:`JobRefusedError`, which is not retried; any other raises
+    :class:`PolicyViolationError`. ``what`` names what was refused ("job x").
+    """
+    reason = refusal(obj)
+    if reason is None:
+        return obj
+    if obj.get("no_space") is True:
+        raise NoSpaceError(f"{sender} cannot go on: {reason}")
+    if refuses_job:
+        raise JobRefusedError(
+            f"{sender.party_id} refused {what}: {reason} (change the job, or ask "
+            f"{sender.party_id}'s operator to allow it in its [accept] config)"
+        )
+    raise PolicyViolationError(f"{sender} refused {what}: {reason}")

@@ -58,6 +58,7 @@ from protocols.errors import (
     peer_reason,
 )
 from protocols.executor import Executor
+from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from psi import ecdh
@@ -145,6 +146,9 @@ class _Run:
         self.channel = channel
         self.peer = peer
         self.job_id = job_id
+        self.link = JobLink(
+            channel=channel, job_id=job_id, run_id=salt.hex(), timeout=options.timeout
+        )
         self.ids = ids
         self.executor = executor
         self.options = options
@@ -165,36 +169,20 @@ class _Run:
         self.perm = np.argsort(keys, kind="stable")  # position -> item (items >= n_real: dummies)
         self.sender_error: list[BaseException] = []
 
-    def envelope(self, tag: PsiTag, step: int, body: Any) -> Envelope:
-        return Envelope(
-            job_id=self.job_id,
-            run_id=self.run_id,
-            sender=self.channel.me,
-            receiver=self.peer,
-            tag=tag,
-            step=step,
-            body=body,
-        )
-
     def recv(self, tag: PsiTag, step: int) -> Envelope:
         """Wait for one message, failing fast if the peer aborts or our sender failed."""
         deadline = time.monotonic() + self.options.timeout
-        job, run_id, peer = self.job_id, self.run_id, self.peer
         while True:
             if self.sender_error:
                 raise AlignmentError("PSI stopped: sending our list failed") from self.sender_error[
                     0
                 ]
             try:
-                return self.channel.recv(
-                    job_id=job, run_id=run_id, sender=peer, tag=tag, step=step, timeout=0.2
-                )
+                return self.link.recv(self.peer, tag, step, timeout=0.2)
             except TimeoutError:
                 pass
             try:
-                abort = self.channel.recv(
-                    job_id=job, run_id=run_id, sender=peer, tag=PsiTag.ABORT, step=0, timeout=0
-                )
+                abort = self.link.recv(self.peer, PsiTag.ABORT, 0, timeout=0)
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
@@ -245,8 +233,7 @@ class _Run:
         drop this run's unread chunks and any still arriving (they would otherwise hold the
         peer's queue budget here, docs/protocol.md §2.9.1)."""
         try:
-            body = ControlBlock.from_obj({"reason": reason[:300]})
-            self.channel.send(self.envelope(PsiTag.ABORT, 0, body))
+            self.link.send(self.peer, PsiTag.ABORT, 0, {"reason": reason[:300]})
         except Exception:  # noqa: BLE001 - the original error matters more
             logger.debug("could not send PSI ABORT to %s", self.peer)
         self.channel.abort_run(self.job_id, self.run_id)
@@ -286,7 +273,7 @@ class _Run:
 
     def send_list(self, tag: PsiTag, chunks: Iterator[bytes]) -> None:
         for step, chunk in enumerate(chunks):
-            self.channel.send(self.envelope(tag, step, PointBlock(chunk)))
+            self.link.send(self.peer, tag, step, PointBlock(chunk))
 
     def recv_list(self, tag: PsiTag, count: int) -> Iterator[bytes]:
         """Receive and validate the chunks of a list of ``count`` points."""
@@ -403,7 +390,7 @@ def run_guest(
         "chunk_points": options.chunk_points,
         "request": request or {},
     }
-    channel.send(run.envelope(PsiTag.HELLO, 0, ControlBlock.from_obj(hello)))  # step 0
+    run.link.send(host, PsiTag.HELLO, 0, hello)  # step 0
     # Step 1' needs only our own key and salt: compute A_G while the host loads its data,
     # and send it once the host has accepted.
     accepted, cancelled = threading.Event(), threading.Event()
@@ -479,7 +466,7 @@ def _guest_exchange(
         raise AlignmentError("a padding dummy matched; aborting (probability negligible)")
     rows = ids.rows[items]
     if options.mode is PsiMode.BOTH:
-        run.channel.send(run.envelope(PsiTag.RESULT, 0, IndexBlock.from_indices(idx_h)))  # step 4
+        run.link.send(run.peer, PsiTag.RESULT, 0, IndexBlock.from_indices(idx_h))  # step 4
     logger.info(
         "PSI %s: intersection %d of %d guest / %d host elements",
         run.job_id,
@@ -517,16 +504,8 @@ def refuse(channel: Channel, hello_envelope: Envelope, reason: str) -> None:
     """Answer a ``HELLO`` with a refusal; ``reason`` must be peer-safe (a rule, never the
     host's paths, columns, row numbers or counts: :func:`protocols.errors.peer_reason`)."""
     hello = read_hello(hello_envelope)
-    channel.send(
-        Envelope(
-            job_id=hello_envelope.job_id,
-            run_id=hello["run_id"],
-            sender=channel.me,
-            receiver=hello_envelope.sender,
-            tag=PsiTag.HELLO_ACK,
-            body=ControlBlock.from_obj({"accept": False, "reason": reason[:300]}),
-        )
-    )
+    link = JobLink(channel=channel, job_id=hello_envelope.job_id, run_id=hello["run_id"])
+    link.send(hello_envelope.sender, PsiTag.HELLO_ACK, 0, {"accept": False, "reason": reason[:300]})
 
 
 def run_host(
@@ -566,9 +545,7 @@ def run_host(
     except VflError as exc:
         refuse(channel, hello_envelope, peer_reason(exc))  # never str(exc): counts stay here
         raise
-    channel.send(
-        run.envelope(PsiTag.HELLO_ACK, 0, ControlBlock.from_obj({"accept": True, "size": run.size}))
-    )  # step 0
+    run.link.send(run.peer, PsiTag.HELLO_ACK, 0, {"accept": True, "size": run.size})  # step 0
     try:
         return _host_exchange(run, guest_size=int(hello["size"]), started=started)
     except (VflError, TimeoutError, ValueError) as exc:

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from protocols.envelope import CipherBlock, ControlBlock, Envelope
-from protocols.errors import MalformedEnvelopeError
-from protocols.link import JobLink, refusal
+from protocols.errors import (
+    JobRefusedError,
+    MalformedEnvelopeError,
+    NoSpaceError,
+    PolicyViolationError,
+)
+from protocols.link import JobLink, raise_if_refused, refusal
 from protocols.transport.base import Channel
 from tests.conftest import ARBITER, BANK, RETAILER, TestTag
 
@@ -67,3 +72,33 @@ def test_typed_receives_refuse_the_wrong_body(channels: dict[str, Channel]) -> N
     with pytest.raises(TimeoutError):
         retailer.recv(BANK, TestTag.DATA, 4, timeout=0.05)
     assert isinstance(bank.envelope(RETAILER, TestTag.DATA), Envelope)
+
+
+def test_recv_any_follows_the_peer_and_the_link_key_id_is_the_default(
+    channels: dict[str, Channel],
+) -> None:
+    bank = JobLink(channel=channels["bank"], job_id="link-any", run_id="r", key_id=b"k2")
+    retailer = JobLink(channel=channels["retailer"], job_id="link-any", run_id="r", timeout=10.0)
+    bank.for_run("other").send(RETAILER, TestTag.DATA, 1, {"run": "other"})  # not this run's
+    assert bank.send(RETAILER, TestTag.REQUEST, 5, {"n": 5}).key_id == b"k2"
+    assert bank.send(RETAILER, TestTag.DATA, 6, {}, key_id=b"k3").key_id == b"k3"
+    first = retailer.recv_any(BANK, (TestTag.DATA, TestTag.REQUEST))
+    second = retailer.recv_any(BANK, [TestTag.DATA])
+    assert (first.step, first.key_id, second.step) == (5, b"k2", 6)
+    with pytest.raises(TimeoutError):
+        retailer.recv_any(BANK, [TestTag.DATA], timeout=0.05)
+
+
+def test_a_refusal_becomes_its_typed_error() -> None:
+    """``no_space`` only from the flag (§4.4.1); a refused job is not retried."""
+    assert raise_if_refused({"ok": 1}, sender=ARBITER, what="job j") == {"ok": 1}
+    with pytest.raises(PolicyViolationError, match="arbiter .* refused job j: P2") as caught:
+        raise_if_refused({"refused": "P2"}, sender=ARBITER, what="job j")
+    assert not isinstance(caught.value, JobRefusedError | NoSpaceError)
+    with pytest.raises(JobRefusedError, match=r"retailer refused job j: d.*\[accept\]"):
+        raise_if_refused({"refused": "d"}, sender=RETAILER, what="job j", refuses_job=True)
+    full = {"refused": "no space left", "no_space": True}
+    with pytest.raises(NoSpaceError):
+        raise_if_refused(full, sender=ARBITER, what="job j", refuses_job=True)
+    with pytest.raises(JobRefusedError):  # the text alone is no flag
+        raise_if_refused({"refused": "no space left"}, sender=ARBITER, what="j", refuses_job=True)

@@ -13,6 +13,7 @@ from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.crypto.policy import DecryptionPolicy
 from protocols.executor import Executor
+from protocols.link import JobLink
 from protocols.transport.base import Channel
 from tests.conftest import ARBITER, BANK, RETAILER
 from vfl.splitnn.interactive import GuestLayer, HostLayer, SplitTag
@@ -48,8 +49,12 @@ def split_layers(
         "executor": executor,
         "fp": FixedPointConfig(),
     }
-    guest = GuestLayer(channel=channels["bank"], peer=RETAILER, pool=pool(), **common)  # type: ignore[arg-type]
-    host = HostLayer(channel=channels["retailer"], peer=BANK, pool=pool(), **common)  # type: ignore[arg-type]
+
+    def link(party: str) -> JobLink:
+        return JobLink(channel=channels[party], job_id=spec.job_id, timeout=600.0)
+
+    guest = GuestLayer(link=link("bank"), peer=RETAILER, pool=pool(), **common)  # type: ignore[arg-type]
+    host = HostLayer(link=link("retailer"), peer=BANK, pool=pool(), **common)  # type: ignore[arg-type]
     return guest, host, policy
 
 
@@ -57,7 +62,7 @@ def host_step(
     host: HostLayer, step: int, alpha_fn: Callable[[np.ndarray], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The host's whole step as its session runs it: BATCH, S2-S5, STEP_ACK."""
-    rows = host.rows_of(host.recv(SplitTag.BATCH, step), host.spec.batch)
+    rows = host.rows_of(host.link.recv(host.peer, SplitTag.BATCH, step), host.spec.batch)
     out = host.step(step, rows, alpha_fn)
     host.wait_ack(step)
     return out

@@ -40,9 +40,9 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
-from protocols.arbiter.masked import MaskedDecryptionClient
-from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.arbiter import masked
+from protocols.arbiter.client import ArbiterClient
+from protocols.arbiter.service import ArbiterService, SetupTag
 from protocols.crypto.cipher import Cipher, PaillierCipher
 from protocols.crypto.counters import OpCounts, snapshot
 from protocols.crypto.fixed_base import multi_exp
@@ -62,6 +62,7 @@ from protocols.errors import (
     TransportError,
 )
 from protocols.executor import InlineExecutor
+from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
@@ -375,7 +376,7 @@ def make_layers(trio: Trio, spec: JobSpec, pk: PublicKey) -> tuple[GuestLayer, H
     assert all("refused" not in r for r in submit_specs(trio, spec, spec))
     cipher, executor = PaillierCipher(pk), InlineExecutor()
     guest = GuestLayer(
-        channel=trio.channels["bank"],
+        link=JobLink(channel=trio.channels["bank"], job_id=spec.job_id, timeout=TIMEOUT),
         peer=RETAILER,
         arbiter=ARBITER,
         spec=spec,
@@ -383,10 +384,9 @@ def make_layers(trio: Trio, spec: JobSpec, pk: PublicKey) -> tuple[GuestLayer, H
         pool=ObfuscatorPool(pk, executor=executor),
         executor=executor,
         fp=FP,
-        timeout=TIMEOUT,
     )
     host = HostLayer(
-        channel=trio.channels["retailer"],
+        link=JobLink(channel=trio.channels["retailer"], job_id=spec.job_id, timeout=TIMEOUT),
         peer=BANK,
         arbiter=ARBITER,
         spec=spec,
@@ -394,7 +394,6 @@ def make_layers(trio: Trio, spec: JobSpec, pk: PublicKey) -> tuple[GuestLayer, H
         pool=ObfuscatorPool(pk, executor=executor),
         executor=executor,
         fp=FP,
-        timeout=TIMEOUT,
     )
     return guest, host
 
@@ -530,7 +529,7 @@ def run_split(
             run.e.append(host.e.copy())
             run.enc_wg.append(host.enc_wg.values.copy())
             for t in range(steps):
-                rows = host.rows_of(host.recv(SplitTag.BATCH, t), spec.batch)
+                rows = host.rows_of(host.link.recv(BANK, SplitTag.BATCH, t), spec.batch)
                 alpha, g = host.step(t, rows, functools.partial(alpha_fn, t))
                 run.alphas.append(alpha)
                 run.g.append(g)
@@ -831,7 +830,8 @@ def test_s5_repeat_is_served_from_cache_extra_requests_and_mismatched_specs_refu
         assert resent.status == "duplicate" and resent.envelope == reply  # the cached reply
         assert snapshot().decryptions == before.decryptions  # no new decryption
 
-        client = MaskedDecryptionClient(channel=bank, arbiter=ARBITER, cipher=run.guest.cipher)
+        link = JobLink(channel=bank, job_id=spec.job_id, run_id="extra", timeout=TIMEOUT)
+        client = ArbiterClient(link=link, arbiter=ARBITER)
         other = encrypt(
             run.guest.cipher,
             np.zeros((spec.batch, spec.kappa_k), dtype=object),
@@ -839,7 +839,7 @@ def test_s5_repeat_is_served_from_cache_extra_requests_and_mismatched_specs_refu
             scale=0,
         )
         with pytest.raises(PolicyViolationError, match="already served"):
-            client.decrypt(other, job_id=spec.job_id, tag=DecTag.Z_FWD, step=0, run_id="extra")
+            client.decrypt(other, tag=DecTag.Z_FWD, step=0)
         assert snapshot().decryptions == before.decryptions
         assert run.trio.policy.counts(spec.job_id) == served
 
@@ -848,7 +848,8 @@ def test_s5_repeat_is_served_from_cache_extra_requests_and_mismatched_specs_refu
         answers = submit_specs(run.trio, mine, theirs)
         assert all("disagrees" in a.get("refused", "") for a in answers)
         with pytest.raises(PolicyViolationError, match="no registered decryption policy"):
-            client.decrypt(other, job_id=mine.job_id, tag=DecTag.Z_FWD, step=0)
+            link = JobLink(channel=bank, job_id=mine.job_id, timeout=TIMEOUT)
+            ArbiterClient(link=link, arbiter=ARBITER).decrypt(other, tag=DecTag.Z_FWD, step=0)
     finally:
         run.trio.close()
 
@@ -1368,7 +1369,11 @@ def one_step(
         guest.ack(0)
 
     def host_side() -> None:
-        host.step(0, host.rows_of(host.recv(SplitTag.BATCH, 0), run.spec.batch), lambda r: alpha)
+        host.step(
+            0,
+            host.rows_of(host.link.recv(BANK, SplitTag.BATCH, 0), run.spec.batch),
+            lambda r: alpha,
+        )
         host.wait_ack(0)
 
     with seeded(run.hook.seed + 1):

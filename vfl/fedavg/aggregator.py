@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from protocols import secagg
-from protocols.envelope import ControlBlock, Envelope, Uint64Block, control_of
+from protocols.envelope import Envelope, Uint64Block, control_of
 from protocols.errors import (
     JobRefusedError,
     ProtocolError,
@@ -28,6 +28,7 @@ from protocols.errors import (
     VflError,
     peer_reason,
 )
+from protocols.link import JobLink
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel, MessageFilter
 from vfl.fedavg.aggregate import combine_metrics, sample_participants
@@ -46,12 +47,19 @@ class _Abort(Exception):
 
 @dataclass
 class _Run:
-    job_id: str
-    run_id: str
+    link: JobLink  # A's link in this run of the job
     joins: queue.Queue[Envelope] = field(default_factory=queue.Queue)
     joined: dict[str, Party] = field(default_factory=dict)  # who sent a JOIN (for ABORT)
     stopped: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.link.job_id
+
+    @property
+    def run_id(self) -> str:
+        return self.link.run_id
 
 
 class FedAggregator:
@@ -110,7 +118,7 @@ class FedAggregator:
             run = self._runs.get(key)
             if run is None:
                 older = [r for k, r in self._runs.items() if k[0] == envelope.job_id]
-                run = _Run(job_id=envelope.job_id, run_id=envelope.run_id)
+                run = _Run(link=JobLink.answering(self.channel, envelope))
                 self._runs[key] = run
                 start = True
             else:
@@ -306,7 +314,7 @@ class FedAggregator:
         total = secagg.sum_updates(vectors)
         block = Uint64Block(total.astype("<u8").tobytes(), shape=total.shape)
         for receiver in receivers:
-            self._send_block(run, receiver, down, step, block)
+            self._send(run, receiver, down, step, block)
 
     def _reports(
         self, run: _Run, job: FedJob, clients: Sequence[Party], round_no: int, started: float
@@ -344,24 +352,12 @@ class FedAggregator:
 
     # -- messages -----------------------------------------------------------------------
 
-    def _send(self, run: _Run, to: Party, tag: FedTag, step: int, body: dict[str, Any]) -> None:
-        self._send_block(run, to, tag, step, ControlBlock.from_obj(body))
-
-    def _send_block(
-        self, run: _Run, to: Party, tag: FedTag, step: int, body: ControlBlock | Uint64Block
+    def _send(
+        self, run: _Run, to: Party, tag: FedTag, step: int, body: dict[str, Any] | Uint64Block
     ) -> None:
+        """Send in the run; an unreachable client aborts it (F7)."""
         try:
-            self.channel.send(
-                Envelope(
-                    job_id=run.job_id,
-                    run_id=run.run_id,
-                    sender=self.channel.me,
-                    receiver=to,
-                    tag=tag,
-                    step=step,
-                    body=body,
-                )
-            )
+            run.link.send(to, tag, step, body)
         except VflError as exc:
             if isinstance(exc, RunAbortedError):
                 raise
@@ -378,15 +374,7 @@ class FedAggregator:
         missing: bool = False,
     ) -> Envelope:
         try:
-            envelope = self.channel.recv_any(
-                MessageFilter(
-                    job_id=run.job_id,
-                    run_id=run.run_id,
-                    sender=sender.party_id,
-                    tags=frozenset({tag.value, FedTag.ABORT.value}),
-                ),
-                timeout=max(0.0, timeout),
-            )
+            envelope = run.link.recv_any(sender, (tag, FedTag.ABORT), timeout=max(0.0, timeout))
             if envelope.tag == FedTag.ABORT.value:  # the client gave up (F7)
                 reason = str(control_of(envelope).get("reason", "no reason given"))[:300]
                 raise _Abort(f"{sender.party_id} left the run: {reason}")
@@ -415,17 +403,8 @@ class FedAggregator:
             clients = list(run.joined.values())
         for client in clients:
             try:
-                self.channel.send(
-                    Envelope(
-                        job_id=run.job_id,
-                        run_id=run.run_id,
-                        sender=self.channel.me,
-                        receiver=client,
-                        tag=FedTag.ABORT,
-                        step=0,
-                        body=ControlBlock.from_obj({"reason": reason[:500], "refused": refused}),
-                    )
-                )
+                body = {"reason": reason[:500], "refused": refused}
+                run.link.send(client, FedTag.ABORT, 0, body)
             except VflError:
                 logger.info("job %s: %s not told of the abort", run.job_id, client.party_id)
 

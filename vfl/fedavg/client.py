@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocols import secagg
-from protocols.envelope import ControlBlock, Envelope, Uint64Block, control_of
+from protocols.envelope import Envelope, Uint64Block, control_of
 from protocols.errors import (
     ConfigError,
     DataError,
@@ -40,8 +40,9 @@ from protocols.errors import (
 )
 from protocols.files import atomic_write, private_dir
 from protocols.ids import state_path
+from protocols.link import JobLink
 from protocols.roles import Party
-from protocols.transport.base import Channel, MessageFilter
+from protocols.transport.base import Channel
 from vfl.common import checkpoint
 from vfl.data.tables import ImputePolicy, PartyTable
 from vfl.fedavg import aggregate
@@ -115,6 +116,7 @@ class FedClient:
         progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.channel, self.job, self.run_id, self.arbiter = channel, job, run_id, arbiter
+        self.link = JobLink(channel=channel, job_id=job.job_id, run_id=run_id)
         self.me = channel.me.party_id
         if self.me not in job.client_ids:
             raise ConfigError(f"{self.me} is not a client of job {job.job_id}")
@@ -146,7 +148,7 @@ class FedClient:
         except Exception as exc:
             try:
                 reason = peer_reason(exc)  # the rule only; the details stay in this log
-                self._send(FedTag.ABORT, 0, ControlBlock.from_obj({"reason": reason}))
+                self.link.send(self.arbiter, FedTag.ABORT, 0, {"reason": reason})
             except Exception:  # noqa: BLE001 - A may be the reason; the error below stands
                 logger.info("job %s: could not tell the aggregator", self.job.job_id)
             raise
@@ -182,7 +184,7 @@ class FedClient:
             if round_no == job.rounds and len(test):
                 out["test"] = evaluate(model, xs[test], y[test])
             out["epsilon"] = epsilon
-            self._send(FedTag.EVAL, round_no, ControlBlock.from_obj(out))
+            self.link.send(self.arbiter, FedTag.EVAL, round_no, out)
             return out
 
         x_train = torch.from_numpy(xs[train])
@@ -291,31 +293,10 @@ class FedClient:
 
     # -- messages -------------------------------------------------------------------
 
-    def _send(self, tag: FedTag, step: int, body: ControlBlock | Uint64Block) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=self.job.job_id,
-                run_id=self.run_id,
-                sender=self.channel.me,
-                receiver=self.arbiter,
-                tag=tag,
-                step=step,
-                body=body,
-            )
-        )
-
     def _recv(self, tag: FedTag, step: int) -> Envelope:
         """The next ``tag`` at ``step`` from A, or raise on ``ABORT`` (F7)."""
         timeout = self.job.round_timeout_s + REPLY_SLACK_S
-        envelope = self.channel.recv_any(
-            MessageFilter(
-                job_id=self.job.job_id,
-                run_id=self.run_id,
-                sender=self.arbiter.party_id,
-                tags=frozenset({tag.value, FedTag.ABORT.value}),
-            ),
-            timeout=timeout,
-        )
+        envelope = self.link.recv_any(self.arbiter, (tag, FedTag.ABORT), timeout=timeout)
         if envelope.tag == FedTag.ABORT.value:
             body = control_of(envelope)
             reason = body.get("reason", "no reason given")
@@ -355,7 +336,7 @@ class FedClient:
             "public": public.hex(),
             "signature": signature.hex(),
         }
-        self._send(FedTag.JOIN, 0, ControlBlock.from_obj(body))
+        self.link.send(self.arbiter, FedTag.JOIN, 0, body)
         return self._recv(FedTag.KEYS, 0)
 
     def _derive_seeds(self, keys: Envelope) -> None:
@@ -414,7 +395,7 @@ class FedClient:
                 nonce = os.urandom(12)
                 sealed = AESGCM(self._wrap_key(peer)).encrypt(nonce, group, self._wrap_aad(peer))
                 wrapped[peer] = (nonce + sealed).hex()
-            self._send(FedTag.GROUP, 0, ControlBlock.from_obj({"wrapped": wrapped}))
+            self.link.send(self.arbiter, FedTag.GROUP, 0, {"wrapped": wrapped})
             return group
         body = self._recv_control(FedTag.GROUP, 0)
         try:
@@ -458,7 +439,9 @@ class FedClient:
             round_no=round_no,
             group_seed=self._group if self.me == first else None,
         )
-        self._send(up, step, Uint64Block(y.astype("<u8").tobytes(), shape=y.shape))
+        self.link.send(
+            self.arbiter, up, step, Uint64Block(y.astype("<u8").tobytes(), shape=y.shape)
+        )
         return self._receive_sum(down, step, round_no)
 
     def _receive_sum(self, tag: FedTag, step: int, round_no: int) -> np.ndarray:

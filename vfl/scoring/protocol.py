@@ -46,7 +46,6 @@ C1. G → H ``CLOSE``: H drops the session.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -65,14 +64,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocols.arbiter.masked import derived_masks
-from protocols.arbiter.service import SetupTag
+from protocols.arbiter.client import ArbiterClient
+from protocols.arbiter.masked import PendingDecryption, derived_masks
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.paillier import PublicKey
 from protocols.crypto.policy import ciphertext_digests
 from protocols.crypto.tensor import EncryptedTensor
-from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock, control_of
+from protocols.envelope import CipherBlock, ControlBlock, Envelope, PlainBlock
 from protocols.errors import (
     ConfigError,
     PolicyViolationError,
@@ -82,6 +81,7 @@ from protocols.errors import (
 )
 from protocols.executor import Executor
 from protocols.ids import check_identifier
+from protocols.link import REFUSED, JobLink, refusal
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from psi.canon import DuplicatePolicy, IdType, prepare_ids
@@ -200,21 +200,9 @@ class ScoringHost:
                 pool.close()
             self._pools.clear()
 
-    def _send(
-        self, request: Envelope, tag: ScoreTag, step: int, body: Any, key_id: bytes = b""
-    ) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=request.job_id,
-                sender=self.channel.me,
-                receiver=request.sender,
-                tag=tag,
-                step=step,
-                run_id=request.run_id,
-                key_id=key_id,
-                body=body,
-            )
-        )
+    def _link(self, request: Envelope) -> JobLink:
+        """The link of ``request``'s scoring session (its job and run)."""
+        return JobLink.answering(self.channel, request, timeout=self.timeout)
 
     def _pool(self, key: PublicKey) -> ObfuscatorPool:
         with self._lock:
@@ -267,7 +255,7 @@ class ScoringHost:
                 alpha = bottom(torch.tensor(x, dtype=torch.float32)).double().numpy()
                 default = bottom(torch.zeros(1, x.shape[1])).double().numpy()
             layer = HostLayer(
-                channel=self.channel,
+                link=self._link(envelope),
                 peer=envelope.sender,
                 arbiter=self.arbiter,
                 spec=_spec(model, job_id=envelope.job_id),
@@ -309,12 +297,11 @@ class ScoringHost:
                 reply["positions"] = int(rows.size)
         except (VflError, KeyError, TypeError, ValueError) as exc:
             logger.warning("refused scoring session from %s: %s", envelope.sender, exc)
-            refusal = ControlBlock.from_obj({"refused": _public(exc)})  # the rule only
-            self._send(envelope, ScoreTag.READY, envelope.step, refusal)
+            self._link(envelope).reply(envelope, ScoreTag.READY, {REFUSED: _public(exc)})
             return
         with self._lock:
             self._sessions[(envelope.job_id, envelope.run_id)] = session
-        self._send(envelope, ScoreTag.READY, envelope.step, ControlBlock.from_obj(reply))
+        self._link(envelope).reply(envelope, ScoreTag.READY, reply)
         logger.info(
             "scoring session for %s, model %s, mode %s: %d customers",
             envelope.sender.party_id,
@@ -338,6 +325,7 @@ class ScoringHost:
                 session.default,
             ]
         )
+        link = self._link(envelope)
         for c, start in enumerate(range(0, len(alpha), CHUNK_ROWS)):
             _, z = session.layer.forward(alpha[start : start + CHUNK_ROWS])
             try:
@@ -345,10 +333,9 @@ class ScoringHost:
                     envelope, session, z, step=c, group=0, cap_rows=cap_rows, first=c == 0
                 )
             except (VflError, TimeoutError) as exc:
-                refusal = ControlBlock.from_obj({"refused": _public(exc)})
-                self._send(envelope, ScoreTag.INF_F1, c, refusal)
+                link.reply(envelope, ScoreTag.INF_F1, {REFUSED: _public(exc)}, step=c)
                 raise
-            self._send(envelope, ScoreTag.INF_F1, c, z.to_block(), session.model.key_id)
+            link.reply(envelope, ScoreTag.INF_F1, z.to_block(), step=c, key_id=session.model.key_id)
 
     def _bind(
         self,
@@ -372,35 +359,8 @@ class ScoringHost:
         masked = z.add_plain(masks)
         block = masked.to_block()
         items = ciphertext_digests(session.model.key_id, block.data, masked.values.size)
-        body = {
-            "group": group,
-            "cap_rows": cap_rows,
-            "first": first,
-            "digests": base64.b64encode(b"".join(items)).decode(),
-        }
-        self.channel.send(
-            Envelope(
-                job_id=envelope.job_id,
-                sender=self.channel.me,
-                receiver=self.arbiter,
-                tag=SetupTag.BIND,
-                step=step,
-                run_id=envelope.run_id,
-                body=ControlBlock.from_obj(body),
-            )
-        )
-        reply = control_of(
-            self.channel.recv(
-                job_id=envelope.job_id,
-                sender=self.arbiter,
-                tag=SetupTag.BOUND,
-                step=step,
-                run_id=envelope.run_id,
-                timeout=self.timeout,
-            )
-        )
-        if "refused" in reply:
-            raise PolicyViolationError(f"the arbiter refused the registration: {reply['refused']}")
+        arbiter = ArbiterClient(link=self._link(envelope), arbiter=self.arbiter)
+        arbiter.bind(step=step, group=group, cap_rows=cap_rows, first=first, digests=items)
         return masked
 
     def _on_request(self, envelope: Envelope) -> None:
@@ -425,10 +385,10 @@ class ScoringHost:
             )
         except (VflError, TimeoutError) as exc:
             logger.warning("INF_REQ from %s not answered: %s", envelope.sender, exc)
-            refusal = ControlBlock.from_obj({"refused": _public(exc)})
-            self._send(envelope, ScoreTag.INF_F1, envelope.step, refusal)
+            self._link(envelope).reply(envelope, ScoreTag.INF_F1, {REFUSED: _public(exc)})
             return
-        self._send(envelope, ScoreTag.INF_F1, envelope.step, z.to_block(), session.model.key_id)
+        key_id = session.model.key_id
+        self._link(envelope).reply(envelope, ScoreTag.INF_F1, z.to_block(), key_id=key_id)
 
     def _on_close(self, envelope: Envelope) -> None:
         """C1 at the host."""
@@ -470,9 +430,12 @@ class ScoringClient:
         self.model, self.timeout = model, timeout
         self.job_id = grant_id(model.model_id)
         self.run_id = secrets.token_hex(8)
+        self.link = JobLink(
+            channel=channel, job_id=self.job_id, run_id=self.run_id, timeout=timeout
+        )
         self.spec = _spec(model, job_id=self.job_id)
         self.layer = GuestLayer(
-            channel=channel,
+            link=self.link,
             peer=host,
             arbiter=arbiter,
             spec=self.spec,
@@ -480,9 +443,7 @@ class ScoringClient:
             pool=ObfuscatorPool(public_key, executor=executor),
             executor=executor,
             fp=model.fixed_point,
-            timeout=timeout,
         )
-        self.layer.run_id = self.run_id
         channel.fresh_stream(self.job_id, (host, arbiter))
         self.models = model.guest_module()
         self.task = Task(model.manifest["train"]["task"])
@@ -492,38 +453,15 @@ class ScoringClient:
         self._setup_step = 0
         self.id_type = IdType.GENERIC
 
-    def _send(self, receiver: Party, tag: ScoreTag, step: int, body: Any) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=self.job_id,
-                sender=self.channel.me,
-                receiver=receiver,
-                tag=tag,
-                step=step,
-                run_id=self.run_id,
-                body=body,
-            )
-        )
-
     def _exchange(
-        self, receiver: Party, tag: ScoreTag, reply: ScoreTag, body: Any
+        self, receiver: Party, tag: ScoreTag, reply: ScoreTag, body: dict[str, Any]
     ) -> dict[str, Any]:
         """Send a setup message and wait for its answer (a fresh step for each exchange)."""
         self._setup_step += 1
-        self._send(receiver, tag, self._setup_step, ControlBlock.from_obj(body))
-        env = self.channel.recv(
-            job_id=self.job_id,
-            sender=receiver,
-            tag=reply,
-            step=self._setup_step,
-            run_id=self.run_id,
-            timeout=self.timeout,
-        )
-        if not isinstance(env.body, ControlBlock):
-            raise ProtocolError(f"{reply} carries no control block")
-        obj = env.body.obj()
-        if "refused" in obj:
-            raise PolicyViolationError(f"{receiver.party_id} refused scoring: {obj['refused']}")
+        obj = self.link.ask(receiver, tag, reply, self._setup_step, body)
+        reason = refusal(obj)
+        if reason is not None:
+            raise PolicyViolationError(f"{receiver.party_id} refused scoring: {reason}")
         return obj
 
     def grant(self) -> dict[str, Any]:
@@ -568,20 +506,13 @@ class ScoringClient:
         order = np.argsort([secrets.randbits(64) for _ in ps])
         real = int(np.flatnonzero(order == 0)[0])
         req = secrets.randbits(62)
-        self._send(self.host, ScoreTag.INF_REQ, req, PlainBlock(b"".join(ps[i] for i in order)))
+        self.link.send(self.host, ScoreTag.INF_REQ, req, PlainBlock(b"".join(ps[i] for i in order)))
         z = self._z(self._tensor(req), np.array([real]), label=req)  # O3
         x = self.preprocessor.transform(features)
         return float(guest_scores(self.models, self.task, z, x).reshape(-1)[0])
 
     def _tensor(self, step: int) -> EncryptedTensor:
-        env = self.channel.recv(
-            job_id=self.job_id,
-            sender=self.host,
-            tag=ScoreTag.INF_F1,
-            step=step,
-            run_id=self.run_id,
-            timeout=self.timeout,
-        )
+        env = self.link.recv(self.host, ScoreTag.INF_F1, step)
         if isinstance(env.body, ControlBlock):
             reason = env.body.obj().get("refused", "no reason given")
             raise PolicyViolationError(f"{self.host.party_id} could not answer: {reason}")
@@ -607,14 +538,14 @@ class ScoringClient:
         )
         return masks
 
-    def _request(self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int) -> Any:
+    def _request(
+        self, tensor: EncryptedTensor, rows: np.ndarray, *, label: int
+    ) -> PendingDecryption:
         """O3/B2: ``rows`` of H's masked ciphertexts to A as they are (bound, §5.4)."""
         return self.layer.md.request(
             self._subset(tensor, rows),
-            job_id=self.job_id,
             tag=DecTag.INF_Z,
             step=secrets.randbits(62),
-            run_id=self.run_id,
             masks=self._masks(tensor, rows, label=label),
         )
 
@@ -673,7 +604,7 @@ class ScoringClient:
 
     def close(self) -> None:
         """C1."""
-        self._send(self.host, ScoreTag.CLOSE, 0, ControlBlock.from_obj({}))
+        self.link.send(self.host, ScoreTag.CLOSE, 0, {})
         self.layer.pool.close()
 
 

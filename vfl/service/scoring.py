@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from protocols.arbiter.service import ArbiterService, SetupTag
+from protocols.arbiter.client import ArbiterClient
+from protocols.arbiter.service import ArbiterService
 from protocols.crypto.paillier import PublicKey
-from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
+from protocols.errors import ConfigError, PolicyViolationError
 from protocols.executor import Executor
 from protocols.files import atomic_write, private_dir
 from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
+from protocols.link import JobLink
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
 from psi.canon import IdType
@@ -50,25 +51,14 @@ SCORED_MARK = "scored"  # in a PSI result folder at the host: a batch scoring se
 def fetch_public_key(
     channel: Channel, arbiter: Party, *, allow_test_key: bool, timeout: float = 30.0
 ) -> PublicKey:
-    """The arbiter's public key (a ``KEY_REQ`` outside any job's run)."""
-    job_id, run_id = "scoring.key", secrets.token_hex(8)
-    channel.restore_stream_state(job_id, {arbiter.party_id: time.time_ns() // 1000})
-    channel.send(
-        Envelope(
-            job_id=job_id,
-            sender=channel.me,
-            receiver=arbiter,
-            tag=SetupTag.KEY_REQ,
-            run_id=run_id,
-            body=ControlBlock.from_obj({}),
-        )
+    """The arbiter's public key (A1 of :mod:`protocols.arbiter.client`, outside any job's run:
+    job ``scoring.key``, a fresh run id, sequence numbers from the current time)."""
+    link = JobLink(
+        channel=channel, job_id="scoring.key", run_id=secrets.token_hex(8), timeout=timeout
     )
-    reply = channel.recv(
-        job_id=job_id, sender=arbiter, tag=SetupTag.KEY, step=0, run_id=run_id, timeout=timeout
-    )
-    if not isinstance(reply.body, ControlBlock):
-        raise ProtocolError("KEY carries no control block")
-    return PublicKey.from_json(reply.body.obj()["public_key"], allow_test_key=allow_test_key)
+    channel.restore_stream_state(link.job_id, {arbiter.party_id: time.time_ns() // 1000})
+    client = ArbiterClient(link=link, arbiter=arbiter, allow_test_key=allow_test_key)
+    return client.public_key()
 
 
 class ScoringService:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from protocols.crypto.fixedpoint import FixedPointConfig
-from protocols.envelope import ControlBlock, IndexBlock
+from protocols.envelope import IndexBlock
 from protocols.errors import (
     ConfigError,
     ProtocolError,
@@ -24,6 +24,7 @@ from protocols.errors import (
 from protocols.executor import Executor
 from protocols.files import atomic_write
 from protocols.ids import state_path
+from protocols.link import raise_if_refused
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
@@ -152,7 +153,7 @@ class GuestSession(PartySession):
         started = time.monotonic()
         job = self.job
         self._begin(job.job_id, f"run{self.next_run(self.job_dir)}")
-        key = self.public_key(job.job_id)  # J1
+        key = self.public_key()  # J1
         state = self._load_progress()
         self.order_seed = bytes.fromhex(state["order_seed"])
         mine = ckpt.available_steps(self.ckpt_dir)
@@ -166,23 +167,25 @@ class GuestSession(PartySession):
             eval_step=state["eval_step"],
             schedule=asdict(schedule),
         )
-        self.send(job.job_id, self.peer, JobTag.JOB_START, 0, ControlBlock.from_obj(start))  # J2
-        self.send(
-            job.job_id, self.peer, JobTag.FIT_ROWS, 0, IndexBlock.from_indices(self.splits.train)
+        self.link.send(self.peer, JobTag.JOB_START, 0, start)  # J2
+        self.link.send(self.peer, JobTag.FIT_ROWS, 0, IndexBlock.from_indices(self.splits.train))
+        accepted = raise_if_refused(
+            self.link.control(self.peer, JobTag.JOB_ACCEPT),
+            sender=self.peer,
+            what=f"job {job.job_id}",
+            refuses_job=True,
         )
-        theirs = [
-            int(s) for s in self.control(job.job_id, self.peer, JobTag.JOB_ACCEPT)["checkpoints"]
-        ]
+        theirs = [int(s) for s in accepted["checkpoints"]]
         spec = job.spec(
             key, guest=self.channel.me.party_id, host=self.peer.party_id, schedule=schedule
         )
-        self.register(spec)  # J3
+        self.arbiter_client.register(spec.to_json())  # J3
 
         x = self._preprocess(self.job_dir, self.table, self.splits.train)
         cipher = self.cipher(key, encrypted=job.encrypted)
         pool = self.pool(key, encrypted=job.encrypted)
         layer = GuestLayer(
-            channel=self.channel,
+            link=self.link,
             peer=self.peer,
             arbiter=self.arbiter,
             spec=spec,
@@ -190,9 +193,7 @@ class GuestSession(PartySession):
             pool=pool,
             executor=self.executor,
             fp=FixedPointConfig(),
-            timeout=self.timeout,
         )
-        layer.run_id = self.run_id
         self.train_labels = self._randomized_labels(x, state)
         trainer = GuestTrainer(
             layer=layer,
@@ -217,7 +218,7 @@ class GuestSession(PartySession):
                 self._save_progress(state)
                 self._checkpoint(trainer, 0)
             else:
-                self.resume_at_arbiter(job.job_id, t, int(state["eval_step"]))
+                self.resume_at_arbiter(t, int(state["eval_step"]))
                 trainer.restore(ckpt.load(self.ckpt_dir, t))
                 step = t
                 logger.info("job %s resumed at step %d (run %s)", job.job_id, t, self.run_id)
@@ -346,13 +347,7 @@ class GuestSession(PartySession):
         ):
             state["best_epoch"] = epoch
             ckpt.snapshot_best(self.ckpt_dir, step)
-            self.send(
-                self.job.job_id,
-                self.peer,
-                JobTag.BEST,
-                epoch,
-                ControlBlock.from_obj({"step": step}),
-            )
+            self.link.send(self.peer, JobTag.BEST, epoch, {"step": step})
         self._save_progress(state)
         logger.info(
             "job %s epoch %d: validation %s",
@@ -385,7 +380,7 @@ class GuestSession(PartySession):
     ) -> SplitResult:
         """J7."""
         job = self.job
-        self.send(job.job_id, self.peer, JobTag.USE_BEST, 0, ControlBlock.from_obj({}))
+        self.link.send(self.peer, JobTag.USE_BEST, 0, {})
         if state["best_epoch"] >= 0:
             trainer.restore(ckpt.load(self.ckpt_dir, ckpt.BEST))
         t_test = time.monotonic()
@@ -393,7 +388,7 @@ class GuestSession(PartySession):
         scores = self._scores(layer, trainer, rows, state)
         test = task_metrics(job.train.task, self.labels[rows], scores) if len(rows) else {}
         self._save_progress(state)
-        self.send(job.job_id, self.peer, JobTag.JOB_END, 0, ControlBlock.from_obj({}))
+        self.link.send(self.peer, JobTag.JOB_END, 0, {})
         result = SplitResult(
             job_id=job.job_id,
             epochs_run=len(state["history"]),
@@ -423,6 +418,6 @@ class GuestSession(PartySession):
             },
             metrics=test,
         )
-        self.finish_at_arbiter(job.job_id)  # J8
+        self.finish_at_arbiter()  # J8
         self.final_trainer = trainer
         return result

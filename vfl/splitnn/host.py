@@ -23,8 +23,9 @@ from protocols.errors import (
 )
 from protocols.executor import Executor
 from protocols.ids import state_path
+from protocols.link import REFUSED
 from protocols.roles import Party
-from protocols.transport.base import Channel, MessageFilter
+from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
 from vfl.data.tables import ImputePolicy, PartyTable
 from vfl.splitnn.interactive import HostLayer, SplitTag
@@ -97,9 +98,7 @@ class HostSession(PartySession):
         in H's log); the error for :meth:`run` to raise."""
         reason = str(exc)[:500]
         public = peer_reason(exc)
-        self.send(
-            job_id, self.peer, JobTag.JOB_ACCEPT, 0, ControlBlock.from_obj({"refused": public})
-        )
+        self.link.send(self.peer, JobTag.JOB_ACCEPT, 0, {REFUSED: public})
         logger.warning("refused job %s of %s: %s", job_id, self.peer.party_id, reason)
         return JobRefusedError(
             f"refused job {job_id} of {self.peer.party_id}: {reason}", public=public
@@ -133,7 +132,7 @@ class HostSession(PartySession):
             ckpt.prune(ckpt_dir, keep=())
             shutil.rmtree(ckpt_dir / ckpt.BEST, ignore_errors=True)
         mine = ckpt.available_steps(ckpt_dir)
-        env = self.recv(job.job_id, self.peer, JobTag.FIT_ROWS)
+        env = self.link.recv(self.peer, JobTag.FIT_ROWS)
         if not isinstance(env.body, IndexBlock):
             raise ProtocolError("FIT_ROWS carries no row indices")
         try:
@@ -149,7 +148,7 @@ class HostSession(PartySession):
                 raise ProtocolError("JOB_START's steps per epoch do not match its FIT_ROWS")
             schedule.check_at_host(job=job, rows=len(table), fit_rows=len(fit_rows))
             x = self._preprocess(job_dir, table, fit_rows)
-            key = self.public_key(job.job_id)  # J1
+            key = self.public_key()  # J1
             self.accept(dataclasses.replace(offer, key_bits=key.bits, key_id=self.key_id))
         except TransportError:
             raise  # not the job's fault: the guest tries again with a new run
@@ -158,17 +157,11 @@ class HostSession(PartySession):
         spec = job.spec(
             key, guest=self.peer.party_id, host=self.channel.me.party_id, schedule=schedule
         )
-        self.send(
-            job.job_id,
-            self.peer,
-            JobTag.JOB_ACCEPT,
-            0,
-            ControlBlock.from_obj({"checkpoints": mine}),
-        )
-        self.register(spec)  # J3
+        self.link.send(self.peer, JobTag.JOB_ACCEPT, 0, {"checkpoints": mine})
+        self.arbiter_client.register(spec.to_json())  # J3
         pool = self.pool(key, encrypted=job.encrypted)
         layer = HostLayer(
-            channel=self.channel,
+            link=self.link,
             peer=self.peer,
             arbiter=self.arbiter,
             spec=spec,
@@ -176,9 +169,7 @@ class HostSession(PartySession):
             pool=pool,
             executor=self.executor,
             fp=FixedPointConfig(),
-            timeout=self.timeout,
         )
-        layer.run_id = self.run_id
         trainer = HostTrainer(
             layer=layer, x=x, config=job.train, seed=self.seed, observer=self.observer
         )
@@ -191,7 +182,7 @@ class HostSession(PartySession):
                 self._checkpoint(ckpt_dir, trainer, 0)
             else:
                 eval_step = int(body.get("eval_step", 0))
-                self.resume_at_arbiter(job.job_id, t, eval_step)
+                self.resume_at_arbiter(t, eval_step)
                 trainer.restore(ckpt.load(ckpt_dir, t))
                 step = t
             pool.keep_filled(self.pool_target)
@@ -208,23 +199,9 @@ class HostSession(PartySession):
     def _serve(
         self, job: SplitJob, layer: HostLayer, trainer: HostTrainer, folder: Path, step: int
     ) -> None:
-        wanted = MessageFilter(
-            job_id=job.job_id,
-            sender=self.peer.party_id,
-            tags=frozenset(
-                t.value
-                for t in (
-                    JobTag.BEST,
-                    JobTag.USE_BEST,
-                    JobTag.JOB_END,
-                    SplitTag.BATCH,
-                    SplitTag.EVAL_BATCH,
-                )
-            ),
-            run_id=self.run_id,  # messages of other runs are never taken (R2)
-        )
+        wanted = (JobTag.BEST, JobTag.USE_BEST, JobTag.JOB_END, SplitTag.BATCH, SplitTag.EVAL_BATCH)
         while True:
-            env = self.channel.recv_any(wanted, timeout=self.timeout)
+            env = self.link.recv_any(self.peer, wanted)  # this run's only (R2)
             if env.tag == SplitTag.BATCH.value:
                 if env.step != step:
                     raise ProtocolError(f"BATCH for step {env.step}, expected step {step}")
@@ -250,6 +227,6 @@ class HostSession(PartySession):
                         "id_column": str(self.request.get("id_column", "id")),
                     },
                 )
-                self.finish_at_arbiter(job.job_id)  # J8
+                self.finish_at_arbiter()  # J8
                 logger.info("job %s finished at the host after %d steps", job.job_id, step)
                 return

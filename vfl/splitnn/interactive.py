@@ -33,19 +33,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import numpy as np
 
-from protocols.arbiter.masked import MaskedDecryptionClient, PendingDecryption
+from protocols.arbiter.client import ArbiterClient
+from protocols.arbiter.masked import PendingDecryption
 from protocols.crypto.cipher import Cipher
 from protocols.crypto.fixedpoint import FixedPointConfig, decode, encode, lift, ring
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.packing import pack_rows, unpack_rows
 from protocols.crypto.tensor import EncryptedTensor, encrypt, plain_matmul
 from protocols.envelope import (
-    Body,
     CipherBlock,
     ControlBlock,
     Envelope,
@@ -55,8 +55,8 @@ from protocols.envelope import (
 )
 from protocols.errors import ConfigError, ProtocolError
 from protocols.executor import Executor
+from protocols.link import JobLink
 from protocols.roles import Party
-from protocols.transport.base import Channel
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 
 SIGMA_STAT = 64
@@ -82,9 +82,10 @@ class SplitTag(StrEnum):
 
 @dataclass
 class _Party:
-    """What both sides share: channel, peer, spec, cipher, pool, executor, arbiter client."""
+    """What both sides share: the run's link, peer, spec, cipher, pool, executor and the
+    arbiter's client (masked decryptions)."""
 
-    channel: Channel
+    link: JobLink
     peer: Party
     arbiter: Party
     spec: JobSpec
@@ -92,10 +93,9 @@ class _Party:
     pool: ObfuscatorPool
     executor: Executor
     fp: FixedPointConfig
-    timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        self.run_id = ""
+        self.link = replace(self.link, key_id=self.cipher.key.key_id)  # on every message
         self.n = self.cipher.key.n
         self.p1 = self.spec.mode is SplitMode.P1
         self.packing = (
@@ -103,37 +103,10 @@ class _Party:
             if self.p1
             else None
         )
-        self.md = MaskedDecryptionClient(
-            channel=self.channel, arbiter=self.arbiter, cipher=self.cipher, timeout=self.timeout
-        )
-
-    def send(self, tag: SplitTag, step: int, body: Body) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=self.spec.job_id,
-                sender=self.channel.me,
-                receiver=self.peer,
-                tag=tag,
-                step=step,
-                run_id=self.run_id,
-                key_id=self.cipher.key.key_id,
-                body=body,
-            )
-        )
-
-    def recv(self, tag: SplitTag, step: int) -> Envelope:
-        """The peer's ``tag`` envelope of ``step`` in the current run."""
-        return self.channel.recv(
-            job_id=self.spec.job_id,
-            sender=self.peer,
-            tag=tag,
-            step=step,
-            run_id=self.run_id,
-            timeout=self.timeout,
-        )
+        self.md = ArbiterClient(link=self.link, arbiter=self.arbiter)
 
     def recv_tensor(self, tag: SplitTag, step: int) -> EncryptedTensor:
-        env = self.recv(tag, step)
+        env = self.link.recv(self.peer, tag, step)
         if not isinstance(env.body, CipherBlock):
             raise ProtocolError(f"{tag} step {step} carries no ciphertexts")
         return EncryptedTensor.from_block(env.body, cipher=self.cipher, key_id=env.key_id)
@@ -182,9 +155,7 @@ class _Party:
         bound: float,
     ) -> np.ndarray:
         """Masked decryption, then decode (P0) or unpack every slot (P1)."""
-        pending = self.md.request(
-            tensor, job_id=self.spec.job_id, tag=tag, step=step, run_id=self.run_id
-        )
+        pending = self.md.request(tensor, tag=tag, step=step)
         return self.finish_reveal(pending, width=width, scale=scale, bound=bound)
 
     def finish_reveal(
@@ -208,7 +179,7 @@ class GuestLayer(_Party):
 
     def init(self, w0_guest: np.ndarray) -> None:
         """I1-I3 at the guest."""
-        env = self.recv(SplitTag.INIT_M, 0)
+        env = self.link.recv(self.peer, SplitTag.INIT_M, 0)
         if not isinstance(env.body, PlainBlock):
             raise ProtocolError("INIT_M carries no plaintext block")
         m_init = np.array(self.cipher.key.residues_from_bytes(env.body.data), dtype=object).reshape(
@@ -217,8 +188,11 @@ class GuestLayer(_Party):
         if self.p1:
             m_init = lift(m_init, self.n, int_bound=1 << (BIG_L + 1))
         self.wg = self.reduce(encode(w0_guest, scale=self.fp.f_w, bound=self.fp.w_max) + m_init)
-        self.send(
-            SplitTag.INIT_WG, 0, self.encrypt(self.wg, self.fp.f_w).obfuscate(self.pool).to_block()
+        self.link.send(
+            self.peer,
+            SplitTag.INIT_WG,
+            0,
+            self.encrypt(self.wg, self.fp.f_w).obfuscate(self.pool).to_block(),
         )
         self.enc_e = self.recv_tensor(SplitTag.INIT_E, 0)
 
@@ -229,7 +203,7 @@ class GuestLayer(_Party):
         if not 0 < eta <= 1:
             raise ConfigError(f"eta_w = {eta}: the shared weights need 0 < eta_w <= 1 (§2.2)")
         fp, k, d = self.fp, self.spec.k, self.spec.d
-        self.send(SplitTag.BATCH, step, IndexBlock.from_indices(rows))  # S1
+        self.link.send(self.peer, SplitTag.BATCH, step, IndexBlock.from_indices(rows))  # S1
         z = self.reveal(
             self.recv_tensor(SplitTag.F1, step),
             DecTag.Z_FWD,
@@ -242,14 +216,12 @@ class GuestLayer(_Party):
         d_hat = encode(delta, scale=fp.f_d, bound=fp.delta_max)
         addend = self.reduce(self.rows(d_hat.dot(self.wg.T)))
         g = plain_matmul(d_hat, self.enc_e, executor=self.executor, scale=fp.f_g).add_plain(addend)
-        self.send(SplitTag.B1, step, g.obfuscate(self.pool).to_block())  # S3
+        self.link.send(self.peer, SplitTag.B1, step, g.obfuscate(self.pool).to_block())  # S3
         big_d = encode(eta * delta, scale=fp.f_d, bound=fp.delta_max)
-        self.send(SplitTag.B2_1, step, self.encrypt(big_d, fp.f_d).to_block())  # S4
+        self.link.send(self.peer, SplitTag.B2_1, step, self.encrypt(big_d, fp.f_d).to_block())  # S4
         enc_v = self.recv_tensor(SplitTag.B2_2, step)
         enc_e_new = self.recv_tensor(SplitTag.B2_3, step)
-        residues = self.md.decrypt(
-            enc_v, job_id=self.spec.job_id, tag=DecTag.V_WUPD, step=step, run_id=self.run_id
-        )  # S6
+        residues = self.md.decrypt(enc_v, tag=DecTag.V_WUPD, step=step)  # S6
         if self.p1:
             bound = (1 << BIG_L) + self.spec.batch * (1 << (28 + 36))
             v = unpack_rows(
@@ -267,11 +239,11 @@ class GuestLayer(_Party):
 
     def ack(self, step: int) -> None:
         """S6, last message: G is done with ``step`` (sent after its checkpoint, §4.4.1)."""
-        self.send(SplitTag.STEP_ACK, step, ControlBlock.from_obj({"step": step}))
+        self.link.send(self.peer, SplitTag.STEP_ACK, step, ControlBlock.from_obj({"step": step}))
 
     def evaluate(self, eval_step: int, rows: np.ndarray) -> np.ndarray:
         """``z_h`` of ``rows`` (exactly ``batch_eval`` of them) without changing any state."""
-        self.send(SplitTag.EVAL_BATCH, eval_step, IndexBlock.from_indices(rows))
+        self.link.send(self.peer, SplitTag.EVAL_BATCH, eval_step, IndexBlock.from_indices(rows))
         return self.reveal(
             self.recv_tensor(SplitTag.EVAL_F1, eval_step),
             DecTag.Z_EVAL,
@@ -309,13 +281,14 @@ class HostLayer(_Party):
         """I1-I3 at the host."""
         self.e = self.fresh_share(w0_host.shape)
         m_init = ring(encode(w0_host, scale=self.fp.f_w, bound=self.fp.w_max) - self.e, self.n)
-        self.send(
+        self.link.send(
+            self.peer,
             SplitTag.INIT_M,
             0,
             PlainBlock(self.cipher.key.residues_to_bytes(m_init.reshape(-1)), shape=m_init.shape),
         )
         self.enc_wg = self.recv_tensor(SplitTag.INIT_WG, 0)
-        self.send(SplitTag.INIT_E, 0, self._encrypt_cols(self.e).to_block())
+        self.link.send(self.peer, SplitTag.INIT_E, 0, self._encrypt_cols(self.e).to_block())
 
     def _encrypt_cols(self, values: np.ndarray) -> EncryptedTensor:
         return encrypt(
@@ -346,7 +319,7 @@ class HostLayer(_Party):
 
     def evaluate(self, eval_step: int, alpha: np.ndarray) -> None:
         """Answer ``EVAL_BATCH{eval_step}``: ``EVAL_F1`` for the rows' ``α``, no state change."""
-        self.send(SplitTag.EVAL_F1, eval_step, self.forward(alpha)[1].to_block())
+        self.link.send(self.peer, SplitTag.EVAL_F1, eval_step, self.forward(alpha)[1].to_block())
 
     def state(self) -> dict[str, np.ndarray]:
         """What a checkpoint must keep of the interactive layer (§4.4.1)."""
@@ -366,20 +339,16 @@ class HostLayer(_Party):
         fp, d = self.fp, self.spec.d
         alpha = alpha_fn(rows)
         a_hat, z = self.forward(alpha)
-        self.send(SplitTag.F1, step, z.to_block())  # S2
+        self.link.send(self.peer, SplitTag.F1, step, z.to_block())  # S2
         pending = self.md.request(
-            self.recv_tensor(SplitTag.B1, step),
-            job_id=self.spec.job_id,
-            tag=DecTag.G_BWD,
-            step=step,
-            run_id=self.run_id,
+            self.recv_tensor(SplitTag.B1, step), tag=DecTag.G_BWD, step=step
         )  # S3: A decrypts while H runs B2 (§4.4.1 order: B2-2, B2-3 before B1-3)
         enc_d = self.recv_tensor(SplitTag.B2_1, step)  # S4
         e_new = self.fresh_share(self.e.shape)
         v = plain_matmul(a_hat.T.copy(), enc_d, executor=self.executor, scale=fp.f_w)
         v = v.add_plain(self.reduce(self.rows(e_new - self.e))).obfuscate(self.pool)
-        self.send(SplitTag.B2_2, step, v.to_block())  # S5
-        self.send(SplitTag.B2_3, step, self._encrypt_cols(e_new).to_block())
+        self.link.send(self.peer, SplitTag.B2_2, step, v.to_block())  # S5
+        self.link.send(self.peer, SplitTag.B2_3, step, self._encrypt_cols(e_new).to_block())
         self.enc_wg = self.enc_wg.sub(v)
         self.e = e_new
         g = self.finish_reveal(pending, width=d, scale=fp.f_g, bound=fp.g_bound(self.spec.k))
@@ -387,4 +356,4 @@ class HostLayer(_Party):
 
     def wait_ack(self, step: int) -> None:
         """S6 at the host: G is done with ``step``."""
-        self.recv(SplitTag.STEP_ACK, step)
+        self.link.recv(self.peer, SplitTag.STEP_ACK, step)

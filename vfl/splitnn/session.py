@@ -6,7 +6,9 @@ party learns is §4.6 plus, at H, the row indices of every batch and evaluation 
 rows are used to fit preprocessing, and one bit per epoch (validation improved or not, so
 both can keep the best model). Nothing else crosses the wire in plaintext.
 
-Job sequence (every message carries the run id of this (re)start, §4.4.1):
+Job sequence (every message carries the run id of this (re)start, §4.4.1; the session's
+:class:`~protocols.link.JobLink` fills it in, and the arbiter's steps J1, J3, J4 and J8 are A1-A4
+of :class:`~protocols.arbiter.client.ArbiterClient`):
 
 J1. G and H → A ``KEY_REQ``; A → ``KEY`` (the public key).
 J2. G → H ``JOB_START{job, run id, G's checkpoints, schedule}`` and ``FIT_ROWS`` (the
@@ -63,23 +65,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from protocols.arbiter.service import ArbiterService, SetupTag
+from protocols.arbiter.client import ArbiterClient
+from protocols.arbiter.service import ArbiterService
 from protocols.crypto.cipher import Cipher, PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.crypto.obfuscators import ObfuscatorPool, PlaintextPool
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.crypto.policy import DecryptionPolicy, JobPolicy
-from protocols.envelope import ControlBlock, Envelope
+from protocols.envelope import Envelope
 from protocols.errors import (
-    JobRefusedError,
-    NoSpaceError,
-    PolicyViolationError,
-    ProtocolError,
     RunAbortedError,
-    TransportError,
 )
 from protocols.executor import Executor
 from protocols.files import atomic_write, private_dir
+from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from vfl.data.tables import ImputePolicy, PartyTable, Preprocessor
@@ -128,90 +127,35 @@ class PartySession:
             )
 
     def _begin(self, job_id: str, run_id: str) -> None:
-        """Set the run's ids; a :meth:`stop` that came first takes effect now."""
+        """Set the run's ids and its link; a :meth:`stop` that came first takes effect now."""
         with self._stop_lock:
             self.job_id, self.run_id = job_id, run_id
             stopped = self.stopped
         if stopped:
             self.channel.abort_run(job_id, run_id)
             raise RunAbortedError(f"job {job_id} run {run_id} was stopped before it started")
-
-    def send(self, job_id: str, receiver: Party, tag: StrEnum, step: int, body: Any) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=job_id,
-                sender=self.channel.me,
-                receiver=receiver,
-                tag=tag,
-                step=step,
-                run_id=self.run_id,
-                body=body,
-            )
+        self.link = JobLink(
+            channel=self.channel, job_id=job_id, run_id=run_id, timeout=self.timeout
+        )
+        self.arbiter_client = ArbiterClient(
+            link=self.link, arbiter=self.arbiter, allow_test_key=self.allow_test_key
         )
 
-    def recv(
-        self, job_id: str, sender: Party, tag: StrEnum, step: int = 0, *, timeout: float = 0.0
-    ) -> Envelope:
-        return self.channel.recv(
-            job_id=job_id,
-            sender=sender,
-            tag=tag,
-            step=step,
-            run_id=self.run_id,
-            timeout=timeout or self.timeout,
-        )
-
-    def control(
-        self, job_id: str, sender: Party, tag: StrEnum, step: int = 0, *, timeout: float = 0.0
-    ) -> dict[str, Any]:
-        env = self.recv(job_id, sender, tag, step, timeout=timeout)
-        if not isinstance(env.body, ControlBlock):
-            raise ProtocolError(f"{tag} from {sender} carries no control block")
-        obj = env.body.obj()
-        if "refused" in obj:
-            if obj.get("no_space") is True:  # flagged, never read from the text (§4.4.1)
-                raise NoSpaceError(f"{sender} cannot go on: {str(obj['refused'])[:300]}")
-            if tag in (JobTag.JOB_ACCEPT, SetupTag.JOB_READY):  # [accept] policy
-                raise JobRefusedError(
-                    f"{sender.party_id} refused job {job_id}: {obj['refused']} (change the job, "
-                    f"or ask {sender.party_id}'s operator to allow it in its [accept] config)"
-                )
-            raise PolicyViolationError(f"{sender} refused job {job_id}: {obj['refused']}")
-        return obj
-
-    def public_key(self, job_id: str) -> PublicKey:
-        """J1."""
-        self.send(job_id, self.arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
-        obj = self.control(job_id, self.arbiter, SetupTag.KEY)
-        key = PublicKey.from_json(obj["public_key"], allow_test_key=self.allow_test_key)
+    def public_key(self) -> PublicKey:
+        """J1 (A1 of :mod:`protocols.arbiter.client`)."""
+        key = self.arbiter_client.public_key()
         self.key_id = key.key_id.hex()
         return key
 
-    def register(self, spec: JobSpec) -> None:
-        """J3."""
-        self.send(
-            spec.job_id, self.arbiter, SetupTag.JOB_SPEC, 0, ControlBlock.from_obj(spec.to_json())
-        )
-        self.control(spec.job_id, self.arbiter, SetupTag.JOB_READY)
+    def resume_at_arbiter(self, step: int, eval_step: int) -> None:
+        """J4: both parties ask A to re-open the steps they will run again (A3)."""
+        self.arbiter_client.resume(step=step, tag_steps={DecTag.Z_EVAL.value: eval_step})
 
-    def resume_at_arbiter(self, job_id: str, step: int, eval_step: int) -> None:
-        """J4: both parties ask A to re-open the steps they will run again."""
-        body = {"step": step, "tag_steps": {DecTag.Z_EVAL.value: eval_step}}
-        self.send(job_id, self.arbiter, SetupTag.RESUME, step, ControlBlock.from_obj(body))
-        self.control(job_id, self.arbiter, SetupTag.RESUMED, step)
-
-    def finish_at_arbiter(self, job_id: str) -> None:
+    def finish_at_arbiter(self) -> None:
         """J8: both parties tell A the job is over; A closes it (no further decryption) and
         registers its model for scoring (P7 of :mod:`protocols.crypto.policy`). A model A
         did not register cannot be scored, which the log says; the job's result stands."""
-        self.send(job_id, self.arbiter, SetupTag.JOB_DONE, 0, ControlBlock.from_obj({}))
-        try:
-            wait = min(self.timeout, DONE_WAIT_S)
-            self.control(job_id, self.arbiter, SetupTag.JOB_DONE, timeout=wait)
-        except (TimeoutError, TransportError, ProtocolError) as exc:
-            logger.warning(
-                "job %s: the arbiter did not register its model for scoring (%s)", job_id, exc
-            )
+        self.arbiter_client.finish(timeout=min(self.timeout, DONE_WAIT_S))
 
     def _preprocess(self, job_dir: Path, table: PartyTable, fit_rows: np.ndarray) -> np.ndarray:
         """Fit scaling/imputation on the training rows only; keep it with the job's model."""

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.arbiter.masked import MaskedDecryptionClient
+from protocols.arbiter.client import ArbiterClient
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.tensor import EncryptedTensor, plain_matmul
-from protocols.envelope import ControlBlock
 from protocols.errors import ConfigError, JobRefusedError, ProtocolError
 from protocols.executor import Executor
 from protocols.files import atomic_write
+from protocols.link import JobLink
 from protocols.roles import Party
 from vfl.common import checkpoint
 from vfl.common.metrics import binary_metrics
@@ -44,14 +44,11 @@ from vfl.transfer.session import (
     FtlResult,
     FtlSpec,
     FtlTag,
-    PeerLink,
     ScoreOwner,
+    cipher_tensor,
     claim_steps,
-    fetch_key,
     ftl_folder,
     ftl_schedule,
-    open_run,
-    register,
     standardise,
 )
 
@@ -103,10 +100,11 @@ class FtlGuest:
         """Train, then (``score_outside``) score every row of H outside the overlap (§6.6)."""
         job, cfg = self.job, self.job.config
         started = time.monotonic()
-        peer = PeerLink(
+        peer = JobLink(
             channel=self.channel, job_id=job.job_id, run_id=self.run_id, timeout=self.timeout
         )
-        key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)  # R1
+        arbiter = ArbiterClient(link=peer, arbiter=self.arbiter, allow_test_key=self.allow_test_key)
+        key = arbiter.public_key()  # R1
         self.key_id = key.key_id.hex()
         held = [] if self.folder is None else checkpoint.available_steps(self.folder)
         base = 0 if self.folder is None else claim_steps(self.folder)  # R6
@@ -116,7 +114,7 @@ class FtlGuest:
             "held": held,
             "run": base >> 32,
         }
-        peer.send(self.host, FtlTag.START, 0, ControlBlock.from_obj(start))
+        peer.send(self.host, FtlTag.START, 0, start)
         accept = peer.control(self.host, FtlTag.ACCEPT)
         if not accept.get("ok"):
             raise JobRefusedError(
@@ -136,13 +134,10 @@ class FtlGuest:
             score_owner=job.score_owner,
             schedule=ftl_schedule(job, overlap=len(self.overlap), outside=outside),
         )
-        register(peer, self.arbiter, spec)
-        open_run(peer, self.arbiter, base >> 32)
+        arbiter.register(spec.to_json())
+        arbiter.open_run(base >> 32)  # R6
         cipher = PaillierCipher(key)
         pool = self._pool or ObfuscatorPool(key, executor=self.executor)
-        md = MaskedDecryptionClient(
-            channel=self.channel, arbiter=self.arbiter, cipher=cipher, timeout=self.timeout
-        )
         if self.folder is not None:  # R6: a resumed run must draw the same validation pairs
             seed_file = self.folder / "seed"
             if seed_file.is_file():
@@ -225,12 +220,10 @@ class FtlGuest:
             for i in range(steps):
                 t = base + epoch * steps + i
                 batch = np.sort(order[i * cfg.batch : (i + 1) * cfg.batch])
-                peer.send(
-                    self.host, FtlTag.BATCH, t, ControlBlock.from_obj({"pairs": batch.tolist()})
-                )
+                peer.send(self.host, FtlTag.BATCH, t, {"pairs": batch.tolist()})
                 rows = self.overlap[batch]
-                enc_u = peer.cipher_tensor(self.host, FtlTag.T1, 2 * t, cipher)
-                enc_q = peer.cipher_tensor(self.host, FtlTag.T1, 2 * t + 1, cipher)
+                enc_u = cipher_tensor(peer, self.host, FtlTag.T1, 2 * t, cipher)
+                enc_q = cipher_tensor(peer, self.host, FtlTag.T1, 2 * t + 1, cipher)
                 u_a_rows = u_a[rows].detach().double().numpy()
                 addend = protect_noise(phi, len(batch), config=cfg, generator=rng)
                 if cfg.gamma > 0:  # §6.4: only with reveal_overlap_repr (FtlConfig checks)
@@ -247,14 +240,10 @@ class FtlGuest:
                     executor=self.executor,
                 )
                 peer.send(self.host, FtlTag.GB, t, out.g_b.to_block())
-                k_req = md.request(
-                    out.four_k, job_id=job.job_id, tag=FtlDecTag.K, step=t, run_id=self.run_id
-                )
-                l_req = md.request(
-                    out.lam, job_id=job.job_id, tag=FtlDecTag.LOSS, step=t, run_id=self.run_id
-                )
-                k = decode_k(md.collect(k_req), n=key.n)
-                loss = decode_loss(md.collect(l_req), n=key.n, rows=len(batch), config=cfg)
+                k_req = arbiter.request(out.four_k, tag=FtlDecTag.K, step=t)
+                l_req = arbiter.request(out.lam, tag=FtlDecTag.LOSS, step=t)
+                k = decode_k(arbiter.collect(k_req), n=key.n)
+                loss = decode_loss(arbiter.collect(l_req), n=key.n, rows=len(batch), config=cfg)
                 k_bar += k
                 if cfg.gamma > 0:
                     u_b = np.asarray(peer.control(self.host, FtlTag.UB, t)["u"], dtype=np.float64)
@@ -270,7 +259,7 @@ class FtlGuest:
             if len(val_pairs):  # R4 on the held-out pairs, with this epoch's Φ
                 scores, score_step = self._score(
                     peer,
-                    md,
+                    arbiter,
                     cipher,
                     pool,
                     phi,
@@ -305,9 +294,9 @@ class FtlGuest:
         final_scores = None
         if score_outside and outside:  # R4: H's customers outside the overlap (§6.6)
             final_scores, score_step = self._score(
-                peer, md, cipher, pool, phi, np.arange(outside), score_step, best_epoch
+                peer, arbiter, cipher, pool, phi, np.arange(outside), score_step, best_epoch
             )
-        peer.send(self.host, FtlTag.DONE, 0, ControlBlock.from_obj({"best_epoch": best_epoch}))
+        peer.send(self.host, FtlTag.DONE, 0, {"best_epoch": best_epoch})
         return FtlResult(
             job_id=job.job_id,
             epochs=len(history),
@@ -324,8 +313,8 @@ class FtlGuest:
 
     def _score(
         self,
-        peer: PeerLink,
-        md: MaskedDecryptionClient,
+        peer: JobLink,
+        arbiter: ArbiterClient,
         cipher: PaillierCipher,
         pool: ObfuscatorPool,
         phi: np.ndarray,
@@ -345,13 +334,8 @@ class FtlGuest:
         out = []
         for start in range(0, len(rows), SCORE_CHUNK):
             chunk = rows[start : start + SCORE_CHUNK]
-            peer.send(
-                self.host,
-                FtlTag.SCORE_REQ,
-                step,
-                ControlBlock.from_obj({"rows": chunk.tolist(), "epoch": epoch}),
-            )
-            enc_u = peer.cipher_tensor(self.host, FtlTag.SCORE_U, step, cipher)
+            peer.send(self.host, FtlTag.SCORE_REQ, step, {"rows": chunk.tolist(), "epoch": epoch})
+            enc_u = cipher_tensor(peer, self.host, FtlTag.SCORE_U, step, cipher)
             enc_u_t = EncryptedTensor(cipher=cipher, values=enc_u.values.T.copy(), scale=F_A)
             s = plain_matmul(phi_hat, enc_u_t, executor=self.executor, scale=2 * F_A)
             s = s.obfuscate(pool)
@@ -361,9 +345,7 @@ class FtlGuest:
                 from protocols.crypto.fixedpoint import decode
 
                 tag = FtlDecTag.VAL if validation else FtlDecTag.SCORE
-                residues = md.decrypt(
-                    s, job_id=self.job.job_id, tag=tag, step=step, run_id=self.run_id
-                )
+                residues = arbiter.decrypt(s, tag=tag, step=step)
                 out.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))
             step += 1
         return (np.concatenate(out) if out else None), step

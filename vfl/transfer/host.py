@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.arbiter.masked import MaskedDecryptionClient
+from protocols.arbiter.client import ArbiterClient
 from protocols.crypto.cipher import PaillierCipher
 from protocols.crypto.obfuscators import ObfuscatorPool
 from protocols.crypto.tensor import EncryptedTensor
-from protocols.envelope import CipherBlock, ControlBlock, Envelope, control_of
+from protocols.envelope import CipherBlock, Envelope, control_of
 from protocols.errors import ProtocolError
 from protocols.executor import Executor
+from protocols.link import JobLink
 from protocols.roles import Party
 from vfl.common import checkpoint
 from vfl.transfer.ftl import (
@@ -32,13 +33,10 @@ from vfl.transfer.session import (
     FtlJob,
     FtlSpec,
     FtlTag,
-    PeerLink,
     ScoreOwner,
-    fetch_key,
+    cipher_tensor,
     ftl_folder,
     ftl_schedule,
-    open_run,
-    register,
     standardise,
 )
 
@@ -110,16 +108,11 @@ class FtlHost:
         self._run = (start.job_id, start.run_id)
         folder = None if self.state_dir is None else ftl_folder(self.state_dir, job.job_id)
         held = [] if folder is None else checkpoint.available_steps(folder)
-        peer = PeerLink(
-            channel=self.channel, job_id=start.job_id, run_id=start.run_id, timeout=self.timeout
-        )
-        key = fetch_key(peer, self.arbiter, allow_test_key=self.allow_test_key)
-        peer.send(
-            self.guest,
-            FtlTag.ACCEPT,
-            0,
-            ControlBlock.from_obj({"ok": True, "outside": int(len(self.outside)), "held": held}),
-        )
+        peer = JobLink.answering(self.channel, start, timeout=self.timeout)
+        arbiter = ArbiterClient(link=peer, arbiter=self.arbiter, allow_test_key=self.allow_test_key)
+        key = arbiter.public_key()  # R1
+        accept = {"ok": True, "outside": int(len(self.outside)), "held": held}
+        peer.send(self.guest, FtlTag.ACCEPT, 0, accept)
         spec = FtlSpec(
             job_id=job.job_id,
             key_id=key.key_id.hex(),
@@ -131,34 +124,21 @@ class FtlHost:
             score_owner=job.score_owner,
             schedule=ftl_schedule(job, overlap=len(self.overlap), outside=len(self.outside)),
         )
-        register(peer, self.arbiter, spec)
-        open_run(peer, self.arbiter, run)
+        arbiter.register(spec.to_json())
+        arbiter.open_run(run)  # R6
         cipher = PaillierCipher(key)
         pool = self._pool or ObfuscatorPool(key, executor=self.executor)
-        md = MaskedDecryptionClient(
-            channel=self.channel, arbiter=self.arbiter, cipher=cipher, timeout=self.timeout
-        )
         torch.manual_seed(self.seed % 2**31)
         net = representation_net(self.x.shape[1], job.host_widths, cfg.d)
         optimizer = torch.optim.Adam(
             net.parameters(), lr=job.host_lr, weight_decay=job.weight_decay
         )
         x_all = torch.from_numpy(self.x)
-        filt_tags = {t.value for t in (FtlTag.PHI, FtlTag.BATCH, FtlTag.SCORE_REQ, FtlTag.DONE)}
-        from protocols.transport.base import MessageFilter
-
+        led_by = (FtlTag.PHI, FtlTag.BATCH, FtlTag.SCORE_REQ, FtlTag.DONE)
         enc_phi: EncryptedTensor | None = None
         first_phi = True
         while True:
-            envelope = self.channel.recv_any(
-                MessageFilter(
-                    job_id=job.job_id,
-                    run_id=start.run_id,
-                    sender=self.guest.party_id,
-                    tags=frozenset(filt_tags),
-                ),
-                timeout=self.timeout,
-            )
+            envelope = peer.recv_any(self.guest, led_by)
             tag, t = envelope.tag, envelope.step
             if tag == FtlTag.DONE.value:
                 return net
@@ -202,7 +182,7 @@ class FtlHost:
                         )
                 else:  # scoring: the network of the epoch G kept
                     net.load_state_dict(self._snapshot(model_epoch, folder))
-                self._score(peer, md, cipher, pool, net, rows, t, job)
+                self._score(peer, arbiter, cipher, pool, net, rows, t, job)
                 continue
             pairs = np.asarray(control_of(envelope)["pairs"], dtype=np.int64)  # BATCH t
             if len(pairs) != cfg.batch or len(np.unique(pairs)) != len(pairs):
@@ -215,11 +195,9 @@ class FtlHost:
             peer.send(self.guest, FtlTag.T1, 2 * t, enc_u.to_block())
             peer.send(self.guest, FtlTag.T1, 2 * t + 1, enc_q.to_block())
             if cfg.gamma > 0:  # §6.4, only with reveal_overlap_repr
-                peer.send(self.guest, FtlTag.UB, t, ControlBlock.from_obj({"u": u_np.tolist()}))
-            enc_g = peer.cipher_tensor(self.guest, FtlTag.GB, t, cipher)
-            residues = md.decrypt(
-                enc_g, job_id=job.job_id, tag=FtlDecTag.GB, step=t, run_id=start.run_id
-            )
+                peer.send(self.guest, FtlTag.UB, t, {"u": u_np.tolist()})
+            enc_g = cipher_tensor(peer, self.guest, FtlTag.GB, t, cipher)
+            residues = arbiter.decrypt(enc_g, tag=FtlDecTag.GB, step=t)
             grad = decode_g_b(residues, n=key.n, config=cfg)  # T3
             optimizer.zero_grad()
             u_b.backward(torch.from_numpy(grad).to(u_b.dtype))
@@ -227,8 +205,8 @@ class FtlHost:
 
     def _score(
         self,
-        peer: PeerLink,
-        md: MaskedDecryptionClient,
+        peer: JobLink,
+        arbiter: ArbiterClient,
         cipher: PaillierCipher,
         pool: ObfuscatorPool,
         net: nn.Module,
@@ -259,8 +237,6 @@ class FtlHost:
         if job.score_owner is ScoreOwner.HOST and not np.all(rows < 0):  # not validation
             if np.any(rows < 0):
                 raise ProtocolError("a scoring request mixes overlap pairs and other rows")
-            enc_s = peer.cipher_tensor(self.guest, FtlTag.SCORE_S, step, cipher)
-            residues = md.decrypt(
-                enc_s, job_id=job.job_id, tag=FtlDecTag.SCORE, step=step, run_id=peer.run_id
-            )
+            enc_s = cipher_tensor(peer, self.guest, FtlTag.SCORE_S, step, cipher)
+            residues = arbiter.decrypt(enc_s, tag=FtlDecTag.SCORE, step=step)
             self.scores.append(decode(residues, cipher.key.n, scale=2 * F_A, bound=1e6).reshape(-1))

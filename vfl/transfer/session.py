@@ -9,7 +9,9 @@ Run (each step cites the T-steps of :mod:`vfl.transfer.ftl`):
 
 R1. G fetches ``pk_A`` and sends ``START`` (the job) to H; H refuses a job whose id differs
     from the envelope's (docs/protocol.md §2.9), fetches ``pk_A`` and answers ``ACCEPT``
-    with its column count; both register the same :class:`FtlSpec` with A.
+    with its column count; both register the same :class:`FtlSpec` with A (A1 and A2 of
+    :class:`~protocols.arbiter.client.ArbiterClient`, which also opens runs, R6, and
+    decrypts, R3-R4).
 R2. Each party standardises its own columns with statistics of its own rows.
 R3. Epoch ``e``: G computes ``Φ`` over all its labelled rows and sends ``[[Φ̂]]`` (T0,
     ``PHI``); for each batch G sends ``BATCH`` (positions of overlap pairs in PSI order),
@@ -44,13 +46,12 @@ from typing import Any
 import numpy as np
 
 from protocols.crypto.cipher import PaillierCipher
-from protocols.crypto.paillier import PublicKey
 from protocols.crypto.policy import JobPolicy, PolicyRule, StepWindow
 from protocols.crypto.tensor import EncryptedTensor
-from protocols.envelope import CipherBlock, ControlBlock, Envelope
-from protocols.errors import ConfigError, PolicyViolationError, ProtocolError
+from protocols.errors import ConfigError
 from protocols.files import atomic_write, private_dir
 from protocols.ids import check_identifier, state_path
+from protocols.link import JobLink
 from protocols.roles import Party
 from vfl.transfer.ftl import (
     FtlConfig,
@@ -270,83 +271,12 @@ def standardise(x: np.ndarray) -> np.ndarray:
     return np.nan_to_num(z, nan=0.0).astype(np.float32)
 
 
-class PeerLink:
-    """Sends and receives of one run."""
-
-    def __init__(self, *, channel: Any, job_id: str, run_id: str, timeout: float) -> None:
-        self.channel, self.job_id, self.run_id, self.timeout = channel, job_id, run_id, timeout
-
-    def send(self, to: Party, tag: StrEnum, step: int, body: ControlBlock | CipherBlock) -> None:
-        self.channel.send(
-            Envelope(
-                job_id=self.job_id,
-                run_id=self.run_id,
-                sender=self.channel.me,
-                receiver=to,
-                tag=tag,
-                step=step,
-                body=body,
-            )
-        )
-
-    def recv(self, sender: Party, tag: StrEnum, step: int) -> Envelope:
-        envelope: Envelope = self.channel.recv(
-            job_id=self.job_id,
-            run_id=self.run_id,
-            sender=sender,
-            tag=tag,
-            step=step,
-            timeout=self.timeout,
-        )
-        return envelope
-
-    def control(self, sender: Party, tag: StrEnum, step: int = 0) -> dict[str, Any]:
-        envelope = self.recv(sender, tag, step)
-        if not isinstance(envelope.body, ControlBlock):
-            raise ProtocolError(f"{tag.value} from {sender.party_id} must be JSON")
-        return envelope.body.obj()
-
-    def cipher_tensor(
-        self, sender: Party, tag: StrEnum, step: int, cipher: PaillierCipher
-    ) -> EncryptedTensor:
-        envelope = self.recv(sender, tag, step)
-        if not isinstance(envelope.body, CipherBlock):
-            raise ProtocolError(f"{tag.value} from {sender.party_id} must carry ciphertexts")
-        return EncryptedTensor.from_block(envelope.body, cipher=cipher, key_id=cipher.key.key_id)
-
-
-def fetch_key(peer: PeerLink, arbiter: Party, *, allow_test_key: bool) -> PublicKey:
-    """R1: ``pk_A`` from A."""
-    from protocols.arbiter.service import SetupTag
-
-    peer.send(arbiter, SetupTag.KEY_REQ, 0, ControlBlock.from_obj({}))
-    obj = peer.control(arbiter, SetupTag.KEY)
-    return PublicKey.from_json(obj["public_key"], allow_test_key=allow_test_key)
-
-
-def open_run(peer: PeerLink, arbiter: Party, run: int) -> None:
-    """R6: a run after the first (run number > 1) is opened at A by both parties
-    (``RESUME{run}``, P6 of :mod:`protocols.crypto.policy`); A refuses steps of a run not
-    opened so."""
-    from protocols.arbiter.service import SetupTag
-
-    if run <= 1:
-        return
-    body = ControlBlock.from_obj({"step": 0, "run": run})
-    peer.send(arbiter, SetupTag.RESUME, run, body)
-    obj = peer.control(arbiter, SetupTag.RESUMED, run)
-    if "refused" in obj:
-        raise PolicyViolationError(f"the arbiter refused run {run}: {obj['refused']}")
-
-
-def register(peer: PeerLink, arbiter: Party, spec: FtlSpec) -> None:
-    """R1: the JOB_SPEC; A answers once G and H sent the same."""
-    from protocols.arbiter.service import SetupTag
-
-    peer.send(arbiter, SetupTag.JOB_SPEC, 0, ControlBlock.from_obj(spec.to_json()))
-    obj = peer.control(arbiter, SetupTag.JOB_READY)
-    if "refused" in obj:
-        raise ProtocolError(f"the arbiter refused FTL job {spec.job_id}: {obj['refused']}")
+def cipher_tensor(
+    link: JobLink, sender: Party, tag: StrEnum, step: int, cipher: PaillierCipher
+) -> EncryptedTensor:
+    """The ciphertexts of ``sender``'s ``tag`` of ``step``, under the job's key."""
+    block = link.cipher(sender, tag, step)
+    return EncryptedTensor.from_block(block, cipher=cipher, key_id=cipher.key.key_id)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
-from protocols.arbiter.masked import MaskedDecryptionClient
+from protocols.arbiter.client import ArbiterClient
 from protocols.arbiter.service import ArbiterService, _decrypt_chunk_from_file
 from protocols.crypto.cipher import PaillierCipher, PlaintextCipher
 from protocols.crypto.fixedpoint import lift
@@ -28,6 +28,7 @@ from protocols.crypto.tensor import EncryptedTensor, encrypt
 from protocols.envelope import Envelope
 from protocols.errors import CryptoError, PolicyViolationError, ReplayConflictError
 from protocols.executor import InlineExecutor, LocalProcessExecutor
+from protocols.link import JobLink
 from protocols.tags import TagRegistry
 from protocols.transport.base import Channel
 from protocols.transport.inmemory import InMemoryNetwork
@@ -76,10 +77,9 @@ class Trio:
         self.service.serve(DecTag)
         self.cipher = cipher
 
-    def client(self, party: str) -> MaskedDecryptionClient:
-        return MaskedDecryptionClient(
-            channel=self.ch[party], arbiter=ARBITER, cipher=self.cipher, timeout=20
-        )
+    def client(self, party: str, job_id: str, run_id: str = "") -> ArbiterClient:
+        link = JobLink(channel=self.ch[party], job_id=job_id, run_id=run_id, timeout=20)
+        return ArbiterClient(link=link, arbiter=ARBITER)
 
     def close(self) -> None:
         for c in self.ch.values():
@@ -109,12 +109,12 @@ def test_masked_decryption_round_trip(
 ) -> None:
     register(trio, policy_for(job_id, pk))
     values = [-5, 0, 7, 2**40, -(2**50), 123]
-    got = trio.client("bank").decrypt(
-        tensor(trio.cipher, pool, values), job_id=job_id, tag=DecTag.Z_FWD, step=0
+    got = trio.client("bank", job_id).decrypt(
+        tensor(trio.cipher, pool, values), tag=DecTag.Z_FWD, step=0
     )
     assert lift(got, pk.n).reshape(-1).tolist() == values
-    got = trio.client("retailer").decrypt(
-        tensor(trio.cipher, pool, values), job_id=job_id, tag=DecTag.G_BWD, step=0
+    got = trio.client("retailer", job_id).decrypt(
+        tensor(trio.cipher, pool, values), tag=DecTag.G_BWD, step=0
     )
     assert lift(got, pk.n).reshape(-1).tolist() == values
     assert trio.policy.counts(job_id) == {DecTag.Z_FWD.value: 6, DecTag.G_BWD.value: 6}
@@ -125,15 +125,15 @@ def test_wrong_requester_and_wrong_count_are_refused(
 ) -> None:
     register(trio, policy_for(job_id, pk, count=6))
     with pytest.raises(PolicyViolationError, match="may not request"):
-        trio.client("retailer").decrypt(
-            tensor(trio.cipher, pool, [1] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=1
+        trio.client("retailer", job_id).decrypt(
+            tensor(trio.cipher, pool, [1] * 6), tag=DecTag.Z_FWD, step=1
         )
     small = encrypt(trio.cipher, np.array([1, 2], dtype=object), pool=pool, scale=0)
     with pytest.raises(PolicyViolationError, match="2 values requested, policy allows 6"):
-        trio.client("bank").decrypt(small, job_id=job_id, tag=DecTag.Z_FWD, step=2)
+        trio.client("bank", job_id).decrypt(small, tag=DecTag.Z_FWD, step=2)
     with pytest.raises(PolicyViolationError, match="no registered decryption policy"):
-        trio.client("bank").decrypt(
-            tensor(trio.cipher, pool, [1] * 6), job_id="unknown-job", tag=DecTag.Z_FWD, step=0
+        trio.client("bank", "unknown-job").decrypt(
+            tensor(trio.cipher, pool, [1] * 6), tag=DecTag.Z_FWD, step=0
         )
 
 
@@ -141,19 +141,19 @@ def test_non_identical_repeat_is_refused(
     trio: Trio, pk: PublicKey, pool: ObfuscatorPool, job_id: str
 ) -> None:
     register(trio, policy_for(job_id, pk))
-    client = trio.client("bank")
-    client.decrypt(tensor(trio.cipher, pool, [1] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3)
+    client = trio.client("bank", job_id)
+    client.decrypt(tensor(trio.cipher, pool, [1] * 6), tag=DecTag.Z_FWD, step=3)
     with pytest.raises(ReplayConflictError):  # same run: the transport refuses it already
-        client.decrypt(tensor(trio.cipher, pool, [2] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3)
+        client.decrypt(tensor(trio.cipher, pool, [2] * 6), tag=DecTag.Z_FWD, step=3)
     with pytest.raises(
         PolicyViolationError, match="already served"
     ):  # another run: the policy does
-        client.decrypt(
-            tensor(trio.cipher, pool, [2] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3, run_id="r2"
+        trio.client("bank", job_id, "r2").decrypt(
+            tensor(trio.cipher, pool, [2] * 6), tag=DecTag.Z_FWD, step=3
         )
     trio.policy.resume(job_id, 3)  # RESUME re-opens the step
-    got = client.decrypt(
-        tensor(trio.cipher, pool, [4] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=3, run_id="r3"
+    got = trio.client("bank", job_id, "r3").decrypt(
+        tensor(trio.cipher, pool, [4] * 6), tag=DecTag.Z_FWD, step=3
     )
     assert lift(got, pk.n).reshape(-1).tolist() == [4] * 6
 
@@ -243,8 +243,8 @@ def test_plaintext_mode_goes_through_the_same_service(
     t = Trio(pk, None, plain, executor)
     try:
         register(t, policy_for(job_id, pk))
-        got = t.client("bank").decrypt(
-            tensor(plain, pool, [-1, 2, -3, 4, -5, 6]), job_id=job_id, tag=DecTag.Z_FWD, step=0
+        got = t.client("bank", job_id).decrypt(
+            tensor(plain, pool, [-1, 2, -3, 4, -5, 6]), tag=DecTag.Z_FWD, step=0
         )
         assert lift(got, pk.n).reshape(-1).tolist() == [-1, 2, -3, 4, -5, 6]
     finally:
@@ -258,8 +258,8 @@ def test_arbiter_sees_only_masked_values(
     seen: list[int] = []
     real = trio.service._decrypt
     trio.service._decrypt = lambda v: (r := real(v), seen.extend(int(x) for x in r))[0]  # type: ignore[method-assign]
-    trio.client("bank").decrypt(
-        tensor(trio.cipher, pool, [0] * 6), job_id=job_id, tag=DecTag.Z_FWD, step=9
+    trio.client("bank", job_id).decrypt(
+        tensor(trio.cipher, pool, [0] * 6), tag=DecTag.Z_FWD, step=9
     )
     assert len(seen) == 6 and all(x != 0 for x in seen)  # zeros went in; A saw m + R
     assert len(set(seen)) == 6
@@ -287,8 +287,8 @@ def test_workers_that_load_the_key_file_never_receive_the_key(
     try:
         register(t, policy_for("job-keyfile", pk))
         values = [-5, 0, 7, 2**40, -(2**50), 123]
-        got = t.client("bank").decrypt(
-            tensor(cipher, pool, values), job_id="job-keyfile", tag=DecTag.Z_FWD, step=0
+        got = t.client("bank", "job-keyfile").decrypt(
+            tensor(cipher, pool, values), tag=DecTag.Z_FWD, step=0
         )
         assert lift(got, pk.n).reshape(-1).tolist() == values
     finally:
