@@ -6,8 +6,8 @@ all 30,000 ids (``default_credit_hetero_guest.csv``: ``id,y,x0..x12``;
 spell their customers' identifiers differently, so :func:`build_silos` makes:
 
 1. a seeded permutation of the source rows, cut into 20,000 customers of both parties (the
-   training population), 6,000 bank-only customers, 2,000 new applicants at the bank and the
-   remaining 2,000 retailer-only customers;
+   training population), 5,600 bank-only customers, 2,000 new applicants at the bank and the
+   remaining 2,400 retailer-only customers;
 2. e-mail-like identifiers ``firstname.lastname12@example.org``: a deterministic function of
    the source id (through its rank among the source ids) and the seed, unique per source
    id, on the reserved ``example.*`` domains (which :mod:`psi.canon` treats like any other
