@@ -64,7 +64,7 @@ from protocols.roles import Party, Role
 from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryNetwork
 from vfl.config import ScoringGrant, parse_config
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.scoring.grants import GrantKeeper
@@ -382,8 +382,10 @@ def _grant_for(model_id: str, first: float) -> ScoringGrant:
 
 def breast() -> tuple[PartyTable, PartyTable, Any]:
     folder = data_dir(os.environ)
-    guest = load_table(TableSpec(path=folder / "breast_hetero_guest.csv", label_column="y"))
-    host = load_table(TableSpec(path=folder / "breast_hetero_host.csv"))
+    guest = load_table(
+        TableSpec(path=find("breast_hetero_guest.csv", folder=folder), label_column="y")
+    )
+    host = load_table(TableSpec(path=find("breast_hetero_host.csv", folder=folder)))
     shared = np.intersect1d(guest.ids.astype(str), host.ids.astype(str))
     gi = {str(v): i for i, v in enumerate(guest.ids)}
     hi = {str(v): i for i, v in enumerate(host.ids)}

@@ -57,7 +57,7 @@ from protocols.files import atomic_write
 from protocols.roles import Party, Role
 from vfl import api
 from vfl.config import load_config
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.data.tables import TableSpec, load_table
 from vfl.fedavg import aggregate
 from vfl.fedavg.client import MODEL_DIR, load_fed_model
@@ -215,7 +215,7 @@ def flower(tables: dict[str, Any], job: FedJob, test: Any, work: Path) -> dict[s
 
 def write_noniid(tables: dict[str, Any], folder: Path) -> dict[str, str]:
     """Pool the clients' rows, sort by ``SORT_FEATURE``, give each client a contiguous third."""
-    frames = [pd.read_csv(data_dir(os.environ) / CLIENTS[c]) for c in sorted(CLIENTS)]
+    frames = [pd.read_csv(find(CLIENTS[c], folder=data_dir(os.environ))) for c in sorted(CLIENTS)]
     pooled = pd.concat(frames, ignore_index=True).sort_values(SORT_FEATURE, kind="stable")
     out = {}
     bounds = np.linspace(0, len(pooled), 4).astype(int)
@@ -268,10 +268,12 @@ def main() -> None:
     folder = data_dir(os.environ)
     job = the_job()
     tables = {
-        c: load_table(TableSpec(path=folder / f, id_column="id", label_column="y"))
+        c: load_table(TableSpec(path=find(f, folder=folder), id_column="id", label_column="y"))
         for c, f in CLIENTS.items()
     }
-    test = load_table(TableSpec(path=folder / TEST_FILE, id_column="id", label_column="y"))
+    test = load_table(
+        TableSpec(path=find(TEST_FILE, folder=folder), id_column="id", label_column="y")
+    )
     work = Path(tempfile.mkdtemp(prefix="vfl-bench-fedavg-"))
     try:
         print("centralised ...", flush=True)
@@ -279,9 +281,9 @@ def main() -> None:
         print(f"  test AUC {central['test_auc']:.4f}", flush=True)
 
         noniid = write_noniid(tables, work)
-        shutil.copy(folder / TEST_FILE, work / TEST_FILE)
+        shutil.copy(find(TEST_FILE, folder=folder), work)
         data = {
-            c: {"credit": str(folder / CLIENTS[c]), "noniid": str(work / noniid[c])}
+            c: {"credit": str(find(CLIENTS[c], folder=folder)), "noniid": str(work / noniid[c])}
             for c in CLIENTS
         }
         paths = write_demo_setup(work / "setup", data_folder=folder, data=data, parties=PARTIES)

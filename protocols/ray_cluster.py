@@ -1,8 +1,8 @@
 """A Ray cluster of local processes: one head and worker nodes on this machine.
 
 For the tests, the scale-out benchmark and a silo operator's first try. A real silo starts
-the same processes with ``ray start`` on each of its machines (README, "Scale out inside a
-silo"): this class runs exactly those commands, with ``--block`` so that stopping it stops
+the same processes with ``ray start`` on each of its machines (docs/deployment.md, "Scale out
+inside a silo"): this class runs exactly those commands, with ``--block`` so that stopping it stops
 only the nodes it started.
 """
 

@@ -12,7 +12,7 @@ import pytest
 
 from protocols.errors import ConfigError, DataError
 from psi.canon import IdType, canonicalize, prepare_ids
-from vfl.data.datasets import data_dir, verify
+from vfl.data.datasets import data_dir, find, read_bytes, verify
 from vfl.data.demo_silos import (
     GUEST_FEATURES,
     GUEST_SOURCE,
@@ -54,8 +54,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     verify(GUEST_SOURCE, folder=FOLDER)
     verify(HOST_SOURCE, folder=FOLDER)
     files = build_silos(data_dir=FOLDER, out=tmp_path_factory.mktemp("silos"), seed=7)
-    guest_src = pd.read_csv(FOLDER / GUEST_SOURCE)
-    host_src = pd.read_csv(FOLDER / HOST_SOURCE).set_index("id").loc[guest_src["id"]]
+    guest_src = pd.read_csv(find(GUEST_SOURCE, folder=FOLDER))
+    host_src = pd.read_csv(find(HOST_SOURCE, folder=FOLDER)).set_index("id").loc[guest_src["id"]]
     email = email_ids(guest_src["id"].to_numpy(), seed=7)
     return Built(
         files=files,
@@ -193,7 +193,7 @@ def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / GUEST_SOURCE).write_text("id,y,x0\n1,0,0.5\n")
-    (tmp_path / HOST_SOURCE).write_bytes((FOLDER / HOST_SOURCE).read_bytes())
+    (tmp_path / HOST_SOURCE).write_bytes(read_bytes(find(HOST_SOURCE, folder=FOLDER)))
     with pytest.raises(DataError, match="expected the header"):
         build_silos(data_dir=tmp_path, out=tmp_path / "out")
     header = ",".join(["id", "y", *GUEST_FEATURES])

@@ -23,7 +23,7 @@ from protocols.transport.base import Channel
 from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from protocols.transport.tls import TlsIdentity, create_demo_pki, load_demo_identity
 from vfl.common import checkpoint
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.fedavg import aggregate
 from vfl.fedavg.client import CHECKPOINTS
@@ -54,7 +54,7 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsIdentit
 def tables() -> dict[str, PartyTable]:
     folder = data_dir(os.environ)
     return {
-        pid: load_table(TableSpec(path=folder / name, id_column="id", label_column="y"))
+        pid: load_table(TableSpec(path=find(name, folder=folder), id_column="id", label_column="y"))
         for pid, name in FILES.items()
     }
 

@@ -22,7 +22,7 @@ from tests.vfl.state_files import not_private
 from vfl import api
 from vfl.common.metrics import binary_metrics
 from vfl.config import PartyConfig, load_config
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.data.tables import TableSpec, load_table
 from vfl.fedavg.client import MODEL_DIR, load_fed_model
 from vfl.service.admin import admin_call
@@ -160,7 +160,7 @@ def test_three_clients_over_grpc(federation: Federation) -> None:
     model, standardizer, _ = models["bank"]
     test = load_table(
         TableSpec(
-            path=data_dir(os.environ) / "default_credit_homo_test.csv",
+            path=find("default_credit_homo_test.csv", folder=data_dir(os.environ)),
             id_column="id",
             label_column="y",
         )

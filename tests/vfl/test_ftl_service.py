@@ -16,7 +16,7 @@ from protocols.errors import InsecureConfigError
 from tests.vfl.state_files import not_private
 from vfl import api
 from vfl.config import PartyConfig, load_config
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.service.audit import AUDIT_FILE, read_audit
 from vfl.service.demo import write_demo_setup
 from vfl.service.local import Processes, connect_services, start_services, stop_services
@@ -64,8 +64,8 @@ def silos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Silos]:
     200 shared customers."""
     tmp = tmp_path_factory.mktemp("ftl")
     source = data_dir(os.environ)
-    guest = pd.read_csv(source / "breast_hetero_guest.csv")
-    host = pd.read_csv(source / "breast_hetero_host.csv")
+    guest = pd.read_csv(find("breast_hetero_guest.csv", folder=source))
+    host = pd.read_csv(find("breast_hetero_host.csv", folder=source))
     guest.iloc[:400].to_csv(tmp / "labelled.csv", index=False)
     host.iloc[200:].to_csv(tmp / "customers.csv", index=False)
     truth = guest.set_index("id")["y"]

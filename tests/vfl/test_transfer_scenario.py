@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from protocols.errors import ConfigError, DataError
-from vfl.data.datasets import data_dir
+from vfl.data.datasets import data_dir, find
 from vfl.transfer.baseline import overlap_only_scores
 from vfl.transfer.scenario import TransferScenario, build_scenario, write_scenario
 
@@ -48,7 +48,7 @@ def test_host_has_no_labels_and_truth_matches_source(scenario: TransferScenario)
     guest_y = scenario.guest.set_index("id")["y"]
     shared = scenario.overlap_ids
     assert (scenario.host_labels.loc[shared] == guest_y.loc[shared]).all()
-    source = pd.read_csv(FOLDER / "default_credit_hetero_guest.csv", dtype={"id": str})
+    source = pd.read_csv(find("default_credit_hetero_guest.csv", folder=FOLDER), dtype={"id": str})
     truth = source.set_index("id")["y"].loc[scenario.host_only_ids[:200]]
     assert (scenario.host_labels.loc[scenario.host_only_ids[:200]] == truth).all()
 

@@ -6,8 +6,8 @@ all 30,000 ids (``default_credit_hetero_guest.csv``: ``id,y,x0..x12``;
 spell their customers' identifiers differently, so :func:`build_silos` makes:
 
 1. a seeded permutation of the source rows, cut into 20,000 customers of both parties (the
-   training population), 6,000 bank-only customers, 2,000 new applicants at the bank and the
-   remaining 2,000 retailer-only customers;
+   training population), 5,600 bank-only customers, 2,000 new applicants at the bank and the
+   remaining 2,400 retailer-only customers;
 2. e-mail-like identifiers ``firstname.lastname12@example.org``: a deterministic function of
    the source id (through its rank among the source ids) and the seed, unique per source
    id, on the reserved ``example.*`` domains (which :mod:`psi.canon` treats like any other
@@ -43,6 +43,7 @@ import pandas as pd
 from protocols.errors import ConfigError, DataError
 from protocols.files import atomic_write
 from psi.canon import IdType
+from vfl.data.datasets import DEFAULT_DATA_DIR, find, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def build_silos(*, data_dir: Path, out: Path, seed: int = 0) -> SiloFiles:
     ----------
     data_dir
         Folder holding ``default_credit_hetero_guest.csv`` and
-        ``default_credit_hetero_host.csv`` (``$VFL_DATA_DIR`` or ``../shared/data``; see
-        :func:`vfl.data.datasets.data_dir`).
+        ``default_credit_hetero_host.csv``, each plain or as ``.csv.gz`` (``$VFL_DATA_DIR``
+        or the bundled ``data/``; see :func:`vfl.data.datasets.data_dir`).
     out
         Output folder, created if missing; existing demo files in it are replaced.
     seed
@@ -295,15 +296,15 @@ def _read_source(
     folder: Path, name: str, columns: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The integer ids of ``folder/name`` and, per row, the text after the id (unchanged)."""
-    path = folder / name
+    path = find(name, folder=folder)
     if not path.is_file():
         raise DataError(
-            f"demo source {name} not found at {path}; set VFL_DATA_DIR to the folder holding "
-            "the real data sets (default ../shared/data beside the repository) and run "
-            "`vfl data check`"
+            f"demo source {name} (or {name}.gz) not found in {folder}; unset VFL_DATA_DIR to "
+            f"use the copies bundled in {DEFAULT_DATA_DIR}, or set it to the folder holding "
+            "the real data sets, and run `vfl data check`"
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_bytes(path).decode("utf-8").splitlines()
     except (UnicodeDecodeError, OSError) as exc:
         raise DataError(
             f"{path}: cannot be read as UTF-8 text ({type(exc).__name__}); `vfl data check` "

@@ -24,6 +24,11 @@ def load_id_column(
             frame = pd.read_parquet(path, columns=wanted)
         else:
             frame = pd.read_csv(path, usecols=wanted, dtype={column: str}, keep_default_na=False)
+    except (OSError, EOFError) as exc:  # e.g. a damaged or truncated .csv.gz
+        raise DataError(
+            f"{path}: cannot be read ({type(exc).__name__})",
+            public="the data file of the alias cannot be read",
+        ) from None
     except ValueError as exc:
         available = _columns(path)
         raise DataError(

@@ -83,7 +83,7 @@ def _read(path: Path) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
         return pd.read_csv(path, keep_default_na=True)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: a truncated .gz
         raise DataError(
             f"{path}: cannot be read as {path.suffix or 'CSV'} ({type(exc).__name__})"
         ) from None

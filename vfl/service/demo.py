@@ -34,7 +34,7 @@ from protocols.roles import Party, Role
 from protocols.transport.tls import create_demo_pki
 from psi.result import read_result
 from vfl.config import PartyConfig, load_config
-from vfl.data.datasets import verify_all
+from vfl.data.datasets import find, verify_all
 from vfl.data.demo_silos import (
     BANK_FILE,
     NEW_CUSTOMERS_FILE,
@@ -108,7 +108,8 @@ def write_demo_setup(
 ) -> dict[str, Path]:
     """Certificates and one config per party under ``out``; returns config paths.
 
-    ``data`` maps each party to its data aliases (file names under ``data_folder``; default:
+    ``data`` maps each party to its data aliases (file names under ``data_folder``, each
+    found plain or as ``.gz``; default:
     the credit and breast files); ``extra`` adds TOML text to a party's config; ``parties``
     (default: bank, retailer, arbiter) each get every other one as a pinned peer.
     """
@@ -143,7 +144,7 @@ def write_demo_setup(
             ]
         lines.append("[data]")
         lines += [
-            f'{alias} = "{data_folder / name}"'
+            f'{alias} = "{find(name, folder=data_folder)}"'
             for alias, name in aliases.get(party.party_id, {}).items()
         ]
         if extra and party.party_id in extra:
