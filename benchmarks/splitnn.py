@@ -59,8 +59,8 @@ from protocols.files import atomic_write
 from vfl.config import load_config
 from vfl.data.datasets import data_dir
 from vfl.service.admin import admin_call
+from vfl.service.arbiter import arbiter_key
 from vfl.service.demo import write_demo_setup
-from vfl.service.jobs import arbiter_key
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.splitnn.estimate import estimate_job_file, quick_costs
 from vfl.splitnn.jobfile import parse_job

@@ -35,9 +35,9 @@ from vfl.config import PartyConfig
 from vfl.data.datasets import data_dir
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.admin import admin_call, service_address
+from vfl.service.arbiter import arbiter_key
 from vfl.service.audit import AUDIT_FILE
 from vfl.service.demo import write_cluster_setup
-from vfl.service.jobs import arbiter_key
 from vfl.service.local import LocalCluster
 from vfl.splitnn.spec import DecTag
 
