@@ -55,7 +55,7 @@ from sklearn.metrics import roc_auc_score
 
 from protocols.files import atomic_write
 from protocols.roles import Party, Role
-from vfl import api
+from vfl.client import Client
 from vfl.config import load_config
 from vfl.data.datasets import data_dir, find
 from vfl.data.tables import TableSpec, load_table
@@ -240,8 +240,8 @@ def run_ours(paths: dict[str, Path], tmp: Path, job_id: str, alias: str, dp: boo
     )
     job_file.write_text(text + (DP if dp else ""))
     started = time.monotonic()
-    api.submit_job(job_file, config=paths["bank"])
-    final = api.wait_for_job(job_id, config=paths["bank"], poll_s=0.5)
+    Client(config=paths["bank"]).submit(job=job_file)
+    final = Client(config=paths["bank"]).wait(job_id, poll_s=0.5)
     total = time.monotonic() - started
     if final.get("state") != "done":
         raise RuntimeError(f"job {job_id} did not finish: {final}")

@@ -61,8 +61,8 @@ from vfl.data.datasets import data_dir
 from vfl.estimate.job import estimate_job_file
 from vfl.estimate.measure import quick_costs
 from vfl.service.admin import admin_call
+from vfl.service.arbiter import arbiter_key
 from vfl.service.demo import write_demo_setup
-from vfl.service.jobs import arbiter_key
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.splitnn.jobfile import parse_job
 from vfl.splitnn.spec import JobSpec, SplitMode

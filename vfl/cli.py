@@ -33,6 +33,8 @@ EXAMPLES = """examples:
   vfl certs sign --ca-dir ca/ --csr bank/bank.csr --out bank/bank.pem
   vfl serve --config bank.toml               run a party's service
   vfl status --config bank.toml              ask it how it is
+  vfl run job.toml --config bank.toml        submit a job and follow it (at the guest)
+  vfl cancel credit-2026-12 --config bank.toml   stop a running job for good
   vfl ping --config bank.toml --peer retailer
   vfl psi --config bank.toml --peer retailer --data credit --id-column id
 """
@@ -144,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-wait", action="store_true", help="submit and return at once")
 
+    cancel = sub.add_parser(
+        "cancel",
+        help="stop a running job for good (at the guest)",
+        description="Stop the job's current run and record the job as failed ('cancelled by "
+        "its operator'): the host and the arbiter are told and show it failed too, and the "
+        "service does not resume it when it restarts. Prints the job's state once its run "
+        "ended (a run busy with its PSI ends when the PSI does).",
+    )
+    cancel.add_argument("job_id", help="the job's id (as `vfl run` printed it)")
+    cancel.add_argument("--config", type=Path, required=True, help="the guest's party config")
+
     estimate = sub.add_parser(
         "estimate",
         help="predict a job's run time before starting it",
@@ -207,9 +220,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "status":
-        from vfl.service.admin import admin_call
+        from vfl.client import Client
 
-        print(json.dumps(admin_call(load_config(args.config), "status"), indent=2))
+        print(json.dumps(Client(config=args.config).status(), indent=2))
+        return 0
+    if args.command == "cancel":
+        from vfl.client import Client
+
+        print(json.dumps(Client(config=args.config).cancel(args.job_id), indent=2))
         return 0
     if args.command == "ping":
         from vfl.service.admin import admin_call
@@ -250,10 +268,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "estimate":
         return _estimate(args)
     if args.command == "score":
-        from vfl import api
+        from vfl.client import Client
 
-        reply = api.score(
-            config=args.config,
+        reply = Client(config=args.config).score(
             model=args.model,
             data=args.data,
             ids=args.ids,
@@ -281,24 +298,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vfl import api
+    from vfl.client import Client
     from vfl.service.progress import follow_job
 
-    job_id = api.submit_job(args.job, config=args.config, plaintext=bool(args.plaintext))
-    config = load_config(args.config)
-    print(f"job {job_id} submitted to {config.party.party_id}")
+    client = Client(config=args.config)
+    job_id = client.submit(job=args.job, plaintext=bool(args.plaintext))
+    print(f"job {job_id} submitted to {client.config.party.party_id}")
     if args.no_wait:
         return 0
-    final = follow_job(config, job_id)
+    final = follow_job(client.config, job_id)
     print(json.dumps(final, indent=2))
     return 0 if final.get("state") == "done" else 1
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from vfl import api
+    from vfl.client import Client
     from vfl.estimate.job import format_estimate
 
-    found = api.estimate(args.job, config=args.config, rows=args.rows, key_bits=args.key_bits)
+    found = Client(config=args.config).estimate(
+        job=args.job, rows=args.rows, key_bits=args.key_bits
+    )
     print(json.dumps(found.to_json(), indent=2) if args.json else format_estimate(found))
     return 0
 

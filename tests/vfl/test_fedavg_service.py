@@ -19,7 +19,7 @@ import torch
 from protocols.errors import ConfigError
 from protocols.roles import Party, Role
 from tests.vfl.state_files import not_private
-from vfl import api
+from vfl.client import Client
 from vfl.common.metrics import binary_metrics
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir, find
@@ -142,8 +142,8 @@ def test_three_clients_over_grpc(federation: Federation) -> None:
     """`vfl run` of a horizontal job: every client ends with the same model, the combined
     metrics reach the guest, and the model scores the held-out test file well."""
     bank = federation.paths["bank"]
-    job_id = api.submit_job(federation.job_file("fed-1"), config=bank)
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    job_id = Client(config=bank).submit(job=federation.job_file("fed-1"))
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "done", final
     assert final["rounds"] == 3
     assert final["validation"]["rows"] == 2400.0  # 10 % of each client's 8,000 rows
@@ -186,8 +186,8 @@ def test_three_clients_over_grpc(federation: Federation) -> None:
 def test_a_client_refuses_what_it_does_not_offer(federation: Federation) -> None:
     """The shop's [accept] offers only "credit": the job fails at once with its reason."""
     bank = federation.paths["bank"]
-    job_id = api.submit_job(federation.job_file("fed-2", shop_data="private"), config=bank)
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    job_id = Client(config=bank).submit(job=federation.job_file("fed-2", shop_data="private"))
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "failed"
     assert "shop refused" in final["error"] and "accept.data" in final["error"]
 
@@ -200,7 +200,7 @@ def test_a_job_without_the_guest_as_client_is_refused_before_submission(tmp_path
     job = tmp_path / "job.toml"
     job.write_text('[job]\ntype = "horizontal"\n[clients]\nretailer = "credit"\nshop = "x"\n')
     with pytest.raises(ConfigError, match="must include bank"):
-        api.submit_job(job, config=paths["bank"])
+        Client(config=paths["bank"]).submit(job=job)
 
 
 @pytest.mark.slow
@@ -211,7 +211,7 @@ def test_a_client_killed_mid_job_aborts_the_round_and_the_job_resumes(
     it is sent), the bank retries (on_dropout = "retry"), and once the shop's service is back
     the job resumes from the rounds every client saved and finishes."""
     bank = federation.paths["bank"]
-    job_id = api.submit_job(federation.job_file("fed-3", rounds=8, timeout=4), config=bank)
+    job_id = Client(config=bank).submit(job=federation.job_file("fed-3", rounds=8, timeout=4))
     federation.wait(job_id, lambda s: s.get("round", 0) >= 2)
     shop = federation.procs["shop"]
     shop.send_signal(signal.SIGKILL)
@@ -223,7 +223,7 @@ def test_a_client_killed_mid_job_aborts_the_round_and_the_job_resumes(
         start_services({"shop": federation.configs["shop"]}, logs=federation.tmp / "logs")
     )
     reconnect_service(federation.configs, "shop")
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "done", final
     result = json.loads(
         (federation.configs["bank"].state_dir / "jobs" / job_id / "result.json").read_text()
@@ -243,13 +243,13 @@ def test_a_client_killed_mid_job_aborts_the_round_and_the_job_resumes(
 def test_on_dropout_stop_ends_the_job(federation: Federation) -> None:
     """With on_dropout = "stop", an aborted round fails the job for good."""
     bank = federation.paths["bank"]
-    job_id = api.submit_job(
-        federation.job_file("fed-4", rounds=40, on_dropout="stop", timeout=4), config=bank
+    job_id = Client(config=bank).submit(
+        job=federation.job_file("fed-4", rounds=40, on_dropout="stop", timeout=4)
     )
     federation.wait(job_id, lambda s: s.get("round", 0) >= 1)
     federation.procs["retailer"].send_signal(signal.SIGKILL)
     federation.procs["retailer"].wait()
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "failed" and "aborted" in final["error"]
     federation.procs.update(
         start_services({"retailer": federation.configs["retailer"]}, logs=federation.tmp / "logs")

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from protocols.errors import InsecureConfigError
 from tests.vfl.state_files import not_private
-from vfl import api
+from vfl.client import Client
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import data_dir, find
 from vfl.service.audit import AUDIT_FILE, read_audit
@@ -92,8 +92,8 @@ def silos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Silos]:
 @pytest.mark.slow
 def test_transfer_job_over_grpc_scores_the_hosts_other_customers(silos: Silos) -> None:
     bank = silos.paths["bank"]
-    job_id = api.submit_job(silos.job("ftl-1"), config=bank)
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    job_id = Client(config=bank).submit(job=silos.job("ftl-1"))
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "done", final
     assert final["validation"]["roc_auc"] > 0.6
     report = silos.configs["bank"].state_dir / "jobs" / job_id / "report"
@@ -123,8 +123,8 @@ def test_the_host_refuses_unprotected_gradients(silos: Silos) -> None:
     default [accept] protect_modes exclude it: the job fails with its reason."""
     bank = silos.paths["bank"]
     protect = 'mode = "none"\nallow_label_leak = true'
-    job_id = api.submit_job(silos.job("ftl-2", protect), config=bank)
-    final = api.wait_for_job(job_id, config=bank, poll_s=0.3)
+    job_id = Client(config=bank).submit(job=silos.job("ftl-2", protect))
+    final = Client(config=bank).wait(job_id, poll_s=0.3)
     assert final["state"] == "failed"
     assert "retailer refused" in final["error"] and "protect_modes" in final["error"]
 
@@ -136,4 +136,4 @@ def test_alignment_without_the_reveal_flag_is_refused_at_submission(silos: Silos
         "[model]\ngamma = 0.5\n"
     )
     with pytest.raises(InsecureConfigError, match="ftl_reveal_overlap_repr"):
-        api.submit_job(path, config=silos.paths["bank"])
+        Client(config=silos.paths["bank"]).submit(job=path)

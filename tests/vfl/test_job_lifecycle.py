@@ -35,8 +35,9 @@ from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG, Crash, crashing
-from vfl.config import PartyConfig, parse_config
-from vfl.service import jobs as jobs_module
+from vfl.config import JobType, PartyConfig, parse_config
+from vfl.service import guestjob as guestjob_module
+from vfl.service.arbiter import KEY_FILE, ArbiterWatch
 from vfl.service.audit import (
     AuditEvent,
     AuditLog,
@@ -45,17 +46,14 @@ from vfl.service.audit import (
     file_digest,
     read_audit,
 )
-from vfl.service.jobs import (
-    OUTCOME_FILE,
-    REQUEST_FILE,
-    ArbiterWatch,
-    JobRunner,
-    _GuestJob,
-    retryable,
-)
+from vfl.service.driver import GuestAttempt, retryable
+from vfl.service.drivers import parse_job
+from vfl.service.drivers import splitnn as splitnn_driver
+from vfl.service.guestjob import OUTCOME_FILE, GuestJob
+from vfl.service.requests import TrainRequest
+from vfl.service.runner import REQUEST_FILE, JobRunner
 from vfl.splitnn.guest import GuestSession
-from vfl.splitnn.job import JobTag, SplitJob, SplitResult
-from vfl.splitnn.jobfile import parse_job
+from vfl.splitnn.job import JobTag, SplitJob
 
 PARTY = """
 [party]
@@ -107,6 +105,11 @@ def request(job_id: str, **job: Any) -> dict[str, Any]:
     }
 
 
+def typed(job_id: str) -> TrainRequest:
+    """The typed request of :func:`request` (the guest's, bank's)."""
+    return TrainRequest(job=parse_job(request(job_id)["job_file"], source="test", party_id="bank"))
+
+
 def test_unfinished_jobs_are_resubmitted_on_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,12 +126,9 @@ def test_unfinished_jobs_are_resubmitted_on_start(
         config=cfg,
         channel=net.channel(BANK, tags=TagRegistry(TAGS)),
         executor=InlineExecutor(),
-        run_psi=None,
     )
     launched: list[str] = []
-    monkeypatch.setattr(
-        runner, "_launch", lambda job_file, req: launched.append(job_file.job.job_id)
-    )
+    monkeypatch.setattr(runner, "_launch", lambda req: launched.append(req.job.job_id))
     runner.start()
     assert launched == ["a"]
     status = runner.status()
@@ -156,12 +156,10 @@ def test_run_stopped_stops_the_current_run(tmp_path: Path) -> None:
         config=config(tmp_path, "bank"),
         channel=net.channel(BANK, tags=TagRegistry(TAGS)),
         executor=InlineExecutor(),
-        run_psi=None,
     )
     host = net.channel(RETAILER, tags=TagRegistry(TAGS))
-    job_file = parse_job(request("j")["job_file"], source="test")
-    entry = _GuestJob(job_file, request("j"))
-    entry.session = StubSession("run3")  # type: ignore[assignment]
+    entry = GuestJob(ctx=runner.ctx, driver=runner.drivers[JobType.SPLIT_NN], request=typed("j"))
+    entry.session = StubSession("run3")
     runner._guest_jobs["j"] = entry
 
     def notice(step: int, **body: Any) -> None:
@@ -182,7 +180,7 @@ def test_run_stopped_stops_the_current_run(tmp_path: Path) -> None:
     assert not entry.session.stopped and entry.notice is None  # type: ignore[union-attr]
     notice(2, run_id="run3", reason="failed", error="E", retry=False)
     assert entry.session.stopped and entry.notice["error"] == "E"  # type: ignore[union-attr,index]
-    entry.session = StubSession("run4")  # type: ignore[assignment]
+    entry.session = StubSession("run4")
     notice(3, run_id="run1", reason="restarted")
     assert entry.session.stopped and entry.notice["reason"] == "restarted"  # type: ignore[union-attr,index]
     runner.close()
@@ -208,12 +206,10 @@ def test_a_new_run_replaces_the_run_the_host_still_serves(
 
     t = trio(tmp_path / "run", pk, sk)
     cfg = config(tmp_path / "run", "retailer")
-    monkeypatch.setattr(jobs_module, "_aligned_table", lambda *args, **kwargs: host_table)
-    runner = JobRunner(
-        config=cfg, channel=t.channel("retailer"), executor=InlineExecutor(), run_psi=None
-    )
-    monkeypatch.setattr(runner, "background", lambda: InlineExecutor())
-    monkeypatch.setattr(jobs_module, "HostSession", _quick(jobs_module.HostSession))
+    monkeypatch.setattr(splitnn_driver, "aligned_table", lambda *args, **kwargs: host_table)
+    runner = JobRunner(config=cfg, channel=t.channel("retailer"), executor=InlineExecutor())
+    monkeypatch.setattr(runner.ctx, "background", lambda: InlineExecutor())
+    monkeypatch.setattr(splitnn_driver, "HostSession", _quick(splitnn_driver.HostSession))
 
     def guest(cls: Any = None) -> GuestSession:
         return GuestSession(
@@ -437,40 +433,36 @@ def test_a_guest_failure_mid_run_shows_failed_at_every_party(
     net = InMemoryNetwork()
     arb_cfg = parse_config(tomllib.loads(ARBITER_PARTY), source=tmp_path / "arbiter.toml")
     arb_cfg.state_dir.mkdir(parents=True)
-    (arb_cfg.state_dir / jobs_module.KEY_FILE).write_bytes(key_file_bytes(pk, sk))
+    (arb_cfg.state_dir / KEY_FILE).write_bytes(key_file_bytes(pk, sk))
     runners = {
         "arbiter": JobRunner(
             config=arb_cfg,
             channel=net.channel(ARBITER, tags=TagRegistry(TAGS)),
             executor=InlineExecutor(),
-            run_psi=None,
         ),
         "retailer": JobRunner(
             config=config(tmp_path, "retailer"),
             channel=net.channel(RETAILER, tags=TagRegistry(TAGS)),
             executor=InlineExecutor(),
-            run_psi=None,
         ),
         "bank": JobRunner(
             config=config(tmp_path, "bank"),
             channel=net.channel(BANK, tags=TagRegistry(TAGS), channel_class=BadDataMidRun),
             executor=InlineExecutor(),
-            run_psi=None,
         ),
     }
-    runners["arbiter"].serve_arbiter()
 
     def table(
         config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: Any = None
     ) -> Any:
         return guest_table if labels else host_table
 
-    monkeypatch.setattr(jobs_module, "_aligned_table", table)
-    monkeypatch.setattr(jobs_module, "split_rows", lambda *args, **kwargs: splits)
-    monkeypatch.setattr(jobs_module, "HostSession", _quick(jobs_module.HostSession))
-    monkeypatch.setattr(jobs_module, "GuestSession", _quick(jobs_module.GuestSession))
+    monkeypatch.setattr(splitnn_driver, "aligned_table", table)
+    monkeypatch.setattr(splitnn_driver, "split_rows", lambda *args, **kwargs: splits)
+    monkeypatch.setattr(splitnn_driver, "HostSession", _quick(splitnn_driver.HostSession))
+    monkeypatch.setattr(splitnn_driver, "GuestSession", _quick(splitnn_driver.GuestSession))
     for runner in runners.values():
-        monkeypatch.setattr(runner, "background", lambda: InlineExecutor())
+        monkeypatch.setattr(runner.ctx, "background", lambda: InlineExecutor())
     job = {"psi_job": "p", "batch": 16, "batch_eval": 24, "epochs": 2, "mode": "p0"}
     submitted = request("r3", **job)
     submitted["job_file"]["model"] = {"d": 3, "k": 2, "guest_widths": [6, 4], "host_widths": [6, 3]}
@@ -533,34 +525,34 @@ def test_a_guest_whose_folder_is_full_waits_for_space_without_using_up_its_retri
     """Lifecycle step 6 at G: runs that fail for lack of space (more than RETRY_LIMIT of
     them, and a transport failure while it lasts) do not fail the job; the status says
     why, naming the folder; the job finishes once a run gets through."""
-    monkeypatch.setattr(jobs_module, "NO_SPACE_DELAYS_S", (0.0,))
+    monkeypatch.setattr(guestjob_module, "NO_SPACE_DELAYS_S", (0.0,))
     cfg = config(tmp_path, "bank")
     net = InMemoryNetwork()
     runner = JobRunner(
         config=cfg,
         channel=net.channel(BANK, tags=TagRegistry(TAGS)),
         executor=InlineExecutor(),
-        run_psi=None,
     )
     seen: list[dict[str, Any]] = []
-    failures = [OSError(errno.ENOSPC, "No space left on device")] * (jobs_module.RETRY_LIMIT + 2)
+    failures = [OSError(errno.ENOSPC, "No space left on device")] * (
+        guestjob_module.RETRY_LIMIT + 2
+    )
     failures.insert(3, PeerUnavailableError("the arbiter cannot journal it either"))
 
-    def attempt(entry: _GuestJob) -> SplitResult:
+    def attempt(attempt: GuestAttempt[Any]) -> dict[str, Any]:
         seen.append(runner.status()["full"])
         if failures:
             raise failures.pop(0)
-        return SplitResult("full", 1, 0, [], {"auc": 1.0}, [0.5], {})
+        return {"test": {"auc": 1.0}, "best_epoch": 0}
 
-    monkeypatch.setattr(runner, "_guest_attempt", attempt)
-    job_file = parse_job(request("full")["job_file"], source="test")
-    runner._update("full", state="running")
-    runner._launch(job_file, request("full"))
-    runner._guest_jobs["full"].thread.join(30)  # type: ignore[union-attr]
+    monkeypatch.setattr(runner.drivers[JobType.SPLIT_NN], "attempt", attempt)
+    runner.ctx.update("full", state="running")
+    runner._launch(typed("full"))
+    runner._guest_jobs["full"].thread.join(30)
     status = runner.status()["full"]
     assert status["state"] == "done" and status["no_space"] is None, status
     waiting = [s for s in seen if s.get("phase") == "waiting_for_space"]
-    assert len(waiting) == jobs_module.RETRY_LIMIT + 3
+    assert len(waiting) == guestjob_module.RETRY_LIMIT + 3
     assert all(str(cfg.state_dir) in s["no_space"] for s in waiting)
     assert all(s["no_space"].startswith("no space left in") for s in waiting)
     events = [r["event"] for r in read_audit(cfg.state_dir / "audit.jsonl")]

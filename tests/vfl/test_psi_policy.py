@@ -33,8 +33,8 @@ from psi.result import read_result, write_result
 from tests.conftest import BANK, RETAILER
 from vfl.config import PartyConfig, PsiDataPolicy, parse_config
 from vfl.service.accept import check_offer
-from vfl.service.jobs import _aligned_table
-from vfl.service.psihost import answer_psi
+from vfl.service.alignment import answer_psi
+from vfl.service.drivers.splitnn import aligned_table
 from vfl.splitnn.job import JobOffer, SplitJob
 from vfl.splitnn.training import TrainConfig
 
@@ -211,9 +211,9 @@ def test_a_request_outside_the_hosts_policy_is_refused_by_rule(
 ) -> None:
     """The guest learns the rule, nothing of the host's files; the host's log has the rest."""
     config = host_config(data)
-    with caplog.at_level(logging.WARNING, logger="vfl.service.psihost"):
+    with caplog.at_level(logging.WARNING, logger="vfl.service.alignment"):
         assert refusal(config, request_, **kwargs) == expected
-    log = "\n".join(r.getMessage() for r in caplog.records if r.name == "vfl.service.psihost")
+    log = "\n".join(r.getMessage() for r in caplog.records if r.name == "vfl.service.alignment")
     assert "refused PSI pol" in log and logged in log, log
 
 
@@ -312,15 +312,15 @@ def test_jobs_on_a_psi_result_go_through_the_same_policy(data: Path) -> None:
     )
     write_result(config.state_dir, "p", result)
     request = {"data": "customers", "psi_job": "p"}
-    table = _aligned_table(config, request, labels=None, guest="bank")
+    table = aligned_table(config, request, labels=None, guest="bank")
     assert list(table.ids) == ["c1", "c0"] and "cust_id" not in table.columns
     with pytest.raises(JobRefusedError) as caught:
-        _aligned_table(config, {**request, "id_column": "age"}, labels=None, guest="bank")
+        aligned_table(config, {**request, "id_column": "age"}, labels=None, guest="bank")
     assert peer_reason(caught.value).startswith(
         "refused by the host's [psi] policy: id column not allowed"
     )
     with pytest.raises(JobRefusedError) as caught:
-        _aligned_table(config, request, labels=None, guest="mallory")
+        aligned_table(config, request, labels=None, guest="mallory")
     assert peer_reason(caught.value) == "PSI p aligned other data or another guest here"
     # a split-NN JOB_START naming another id column is refused at J2, before anything loads
     offer = JobOffer(

@@ -17,8 +17,8 @@ from protocols.ray_cluster import LocalRayCluster
 from psi.result import read_result
 from vfl.config import load_config
 from vfl.data.datasets import data_dir, verify
+from vfl.service.arbiter import decrypts_on_ray
 from vfl.service.demo import write_demo_setup
-from vfl.service.jobs import decrypts_on_ray
 from vfl.service.local import connect_services, start_services, stop_services
 
 ROOT = Path(__file__).resolve().parents[2]

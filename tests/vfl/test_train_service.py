@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,9 +36,9 @@ from vfl.config import PartyConfig
 from vfl.data.datasets import data_dir
 from vfl.scoring.protocol import ScoreTag
 from vfl.service.admin import admin_call, service_address
+from vfl.service.arbiter import arbiter_key
 from vfl.service.audit import AUDIT_FILE
 from vfl.service.demo import write_cluster_setup
-from vfl.service.jobs import arbiter_key
 from vfl.service.local import LocalCluster
 from vfl.splitnn.spec import DecTag
 
@@ -446,6 +447,52 @@ def test_service_restarted_mid_job_resumes_with_the_same_result(
         guest_log = cluster.log("bank")
         assert f"job {job_id} interrupted by the service stop; resumes on start" in guest_log
         assert f"resuming job {job_id} (unfinished when the service stopped)" in guest_log
+
+
+def test_cancel_fails_a_running_job_for_good_at_every_party(cluster: LocalCluster) -> None:
+    """`vfl cancel` (admin ``cancel``) at the guest: its run stops, the job is recorded
+    failed ("cancelled by its operator", outcome.json: not resumed on a restart, audited as
+    job_cancelled then job_failed), and the host and the arbiter are told (JOB_FAILED) and
+    show it failed with the guest's peer-safe reason; a second cancel is refused."""
+    bank = cluster.configs["bank"]
+    psi = {"peer": "retailer", "data": "breast", "id_column": "id", "job_id": "cancel-psi"}
+    admin_call(bank, "psi", psi, timeout=600)
+    job_id = "breast-cancel"
+    request = _job(job_id)
+    request["job_file"]["job"]["psi_job"] = "cancel-psi"
+    admin_call(bank, "train", {**request, "hold_at_step": 2})
+    held = cluster.wait(job_id, lambda s: s.get("phase") == "held", timeout=600)
+    assert held["state"] == "running", held
+    command = [
+        sys.executable,
+        "-m",
+        "vfl",
+        "cancel",
+        job_id,
+        "--config",
+        str(cluster.paths["bank"]),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == {"job_id": job_id, "state": "failed"}
+    final = cluster.job(job_id)
+    assert final["state"] == "failed" and final["error"] == "cancelled by its operator", final
+    outcome = json.loads((bank.state_dir / "jobs" / job_id / "outcome.json").read_text())
+    assert outcome["state"] == "failed"
+    events = [r["event"] for r in cluster.audit("bank") if r["job_id"] == job_id]
+    assert events[0] == "job_submitted" and events[-2:] == ["job_cancelled", "job_failed"]
+    for party in ("retailer", "arbiter"):
+        give_up = time.monotonic() + 120
+        while time.monotonic() < give_up:
+            state = cluster.status(party)["jobs"].get(job_id, {})
+            if state.get("state") == "failed":
+                break
+            time.sleep(0.2)
+        assert state.get("error") == "bank failed: cancelled by its operator", (party, state)
+        records = [r for r in cluster.audit(party) if r["job_id"] == job_id]
+        assert records[-1]["event"] == "job_failed"
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 2 and f"job {job_id} is not running here" in again.stderr
 
 
 def test_arbiter_key_is_made_once_and_a_broken_file_is_named(tmp_path: Path) -> None:

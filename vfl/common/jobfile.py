@@ -1,12 +1,20 @@
-"""Reading job files of every kind: TOML, sections, ids and the job's kind."""
+"""Reading job files of every kind: TOML, sections, ids, the job's kind and the typed job.
+
+A job file is parsed once, by the driver of its kind (``vfl/service/drivers``), into a
+:class:`TypedJob`: the kind's frozen job-file object and its canonical JSON
+(:func:`canonical_json`). That JSON is what the guest keeps, audits and hands on; parsing
+it again gives an equal typed job.
+"""
 
 from __future__ import annotations
 
+import json
 import tomllib
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from protocols.errors import ConfigError
 from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
@@ -28,6 +36,46 @@ class JobKind(StrEnum):
     SPLIT_NN = "split_nn"
     HORIZONTAL = "horizontal"  # vfl.fedavg.jobfile
     TRANSFER = "transfer"  # vfl.transfer.jobfile
+
+
+F = TypeVar("F")
+
+
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text of ``obj``: sorted keys, compact separators, UTF-8 as is
+    (the text ``config_sha256`` hashes, docs/protocol.md §4.4.1)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class TypedJob(Generic[F]):
+    """A job file parsed by the driver of its kind.
+
+    Parameters
+    ----------
+    kind
+        The job's kind (:func:`job_kind`, decided once, at parsing).
+    file
+        The kind's frozen job-file object (``TrainJobFile``, ``FedJobFile``, ``FtlJobFile``).
+    job_id
+        The job's id (drawn at parsing where the file names none).
+    guest_data
+        The submitting party's own data alias.
+    canonical
+        The job file as canonical JSON (:func:`canonical_json`), every value drawn at
+        parsing filled in: parsing it again gives an equal typed job.
+    """
+
+    kind: JobKind
+    file: F
+    job_id: str
+    guest_data: str
+    canonical: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The job file as a JSON object (what an admin ``train`` request carries)."""
+        obj: dict[str, Any] = json.loads(self.canonical)
+        return obj
 
 
 def job_kind(raw: dict[str, Any]) -> JobKind:

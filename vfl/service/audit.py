@@ -38,6 +38,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from vfl.common.jobfile import canonical_json
+
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.jsonl"
@@ -53,14 +55,14 @@ class AuditEvent(StrEnum):
     JOB_FINISHED = "job_finished"
     JOB_FAILED = "job_failed"
     JOB_RETRIED = "job_retried"
+    JOB_CANCELLED = "job_cancelled"  # by the guest's own operator (admin ``cancel``)
     DECRYPTION_COUNTS = "decryption_counts"
     REQUEST_REFUSED = "request_refused"
 
 
 def config_digest(obj: Any) -> str:
     """SHA-256 of the canonical JSON of ``obj`` (sorted keys, compact separators)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 def file_digest(path: Path, *, chunk: int = 1 << 20) -> str | None:

@@ -48,8 +48,8 @@ from vfl.estimate.measure import quick_costs
 from vfl.report import write_report
 from vfl.service.admin import admin_call
 from vfl.service.local import connect_services, start_services, stop_services
-from vfl.service.party import AdminCommand
 from vfl.service.progress import follow_job
+from vfl.service.requests import AdminCommand
 from vfl.splitnn.baseline import guest_only_scores
 from vfl.splitnn.jobfile import load_job_file
 

@@ -25,7 +25,7 @@ from typing import Any
 from vfl.config import PartyConfig, load_config
 from vfl.service.admin import admin_call, service_address, wait_healthy
 from vfl.service.audit import AUDIT_FILE, read_audit
-from vfl.service.jobs import OUTCOME_FILE
+from vfl.service.guestjob import OUTCOME_FILE
 
 Processes = dict[str, "subprocess.Popen[bytes]"]
 

@@ -9,21 +9,19 @@ What it does now (later capabilities add protocols to this same service):
 1. listens on ``[party] listen`` with the standard gRPC health service;
 2. answers ``service.PING`` envelopes from peers with ``service.PONG`` carrying
    the SHA-256 of the received body, so the sender can check integrity;
-3. as host, answers a guest's PSI ``HELLO`` for one of its own data aliases, on the id
-   column and duplicates policy its own ``[psi]`` config names, and writes its result to
-   ``<state_dir>/psi/<job_id>/`` (with the alias, column and guest it aligned);
-4. runs split-NN jobs (:mod:`vfl.service.jobs`): the arbiter answers key, setup and masked
-   decryption requests; the guest runs jobs its operator submits (``train``); the host
-   follows a guest's ``JOB_START`` for one of its own data aliases; host and arbiter check
-   what a guest asks (PSI too) against their ``[accept]`` policy (:mod:`vfl.service.accept`;
-   a PSI also against the host's ``[psi]`` policy, which fixes the columns it uses);
-   every party appends its job events to ``<state_dir>/audit.jsonl``; jobs a stop
-   interrupted resume when the services start again (lifecycle in :mod:`vfl.service.jobs`);
-5. scores new customers after training (:mod:`vfl.service.scoring`): the arbiter keeps
-   scoring grants, the host answers scoring sessions, the guest's operator scores;
-6. serves its own operator's admin commands (``status``, ``ping``, ``psi``, ``train``,
-   ``score``, ``set_peer_address``), authenticated by the party's own certificate;
-7. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
+3. runs its jobs through the job runner (:mod:`vfl.service.runner`), which knows no kind of
+   job: each kind (split NN, FedAvg, FTL, PSI, scoring) is a driver registered once in
+   :data:`vfl.service.drivers.DRIVERS`, which answers the peers' messages of its kind and
+   adds its admin commands; the arbiter answers key, setup and masked decryption requests
+   (:mod:`vfl.service.arbiter`); host and arbiter check what a guest asks against their
+   ``[accept]`` policy (:mod:`vfl.service.accept`; a PSI also against the host's ``[psi]``
+   policy); every party appends its job events to ``<state_dir>/audit.jsonl``; jobs a stop
+   interrupted resume when the services start again;
+4. serves its own operator's admin commands (:class:`~vfl.service.requests.AdminCommand`:
+   ``status``, ``ping``, ``set_peer_address`` here; ``train``, ``cancel``, ``release`` and
+   the drivers' ``psi`` and ``score`` through the runner), authenticated by the party's own
+   certificate, each request parsed once into a typed one (:mod:`vfl.service.requests`);
+5. stops gracefully: health turns NOT_SERVING, in-flight calls finish.
 
 Logs carry ids, tags, steps, sizes and timings only, never data values.
 """
@@ -42,7 +40,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from protocols.arbiter.service import SetupTag
 from protocols.envelope import ControlBlock, Envelope, PlainBlock
 from protocols.errors import (
     ConfigError,
@@ -52,31 +49,22 @@ from protocols.errors import (
 )
 from protocols.executor import Backend, Executor, ExecutorSettings, make_executor
 from protocols.files import atomic_write
-from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
+from protocols.link import JobLink
 from protocols.roles import PartyAddress, Role
 from protocols.tags import TagRegistry
 from protocols.transport.base import MessageFilter
 from protocols.transport.grpc_channel import GrpcChannel
 from protocols.transport.tls import TlsIdentity
-from psi.canon import DuplicatePolicy, IdType
-from psi.protocol import PsiMode, PsiOptions, PsiTag, run_guest
-from psi.result import write_result
 from vfl.config import PartyConfig
-from vfl.fedavg.protocol import FedTag
-from vfl.scoring.protocol import ScoreTag
-from vfl.service.jobs import JobRunner, decrypts_on_ray
+from vfl.service.arbiter import decrypts_on_ray
+from vfl.service.driver import AdminHandler
 from vfl.service.probe import HealthProbe
-from vfl.service.psihost import answer_psi, prepare_alias
-from vfl.service.scoring import ScoringService
-from vfl.splitnn.interactive import SplitTag
-from vfl.splitnn.job import JobTag
-from vfl.splitnn.spec import DecTag
-from vfl.transfer.session import FtlDecTag, FtlTag
+from vfl.service.requests import AdminCommand, PeerAddressRequest, PingRequest
+from vfl.service.runner import JobRunner, message_tags
 
 logger = logging.getLogger(__name__)
 
 PORT_FILE = "service.port"
-MAX_PING_BYTES = 256 << 20
 
 
 class ServiceTag(StrEnum):
@@ -84,18 +72,6 @@ class ServiceTag(StrEnum):
 
     PING = "service.PING"
     PONG = "service.PONG"
-
-
-class AdminCommand(StrEnum):
-    """Commands the party's own operator may send to its service."""
-
-    STATUS = "status"
-    PING = "ping"
-    PSI = "psi"
-    TRAIN = "train"
-    SCORE = "score"
-    SET_PEER_ADDRESS = "set_peer_address"
-    RELEASE = "release"  # [testing] allow_hold: end a job's hold_at_step
 
 
 class PartyService:
@@ -113,14 +89,10 @@ class PartyService:
                     f"names {identity.party}"
                 )
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tags = TagRegistry(
-            [ServiceTag, PsiTag, SetupTag, DecTag, SplitTag, JobTag, ScoreTag, FedTag, FtlTag]
-            + [FtlDecTag]
-        )
         self.channel = GrpcChannel(
             me=config.party,
             identity=identity,
-            tags=tags,
+            tags=TagRegistry([ServiceTag, *message_tags()]),
             listen=config.listen,
             peers=tuple(p.address_entry() for p in config.peers),
             journal_dir=config.state_dir / "replay",
@@ -129,7 +101,6 @@ class PartyService:
             insecure=insecure,
         )
         self.channel.add_handler(MessageFilter.for_tags(ServiceTag.PING), self._on_ping)
-        self.channel.add_handler(MessageFilter.for_tags(PsiTag.HELLO), self._on_psi_hello)
         self._executor: Executor | None = None
         self._executor_lock = threading.Lock()
         self._started = time.time()
@@ -138,20 +109,13 @@ class PartyService:
         self._stopped = threading.Event()
         self._closing = threading.Event()
         self._probe: HealthProbe | None = None
-        self.jobs = JobRunner(
-            config=config, channel=self.channel, executor=self.executor(), run_psi=self._admin_psi
-        )
-        arbiter = None
-        if config.party.role is Role.ARBITER:  # with its [accept] policy and audit records
-            arbiter = self.jobs.serve_arbiter()
-        self.scoring = ScoringService(
-            config=config,
-            channel=self.channel,
-            executor=self.executor(),
-            run_psi=self._admin_psi,
-            arbiter_service=arbiter,
-            pool_executor=self.jobs.background() if config.party.role is Role.HOST else None,
-        )
+        self.jobs = JobRunner(config=config, channel=self.channel, executor=self.executor())
+        self._commands: dict[AdminCommand, AdminHandler] = {
+            AdminCommand.STATUS: lambda data: self._status(),
+            AdminCommand.PING: self._admin_ping,
+            AdminCommand.SET_PEER_ADDRESS: self._set_peer_address,
+            **self.jobs.commands(),
+        }
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -187,7 +151,6 @@ class PartyService:
         logger.info("%s shutting down (grace %.1f s)", self.party, grace)
         if self._probe is not None:
             self._probe.stop()
-        self.scoring.close()
         self.jobs.close()  # stops the runs first, so their receives end at once
         self.channel.close(grace)
         with self._executor_lock:
@@ -216,43 +179,25 @@ class PartyService:
             envelope.step,
             len(envelope.payload),
         )
-        self.channel.send(
-            Envelope(
-                job_id=envelope.job_id,
-                sender=self.party,
-                receiver=envelope.sender,
-                tag=ServiceTag.PONG,
-                step=envelope.step,
-                body=ControlBlock.from_obj({"bytes": len(envelope.payload), "sha256": body_hash}),
-            )
+        JobLink.answering(self.channel, envelope).reply(
+            envelope, ServiceTag.PONG, {"bytes": len(envelope.payload), "sha256": body_hash}
         )
 
     def ping(self, peer_id: str, *, payload_bytes: int, rounds: int) -> dict[str, Any]:
         """Send ``rounds`` PINGs of ``payload_bytes`` random bytes to a peer; time the PONGs."""
         peer = self.config.peer(peer_id).party
-        job_id = f"ping-{uuid.uuid4().hex[:12]}"
+        link = JobLink(
+            channel=self.channel,
+            job_id=f"ping-{uuid.uuid4().hex[:12]}",
+            timeout=self.config.transport.deadline(payload_bytes) + 10,
+        )
         payload = secrets.token_bytes(payload_bytes)
         expected = hashlib.sha256(payload).hexdigest()
         rtts = []
         for step in range(rounds):
             started = time.perf_counter()
-            self.channel.send(
-                Envelope(
-                    job_id=job_id,
-                    sender=self.party,
-                    receiver=peer,
-                    tag=ServiceTag.PING,
-                    step=step,
-                    body=PlainBlock(payload),
-                )
-            )
-            pong = self.channel.recv(
-                job_id=job_id,
-                sender=peer,
-                tag=ServiceTag.PONG,
-                step=step,
-                timeout=self.config.transport.deadline(payload_bytes) + 10,
-            )
+            link.send(peer, ServiceTag.PING, step, PlainBlock(payload))
+            pong = link.recv(peer, ServiceTag.PONG, step)
             rtts.append(time.perf_counter() - started)
             self._count(pong.tag)
             if not isinstance(pong.body, ControlBlock) or pong.body.obj().get("sha256") != expected:
@@ -276,7 +221,7 @@ class PartyService:
             "verified": True,
         }
 
-    # -- PSI ----------------------------------------------------------------------
+    # -- workers ------------------------------------------------------------------
 
     def _prewarm(self) -> None:
         """Start the worker processes now, so the first PSI or decryption does not wait."""
@@ -313,52 +258,6 @@ class PartyService:
             return ExecutorSettings()
         return settings
 
-    def _on_psi_hello(self, envelope: Envelope) -> None:
-        """A guest's PSI, under this party's ``[accept]`` and ``[psi]`` policy
-        (:mod:`vfl.service.psihost`)."""
-        answer_psi(
-            config=self.config, channel=self.channel, envelope=envelope, executor=self.executor()
-        )
-
-    def _admin_psi(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Admin ``psi`` (guest): align this party's alias ``data`` with the host's alias
-        ``host_data``. The host decides its own columns and duplicates policy (its ``[psi]``
-        config); ``host_id_column``, ``host_duplicates`` and ``host_timestamp_column`` are
-        sent only when given, and the host refuses values other than its own."""
-        peer = self.config.peer(str(data.get("peer", ""))).party
-        id_type = IdType(data.get("id_type", "generic"))
-        mode = PsiMode(data.get("mode", "both"))
-        pad_to = data.get("pad_to")
-        job_id = check_identifier(
-            data.get("job_id") or f"psi-{uuid.uuid4().hex[:12]}",
-            what="PSI job id",
-            error=ConfigError,
-        )
-        stamp = data.get("timestamp_column")
-        ids = prepare_alias(
-            self.config,
-            str(data.get("data", "")),
-            id_type=id_type,
-            column=str(data.get("id_column", "id")),
-            duplicates=DuplicatePolicy(data.get("duplicates", "error")),
-            timestamp_column=str(stamp) if stamp else None,
-        )
-        host_request: dict[str, Any] = {"data": data.get("host_data", data.get("data"))}
-        for key in ("id_column", "duplicates", "timestamp_column"):
-            if data.get(f"host_{key}"):
-                host_request[key] = data[f"host_{key}"]
-        result = run_guest(
-            channel=self.channel,
-            host=peer,
-            job_id=job_id,
-            ids=ids,
-            executor=self.executor(),
-            options=PsiOptions(mode=mode, pad_to=int(pad_to) if pad_to else None),
-            request=host_request,
-        )
-        folder = write_result(self.config.state_dir, job_id, result)
-        return {"job_id": job_id, "result_dir": str(folder), **result.summary}
-
     # -- admin ------------------------------------------------------------------
 
     def _admin(self, command: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -375,48 +274,23 @@ class PartyService:
             self.party.party_id,
             cmd.value,
         )
-        if cmd is AdminCommand.STATUS:
-            return self._status()
-        if cmd is AdminCommand.PSI:
-            if data.get("job_id"):  # one the operator chose (derived ids may be longer)
-                check_identifier(
-                    data["job_id"],
-                    what="PSI job id",
-                    max_length=MAX_USER_ID_LENGTH,
-                    error=ConfigError,
-                )
-            return self._admin_psi(data)
-        if cmd is AdminCommand.TRAIN:
-            return self.jobs.submit(data)
-        if cmd is AdminCommand.RELEASE:
-            return self.jobs.release(str(data.get("job_id", ""))[:128])
-        if cmd is AdminCommand.SCORE:
-            return self.scoring.score(data)
-        if cmd is AdminCommand.SET_PEER_ADDRESS:
-            peer_cfg = self.config.peer(str(data.get("peer", "")))
-            address = str(data.get("address", ""))
-            pinned = peer_cfg.address_entry().certificate_pem
-            self.channel.add_peer(PartyAddress(peer_cfg.party, address, pinned))
-            return {"peer": peer_cfg.party.party_id, "address": address}
-        return self._admin_ping(data)
+        return self._commands[cmd](data)
+
+    def _set_peer_address(self, data: dict[str, Any]) -> dict[str, Any]:
+        request = PeerAddressRequest.from_json(data)
+        peer_cfg = self.config.peer(request.peer)
+        pinned = peer_cfg.address_entry().certificate_pem
+        self.channel.add_peer(PartyAddress(peer_cfg.party, request.address, pinned))
+        return {"peer": peer_cfg.party.party_id, "address": request.address}
 
     def _admin_ping(self, data: dict[str, Any]) -> dict[str, Any]:
-        peers = data.get("peers") or [p.party.party_id for p in self.config.peers]
-        payload_bytes = data.get("bytes", 1024)
-        rounds = data.get("rounds", 3)
-        most = min(MAX_PING_BYTES, self.config.transport.max_envelope_bytes)
-        if not isinstance(payload_bytes, int) or not 0 <= payload_bytes <= most:
-            raise ConfigError(
-                f"ping bytes must be an integer in [0, {most}] (transport.max_envelope_bytes)"
-            )
-        if not isinstance(rounds, int) or not 1 <= rounds <= 1000:
-            raise ConfigError("ping rounds must be an integer in [1, 1000]")
-        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-            raise ConfigError("ping peers must be a list of party ids")
+        request = PingRequest.from_json(data, max_bytes=self.config.transport.max_envelope_bytes)
+        peers = list(request.peers) or [p.party.party_id for p in self.config.peers]
         results: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max(1, len(peers))) as pool:
             futures = [
-                pool.submit(self.ping, p, payload_bytes=payload_bytes, rounds=rounds) for p in peers
+                pool.submit(self.ping, p, payload_bytes=request.bytes, rounds=request.rounds)
+                for p in peers
             ]
             for peer_id, future in zip(peers, futures, strict=True):
                 try:

@@ -9,6 +9,8 @@ operator scores through its own service with the admin command ``score``:
   alias ``data``; one session per model stays open, so later calls cost one request each;
 * ``{"model", "data", "out"}``: batch (§5.2) for every row of ``data``: a ``GUEST_ONLY`` PSI
   with the host's data, then the scores, written atomically to the CSV ``out`` (guest side).
+
+The request is parsed once into a :class:`~vfl.service.requests.ScoreRequest`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import secrets
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,17 +32,18 @@ from protocols.crypto.paillier import PublicKey
 from protocols.errors import ConfigError, PolicyViolationError
 from protocols.executor import Executor
 from protocols.files import atomic_write, private_dir
-from protocols.ids import MAX_USER_ID_LENGTH, check_identifier
 from protocols.link import JobLink
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
 from psi.canon import IdType
+from psi.protocol import PsiMode
 from psi.result import read_array, read_result, result_dir
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.protocol import ScoringClient, ScoringHost, grant_id
 from vfl.service.accept import check_guest
+from vfl.service.requests import PsiRequest, ScoreRequest
 from vfl.splitnn.saved import SavedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ class ScoringService:
         config: PartyConfig,
         channel: Channel,
         executor: Executor,
-        run_psi: Any,
+        run_psi: Callable[[PsiRequest], dict[str, Any]],
         arbiter_service: ArbiterService | None = None,
         pool_executor: Executor | None = None,
     ) -> None:
@@ -205,22 +208,17 @@ class ScoringService:
             self._clients[model_id] = client
         return client
 
-    def score(self, request: dict[str, Any]) -> dict[str, Any]:
+    def score(self, request: ScoreRequest) -> dict[str, Any]:
         """Admin ``score`` (module docstring)."""
         if self.config.party.role is not Role.GUEST:
             raise ConfigError("only the guest (label holder) scores customers")
-        model_id = check_identifier(
-            request.get("model", ""), what="model", max_length=MAX_USER_ID_LENGTH, error=ConfigError
-        )
-        alias = str(request.get("data", ""))
-        id_column = str(request.get("id_column", "id"))
-        id_type = IdType(request.get("id_type", "generic"))
-        if "ids" in request:  # the open session's model: no reload per call
-            client = self._client(model_id, id_type)
+        model_id, alias, id_column = request.model, request.data, request.id_column
+        if request.ids is not None:  # the open session's model: no reload per call
+            client = self._client(model_id, request.id_type)
             columns = tuple(client.model.manifest["columns"])
             table, where = self._indexed(alias, id_column, columns)
             try:
-                return self._online(client, table, where, list(request["ids"]), request)
+                return self._online(client, table, where, request.ids, decoys=request.decoys)
             except (PolicyViolationError, TimeoutError):
                 with self._lock:  # the next call opens a new session
                     if self._clients.get(model_id) is client:
@@ -228,17 +226,17 @@ class ScoringService:
                 raise
         model = load_model(self.config.state_dir, model_id)
         table = self.table(alias, id_column, tuple(model.manifest["columns"]))
-        return self._batch(model, alias, table, id_column, id_type, request)
+        return self._batch(model, table, request)
 
     def _online(
         self,
         client: ScoringClient,
         table: PartyTable,
         where: dict[str, int],
-        ids: list[Any],
-        request: dict[str, Any],
+        ids: tuple[str, ...],
+        *,
+        decoys: int,
     ) -> dict[str, Any]:
-        decoys = int(request.get("decoys", 0))
         out = []
         for customer in ids:
             row = where.get(str(customer))
@@ -254,33 +252,25 @@ class ScoringService:
             )
         return {"model": client.model.model_id, "scores": out}
 
-    def _batch(
-        self,
-        model: SavedModel,
-        alias: str,
-        table: PartyTable,
-        id_column: str,
-        id_type: IdType,
-        request: dict[str, Any],
-    ) -> dict[str, Any]:
+    def _batch(self, model: SavedModel, table: PartyTable, request: ScoreRequest) -> dict[str, Any]:
         started = time.monotonic()
         model_id = model.model_id
-        out = Path(str(request.get("out", "")))
-        if not out.name:
+        out = request.out
+        if out is None or not out.name:
             raise ConfigError("batch scoring needs an output file (out)")
         psi_job = f"{grant_id(model_id)}.psi-{secrets.token_hex(4)}"
         summary = self.run_psi(
-            {
-                "peer": self.config.peer_with_role(Role.HOST).party_id,
-                "data": alias,
-                "host_data": model.manifest["data"].get("host_alias", ""),
-                "id_column": id_column,
-                "host_id_column": request.get("host_id_column"),  # default: the host's [psi]
-                "id_type": id_type.value,
-                "mode": "guest_only",
-                "job_id": psi_job,
-                "duplicates": request.get("duplicates", "error"),
-            }
+            PsiRequest(
+                peer=self.config.peer_with_role(Role.HOST).party_id,
+                data=request.data,
+                host_data=str(model.manifest["data"].get("host_alias", "")),
+                id_column=request.id_column,
+                host_id_column=request.host_id_column,  # default: the host's [psi]
+                id_type=request.id_type,
+                mode=PsiMode.GUEST_ONLY,
+                job_id=psi_job,
+                duplicates=request.duplicates,
+            )
         )
         rows = read_array(self.config.state_dir, psi_job, "rows")
         positions = read_array(self.config.state_dir, psi_job, "peer_positions")

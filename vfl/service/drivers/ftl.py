@@ -1,16 +1,16 @@
-"""Transfer (FTL) jobs inside the party services (:mod:`vfl.transfer.session`).
+"""Transfer (FTL) jobs in the party services (docs/protocol.md §6; :mod:`vfl.transfer.session`).
 
-Roles: the guest's service runs a job its operator submits (``vfl run`` of a job with
+Roles: the guest's service runs a job its operator submits (a job file with
 ``type = "transfer"``): PSI first unless the job names one, then the guest session over
 all its labelled rows. The host's service answers ``START`` for one of its own data
-aliases and the PSI result it holds, under its ``[accept]`` policy, and, when it owns the
-scores (the default), writes ``jobs/<id>/scores.csv`` for its customers outside the overlap.
-A ``START`` whose job id differs from its envelope's, or that names a PSI job that is not an
+aliases and the PSI result it holds, under its ``[accept]`` policy (a refusal is
+``ACCEPT{ok: false, reason}`` with the rule only, §1.7), and, when it owns the scores (the
+default), writes ``jobs/<id>/scores.csv`` for its customers outside the overlap. A
+``START`` whose job id differs from its envelope's, or that names a PSI job that is not an
 identifier, is refused (and audited) before its data or any job folder is touched
 (docs/protocol.md §2.9). Every file a job leaves (result, report, scores) is 0600 in 0700
-folders.
-The arbiter decrypts under the job's FTL policy (:class:`vfl.transfer.session.FtlSpec`).
-Retries, outcomes and audit records are the job runner's (:mod:`vfl.service.jobs`).
+folders. The arbiter decrypts under the job's FTL policy (:mod:`vfl.service.arbiter`).
+Retries, outcomes and audit records are the runner's (:mod:`vfl.service.runner`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -29,20 +29,21 @@ from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import JobRefusedError, ProtocolError, VflError, peer_reason
 from protocols.files import atomic_write
 from protocols.ids import check_identifier
+from protocols.link import JobLink
 from protocols.roles import Role
 from protocols.transport.base import MessageFilter
 from psi.result import read_result
+from vfl.common.jobfile import JobKind, TypedJob, canonical_json
+from vfl.config import JobType
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.report import write_report
 from vfl.service.accept import check_ftl_start, host_id_column
 from vfl.service.audit import AuditEvent, file_digest
+from vfl.service.driver import GuestAttempt, JobDriver, ServiceContext
 from vfl.transfer.guest import FtlGuest
 from vfl.transfer.host import FtlHost
-from vfl.transfer.jobfile import FtlJobFile
+from vfl.transfer.jobfile import FtlJobFile, parse_ftl_job
 from vfl.transfer.session import FtlJob, FtlResult, FtlTag
-
-if TYPE_CHECKING:
-    from vfl.service.jobs import JobRunner, _GuestJob
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +51,89 @@ SCORES_FILE = "scores.csv"
 RESULT_FILE = "result.json"
 
 
-class FtlJobs:
-    """The transfer-learning part of a party's :class:`JobRunner`."""
+def job_file_json(job_file: FtlJobFile) -> dict[str, Any]:
+    """The canonical job file of ``job_file`` (its kind named, every default written)."""
+    job, config = job_file.job, job_file.job.config
+    return {
+        "job": {
+            "type": JobKind.TRANSFER.value,
+            "id": job.job_id,
+            "guest_data": job_file.guest_data,
+            "host_data": job_file.host_data,
+            "id_column": job_file.id_column,
+            "id_type": job_file.id_type,
+            "label_column": job_file.label_column,
+            "psi_job": job_file.psi_job,
+            "epochs": job.epochs,
+            "patience": job.patience,
+            "validation_fraction": job.validation_fraction,
+            "score": job_file.score,
+            "score_owner": job.score_owner.value,
+        },
+        "model": {
+            "d": config.d,
+            "batch": config.batch,
+            "alpha": config.alpha,
+            "gamma": config.gamma,
+            "guest_widths": list(job.guest_widths),
+            "host_widths": list(job.host_widths),
+            "guest_lr": job.guest_lr,
+            "host_lr": job.host_lr,
+            "weight_decay": job.weight_decay,
+        },
+        "protect": {
+            "mode": config.protect.value,
+            "noise": config.noise,
+            "allow_label_leak": config.allow_label_leak,
+            "ftl_reveal_overlap_repr": config.reveal_overlap_repr,
+        },
+    }
 
-    def __init__(self, *, runner: JobRunner) -> None:
-        self.runner = runner
-        self.config = runner.config
-        self.channel = runner.channel
+
+class FtlDriver(JobDriver[FtlJobFile]):
+    """Transfer jobs: the guest's runs, the host's answers to ``START``."""
+
+    kind: ClassVar[JobType] = JobType.TRANSFER
+    tags = (FtlTag,)
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
         self._lock = threading.Lock()
         self._hosts: dict[str, tuple[FtlHost, threading.Event]] = {}
 
+    @classmethod
+    def parse(
+        cls, raw: dict[str, Any], *, source: str, party_id: str, allow_plaintext: bool
+    ) -> TypedJob[FtlJobFile]:
+        """A transfer job file (:func:`vfl.transfer.jobfile.parse_ftl_job`)."""
+        job = parse_ftl_job(raw, source=source)
+        return TypedJob(
+            kind=JobKind.TRANSFER,
+            file=job,
+            job_id=job.job.job_id,
+            guest_data=job.guest_data,
+            canonical=canonical_json(job_file_json(job)),
+        )
+
+    def serve(self) -> None:
+        """Hosts answer guests' ``START``."""
+        if self.ctx.config.party.role is Role.HOST:
+            self.ctx.channel.add_handler(MessageFilter.for_tags(FtlTag.START), self._on_start)
+
     def _table(self, alias: str, *, id_column: str, labels: str | None) -> PartyTable:
-        if alias not in self.config.data:
-            known = ", ".join(sorted(self.config.data)) or "none"
+        config = self.ctx.config
+        if alias not in config.data:
+            known = ", ".join(sorted(config.data)) or "none"
             raise JobRefusedError(
                 f"no data alias {alias!r} here (aliases: {known})",
                 public=f"no data alias {alias!r} here",
             )
         return load_table(
-            TableSpec(path=self.config.data[alias], id_column=id_column, label_column=labels)
+            TableSpec(path=config.data[alias], id_column=id_column, label_column=labels)
         )
 
     def _overlap(self, psi_job: str, *, alias: str = "", guest: str = "") -> np.ndarray:
-        summary, rows = read_result(self.config.state_dir, psi_job)
+        summary, rows = read_result(self.ctx.config.state_dir, psi_job)
         if guest:  # at H: a PSI it ran with this guest on this alias (docs/protocol.md §3.4.1)
             for key, wanted in (("data", alias), ("peer", guest)):
                 if key in summary and summary[key] != wanted:
@@ -84,21 +145,28 @@ class FtlJobs:
 
     # -- guest ----------------------------------------------------------------------------
 
-    def coordinate(self, entry: _GuestJob, job_file: FtlJobFile) -> FtlResult:
+    def attempt(self, attempt: GuestAttempt[FtlJobFile]) -> dict[str, Any]:
         """One run: PSI if needed, then the guest session; writes ``result.json``."""
-        runner = self.runner
+        ctx, job_file = self.ctx, attempt.job.file
         job = job_file.job
-        psi_job = runner.ensure_psi(job_file)
+        psi_job = ctx.ensure_psi(
+            job_id=job.job_id,
+            psi_job=job_file.psi_job,
+            guest_data=job_file.guest_data,
+            host_data=job_file.host_data,
+            id_column=job_file.id_column,
+            id_type=job_file.id_type,
+        )
         table = self._table(
             job_file.guest_data, id_column=job_file.id_column, labels=job_file.label_column
         )
         if table.labels is None:
             raise ProtocolError(f"data {job_file.guest_data!r} has no label column")
         overlap = self._overlap(psi_job)
-        runner._update(job.job_id, phase="training", rows=len(table), overlap=len(overlap))
+        ctx.update(job.job_id, phase="training", rows=len(table), overlap=len(overlap))
 
         def progress(record: dict[str, Any]) -> None:
-            runner._update(
+            ctx.update(
                 job.job_id,
                 epoch=int(record["epoch"]),
                 epochs=job.epochs,
@@ -109,26 +177,34 @@ class FtlJobs:
             )
 
         session = FtlGuest(
-            channel=self.channel,
-            host=self.config.peer_with_role(Role.HOST),
-            arbiter=self.config.peer_with_role(Role.ARBITER),
+            channel=ctx.channel,
+            host=ctx.peer(Role.HOST),
+            arbiter=ctx.peer(Role.ARBITER),
             job=job,
             features=table.features,
             labels=table.labels,
             overlap=overlap,
-            executor=runner.executor,
-            allow_test_key=self.config.allow_test_key,
-            seed=self.config.seed,
+            executor=ctx.executor,
+            allow_test_key=ctx.config.allow_test_key,
+            seed=ctx.config.seed,
             progress=progress,
-            state_dir=self.config.state_dir,
+            state_dir=ctx.config.state_dir,
             host_request={"data": job_file.host_data, "psi_job": psi_job},
         )
-        with runner._lock:
-            entry.session = session
+        attempt.started(session)
         try:
             result = session.run(score_outside=job_file.score)
         finally:
-            self.channel.abort_run(job.job_id, session.run_id)
+            ctx.channel.abort_run(job.job_id, session.run_id)
+        self._keep(job, result)
+        last = result.history[result.best_epoch - 1] if result.history else {}
+        return {
+            "best_epoch": result.best_epoch,
+            "validation": {k[4:]: v for k, v in last.items() if k.startswith("val_")},
+        }
+
+    def _keep(self, job: FtlJob, result: FtlResult) -> None:
+        """G's ``result.json``, report (held-out overlap pairs) and, if it owns them, scores."""
         body = {
             "job_id": job.job_id,
             "epochs": result.epochs,
@@ -136,7 +212,7 @@ class FtlJobs:
             "history": list(result.history),
             "scored_here": None if result.scores is None else len(result.scores),
         }
-        folder = runner._job_dir(job.job_id)
+        folder = self.ctx.job_dir(job.job_id)
         atomic_write(folder / RESULT_FILE, json.dumps(body).encode(), mode=0o600)
         labels, scores = result.validation
         if len(set(labels)) == 2:  # report.json, roc.png (held-out overlap pairs), loss.png
@@ -157,33 +233,20 @@ class FtlJobs:
                 {"position": np.arange(len(result.scores)), "score": result.scores}
             )
             atomic_write(folder / SCORES_FILE, frame.to_csv(index=False).encode(), mode=0o600)
-        return result
 
     # -- host -----------------------------------------------------------------------------
 
-    def serve_host(self) -> None:
-        """Answer guests' ``START`` (hosts)."""
-        self.channel.add_handler(MessageFilter.for_tags(FtlTag.START), self._on_start)
-
     def _refuse(self, envelope: Envelope, reason: str) -> None:
-        self.channel.fresh_stream(envelope.job_id, (envelope.sender,))
-        self.channel.send(
-            Envelope(
-                job_id=envelope.job_id,
-                run_id=envelope.run_id,
-                sender=self.channel.me,
-                receiver=envelope.sender,
-                tag=FtlTag.ACCEPT,
-                step=0,
-                body=ControlBlock.from_obj({"ok": False, "reason": reason[:500]}),
-            )
+        self.ctx.channel.fresh_stream(envelope.job_id, (envelope.sender,))
+        JobLink.answering(self.ctx.channel, envelope).reply(
+            envelope, FtlTag.ACCEPT, {"ok": False, "reason": reason[:500]}, step=0
         )
 
     def _on_start(self, envelope: Envelope) -> None:
         """R1 at H: check, stop an older run of the job, follow this one, keep the scores."""
-        runner = self.runner
+        ctx = self.ctx
         job_id, sender = envelope.job_id, envelope.sender
-        if runner._stopping.is_set():
+        if ctx.stopping.is_set():
             return
         try:
             if not isinstance(envelope.body, ControlBlock):
@@ -198,11 +261,11 @@ class FtlJobs:
             request = dict(body.get("request", {}))
             psi_job = check_identifier(request.get("psi_job"), what="START psi_job")
             alias = str(request.get("data", ""))
-            check_ftl_start(self.config, job, sender=sender.party_id, alias=alias)
-            column = host_id_column(self.config, request)  # its own [psi] policy's column
+            check_ftl_start(ctx.config, job, sender=sender.party_id, alias=alias)
+            column = host_id_column(ctx.config, request)  # its own [psi] policy's column
             table = self._table(alias, id_column=column, labels=None)
             check_ftl_start(
-                self.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
+                ctx.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
             )
             overlap = self._overlap(psi_job, alias=alias, guest=sender.party_id)
         except (VflError, KeyError, TypeError, ValueError) as exc:
@@ -211,48 +274,47 @@ class FtlJobs:
             )
             public = peer_reason(exc) if isinstance(exc, VflError) else "malformed START"
             logger.warning("refused FTL job %s from %s: %s", job_id, sender, reason)
-            runner.audit.record(
+            ctx.audit.record(
                 event=AuditEvent.JOB_REFUSED,
                 job_id=job_id,
                 submitter=sender.party_id,
                 reason=reason,
             )
-            runner._update(job_id, state="refused", phase="refused", error=reason[:500])
+            ctx.update(job_id, state="refused", phase="refused", error=reason[:500])
             self._refuse(envelope, public)  # the rule only; the details stay in H's log
             return
         host = FtlHost(
-            channel=self.channel,
+            channel=ctx.channel,
             guest=sender,
-            arbiter=self.config.peer_with_role(Role.ARBITER),
+            arbiter=ctx.peer(Role.ARBITER),
             features=table.features,
             overlap=overlap,
-            executor=runner.executor,
-            allow_test_key=self.config.allow_test_key,
-            seed=self.config.seed,
-            state_dir=self.config.state_dir,
+            executor=ctx.executor,
+            allow_test_key=ctx.config.allow_test_key,
+            seed=ctx.config.seed,
+            state_dir=ctx.config.state_dir,
         )
         done = threading.Event()
-        with runner._job_lock(job_id):
+        with ctx.job_lock(job_id):
             with self._lock:
                 old = self._hosts.get(job_id)
                 self._hosts[job_id] = (host, done)
-            with runner._lock:
-                runner._guest_failed.pop(job_id, None)  # a new run of the job
+            ctx.new_peer_run(job_id)  # a new run of the job
             if old is not None and not old[1].is_set():
                 old[0].stop()
                 old[1].wait(30.0)
-        runner.audit.record(
+        ctx.audit.record(
             event=AuditEvent.JOB_ACCEPTED,
             job_id=job_id,
             submitter=sender.party_id,
-            input_sha256=file_digest(self.config.data[alias]),
+            input_sha256=file_digest(ctx.config.data[alias]),
             run_id=envelope.run_id,
         )
-        runner._update(job_id, state="running", phase="training", started=time.time())
+        ctx.update(job_id, state="running", phase="training", started=time.time())
         try:
             host.run(envelope)
         except Exception as exc:  # noqa: BLE001 - reported through status and the audit log
-            runner.host_run_failed(
+            ctx.peer_run_failed(
                 job_id, submitter=sender.party_id, exc=exc, stopped=host.stopped, what="FTL"
             )
         else:
@@ -265,16 +327,18 @@ class FtlJobs:
                 )
                 buffer = io.StringIO()
                 frame.to_csv(buffer, index=False)
-                path = runner._job_dir(job_id) / SCORES_FILE
+                path = ctx.job_dir(job_id) / SCORES_FILE
                 atomic_write(path, buffer.getvalue().encode(), mode=0o600)
                 fields = {"scores": str(path), "scored": len(scores)}
-            runner.audit.record(
+            ctx.audit.record(
                 event=AuditEvent.JOB_FINISHED, job_id=job_id, submitter=sender.party_id
             )
-            runner._update(job_id, state="done", phase="done", **fields)
+            ctx.update(job_id, state="done", phase="done", **fields)
         finally:
             done.set()
-            self.channel.abort_run(job_id, envelope.run_id)
+            ctx.channel.abort_run(job_id, envelope.run_id)
+
+    # -- the runner's hooks ----------------------------------------------------------------
 
     def guest_of(self, job_id: str) -> str | None:
         """The guest of the transfer run this host follows for ``job_id``, if any."""
@@ -282,7 +346,7 @@ class FtlJobs:
             entry = self._hosts.get(job_id)
         return None if entry is None else entry[0].guest.party_id
 
-    def stop_run(self, job_id: str) -> None:
+    def guest_failed(self, job_id: str) -> None:
         """Stop this host's run of ``job_id`` if it still runs (R3: its guest failed)."""
         with self._lock:
             entry = self._hosts.get(job_id)

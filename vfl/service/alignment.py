@@ -1,11 +1,16 @@
-"""The host's side of a guest's PSI inside its service (docs/protocol.md §3.4.1).
+"""PSI inside the party services (docs/protocol.md §3.4.1): the guest's run, the host's answer.
 
 Roles: the guest G asks, with ``HELLO``, for a PSI on one of the host H's data aliases; H
 answers under its own policy, G chooses only among what H allows. What each party learns
 is §3.5; a refusal tells G which rule refused (:func:`protocols.errors.peer_reason`),
 nothing of H's files, columns, rows or counts.
 
-Steps at H:
+At G (:func:`run_psi`: admin ``psi``, the PSI a split-NN or transfer job runs first, the
+guest-only PSI of batch scoring): canonicalise its own ids, run steps 0-4 of
+:mod:`psi.protocol` with what it names of H's data, write the result to
+``<state_dir>/psi/<job_id>/``.
+
+Steps at H (:func:`answer_psi`):
 
 1. check the ``HELLO`` against ``[accept]`` (guest, job type ``psi``, data alias) and
    ``[psi]`` (mode, least padding, and whatever G names of the alias must be H's own
@@ -23,19 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 from protocols.envelope import Envelope
 from protocols.errors import ConfigError, VflError, peer_reason
 from protocols.executor import Executor
+from protocols.ids import check_identifier
 from protocols.transport.base import Channel
 from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
-from psi.protocol import PsiMode, read_hello, refuse, run_host
+from psi.protocol import PsiMode, PsiOptions, read_hello, refuse, run_guest, run_host
 from psi.result import write_result
 from vfl.config import PartyConfig
 from vfl.data.ids import load_id_column
 from vfl.service.accept import check_psi
+from vfl.service.requests import PsiRequest
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,36 @@ def prepare_alias(
         column=column,
         source=str(path),
     )
+
+
+def run_psi(
+    *, config: PartyConfig, channel: Channel, executor: Executor, request: PsiRequest
+) -> dict[str, Any]:
+    """G: align this party's alias ``request.data`` with the host's; returns the result's
+    summary, its job id and folder."""
+    peer = config.peer(request.peer).party
+    job_id = check_identifier(
+        request.job_id or f"psi-{uuid.uuid4().hex[:12]}", what="PSI job id", error=ConfigError
+    )
+    ids = prepare_alias(
+        config,
+        request.data,
+        id_type=request.id_type,
+        column=request.id_column,
+        duplicates=request.duplicates,
+        timestamp_column=request.timestamp_column,
+    )
+    result = run_guest(
+        channel=channel,
+        host=peer,
+        job_id=job_id,
+        ids=ids,
+        executor=executor,
+        options=PsiOptions(mode=request.mode, pad_to=request.pad_to),
+        request=request.host_request(),
+    )
+    folder = write_result(config.state_dir, job_id, result)
+    return {"job_id": job_id, "result_dir": str(folder), **result.summary}
 
 
 def answer_psi(

@@ -1,0 +1,536 @@
+"""Split-NN jobs in the party services (docs/protocol.md §4; :mod:`vfl.splitnn.session`).
+
+Roles: the guest G drives; its operator submits a job file (``train``) that this driver
+parses (:meth:`SplitNnDriver.parse`) and runs once per attempt: PSI first unless the job
+names a result, then the guest session over the PSI's shared row order. The host H answers
+a guest's ``JOB_START`` for one of its own data aliases and the PSI result it holds, under
+its ``[accept]`` and ``[psi]`` policies (:mod:`vfl.service.accept`), and refuses anything
+else. The arbiter A decrypts under the job's policy (:mod:`vfl.service.arbiter`).
+
+H's side of the lifecycle (docs/protocol.md §4.4.1; :mod:`vfl.service.runner`, steps 3-4):
+
+1. a ``JOB_START`` for a job id whose current or recorded run belongs to another guest is
+   refused and audited before anything is stopped (``jobs/<id>/host_run.json`` records
+   the guest and run of every accepted run);
+2. a ``JOB_START`` for a job whose older run H still serves stops that run first (its
+   receives raise :class:`~protocols.errors.RunAbortedError`) and waits for it to end;
+3. a run of H that fails sends ``RUN_STOPPED{failed}`` (R1) with the error's peer-safe
+   reason, whether a new run may help, and the ``no_space`` flag if H's folder is full;
+4. on start, H sends ``RUN_STOPPED{restarted}`` to the guest of every run still recorded
+   ``running``, retrying until the guest is reachable (``NOTICE_PATIENCE_S``), unless the
+   guest has started a new run with it meanwhile; the record then says ``notified``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from typing import Any, ClassVar
+
+from protocols.envelope import ControlBlock, Envelope
+from protocols.errors import ConfigError, JobRefusedError, VflError, peer_reason
+from protocols.files import NO_SPACE, atomic_write, is_no_space, no_space_error
+from protocols.ids import check_identifier, state_path
+from protocols.link import JobLink
+from protocols.roles import Party, Role
+from protocols.transport.base import MessageFilter
+from psi.result import read_result
+from vfl.common.jobfile import JobKind, TypedJob, canonical_json
+from vfl.config import JobType, PartyConfig
+from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
+from vfl.privacy.label_protection import ProtectMode
+from vfl.service.accept import check_offer, host_id_column
+from vfl.service.audit import AuditEvent, config_digest, file_digest
+from vfl.service.driver import GuestAttempt, JobDriver, ServiceContext, retryable
+from vfl.service.notices import RUN_STOPPED, RunStop, clock_step, keep_trying
+from vfl.splitnn.guest import GuestSession
+from vfl.splitnn.host import HostSession
+from vfl.splitnn.interactive import SplitTag
+from vfl.splitnn.job import JobOffer, JobTag, Progress
+from vfl.splitnn.jobfile import TrainJobFile, parse_job
+from vfl.splitnn.session import claim_run
+
+logger = logging.getLogger(__name__)
+
+HOST_RUN_FILE = "host_run.json"  # H: the run it serves, for RUN_STOPPED after a restart
+NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
+FAILED_PATIENCE_S = 60.0  # how long H keeps trying to tell G that its run failed
+STOP_WAIT_S = 10.0  # how long close() waits for H's runs to end
+
+
+def order_seed_for(seed: int) -> bytes:
+    """The guest's batch-order seed derived from its ``[testing] seed``."""
+    return hashlib.sha256(f"vfl-batch-order-{seed}".encode()).digest()
+
+
+def job_file_json(job: TrainJobFile) -> dict[str, Any]:
+    """The canonical job file of ``job`` (its kind named, every default written)."""
+    out = job.to_json()
+    out["job"]["type"] = JobKind.SPLIT_NN.value
+    return out
+
+
+def aligned_table(
+    config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: str | None = None
+) -> PartyTable:
+    """This party's rows for the job, in the PSI's shared order.
+
+    At the host (``guest`` given) the id column is the one its ``[psi]`` policy names for the
+    alias (:func:`host_id_column`), and the PSI result must be one it ran with that guest on
+    that alias (docs/protocol.md §3.4.1).
+    """
+    alias = str(request.get("data", ""))
+    if alias not in config.data:
+        known = ", ".join(sorted(config.data)) or "none"
+        raise ConfigError(
+            f"{config.party.party_id} has no data alias {alias!r} (aliases: {known})",
+            public=f"no data alias {alias!r} here",
+        )
+    column = (
+        str(request.get("id_column", "id")) if guest is None else host_id_column(config, request)
+    )
+    spec = TableSpec(path=config.data[alias], id_column=column, label_column=labels)
+    psi_job = check_identifier(request.get("psi_job"), what="psi_job")
+    summary, rows = read_result(config.state_dir, psi_job)
+    if guest is not None:
+        for key, wanted in (("data", alias), ("id_column", column), ("peer", guest)):
+            if key in summary and summary[key] != wanted:  # results of older versions lack them
+                public = f"PSI {psi_job} aligned other data or another guest here"
+                raise JobRefusedError(f"{public} ({key} {summary[key]!r})", public=public)
+    if rows is None:
+        raise ConfigError(
+            f"PSI {psi_job} at {config.party.party_id} kept no rows (cardinality mode?)",
+            public=f"PSI {psi_job} kept no rows here (cardinality or guest-only mode?)",
+        )
+    return load_table(spec).take(rows)
+
+
+class _HostRun:
+    """H's bookkeeping of the run it serves for one job."""
+
+    def __init__(self, session: HostSession, envelope: Envelope) -> None:
+        self.session, self.envelope = session, envelope
+        self.done = threading.Event()
+        self.no_space: str | None = None  # the space probe stopped this run
+
+
+class SplitNnDriver(JobDriver[TrainJobFile]):
+    """Split-NN jobs: the guest's runs, the host's answers to ``JOB_START``."""
+
+    kind: ClassVar[JobType] = JobType.SPLIT_NN
+    tags = (SplitTag, JobTag)
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self._lock = threading.Lock()
+        self._host_runs: dict[str, _HostRun] = {}
+
+    @classmethod
+    def parse(
+        cls, raw: dict[str, Any], *, source: str, party_id: str, allow_plaintext: bool
+    ) -> TypedJob[TrainJobFile]:
+        """A split-NN job file (:func:`vfl.splitnn.jobfile.parse_job`)."""
+        job = parse_job(raw, source=source, allow_plaintext=allow_plaintext)
+        return TypedJob(
+            kind=JobKind.SPLIT_NN,
+            file=job,
+            job_id=job.job.job_id,
+            guest_data=job.guest_data,
+            canonical=canonical_json(job_file_json(job)),
+        )
+
+    def serve(self) -> None:
+        """H answers guests' ``JOB_START``."""
+        if self.ctx.config.party.role is Role.HOST:
+            self.ctx.channel.add_handler(
+                MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start
+            )
+
+    # -- guest ---------------------------------------------------------------------------
+
+    def attempt(self, attempt: GuestAttempt[TrainJobFile]) -> dict[str, Any]:
+        """One run: PSI first unless the job has a result, then the guest session."""
+        ctx, job_file = self.ctx, attempt.job.file
+        config = ctx.config
+        job_id = job_file.job.job_id
+        psi_job = ctx.ensure_psi(
+            job_id=job_id,
+            psi_job=job_file.psi_job,
+            guest_data=job_file.guest_data,
+            host_data=job_file.host_data,
+            id_column=job_file.id_column,
+            id_type=job_file.id_type,
+        )
+        request = {"data": job_file.guest_data, "id_column": job_file.id_column, "psi_job": psi_job}
+        table = aligned_table(config, request, labels=job_file.label_column)
+        if table.labels is None:
+            raise ConfigError(f"data {job_file.guest_data!r} has no label column")
+        splits = split_rows(
+            table.labels,
+            test_fraction=job_file.test_fraction,
+            validation_fraction=job_file.validation_fraction,
+            seed=job_file.split_seed,
+            # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
+            stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
+        )
+        ctx.update(job_id, phase="training", rows=len(table))
+        seed = config.seed
+        session = GuestSession(
+            channel=ctx.channel,
+            host=ctx.peer(Role.HOST),
+            arbiter=ctx.peer(Role.ARBITER),
+            job=job_file.job,
+            table=table,
+            splits=splits,
+            executor=ctx.executor,
+            state_dir=config.state_dir,
+            impute=job_file.impute,
+            w0_seed=seed,
+            order_seed=None if seed is None else order_seed_for(seed),
+            allow_test_key=config.allow_test_key,
+            progress=self._on_progress,
+            pool_executor=ctx.background(),
+            host_request={"data": job_file.host_data, "psi_job": psi_job},
+            after_step=attempt.after_step,
+        )
+        attempt.started(session)
+        try:
+            result = session.run()
+        finally:
+            if session.run_id:  # drop whatever of this run is still unread (R2)
+                ctx.channel.abort_run(job_id, session.run_id)
+        return {"test": result.test, "best_epoch": result.best_epoch}
+
+    def _on_progress(self, p: Progress) -> None:
+        fields_: dict[str, Any] = {
+            "epoch": p.epoch + 1,
+            "epochs": p.epochs,
+            "step": p.step,
+            "total_steps": p.total_steps,
+        }
+        if p.validation is None:
+            fields_.update(rows_per_s=round(p.rows_per_s, 1), eta_s=round(p.eta_s), loss=p.loss)
+        else:
+            fields_["validation"] = {k: round(v, 5) for k, v in p.validation.items()}
+        self.ctx.update(p.job_id, **fields_)
+
+    # -- host ----------------------------------------------------------------------------
+
+    def _on_job_start(self, envelope: Envelope) -> None:
+        """A guest's JOB_START: stop an older run of the job, then serve this one."""
+        ctx = self.ctx
+        job_id = envelope.job_id
+        if ctx.stopping.is_set():
+            return  # the guest tries again once this service is back
+        with ctx.job_lock(job_id):
+            with self._lock:
+                old = self._host_runs.get(job_id)
+            owner = self._job_guest(job_id, old)
+            if owner is not None and owner != envelope.sender.party_id:
+                # step 1: a job id belongs to the guest that started it: another guest may
+                # neither stop its run nor take over its checkpoints
+                reason = f"job {job_id} belongs to {owner}; JOB_START from {envelope.sender}"
+                logger.warning("refused a JOB_START: %s", reason)
+                ctx.audit.record(
+                    event=AuditEvent.JOB_REFUSED,
+                    job_id=job_id,
+                    submitter=envelope.sender.party_id,
+                    reason=reason,
+                )
+                return
+            if old is not None and not old.done.is_set():  # step 2
+                logger.info(
+                    "job %s: run %s replaces run %s, which is stopped first",
+                    job_id,
+                    envelope.run_id,
+                    old.envelope.run_id,
+                )
+                old.session.stop()
+                while not old.done.wait(1.0):
+                    if ctx.stopping.is_set():
+                        return
+            config = ctx.config
+            session = HostSession(
+                channel=ctx.channel,
+                guest=envelope.sender,
+                arbiter=ctx.peer(Role.ARBITER),
+                table_for=lambda request: aligned_table(
+                    config, request, labels=None, guest=envelope.sender.party_id
+                ),
+                request_for=lambda request: {
+                    **request,
+                    "id_column": host_id_column(config, request),
+                },
+                executor=ctx.executor,
+                state_dir=config.state_dir,
+                seed=config.seed,
+                allow_test_key=config.allow_test_key,
+                pool_executor=ctx.background(),
+                accept=lambda offer: self._accept(offer, envelope),
+            )
+            run = _HostRun(session, envelope)
+            with self._lock:
+                self._host_runs[job_id] = run
+            ctx.new_peer_run(job_id)  # a new run of the job (resubmitted)
+        ctx.update(job_id, state="running", phase="training", started=time.time())
+        try:
+            session.run(envelope)
+        except JobRefusedError as exc:
+            ctx.audit.record(
+                event=AuditEvent.JOB_REFUSED,
+                job_id=job_id,
+                submitter=envelope.sender.party_id,
+                config_sha256=self._start_digest(envelope),
+                key_id=session.key_id,
+                reason=str(exc)[:500],
+            )
+            ctx.update(job_id, state="refused", phase="refused", error=str(exc)[:500])
+        except Exception as exc:  # noqa: BLE001 - reported through status, audit and R1
+            self._run_failed(run, exc)
+        else:
+            ctx.audit.record(
+                event=AuditEvent.JOB_FINISHED,
+                job_id=job_id,
+                submitter=envelope.sender.party_id,
+                key_id=session.key_id,
+            )
+            self._host_run_state(job_id, envelope, state="done", strict=False)
+            ctx.update(job_id, state="done", phase="done")
+        finally:
+            run.done.set()
+            ctx.channel.abort_run(job_id, envelope.run_id)  # drop leftovers of this run
+
+    def _run_failed(self, run: _HostRun, exc: Exception) -> None:
+        """H's run ended with ``exc``: interrupted (a stop), or failed (step 3: R1)."""
+        ctx, envelope = self.ctx, run.envelope
+        job_id = envelope.job_id
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        full = is_no_space(exc) or run.no_space is not None
+        if run.no_space is not None:
+            error = run.no_space[:500]
+        elif full and isinstance(exc, OSError):
+            what = f"{ctx.config.party.party_id}'s state folder"
+            error = str(no_space_error(ctx.config.state_dir, exc, what=what))[:500]
+        if ctx.stopping.is_set():
+            logger.info("job %s: run %s stopped with the service", job_id, envelope.run_id)
+            ctx.update(job_id, state="interrupted", phase="stopped")
+            return
+        if run.session.stopped and run.no_space is None:
+            logger.info(
+                "job %s: run %s stopped (a newer run replaces it, or the guest failed)",
+                job_id,
+                envelope.run_id,
+            )
+            return
+        logger.error("job %s failed at the host: %s", job_id, error)
+        ctx.audit.record(
+            event=AuditEvent.JOB_FAILED,
+            job_id=job_id,
+            submitter=envelope.sender.party_id,
+            key_id=run.session.key_id,
+            reason=error,
+        )
+        self._host_run_state(job_id, envelope, state="failed", strict=False)
+        ctx.update(job_id, state="failed", error=error)
+        body = {
+            "reason": RunStop.FAILED.value,
+            # the rule only: never H's paths (its log and status have the folder)
+            "error": (
+                f"{NO_SPACE} in {ctx.config.party.party_id}'s state folder; its operator must "
+                "free space"
+                if full
+                else peer_reason(exc)
+            ),
+            "retry": retryable(exc) or full,
+            "no_space": full,
+        }
+        threading.Thread(
+            target=self._send_notice,
+            args=(job_id, envelope.sender, envelope.run_id, body, FAILED_PATIENCE_S),
+            daemon=True,
+        ).start()
+
+    @staticmethod
+    def _start_digest(envelope: Envelope) -> str | None:
+        """``config_sha256`` of a JOB_START: the job as received, without the run's own
+        resume bookkeeping (checkpoints, evaluation counter)."""
+        if not isinstance(envelope.body, ControlBlock):
+            return None
+        body = {
+            k: v for k, v in envelope.body.obj().items() if k not in ("checkpoints", "eval_step")
+        }
+        return config_digest(body)
+
+    def _accept(self, offer: JobOffer, envelope: Envelope) -> None:
+        """H's acceptance policy (the session's ``accept`` hook); records the accepted run."""
+        config = self.ctx.config
+        check_offer(config, offer)
+        if offer.key_bits is None:
+            return
+        alias = str(offer.request.get("data", ""))
+        path = config.data.get(alias)
+        self._host_run_state(offer.job.job_id, envelope, state="running")
+        self.ctx.audit.record(
+            event=AuditEvent.JOB_ACCEPTED,
+            job_id=offer.job.job_id,
+            submitter=offer.guest,
+            config_sha256=self._start_digest(envelope),
+            input_sha256=file_digest(path) if path is not None else None,
+            key_id=offer.key_id,
+            run_id=envelope.run_id,
+        )
+
+    def _job_guest(self, job_id: str, run: _HostRun | None) -> str | None:
+        """H: the guest a job id belongs to (its current run's, or the one recorded)."""
+        if run is not None:
+            return run.envelope.sender.party_id
+        path = state_path(self.ctx.config.state_dir, "jobs", job_id, HOST_RUN_FILE)
+        try:
+            guest = json.loads(path.read_text()).get("guest")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(guest) if guest else None
+
+    def _host_run_state(
+        self, job_id: str, envelope: Envelope, *, state: str, strict: bool = True
+    ) -> None:
+        """Record the run H serves (``strict=False``: a failure to write is only logged, so
+        the run's end is still reported; a restart may then send one needless notice)."""
+        body = {"guest": envelope.sender.party_id, "run_id": envelope.run_id, "state": state}
+        try:
+            atomic_write(
+                self.ctx.job_dir(job_id) / HOST_RUN_FILE, json.dumps(body).encode(), mode=0o600
+            )
+        except OSError as exc:
+            if strict:
+                raise
+            logger.error("job %s: cannot record run %s %s: %s", job_id, envelope.run_id, state, exc)
+
+    # -- H's notices (steps 3-4) ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Step 4: RUN_STOPPED{restarted} for every run still going at the stop."""
+        if self.ctx.config.party.role is not Role.HOST:
+            return
+        jobs = sorted((self.ctx.config.state_dir / "jobs").glob(f"*/{HOST_RUN_FILE}"))
+        for found in jobs:
+            job_id = found.parent.name
+            try:
+                path = state_path(self.ctx.config.state_dir, "jobs", job_id, HOST_RUN_FILE)
+                info = json.loads(path.read_text())
+                if info.get("state") != "running":
+                    continue
+                guest = self.ctx.config.peer(str(info["guest"])).party
+            except (OSError, ValueError, KeyError, VflError) as exc:
+                logger.warning("%s is unreadable (%s); no restart notice sent", found, exc)
+                continue
+            threading.Thread(
+                target=self._send_notice,
+                args=(
+                    job_id,
+                    guest,
+                    str(info.get("run_id", "")),
+                    {"reason": RunStop.RESTARTED.value},
+                    NOTICE_PATIENCE_S,
+                ),
+                name=f"notice-{job_id}",
+                daemon=True,
+            ).start()
+
+    def _send_notice(
+        self, job_id: str, guest: Party, run_id: str, body: dict[str, Any], patience: float
+    ) -> None:
+        """R1: tell G, retrying until it is reachable, the service stops or ``patience`` ends."""
+        ctx = self.ctx
+        restarted = body["reason"] == RunStop.RESTARTED.value
+        told: list[bool] = []
+
+        def send() -> None:
+            with self._lock:
+                resumed = restarted and job_id in self._host_runs
+            if resumed:  # G has started a new run with this process already: nothing to say
+                return
+            try:
+                with ctx.job_lock(job_id):
+                    number = claim_run(ctx.channel, ctx.job_dir(job_id), (guest,))
+            except OSError as exc:
+                if not is_no_space(exc):
+                    raise
+                # a full folder cannot keep the run count: a step and sequence numbers
+                # from the clock instead, past every run number (G reads no step here)
+                ctx.channel.fresh_stream(job_id, (guest,))
+                number = clock_step()
+            link = JobLink(channel=ctx.channel, job_id=job_id)
+            link.send(guest, RUN_STOPPED, number, {"run_id": run_id, **body})
+            told.append(True)
+
+        done, error = keep_trying(send, stopping=ctx.stopping, until=time.monotonic() + patience)
+        if error is not None:
+            logger.warning(
+                "job %s: could not tell %s that run %s stopped: %s", job_id, guest, run_id, error
+            )
+        if not told:
+            return
+        logger.info(
+            "job %s: told %s that run %s %s", job_id, guest.party_id, run_id, body["reason"]
+        )
+        if restarted:
+            self._mark_notified(job_id, run_id)
+
+    def _mark_notified(self, job_id: str, run_id: str) -> None:
+        path = self.ctx.job_dir(job_id) / HOST_RUN_FILE
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("run_id") == run_id and info.get("state") == "running":
+            info["state"] = "notified"
+            try:
+                atomic_write(path, json.dumps(info).encode(), mode=0o600)
+            except OSError as exc:
+                logger.error("job %s: cannot record the notice: %s", job_id, exc)
+
+    # -- the runner's hooks ----------------------------------------------------------------
+
+    def guest_of(self, job_id: str) -> str | None:
+        """The guest of the run H serves for ``job_id``."""
+        with self._lock:
+            run = self._host_runs.get(job_id)
+        return None if run is None else run.envelope.sender.party_id
+
+    def guest_failed(self, job_id: str) -> None:
+        """R3: record the run failed (no restart notice for it) and stop it."""
+        with self._lock:
+            run = self._host_runs.get(job_id)
+        if run is None:
+            return
+        self._host_run_state(job_id, run.envelope, state="failed")
+        if not run.done.is_set():
+            run.session.stop()
+
+    def _running(self) -> list[_HostRun]:
+        with self._lock:
+            return [r for r in self._host_runs.values() if not r.done.is_set()]
+
+    def peer_runs(self) -> int:
+        """H's runs going now."""
+        return len(self._running())
+
+    def out_of_space(self, error: str) -> None:
+        """Stop H's runs: its folder is full (they then send ``RUN_STOPPED{no_space}``)."""
+        for run in self._running():
+            if not run.session.stopped:
+                run.no_space = error
+                run.session.stop()
+
+    def close(self) -> None:
+        """Stop H's runs and wait for them to end (at most ``STOP_WAIT_S``)."""
+        runs = self._running()
+        for run in runs:
+            run.session.stop()
+        give_up = time.monotonic() + STOP_WAIT_S
+        for run in runs:
+            run.done.wait(max(0.0, give_up - time.monotonic()))
