@@ -40,9 +40,9 @@ import numpy as np
 import pytest
 from gmpy2 import mpz
 
+from protocols.arbiter import masked
 from protocols.arbiter.masked import MaskedDecryptionClient
 from protocols.arbiter.service import ArbiterService, SetupTag
-from protocols.arbiter import masked
 from protocols.crypto.cipher import Cipher, PaillierCipher
 from protocols.crypto.counters import OpCounts, snapshot
 from protocols.crypto.fixed_base import multi_exp
