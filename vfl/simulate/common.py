@@ -11,6 +11,7 @@
   the run's temporary state is gone, and written out again owner-only;
 * :func:`workers` and :func:`state_folder`: the caller's executor and state folder, or a
   local process pool and a temporary folder for the call;
+* :func:`announcer`: where the progress lines go;
 * :func:`refuse_worker_import`: a clear error when a worker process re-imports an
   unguarded script that calls ``fit_*``.
 """
@@ -21,7 +22,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -210,6 +211,15 @@ def workers(executor: Executor | None) -> Iterator[Executor]:
         return
     with LocalProcessExecutor() as own:
         yield own
+
+
+def announcer(progress: bool) -> Callable[[str], None]:
+    """``print`` with ``progress``, else a function that prints nothing."""
+    return print if progress else _silent
+
+
+def _silent(message: str) -> None:
+    """Print nothing (``progress=False``)."""
 
 
 def refuse_worker_import(name: str) -> None:

@@ -34,6 +34,7 @@ from vfl.fedavg.train import scores
 from vfl.privacy.dp import DPConfig
 from vfl.simulate.common import (
     Frame,
+    announcer,
     party_table,
     read_files,
     read_frame,
@@ -43,7 +44,7 @@ from vfl.simulate.common import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HorizontalModel:
     """The global model fitted by :func:`fit_horizontal`.
 
@@ -105,7 +106,8 @@ class HorizontalModel:
             if not self.test:
                 raise ConfigError("no test rows were held out (test_fraction = 0): pass a frame")
             return dict(self.test)
-        table = self._table(frame, label=self.label)
+        rows = read_frame(frame, side="client", id_column=self.id_column)
+        table = self._table(rows, label=self.label)
         if table.labels is None:
             raise ConfigError(f"the frame has no label column {self.label!r}")
         return binary_metrics(table.labels, self._scores(table))
@@ -119,9 +121,11 @@ class HorizontalModel:
            id     score
         0  61  0.99...
         """
-        table = self._table(frame, label=None)
-        ids = read_frame(frame, side="client", id_column=self.id_column)[self.id_column]
-        return pd.DataFrame({self.id_column: ids.to_numpy(), "score": self._scores(table)})
+        rows = read_frame(frame, side="client", id_column=self.id_column)
+        table = self._table(rows, label=None)
+        return pd.DataFrame(
+            {self.id_column: rows[self.id_column].to_numpy(), "score": self._scores(table)}
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the global model (every client holds the same) to ``path``, as a client's
@@ -131,8 +135,7 @@ class HorizontalModel:
             raise ConfigError(f"{folder} is not empty; save to another folder")
         return write_files(self.files, folder)
 
-    def _table(self, frame: Frame, *, label: str | None) -> PartyTable:
-        rows = read_frame(frame, side="client", id_column=self.id_column)
+    def _table(self, rows: pd.DataFrame, *, label: str | None) -> PartyTable:
         return party_table(
             rows, side="client", id_column=self.id_column, label=label, columns=self.columns
         )
@@ -247,11 +250,13 @@ def fit_horizontal(
         network, standardizer, _ = load_fed_model(model_dir)
         files = read_files(model_dir)
     history = tuple(run.result.history)
-    if progress:
-        for record in history:
-            auc = record.get("validation", {}).get("roc_auc")
-            shown = "" if auc is None else f": validation AUC {auc:.4f}"
-            print(f"round {record['round']}/{rounds}{shown}")
+    say = announcer(progress)
+    for record in history:
+        auc = record.get("validation", {}).get("roc_auc")
+        say(
+            f"round {record['round']}/{rounds}"
+            + ("" if auc is None else f": validation AUC {auc:.4f}")
+        )
     out = HorizontalModel(
         model_id=job.job_id,
         clients=tuple(tables),
@@ -266,6 +271,5 @@ def fit_horizontal(
         standardizer=standardizer,
         files=files,
     )
-    if progress:
-        print(repr(out))
+    say(repr(out))
     return out

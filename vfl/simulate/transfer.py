@@ -37,6 +37,7 @@ from vfl.simulate.common import (
     Frame,
     PsiSummary,
     align,
+    announcer,
     id_type_of,
     party_table,
     read_frame,
@@ -48,7 +49,7 @@ from vfl.transfer.inprocess import run_in_process
 from vfl.transfer.session import FtlJob, column_stats, standardise
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TransferModel:
     """An FTL model fitted by :func:`fit_transfer`: the guest's ``Φ`` and the host's network.
 
@@ -255,7 +256,7 @@ def fit_transfer(
     job = dataclasses.replace(
         model or FtlJob(), job_id=f"transfer-{uuid.uuid4().hex[:8]}", epochs=epochs
     )
-    say = print if progress else (lambda *_: None)
+    say = announcer(progress)
     with workers(executor) as pool:
         g_rows, h_rows, psi = align(
             g_table, h_table, id_type=kind, executor=pool, id_column=id_column

@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +42,7 @@ from vfl.simulate.common import (
     Frame,
     PsiSummary,
     align,
+    announcer,
     id_type_of,
     party_table,
     read_files,
@@ -71,7 +71,7 @@ class Rows:
     test: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VerticalModel:
     """A split NN fitted by :func:`fit_vertical`: both parties' saved parts, in memory.
 
@@ -360,7 +360,7 @@ def fit_vertical(
     h_frame = read_frame(host, side="host", id_column=id_column)
     g_table = party_table(g_frame, side="guest", id_column=id_column, label=label)
     h_table = party_table(h_frame, side="host", id_column=id_column, label=None, not_allowed=label)
-    say = print if progress else _quiet
+    say = announcer(progress)
     with workers(executor) as pool:
         g_rows, h_rows, psi = align(
             g_table, h_table, id_type=kind, executor=pool, id_column=id_column
@@ -437,10 +437,6 @@ def _config(model: TrainConfig | None, protect: ProtectConfig | None, seed: int)
     if protect is not None and config.protect != TrainConfig().protect:
         raise ConfigError("give the label protection once, as protect=, not in model.protect")
     return dataclasses.replace(config, protect=protect or config.protect, seed=seed)
-
-
-def _quiet(*args: Any) -> None:
-    """Print nothing (``progress=False``)."""
 
 
 def _printer(say: Callable[[str], None]) -> Callable[[Progress], None]:
