@@ -208,13 +208,16 @@ class InProcess:
             thread.join(max(deadline - time.monotonic(), 0.0))
         late = [thread.name.removeprefix("vfl-") for thread in threads if thread.is_alive()]
         if late:
+            with lock:
+                before = list(errors)  # closing the channels makes the late ones fail too
             self.close_channels()  # their receives end at once
             for thread in threads:
                 thread.join(10.0)
+            if before:
+                raise before[0]
+            raise ProtocolError(f"{', '.join(late)} still running after {timeout:g} s")
         if errors:
             raise errors[0]
-        if late:
-            raise ProtocolError(f"{', '.join(late)} still running after {timeout:g} s")
         return outputs
 
     def close_channels(self) -> None:
