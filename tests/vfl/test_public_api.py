@@ -84,13 +84,15 @@ def test_psi_finds_the_intersection_and_training_uses_only_it(fitted: Fitted) ->
     assert model.evaluate()["roc_auc"] > 0.9
 
 
-def test_predict_runs_the_protocols_forward_pass(fitted: Fitted) -> None:
+def test_predict_runs_the_protocols_forward_pass(fitted: Fitted, tmp_path: Path) -> None:
     """The held-out rows' scores from predict() equal those the guest computed through the
-    protocol's evaluation (fixed point, within 1e-6), whatever the rows' order."""
+    protocol's evaluation (fixed point, within 1e-6), whatever the rows' order; a CSV path
+    (here gzipped) works as well as a frame."""
     model, guest, host = fitted.model, fitted.guest, fitted.host
     held = model.test_scores
     rows = guest[guest["id"].isin(held["id"])].iloc[::-1]
-    got = model.predict(guest=rows, host=host, executor=InlineExecutor())
+    host.to_csv(tmp_path / "host.csv.gz", index=False)
+    got = model.predict(guest=rows, host=tmp_path / "host.csv.gz", executor=InlineExecutor())
     assert list(got["id"]) == list(rows["id"])  # the guest's order
     want = held.set_index("id").loc[got["id"], "score"].to_numpy()
     np.testing.assert_allclose(got["score"].to_numpy(), want, atol=1e-6)
