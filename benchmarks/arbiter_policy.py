@@ -70,8 +70,8 @@ from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.protocol import ScoreTag, grant_id
 from vfl.service.accept import check_spec
+from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import SplitJob
-from vfl.splitnn.local import run_in_process
 from vfl.splitnn.spec import DecTag, JobSpec, SplitMode
 from vfl.splitnn.training import TrainConfig
 from vfl.transfer.session import FtlDecTag
@@ -396,7 +396,7 @@ def breast() -> tuple[PartyTable, PartyTable, Any]:
 
 
 def epoch(
-    policy: DecryptionPolicy, keys: Any, executor: Any, work: Path
+    policy: DecryptionPolicy, key_bits: int, executor: Any, work: Path
 ) -> tuple[float, list[float]]:
     guest, host, splits = breast()
     job = SplitJob(
@@ -412,23 +412,21 @@ def epoch(
         batch_eval=64,
         epochs=1,
     )
-    started = time.perf_counter()
     run = run_in_process(
         job=job,
         guest_table=guest,
         host_table=host,
         splits=splits,
-        public_key=keys[0],
-        private_key=keys[1],
         executor=executor,
         state_dir=work,
+        key_bits=key_bits,
+        allow_test_key=key_bits < 2048,
         w0_seed=3,
         order_seed=b"\x01" * 32,
         host_seed=5,
-        allow_test_key=keys[0].bits < 2048,
         policy=policy,
     )
-    return time.perf_counter() - started, list(run.result.test_scores)
+    return run.seconds, list(run.result.test_scores)
 
 
 def main() -> None:
@@ -445,13 +443,12 @@ def main() -> None:
         counts = honest_and_scripted(harness, rng, args.random)
         tried, refused = harness.tried, harness.refused
         audited = sum(1 for _, reason in harness.refusals if reason)
-        keys = generate_keypair(bits=bits, allow_test_key=bits < 2048)
         executor = LocalProcessExecutor(workers=os.cpu_count() or 2)
         times: dict[str, list[float]] = {"checked": [], "unchecked": []}
         scores: dict[str, list[float]] = {}
         Timed.seconds, Timed.served = 0.0, 0
         try:
-            epoch(Permissive(), keys, executor, Path(tmp) / "warm")  # warm the pools' workers
+            epoch(Permissive(), bits, executor, Path(tmp) / "warm")  # warm the pools' workers
             for i in range(runs):
                 for name in ("unchecked", "checked") if i % 2 else ("checked", "unchecked"):
                     policy = (
@@ -459,7 +456,7 @@ def main() -> None:
                         if name == "checked"
                         else Permissive()
                     )
-                    wall, scores[name] = epoch(policy, keys, executor, Path(tmp) / f"{name}-{i}")
+                    wall, scores[name] = epoch(policy, bits, executor, Path(tmp) / f"{name}-{i}")
                     times[name].append(wall)
         finally:
             executor.close()

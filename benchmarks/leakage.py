@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -54,7 +53,6 @@ from typing import Any
 import numpy as np
 import quality  # benchmarks/quality.py: the same data, split and model
 
-from protocols.crypto.paillier import generate_keypair
 from protocols.executor import InlineExecutor
 from protocols.files import atomic_write
 from vfl.data.tables import ImputePolicy, PartyTable, Preprocessor, Splits, split_rows
@@ -74,8 +72,8 @@ from vfl.privacy.attacks import (
     visit_means,
 )
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import SplitJob
-from vfl.splitnn.local import run_in_process
 from vfl.splitnn.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -178,7 +176,6 @@ def train(
     import torch
 
     torch.set_num_threads(1)
-    keys = generate_keypair(bits=2048)  # the plaintext cipher never encrypts with it
     config = replace(task.config, protect=protect, seed=seed)
     job = SplitJob(
         job_id=f"leak-{task.name}-{seed}",
@@ -190,21 +187,17 @@ def train(
         encrypted=False,
     )
     recorder = ViewRecorder()
-    with tempfile.TemporaryDirectory(prefix="vfl-leakage-") as tmp:
-        run = run_in_process(
-            job=job,
-            guest_table=task.guest,
-            host_table=task.host,
-            splits=task.splits,
-            public_key=keys[0],
-            private_key=keys[1],
-            executor=InlineExecutor(),
-            state_dir=Path(tmp),
-            w0_seed=1000 + seed,
-            order_seed=seed.to_bytes(32, "big"),
-            host_seed=2000 + seed,
-            host_observer=recorder,
-        )
+    run = run_in_process(  # the plaintext cipher never encrypts with the arbiter's key
+        job=job,
+        guest_table=task.guest,
+        host_table=task.host,
+        splits=task.splits,
+        executor=InlineExecutor(),
+        w0_seed=1000 + seed,
+        order_seed=seed.to_bytes(32, "big"),
+        host_seed=2000 + seed,
+        host_observer=recorder,
+    )
     return recorder.view(), {
         "test_auc": run.result.test["roc_auc"],
         "best_epoch": run.result.best_epoch,

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from protocols.crypto.paillier import generate_keypair
 from protocols.executor import Executor, InlineExecutor, LocalProcessExecutor
 from protocols.files import atomic_write
 from vfl.common.metrics import binary_metrics
@@ -50,8 +48,8 @@ from vfl.data.tables import (
 )
 from vfl.models.split import Task, loss_for
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import SplitJob
-from vfl.splitnn.local import run_in_process
 from vfl.splitnn.training import (
     FloatSplitModel,
     GuestModels,
@@ -204,7 +202,6 @@ def protocol(
     splits: Splits,
     config: TrainConfig,
     *,
-    keys: Any,
     encrypted: bool,
     executor: Executor,
     pool_executor: Executor | None = None,
@@ -220,21 +217,17 @@ def protocol(
         encrypted=encrypted,
     )
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vfl-quality-") as tmp:
-        run = run_in_process(
-            job=job,
-            guest_table=guest,
-            host_table=host,
-            splits=splits,
-            public_key=keys[0],
-            private_key=keys[1],
-            executor=executor,
-            state_dir=Path(tmp),
-            w0_seed=W0_SEED,
-            order_seed=ORDER_SEED,
-            host_seed=HOST_SEED,
-            pool_executor=pool_executor,
-        )
+    run = run_in_process(
+        job=job,
+        guest_table=guest,
+        host_table=host,
+        splits=splits,
+        executor=executor,
+        w0_seed=W0_SEED,
+        order_seed=ORDER_SEED,
+        host_seed=HOST_SEED,
+        pool_executor=pool_executor,
+    )
     result = run.result
     return {
         "history": [m["roc_auc"] for m in result.history],
@@ -256,9 +249,8 @@ def main() -> None:
     runs: dict[str, Any] = {}
     runs["plaintext"] = float_split(guest, host, splits, CONFIG)
     runs["guest_only"] = guest_only(guest, splits, CONFIG)
-    keys = generate_keypair(bits=2048)
     runs["fixedpoint"] = protocol(
-        guest, host, splits, CONFIG, keys=keys, encrypted=False, executor=InlineExecutor()
+        guest, host, splits, CONFIG, encrypted=False, executor=InlineExecutor()
     )
     for name, r in runs.items():
         print(
@@ -272,7 +264,6 @@ def main() -> None:
                 host,
                 splits,
                 CONFIG,
-                keys=keys,
                 encrypted=True,
                 executor=executor,
                 pool_executor=background,
@@ -284,7 +275,6 @@ def main() -> None:
                 host,
                 splits,
                 default,
-                keys=keys,
                 encrypted=True,
                 executor=executor,
                 pool_executor=background,

@@ -39,8 +39,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from protocols.crypto.paillier import generate_keypair
-from protocols.executor import LocalProcessExecutor
 from protocols.files import atomic_write
 from vfl.data.datasets import data_dir
 from vfl.transfer.baseline import overlap_only_scores
@@ -73,7 +71,6 @@ def one_case(overlap: int, host_rows: int, *, key_bits: int, epochs: int) -> dic
         host_features_score=xh[outside],
     )
     baseline_s = time.monotonic() - started
-    public, private = generate_keypair(bits=key_bits, allow_test_key=key_bits < 2048)
     job = FtlJob(
         config=FtlConfig(d=8, batch=64),
         guest_widths=(32,),
@@ -83,25 +80,17 @@ def one_case(overlap: int, host_rows: int, *, key_bits: int, epochs: int) -> dic
         guest_lr=0.01,
         host_lr=0.003,
     )
-    executor = LocalProcessExecutor(workers=os.cpu_count() or 2)
-    try:
-        started = time.monotonic()
-        local = run_in_process(
-            job=job,
-            guest_features=xg,
-            guest_labels=guest["y"].to_numpy(dtype=np.float64),
-            guest_overlap=g_over,
-            host_features=xh,
-            host_overlap=h_over,
-            public_key=public,
-            private_key=private,
-            executor=executor,
-            allow_test_key=key_bits < 2048,
-            seed=0,
-        )
-        total_s = time.monotonic() - started
-    finally:
-        executor.close()
+    local = run_in_process(  # on a local process pool of every CPU
+        job=job,
+        guest_features=xg,
+        guest_labels=guest["y"].to_numpy(dtype=np.float64),
+        guest_overlap=g_over,
+        host_features=xh,
+        host_overlap=h_over,
+        key_bits=key_bits,
+        allow_test_key=key_bits < 2048,
+        seed=0,
+    )
     scores = local.result.scores
     if scores is None:
         raise RuntimeError("FTL returned no scores")
@@ -116,7 +105,7 @@ def one_case(overlap: int, host_rows: int, *, key_bits: int, epochs: int) -> dic
             "epochs_run": local.result.epochs,
             "best_epoch": local.result.best_epoch,
             "history": list(local.result.history),
-            "ftl_total_s": round(total_s, 1),
+            "ftl_total_s": round(local.seconds, 1),
             "overlap_only": info,
             "overlap_only_s": round(baseline_s, 2),
             "decryptions": local.decryptions,

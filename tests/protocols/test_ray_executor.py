@@ -31,8 +31,8 @@ from psi.canon import IdType, prepare_ids
 from psi.inprocess import align_in_process
 from psi.protocol import PsiOptions, PsiResult
 from tests.vfl.session_setup import synthetic_tables
+from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import SplitJob
-from vfl.splitnn.local import run_in_process
 from vfl.splitnn.training import TrainConfig
 
 
@@ -179,9 +179,7 @@ def test_a_killed_ray_worker_mid_psi_still_gives_the_right_intersection(cluster:
 # -- split NN -----------------------------------------------------------------------------
 
 
-def _train(
-    executor: Executor, state: Path, pk: PublicKey, sk: PrivateKey
-) -> tuple[list[Any], list[Any], dict[str, np.ndarray]]:
+def _train(executor: Executor, state: Path) -> tuple[list[Any], list[Any], dict[str, np.ndarray]]:
     guest_table, host_table, splits = synthetic_tables(rows=120)
     job = SplitJob(
         job_id="ray-splitnn",
@@ -195,10 +193,9 @@ def _train(
         guest_table=guest_table,
         host_table=host_table,
         splits=splits,
-        public_key=pk,
-        private_key=sk,
         executor=executor,
         state_dir=state,
+        key_bits=1024,
         w0_seed=3,
         order_seed=bytes(32),
         host_seed=7,
@@ -214,13 +211,11 @@ def test_split_nn_is_bit_identical_with_local_and_ray(
     tmp_path: Path,
     ray_executor: RayExecutor,
     local_executor: Executor,
-    pk: PublicKey,
-    sk: PrivateKey,
 ) -> None:
     # the label-protection and embedding noise come from seeded generators in both runs
     monkeypatch.setattr("vfl.splitnn.training.new_generator", lambda: np.random.default_rng(5))
-    history_l, scores_l, host_l = _train(local_executor, tmp_path / "local", pk, sk)
-    history_r, scores_r, host_r = _train(ray_executor, tmp_path / "ray", pk, sk)
+    history_l, scores_l, host_l = _train(local_executor, tmp_path / "local")
+    history_r, scores_r, host_r = _train(ray_executor, tmp_path / "ray")
     assert history_l == history_r
     assert scores_l == scores_r
     assert host_l.keys() == host_r.keys()

@@ -176,7 +176,7 @@ def test_secure_fedavg_equals_plaintext_fedavg(
     history = run.results["bank"].history
     assert [h["round"] for h in history] == [1, 2, 3]
     assert all("clients" not in h for h in history)  # not each other's metrics ...
-    assert set(run.aggregator["fed-test"]["combined"]["clients"]) == set(job.client_ids)  # A's
+    assert set(run.aggregator["combined"]["clients"]) == set(job.client_ids)  # A's
     assert history[-1]["validation"]["rows"] == sum(
         len(_splits(t, job)[1]) for t in tables.values()
     )
@@ -321,24 +321,15 @@ def test_refusal_by_the_aggregator_is_not_retried(
     tmp_path: Path, tables: dict[str, PartyTable], identities: dict[str, TlsIdentity]
 ) -> None:
     """An aggregator policy refusal reaches every client as JobRefusedError (F7, refused)."""
-    from vfl.fedavg import inprocess
 
-    class Refusing(inprocess.FedAggregator):
-        def __init__(self, **kwargs: object) -> None:
-            def admit(job: FedJob, coordinator: Party) -> None:
-                raise JobRefusedError("horizontal jobs are not accepted here (accept.job_types)")
+    def admit(job: FedJob, coordinator: Party) -> None:
+        raise JobRefusedError("horizontal jobs are not accepted here (accept.job_types)")
 
-            super().__init__(admit=admit, **kwargs)  # type: ignore[arg-type]
-
-    original = inprocess.FedAggregator
-    inprocess.FedAggregator = Refusing  # type: ignore[misc]
-    try:
-        with pytest.raises(JobRefusedError, match="accept.job_types"):
-            run_in_process(
-                job=make_job(clients=("bank", "retailer")),
-                tables=tables,
-                identities=identities,
-                state_dir=tmp_path,
-            )
-    finally:
-        inprocess.FedAggregator = original  # type: ignore[misc]
+    with pytest.raises(JobRefusedError, match="accept.job_types"):
+        run_in_process(
+            job=make_job(clients=("bank", "retailer")),
+            tables=tables,
+            identities=identities,
+            state_dir=tmp_path,
+            admit=admit,
+        )

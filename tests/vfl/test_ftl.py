@@ -33,7 +33,7 @@ from vfl.transfer.ftl import (
     phi_of,
     taylor_loss,
 )
-from vfl.transfer.inprocess import LocalFtl, run_in_process
+from vfl.transfer.inprocess import FtlRun, run_in_process
 from vfl.transfer.session import FtlDecTag, FtlJob, FtlSpec
 
 
@@ -215,25 +215,24 @@ def small_job(epochs: int = 3) -> FtlJob:
     )
 
 
-def run_small(pk: PublicKey, sk: PrivateKey, **kwargs: Any) -> LocalFtl:
+def run_small(**kwargs: Any) -> FtlRun:
     data = ftl_data()
     data.pop("host_labels")
     return run_in_process(
         **data,
-        public_key=pk,
-        private_key=sk,
         executor=InlineExecutor(),
+        key_bits=1024,
         allow_test_key=True,
         seed=2,
         **kwargs,
     )
 
 
-def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> None:
+def test_ftl_job_in_process_learns_and_scores() -> None:
     """R1-R5 between an in-process guest, host and the real arbiter service: the loss falls,
     the host's customers outside the overlap are scored well, and A served exactly the
     policy's decryptions (F3: only the policy's tags, for the parties it names)."""
-    local = run_small(pk, sk, job=small_job())
+    local = run_small(job=small_job())
     result = local.result
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert result.history[-1]["val_roc_auc"] > 0.7  # validation on probabilities, not logits
@@ -252,9 +251,7 @@ def test_ftl_job_in_process_learns_and_scores(pk: PublicKey, sk: PrivateKey) -> 
     assert {rules[t.value] for t in (FtlDecTag.K, FtlDecTag.LOSS, FtlDecTag.VAL)} == {"g"}
 
 
-def test_a_stopped_ftl_job_resumes_from_its_epoch_checkpoints(
-    pk: PublicKey, sk: PrivateKey, tmp_path: Path
-) -> None:
+def test_a_stopped_ftl_job_resumes_from_its_epoch_checkpoints(tmp_path: Path) -> None:
     """R6: the guest fails after epoch 2; the next run resumes at the newest epoch both
     parties saved, keeps the earlier history and finishes; each state file is owner-only."""
 
@@ -263,14 +260,14 @@ def test_a_stopped_ftl_job_resumes_from_its_epoch_checkpoints(
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_small(pk, sk, job=small_job(4), state_dir=tmp_path, progress=fail_after_two, timeout=20)
+        run_small(job=small_job(4), state_dir=tmp_path, progress=fail_after_two, timeout=20)
     first = json.loads(
         (
             tmp_path / "guest" / "jobs" / "ftl-small" / "ftl" / "step-000000001" / "state.json"
         ).read_text()
     )["history"]
     assert [h["epoch"] for h in first] == [1.0]
-    again = run_small(pk, sk, job=small_job(4), state_dir=tmp_path)
+    again = run_small(job=small_job(4), state_dir=tmp_path)
     history = again.result.history
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
     assert history[0] == first[0]  # carried over, not retrained

@@ -12,14 +12,12 @@ reproducible; the thresholds leave room for what 105 positives can estimate (±0
 from __future__ import annotations
 
 import functools
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from protocols.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from protocols.executor import InlineExecutor
 from vfl.data.tables import PartyTable, split_rows
 from vfl.privacy.attacks import (
@@ -32,8 +30,8 @@ from vfl.privacy.attacks import (
     visit_means,
 )
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
+from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import SplitJob
-from vfl.splitnn.local import run_in_process
 from vfl.splitnn.training import TrainConfig
 
 SEEDS = (0, 1, 2)
@@ -42,11 +40,6 @@ EPOCHS = 6
 FRESH = ProtectConfig(power_scale=4.0, persistence=0.0, max_visits=0)
 NONE = ProtectConfig(mode=ProtectMode.NONE, allow_label_leak=True)
 CONFIGS = {"default": ProtectConfig(), "fresh": FRESH, "none": NONE}
-
-
-@functools.cache
-def keys() -> tuple[PublicKey, PrivateKey]:
-    return generate_keypair(bits=2048)  # the plaintext cipher never encrypts with it
 
 
 @dataclass(frozen=True)
@@ -99,22 +92,17 @@ def _run(mode: str, seed: int) -> Run:
         encrypted=False,
     )
     recorder = ViewRecorder()
-    public, private = keys()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run_in_process(
-            job=job,
-            guest_table=table("g", xg, y),
-            host_table=table("h", xh, None),
-            splits=splits,
-            public_key=public,
-            private_key=private,
-            executor=InlineExecutor(),
-            state_dir=Path(tmp),
-            w0_seed=seed,
-            host_seed=seed,
-            order_seed=bytes([seed]) * 32,
-            host_observer=recorder,
-        )
+    out = run_in_process(  # the plaintext cipher never encrypts with the arbiter's key
+        job=job,
+        guest_table=table("g", xg, y),
+        host_table=table("h", xh, None),
+        splits=splits,
+        executor=InlineExecutor(),
+        w0_seed=seed,
+        host_seed=seed,
+        order_seed=bytes([seed]) * 32,
+        host_observer=recorder,
+    )
     return Run(view=recorder.view(), y=y, test_auc=float(out.result.test["roc_auc"]))
 
 

@@ -15,10 +15,11 @@ from vfl.models.split import Task
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """ROC AUC, KS, average precision and log loss of scores ``p`` for labels ``y``.
+    """ROC AUC, KS, average precision, log loss and accuracy of scores ``p`` for labels ``y``.
 
     KS is ``max(TPR − FPR)`` over thresholds (the Kolmogorov–Smirnov distance between the
-    score distributions of the two classes), the figure credit-risk teams report.
+    score distributions of the two classes), the figure credit-risk teams report; accuracy
+    counts a score of at least 0.5 as the positive class.
     """
     y = np.asarray(y).astype(int)
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
@@ -30,6 +31,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "ks": float(np.max(tpr - fpr)),
         "average_precision": float(average_precision_score(y, p)),
         "log_loss": float(log_loss(y, p, labels=[0, 1])),
+        "accuracy": float(accuracy_score(y, p >= 0.5)),
     }
 
 

@@ -91,7 +91,11 @@ def _read(path: Path) -> pd.DataFrame:
 
 def load_table(spec: TableSpec) -> PartyTable:
     """Steps 1-2 of the module docstring."""
-    frame = _read(spec.path)
+    return frame_table(_read(spec.path), spec=spec)
+
+
+def frame_table(frame: pd.DataFrame, *, spec: TableSpec) -> PartyTable:
+    """Steps 1-2 for rows already read (``spec.path`` names them in errors)."""
     where = str(spec.path)
     available = list(frame.columns)
     needed = [spec.id_column] + ([spec.label_column] if spec.label_column else [])

@@ -1,26 +1,27 @@
 """Every client and the aggregator of a FedAvg job in one process (tests, experiments).
 
-The same sessions as the services (:class:`FedClient`, :class:`FedAggregator`) over
-in-memory channels; only F1 (the coordinator's ``START``) is skipped, since every client is
-started here with the same run id.
+The sessions of the services (:class:`FedClient`, :class:`FedAggregator`) over in-memory
+channels (:mod:`vfl.common.inprocess`); only F1 (the coordinator's ``START``) is skipped,
+since every client is started here with the same run id. FedAvg needs no Paillier key: the
+arbiter is the aggregator.
 """
 
 from __future__ import annotations
 
-import threading
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocols.errors import ProtocolError
+from protocols.executor import InlineExecutor
 from protocols.roles import Party, Role
-from protocols.tags import TagRegistry
-from protocols.transport.base import Channel
-from protocols.transport.inmemory import InMemoryNetwork
 from protocols.transport.tls import TlsIdentity
+from vfl.common.inprocess import ChannelFactory, InProcess, InProcessResult
 from vfl.data.tables import PartyTable
-from vfl.fedavg.aggregator import FedAggregator
+from vfl.fedavg.aggregator import Admit, FedAggregator
 from vfl.fedavg.client import FedClient
 from vfl.fedavg.protocol import FedJob, FedResult, FedTag
 
@@ -28,11 +29,18 @@ AGGREGATOR = Party("arbiter", Role.ARBITER)
 
 
 @dataclass(frozen=True)
-class InProcessRun:
-    """Every client's result and the aggregator's status."""
+class FedRun(InProcessResult):
+    """Every client's result (``results``, by party id; ``result``: the coordinator's) and
+    the aggregator's status of the job (state, round, combined metrics)."""
 
     results: dict[str, FedResult]
-    aggregator: dict[str, dict[str, object]]
+    aggregator: dict[str, Any]
+    coordinator: str
+
+    @property
+    def result(self) -> FedResult:
+        """The coordinator's result."""
+        return self.results[self.coordinator]
 
 
 def run_in_process(
@@ -40,36 +48,52 @@ def run_in_process(
     job: FedJob,
     tables: Mapping[str, PartyTable],
     identities: Mapping[str, TlsIdentity],
-    state_dir: Path,
+    state_dir: Path | None = None,
     seed: int | None = None,
     run_id: str | None = None,
     timeout: float = 600.0,
-    channel_factory: Callable[[InMemoryNetwork, Party, TagRegistry], Channel] | None = None,
-) -> InProcessRun:
-    """Run ``job`` between in-process clients (``tables`` by party id; ``identities`` their
-    certificates and keys) and an aggregator; raise the first client error."""
-    net = InMemoryNetwork()
+    channel_factory: ChannelFactory | None = None,
+    admit: Admit | None = None,
+) -> FedRun:
+    """Run ``job`` between in-process clients and an aggregator; raise the first client error.
 
-    def make(party: Party) -> Channel:
-        tags = TagRegistry([FedTag])
-        if channel_factory is not None:
-            return channel_factory(net, party, tags)
-        return net.channel(party, tags=tags)
-
-    parties = {pid: identities[pid].party for pid in job.client_ids}
-    channels = {pid: make(p) for pid, p in parties.items()}
-    aggregator_channel = make(AGGREGATOR)
-    aggregator = FedAggregator(channel=aggregator_channel)
-    run = run_id or uuid.uuid4().hex[:16]
-    results: dict[str, FedResult] = {}
-    errors: dict[str, BaseException] = {}
-
-    def client(pid: str) -> None:
-        try:
-            session = FedClient(
-                channel=channels[pid],
+    Parameters
+    ----------
+    job
+        The FedAvg job.
+    tables
+        Each client's rows with labels, by party id.
+    identities
+        Each client's certificate and key (it signs its ephemeral keys with it, F2).
+    state_dir
+        Where the clients keep their state (``<state_dir>/<party id>``; default: a
+        temporary folder, deleted at the end).
+    seed
+        Seeds batch order and DP noise (client ``i`` gets ``seed + i``; None: the OS CSPRNG).
+    run_id
+        The run (default: a fresh one).
+    timeout
+        Seconds for the whole job.
+    channel_factory
+        Builds each party's channel (tests interpose on sends with it).
+    admit
+        The aggregator's acceptance policy for the job (default: accept).
+    """
+    parties = [identities[pid].party for pid in job.client_ids]
+    with InProcess(
+        parties=(*parties, AGGREGATOR),
+        tags=[FedTag],
+        state_dir=state_dir,
+        executor=InlineExecutor(),  # FedAvg's work is local training, no ciphertexts
+        channel_factory=channel_factory,
+    ) as run:
+        aggregator = FedAggregator(channel=run.channels[AGGREGATOR.party_id], admit=admit)
+        run_id = run_id or uuid.uuid4().hex[:16]
+        clients = {
+            pid: FedClient(
+                channel=run.channels[pid],
                 job=job,
-                run_id=run,
+                run_id=run_id,
                 arbiter=AGGREGATOR,
                 table=tables[pid],
                 signing_key_pem=identities[pid].key_pem,
@@ -78,29 +102,28 @@ def run_in_process(
                     for other in job.client_ids
                     if other != pid
                 },
-                state_dir=state_dir / pid,
-                seed=None if seed is None else seed + job.client_ids.index(pid),
+                state_dir=run.state(pid),
+                seed=None if seed is None else seed + i,
             )
-            results[pid] = session.run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors[pid] = exc
-
-    threads = [
-        threading.Thread(target=client, args=(pid,), name=f"fedavg-{pid}", daemon=True)
-        for pid in job.client_ids
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join(timeout)
-    finally:
-        aggregator.close()
-        for channel in (*channels.values(), aggregator_channel):
-            channel.close()
-    for pid in job.client_ids:
-        if pid in errors:
-            raise errors[pid]
-    if len(results) != len(job.client_ids):
-        raise ProtocolError(f"job {job.job_id}: clients still running after {timeout} s")
-    return InProcessRun(results=results, aggregator=aggregator.status())
+            for i, pid in enumerate(job.client_ids)
+        }
+        started = time.monotonic()
+        try:
+            # A's ABORT ends every client's run when one fails or a round is lost (F7)
+            out = run.run(
+                {pid: client.run for pid, client in clients.items()},
+                timeout=timeout,
+                close_on_failure=False,
+            )
+        finally:
+            aggregator.close()
+        results = {pid: r for pid, r in out.items() if isinstance(r, FedResult)}
+        if len(results) != len(clients):
+            raise ProtocolError(f"job {job.job_id}: a client ended without its result")
+        return FedRun(
+            job_id=job.job_id,
+            seconds=time.monotonic() - started,
+            results=results,
+            aggregator=aggregator.status().get(job.job_id, {}),
+            coordinator=job.coordinator,
+        )

@@ -305,6 +305,7 @@ class FtlGuest:
             scores=final_scores,
             validation=(list(best_val[0]), list(best_val[1])),
             seconds=time.monotonic() - started,
+            phi=tuple(float(v) for v in phi),
         )
 
     def overlap_host_rows(self, pairs: np.ndarray) -> np.ndarray:

@@ -263,11 +263,19 @@ class FtlJob:
             raise ConfigError(f"malformed FTL job: {type(exc).__name__}: {exc}") from None
 
 
-def standardise(x: np.ndarray) -> np.ndarray:
-    """R2: each party's own columns, by statistics of its own rows (float32)."""
-    mean = np.nanmean(x, axis=0)
+def column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """R2: a party's column means and deviations (1 for a constant column), NaN ignored."""
     std = np.nanstd(x, axis=0)
-    z = np.asarray((x - mean) / np.where(std > 1e-12, std, 1.0), dtype=np.float64)
+    return np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0)
+
+
+def standardise(x: np.ndarray, *, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """R2: each party's own columns, by statistics of its own rows (float32; NaN becomes 0).
+
+    ``stats``: :func:`column_stats` of the rows the model was trained on, for new rows
+    (default: those of ``x``)."""
+    mean, std = column_stats(x) if stats is None else stats
+    z = np.asarray((x - mean) / std, dtype=np.float64)
     return np.nan_to_num(z, nan=0.0).astype(np.float32)
 
 
@@ -291,3 +299,5 @@ class FtlResult:
     seconds: float
     validation: tuple[list[int], list[float]] = ([], [])
     # labels (0/1) and scores of the held-out overlap pairs at the best epoch
+    phi: tuple[float, ...] = ()
+    # G's Φ of the best epoch, its part of the model: H's row j scores Φ·u^B_j (§6.6)
