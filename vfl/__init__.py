@@ -8,6 +8,12 @@ Every party of a job simulated in this process, on DataFrames (:mod:`vfl.simulat
     print(model.evaluate())
     print(model.predict(guest=guest.head(), host=host.head()))
 
+Running services (each party its own ``vfl serve``), as the party's own operator::
+
+    client = vfl.Client(config="bank.toml")
+    job_id = client.submit(job="job.toml")
+    print(client.wait(job_id))
+
 The names below load on first use, so ``import vfl`` stays light for the CLI, the services
 and worker processes.
 """
@@ -21,6 +27,7 @@ if TYPE_CHECKING:
     from protocols.errors import ConfigError, DataError, VflError
     from psi.canon import IdType
     from vfl import datasets
+    from vfl.client import Client
     from vfl.privacy.dp import DPConfig
     from vfl.privacy.label_protection import ProtectConfig, ProtectMode
     from vfl.simulate import (
@@ -34,8 +41,8 @@ if TYPE_CHECKING:
     from vfl.splitnn.training import TrainConfig
     from vfl.transfer.session import FtlJob
 
-# vfl.Client (running services, from engineer S's vfl/client.py) is to be added here.
 _SOURCES = {
+    "Client": "vfl.client",
     "fit_vertical": "vfl.simulate",
     "fit_horizontal": "vfl.simulate",
     "fit_transfer": "vfl.simulate",
@@ -54,6 +61,7 @@ _SOURCES = {
 }
 
 __all__ = [
+    "Client",
     "ConfigError",
     "DPConfig",
     "DataError",

@@ -48,15 +48,15 @@ class Client:
         certificate it accepts admin commands from.
     """
 
-    def __init__(self, *, config: Path | PartyConfig) -> None:
-        self.config = config if isinstance(config, PartyConfig) else load_config(config)
+    def __init__(self, *, config: str | Path | PartyConfig) -> None:
+        self.config = config if isinstance(config, PartyConfig) else load_config(Path(config))
 
-    def _typed(self, job: Path | TypedJob[Any], *, plaintext: bool) -> TypedJob[Any]:
+    def _typed(self, job: str | Path | TypedJob[Any], *, plaintext: bool) -> TypedJob[Any]:
         if isinstance(job, TypedJob):
             return job
-        return load_job(job, party_id=self.config.party.party_id, allow_plaintext=plaintext)
+        return load_job(Path(job), party_id=self.config.party.party_id, allow_plaintext=plaintext)
 
-    def submit(self, *, job: Path | TypedJob[Any], plaintext: bool = False) -> str:
+    def submit(self, *, job: str | Path | TypedJob[Any], plaintext: bool = False) -> str:
         """Check the job here, submit it to the guest's service; returns the job id.
 
         Parameters
@@ -102,7 +102,7 @@ class Client:
         return admin_call(self.config, AdminCommand.CANCEL, {"job_id": job_id})
 
     def estimate(
-        self, *, job: Path | TypedJob[Any], rows: int | None = None, key_bits: int = 2048
+        self, *, job: str | Path | TypedJob[Any], rows: int | None = None, key_bits: int = 2048
     ) -> JobEstimate:
         """Predicted run time of a split-NN job on this machine (``vfl estimate``).
 
