@@ -182,7 +182,7 @@ class ServiceContext:
     # -- PSI ---------------------------------------------------------------------------
 
     def run_psi(self, request: PsiRequest) -> dict[str, Any]:
-        """Run a PSI with the host as its guest (:func:`vfl.service.psi.run_psi`)."""
+        """Run a PSI with the host as its guest (:func:`vfl.service.alignment.run_psi`)."""
         return run_psi(
             config=self.config, channel=self.channel, executor=self.executor, request=request
         )

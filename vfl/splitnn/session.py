@@ -34,7 +34,7 @@ J7. G → H ``USE_BEST``; both restore the best snapshot; G evaluates the held-o
 J8. G and H → A ``JOB_DONE``; A closes the job and registers its model for scoring once
     both sent it (P7 of :mod:`protocols.crypto.policy`).
 
-Outside a run (the services, :mod:`vfl.service.jobs`):
+Outside a run (the services, :mod:`vfl.service.runner` and :mod:`vfl.service.drivers.splitnn`):
 
 R1. H → G ``RUN_STOPPED{run id, reason}`` when H's service starts again after it stopped
     during a run (reason ``restarted``; not sent once G has started a run with the new H)
