@@ -145,11 +145,15 @@ def test_a_party_table_reads_csv_gz_with_file_and_row_in_errors(tmp_path: Path) 
     assert "oops" not in str(info.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "bad stream"])
 def test_a_damaged_csv_gz_is_a_data_error(tmp_path: Path, damage: str) -> None:
     packed = (BUNDLED / "breast_hetero_guest.csv.gz").read_bytes()
     path = tmp_path / "guest.csv.gz"
-    path.write_bytes(packed[:20000] if damage == "truncated" else b"id,y\n1,0\n")
+    if damage == "bad stream":  # a valid gzip header, then a corrupt deflate stream (zlib.error)
+        packed = packed[:20] + bytes(b ^ 0x5A for b in packed[20:400]) + packed[400:]
+    path.write_bytes(packed[:20000] if damage == "truncated" else packed)
+    if damage == "not gzip":
+        path.write_bytes(b"id,y\n1,0\n")
     with pytest.raises(DataError, match="cannot be read") as info:
         load_table(TableSpec(path=path, label_column="y"))
     assert str(path) in str(info.value)

@@ -98,6 +98,20 @@ def test_a_typed_job_round_trips_through_its_canonical_json(
     assert back == request
 
 
+def test_one_job_has_one_canonical_json_however_its_numbers_are_spelt() -> None:
+    """``learning_rate = 1`` and ``= 1.0`` are one job with one digest; a lone surrogate a
+    peer may send still has a canonical text (escaped), so digests never fail."""
+    spelt = [
+        {**SPLIT, "model": {"learning_rate": one, "eta_w": 0.1}, "protect": {"power_scale": s}}
+        for one, s in ((1, 16), (1.0, 16.0))
+    ]
+    a, b = (parse_job(raw, source="job.toml", party_id="bank") for raw in spelt)
+    assert a == b and a.canonical == b.canonical
+    assert config_digest(a.to_json()) == config_digest(b.to_json())
+    assert canonical_json({"id": "\ud800"}) == '{"id":"\\ud800"}'
+    assert len(config_digest({"id": "\ud800"})) == 64
+
+
 def test_values_drawn_at_parsing_are_kept_in_the_canonical_json() -> None:
     """A FedAvg job without an id or an initial-model seed gets both when it is parsed; the
     resubmitted (canonical) job keeps them, so it is the same job."""

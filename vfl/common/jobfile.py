@@ -42,9 +42,10 @@ F = TypeVar("F")
 
 
 def canonical_json(obj: Any) -> str:
-    """The canonical JSON text of ``obj``: sorted keys, compact separators, UTF-8 as is
-    (the text ``config_sha256`` hashes, docs/protocol.md §4.4.1)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The canonical JSON text of ``obj``: sorted keys, compact separators, ASCII with
+    ``\\u`` escapes (the text ``config_sha256`` hashes, docs/protocol.md §4.4.1; every string
+    a peer can send, a lone surrogate included, has one)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ def load_id_column(
             frame = pd.read_parquet(path, columns=wanted)
         else:
             frame = pd.read_csv(path, usecols=wanted, dtype={column: str}, keep_default_na=False)
-    except (OSError, EOFError) as exc:  # e.g. a damaged or truncated .csv.gz
+    except (OSError, EOFError, zlib.error) as exc:  # e.g. a damaged or truncated .csv.gz
         raise DataError(
             f"{path}: cannot be read ({type(exc).__name__})",
             public="the data file of the alias cannot be read",

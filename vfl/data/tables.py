@@ -17,6 +17,7 @@ Each party loads only its own file (CSV or Parquet) with pandas:
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -83,7 +84,7 @@ def _read(path: Path) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
         return pd.read_csv(path, keep_default_na=True)
-    except (ValueError, OSError, EOFError) as exc:  # EOFError: a truncated .gz
+    except (ValueError, OSError, EOFError, zlib.error) as exc:  # a truncated/damaged .gz
         raise DataError(
             f"{path}: cannot be read as {path.suffix or 'CSV'} ({type(exc).__name__})"
         ) from None

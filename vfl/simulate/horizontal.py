@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from protocols.errors import ConfigError
+from protocols.files import private_dir
 from protocols.ids import check_identifier
 from protocols.roles import Party, Role
 from protocols.transport.tls import create_demo_pki, load_demo_identity
@@ -237,8 +238,9 @@ def fit_horizontal(
     )
     with state_folder(state_dir, prefix="vfl-horizontal-") as folder:
         parties = [Party(name, Role.GUEST if name == coordinator else Role.HOST) for name in tables]
-        create_demo_pki(folder / "pki", parties)
-        identities = {p.party_id: load_demo_identity(folder / "pki", p.party_id) for p in parties}
+        pki = private_dir(private_dir(folder) / ".pki")  # owner-only, apart from the clients'
+        create_demo_pki(pki, parties)
+        identities = {p.party_id: load_demo_identity(pki, p.party_id) for p in parties}
         run = run_in_process(
             job=job,
             tables=tables,

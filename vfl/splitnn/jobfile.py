@@ -128,6 +128,15 @@ class TrainJobFile:
         }
 
 
+def _as_floats(values: dict[str, Any], config: type) -> None:
+    """Write a float field given as an integer (``1``) as the float (``1.0``), so one job has
+    one canonical JSON whichever way its file spells the number."""
+    for f in fields(config):
+        value = values.get(f.name)
+        if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            values[f.name] = float(value)
+
+
 def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
     """Read and validate a job file, naming the file and key of any problem."""
     return parse_job(read_job_toml(path), source=str(path), allow_plaintext=allow_plaintext)
@@ -157,11 +166,13 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
     for key in ("guest_widths", "host_widths", "top_widths"):
         if key in model:
             model[key] = tuple(int(w) for w in model[key])
+    _as_floats(model, TrainConfig)
     protect_raw = dict(raw.get("protect", {}))
     pnames = {f.name for f in fields(ProtectConfig)}
     bad = set(protect_raw) - pnames
     if bad:
         raise ConfigError(f"{source}: [protect] has unknown key(s) {sorted(bad)}")
+    _as_floats(protect_raw, ProtectConfig)
     job_id = job_id_of(job, prefix="split", source=source)
     psi_job = psi_job_of(job, source=source)
     plaintext = bool(job.get("plaintext", False))
