@@ -12,6 +12,7 @@ S2. ``JOB_SPEC`` from each party of a job → ``JOB_READY`` to both once they ag
     reply waits for the second), or a refusal to both if they disagree, if the sender is
     no party of it, or if the spec is outside A's own acceptance policy (the ``admit`` hook
     of :meth:`ArbiterService.serve_setup`, which checks the parties against A's config);
+    the listeners of :meth:`ArbiterService.on_proposed` see each spec P1 took, and no other;
 S3. ``RESUME{step, tag_steps}`` (FTL: ``RESUME{step, run}``) from each party → P6 applied
     once both sent the same body, then ``RESUMED`` to both; disagreeing bodies, or a resume
     P6 refuses, are refused;

@@ -6,6 +6,7 @@ names the rule only."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG
 from vfl.config import JobType, PartyConfig, parse_config
 from vfl.fedavg.protocol import FedJob, FedTag
+from vfl.service import owners as owners_module
 from vfl.service.arbiter import KEY_FILE
 from vfl.service.audit import read_audit
 from vfl.service.drivers import splitnn as splitnn_driver
@@ -363,6 +365,53 @@ def test_transfer_and_fedavg_runs_belong_to_their_guest(tmp_path: Path) -> None:
         *["job ftl1 belongs to bank2's transfer job"] * 3,
     ]
     assert [r["submitter"] for r in records if r["event"] == "job_failed"] == ["bank2", "bank"]
+
+
+def test_old_records_and_a_full_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split-NN run an older version recorded (host_run.json, no owner record) is its
+    guest's once the host starts; a START whose owner record cannot be written is refused,
+    a full folder with the no_space flag and the rule only."""
+    cfg = config(tmp_path, "retailer")
+    old = cfg.state_dir / "jobs" / "old1"
+    old.mkdir(parents=True)
+    (old / "host_run.json").write_text('{"guest": "bank", "run_id": "r", "state": "done"}')
+    net = InMemoryNetwork()
+    runner = JobRunner(
+        config=cfg,
+        channel=net.channel(RETAILER, tags=TagRegistry(message_tags())),
+        executor=InlineExecutor(),
+    )
+    assert runner.ctx.owners.owner("old1") == JobOwner(guest="bank", kind=JobType.SPLIT_NN)
+    bank2 = net.channel(BANK2, tags=TagRegistry(message_tags()))
+    assert ask(bank2, "old1", "split_nn", "b2") == IN_USE
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(owners_module, "atomic_write", full)
+    tag, answer, body = ATTACKS["split_nn"]
+    bank2.fresh_stream("new1", [RETAILER])
+    bank2.send(
+        Envelope(
+            job_id="new1",
+            run_id="b2",
+            sender=BANK2,
+            receiver=RETAILER,
+            tag=tag,
+            body=ControlBlock.from_obj(body("new1", "bank2")),
+        )
+    )
+    reply = control_of(
+        bank2.recv(job_id="new1", sender=RETAILER, tag=answer, step=0, run_id="b2", timeout=60)
+    )
+    assert reply == {
+        "refused": "no space left in retailer's state folder; its operator must free space",
+        "no_space": True,
+    }
+    assert runner.status()["new1"]["state"] == "refused"  # nobody's job: nothing else shown
+    assert ask(bank2, "new1", "transfer", "b2-ftl") == reply["refused"]
+    assert runner.ctx.owners.owner("new1") is None
+    runner.close()
 
 
 # ------------------------------------------------------------------ at the arbiter

@@ -11,7 +11,8 @@ per run (docs/protocol.md §4.4.1 lifecycle; retries, outcomes, notices are the 
 
 A driver reaches the service only through its context: the channel, the party's config,
 executors, the audit log, the job-state table (:meth:`ServiceContext.update`), the stopping
-event and the job folders. No driver imports the runner or another driver.
+event, the job folders and whose job an id is (:meth:`ServiceContext.claim`, which every
+peer-side ``START`` handler asks first). No driver imports the runner or another driver.
 """
 
 from __future__ import annotations
