@@ -494,6 +494,10 @@ def test_only_a_registered_jobs_guest_counts_at_the_arbiter(
     assert runner.status()["reg1"]["state"] == "running"
     runner._on_job_failed(job_failed(BANK, "reg1", ARBITER))
     assert runner.status()["reg1"]["state"] == "failed"
+    aggregator = runner.drivers[JobType.HORIZONTAL].aggregator  # type: ignore[attr-defined]
+    aggregator.admit(FedJob.from_json(fed_start("fedA", "bank")["job"]), BANK)
+    with pytest.raises(JobIdInUseError):  # FedAvg job ids at A: their first coordinator's
+        aggregator.admit(FedJob.from_json(fed_start("fedA", "bank2")["job"]), BANK2)
     runner.close()
     records = read_audit(cfg.state_dir / "audit.jsonl")
     accepted = [r["submitter"] for r in records if r["event"] == "job_accepted"]

@@ -348,6 +348,8 @@ class FedAvgDriver(JobDriver[FedJobFile]):
 
         def admit(job: FedJob, coordinator: Party) -> None:
             check_fed_job(ctx.config, job, coordinator)
+            # the job id is its coordinator's (docs/protocol.md §4.4.1)
+            ctx.claim(job.job_id, guest=coordinator.party_id, kind=self.kind)
 
         def notify(job_id: str, event: str, fields: dict[str, Any]) -> None:
             if event == "accepted":
