@@ -126,7 +126,7 @@ class ServiceContext:
         self.config, self.channel, self.executor, self.audit = config, channel, executor, audit
         self.stopping = threading.Event()  # set once the service stops (lifecycle step 5)
         self.arbiter: ArbiterService | None = None  # the arbiter's decryption service
-        self.owners = JobOwners(state_dir=config.state_dir)  # whose job each id is (H)
+        self.owners = JobOwners(state_dir=config.state_dir)  # whose job each id is (H; A: FedAvg)
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._job_locks: dict[str, threading.Lock] = {}
