@@ -179,6 +179,13 @@ class JobRefusedError(PolicyViolationError):
     """
 
 
+class JobIdInUseError(JobRefusedError):
+    """A party refused a job's START because the job id belongs to another job there: to
+    another guest, or to another kind of job (docs/protocol.md §4.4.1, "a job id belongs to
+    its guest"). Its message, for the refusing party's own log and audit, names the owner;
+    its ``public`` reason names the rule only."""
+
+
 class InvalidPointError(AlignmentError):
     """A received PSI element is not a canonical, distinct Curve25519 point."""
 

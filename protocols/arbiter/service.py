@@ -12,6 +12,7 @@ S2. ``JOB_SPEC`` from each party of a job → ``JOB_READY`` to both once they ag
     reply waits for the second), or a refusal to both if they disagree, if the sender is
     no party of it, or if the spec is outside A's own acceptance policy (the ``admit`` hook
     of :meth:`ArbiterService.serve_setup`, which checks the parties against A's config);
+    the listeners of :meth:`ArbiterService.on_proposed` see each spec P1 took, and no other;
 S3. ``RESUME{step, tag_steps}`` (FTL: ``RESUME{step, run}``) from each party → P6 applied
     once both sent the same body, then ``RESUMED`` to both; disagreeing bodies, or a resume
     P6 refuses, are refused;
@@ -172,6 +173,7 @@ class ArbiterService:
         self._refused_listeners: list[Callable[[Envelope, str], None]] = []
         self._served_listeners: list[Callable[[str, str, int], None]] = []
         self._closed_listeners: list[Callable[[str], None]] = []
+        self._proposed_listeners: list[Callable[[dict[str, Any], Party, bool], None]] = []
         self._stream_lock = threading.Lock()
         self._streams: set[tuple[str, str]] = set()
 
@@ -193,6 +195,12 @@ class ArbiterService:
     def on_closed(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(job_id)`` once a job is closed (S4: both parties sent JOB_DONE)."""
         self._closed_listeners.append(listener)
+
+    def on_proposed(self, listener: Callable[[dict[str, Any], Party, bool], None]) -> None:
+        """Call ``listener(spec, sender, registered)`` for every JOB_SPEC that P1 took as a
+        proposal of its job (S2), ``registered`` once the job is active; never for a
+        refused one (e.g. another guest's spec for a job another guest proposed)."""
+        self._proposed_listeners.append(listener)
 
     def on_refused(self, listener: Callable[[Envelope, str], None]) -> None:
         """Call ``listener(request, reason)`` for every refused request (D1, S2-S5)."""
@@ -291,11 +299,12 @@ class ArbiterService:
         try:
             if not isinstance(envelope.body, ControlBlock):
                 raise PolicyViolationError("JOB_SPEC carries no control block")
-            if envelope.body.obj().get("job_id") != envelope.job_id:  # docs/protocol.md §2.9
+            spec = envelope.body.obj()
+            if spec.get("job_id") != envelope.job_id:  # docs/protocol.md §2.9
                 raise PolicyViolationError("JOB_SPEC names another job than its envelope")
             if admit is not None:
-                admit(envelope.body.obj(), envelope.sender)
-            policy = policy_of(envelope.body.obj())
+                admit(spec, envelope.sender)
+            policy = policy_of(spec)
             if policy.job_id != envelope.job_id:
                 raise PolicyViolationError("JOB_SPEC names another job than its envelope")
             if policy.key_id != self._cipher.key.key_id:
@@ -332,6 +341,11 @@ class ArbiterService:
             for request in [*others, envelope]:
                 self.reply(request, SetupTag.JOB_READY, self._refusal(public, exc))
             return
+        for listener in self._proposed_listeners:
+            try:
+                listener(spec, envelope.sender, active)
+            except Exception:  # noqa: BLE001 - a record must not undo a registration
+                logger.exception("a listener of job %s's JOB_SPEC failed", envelope.job_id)
         for request in waiting:
             self.reply(request, SetupTag.JOB_READY, {"job_id": envelope.job_id})
 

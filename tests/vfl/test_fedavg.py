@@ -242,6 +242,45 @@ def test_a_missing_update_aborts_the_round_and_nothing_is_unmasked(
     assert [h["round"] for h in run.results["bank"].history] == [1, 2, 3]  # round 1 re-reported
 
 
+def test_a_stray_join_under_the_jobs_id_stops_no_run(
+    tmp_path: Path, tables: dict[str, PartyTable], identities: dict[str, TlsIdentity]
+) -> None:
+    """In round 1 a party that is no client of the job sends A a JOIN for its id with a run
+    id of its own: that run is refused alone, and the job's run goes on to the end (A
+    replaces a job's run only with one it admitted; docs/protocol.md §4.4.1)."""
+    job = make_job(clients=("bank", "retailer"))
+    stray = Party("shop", Role.HOST)
+    sent: dict[str, Recording] = {}
+    intruder: list[Channel] = []
+
+    def hook(envelope: Envelope) -> Envelope:
+        first_update = envelope.tag == FedTag.UPDATE.value and envelope.step == 1
+        if first_update and envelope.sender.party_id == "bank" and len(intruder) == 1:
+            join = next(e for e in sent["bank"].sent if e.tag == FedTag.JOIN.value)
+            intruder[0].send(dataclasses.replace(join, sender=stray, run_id="stray", seq=0))
+            intruder.append(intruder[0])  # once
+        return envelope
+
+    make = recording(sent, hook)
+
+    def factory(net: InMemoryNetwork, party: Party, tags: TagRegistry) -> Channel:
+        if not intruder:
+            intruder.append(net.channel(stray, tags=tags))
+        return make(net, party, tags)
+
+    run = run_in_process(
+        job=job,
+        tables=tables,
+        identities=identities,
+        state_dir=tmp_path,
+        seed=3,
+        channel_factory=factory,
+    )
+    assert len(intruder) == 2  # the stray JOIN was sent, during round 1
+    assert [h["round"] for h in run.results["bank"].history] == [1, 2, 3]
+    assert [h["round"] for h in run.results["retailer"].history] == [1, 2, 3]
+
+
 def test_a_substituted_key_is_refused(
     tmp_path: Path, tables: dict[str, PartyTable], identities: dict[str, TlsIdentity]
 ) -> None:

@@ -4,6 +4,7 @@ removed inside or outside the state folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ from vfl.scoring.protocol import ScoreTag
 from vfl.service.admin import admin_call, service_address
 from vfl.service.demo import write_demo_setup
 from vfl.service.local import Processes, connect_services, start_services, stop_services
-from vfl.splitnn.job import SplitJob
+from vfl.service.owners import IN_USE, OWNER_FILE
+from vfl.splitnn.job import JobTag, SplitJob
 from vfl.splitnn.jobfile import parse_job
 from vfl.splitnn.saved import model_dir
 from vfl.transfer.jobfile import parse_ftl_job
@@ -233,7 +235,7 @@ def attacker(host: Host) -> Iterator[GrpcChannel]:
     channel = GrpcChannel(
         me=host.bank.party,
         identity=host.bank.tls.load(),
-        tags=TagRegistry([PsiTag, FedTag, FtlTag, ScoreTag]),
+        tags=TagRegistry([PsiTag, FedTag, FtlTag, ScoreTag, JobTag]),
     )
     channel.start()
     pinned = host.bank.peer("retailer").address_entry().certificate_pem
@@ -295,4 +297,29 @@ def test_ids_inside_bodies_are_checked_and_compared_to_the_envelope(
         assert needle in reply.get("refused", ""), (job_id, reply)
     assert host.tree() == before
     assert not any((state / name).exists() for name in ("jobs", "psi", "models"))
+    assert not not_private(state), not_private(state)
+
+
+def test_a_job_id_belongs_to_the_kind_of_job_that_claimed_it(
+    host: Host, attacker: GrpcChannel
+) -> None:
+    """The bank's transfer START claims its job id (an owner-only record) although the host
+    then refuses the job; the bank's FedAvg START and split-NN JOB_START under that id are
+    refused with the rule only, and leave the job's status as the first refusal left it
+    (docs/protocol.md §4.4.1)."""
+    state = host.retailer.state_dir
+    first = _ask(attacker, "kind-1", FtlTag.START, _ftl_start("kind-1", "no-psi"), FtlTag.ACCEPT)
+    assert first.get("ok") is False and first["reason"] != IN_USE
+    shown = admin_call(host.retailer, "status")["jobs"]["kind-1"]
+    assert shown["state"] == "refused"
+    fed = {"job": {**FED_JOB.to_json(), "job_id": "kind-1"}}
+    for tag, body, reply in (
+        (FedTag.START, fed, FedTag.ACCEPT),
+        (JobTag.JOB_START, {"job_id": "kind-1"}, JobTag.JOB_ACCEPT),
+    ):
+        answer = _ask(attacker, "kind-1", tag, body, reply)
+        assert answer.get("reason", answer.get("refused")) == IN_USE, (tag, answer)
+    assert admin_call(host.retailer, "status")["jobs"]["kind-1"] == shown
+    owner = json.loads((state / "jobs" / "kind-1" / OWNER_FILE).read_text())
+    assert owner == {"guest": "bank", "kind": "transfer"}
     assert not not_private(state), not_private(state)

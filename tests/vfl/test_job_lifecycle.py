@@ -324,10 +324,14 @@ class StubService:
     def on_refused(self, listener: Any) -> None:
         self.refusal_listeners.append(listener)
 
+    def on_proposed(self, listener: Any) -> None:
+        pass
+
 
 def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> None:
-    """job_accepted / job_refused per JOB_SPEC; decryption counts when a registered job
-    registers again (resume), periodically only when they changed, and at the stop."""
+    """job_refused per JOB_SPEC refused, job_accepted per JOB_SPEC taken as a proposal;
+    decryption counts when a registered job registers again (resume), periodically only
+    when they changed, and at the stop."""
     text = PARTY.format(me="arbiter", role="arbiter", peer="retailer", peer_role="host")
     text = text.replace(
         'id = "arbiter"\nrole = "arbiter"\naddress', 'id = "bank"\nrole = "guest"\naddress'
@@ -356,13 +360,18 @@ def test_arbiter_watch_records_policy_decisions_and_counts(tmp_path: Path) -> No
         "eval_steps": 2,
         "eval_rewind": 1,
     }
-    watch.admit(spec, BANK)
+
+    def propose(sender: Any, registered: bool) -> None:
+        watch.admit(spec, sender)
+        watch.proposed(spec, sender, registered)
+
+    propose(BANK, False)
     with pytest.raises(JobRefusedError, match="d = 9 exceeds accept.max_d = 8"):
         watch.admit({**spec, "d": 9}, RETAILER)
     service.policy.registered.add("j")
     service.policy.values["j"] = {"splitnn.Z_FWD": 12}
-    watch.admit(spec, BANK)  # a new run registers again: the counts so far
-    watch.admit(spec, RETAILER)  # unchanged: not recorded twice
+    propose(BANK, True)  # a new run registers again: the counts so far
+    propose(RETAILER, True)  # unchanged: not recorded twice
     watch.record_counts("j", cause="periodic")  # unchanged: nothing
     service.policy.values["j"] = {"splitnn.Z_FWD": 24}
     watch.record_counts("j", cause="periodic")

@@ -86,6 +86,11 @@ class AcceptPolicy:
     protect_modes: frozenset[ProtectMode] = _SAFE_PROTECT_MODES
     allow_plaintext: bool = False
 
+    def admits(self, guest: str, job_type: JobType) -> bool:
+        """Whether ``guest`` may submit jobs of ``job_type`` here (check 1 of
+        :mod:`vfl.service.accept`, without its reasons)."""
+        return guest in self.guests and job_type in self.job_types
+
 
 @dataclass(frozen=True)
 class PsiDataPolicy:

@@ -22,6 +22,7 @@ import numpy as np
 from protocols import secagg
 from protocols.envelope import Envelope, Uint64Block, control_of
 from protocols.errors import (
+    JobIdInUseError,
     JobRefusedError,
     ProtocolError,
     RunAbortedError,
@@ -52,6 +53,7 @@ class _Run:
     joined: dict[str, Party] = field(default_factory=dict)  # who sent a JOIN (for ABORT)
     stopped: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    older: list[_Run] = field(default_factory=list)  # runs it replaces once admitted
 
     @property
     def job_id(self) -> str:
@@ -63,7 +65,9 @@ class _Run:
 
 
 class FedAggregator:
-    """A's FedAvg service: one thread per run, started by the run's first ``JOIN``.
+    """A's FedAvg service: one thread per run, started by the run's first ``JOIN``. A run
+    replaces the job's older runs only once it is admitted (every client joined, the
+    same job, ``admit`` passed), so a stray ``JOIN`` under a job's id stops no run of it.
 
     Parameters
     ----------
@@ -118,17 +122,14 @@ class FedAggregator:
             run = self._runs.get(key)
             if run is None:
                 older = [r for k, r in self._runs.items() if k[0] == envelope.job_id]
-                run = _Run(link=JobLink.answering(self.channel, envelope))
+                run = _Run(link=JobLink.answering(self.channel, envelope), older=older)
                 self._runs[key] = run
                 start = True
             else:
-                older, start = [], False
+                start = False
         run.joins.put(envelope)
         if not start:
             return
-        for old in older:  # a newer run of the job replaces the older one
-            old.stopped.set()
-            self.channel.abort_run(old.job_id, old.run_id)
         run.thread = threading.Thread(
             target=self._serve, args=(run,), name=f"fedavg-{run.job_id}", daemon=True
         )
@@ -151,6 +152,9 @@ class FedAggregator:
             self._rounds(run, job, clients, resume)
         except _Abort as exc:
             self._abort(run, clients, str(exc))
+        except JobIdInUseError as exc:  # told to whoever joined; nothing of the owner's
+            reason = f"refused by the aggregator: {peer_reason(exc)}"
+            self._abort(run, clients, reason, refused=True, quiet=True)
         except JobRefusedError as exc:
             self._abort(
                 run, clients, f"refused by the aggregator: {peer_reason(exc)}", refused=True
@@ -202,6 +206,8 @@ class FedAggregator:
         if self.admit is not None:
             try:
                 self.admit(job, coordinator)
+            except JobIdInUseError:
+                raise  # another coordinator's job id: its status and records stay
             except JobRefusedError as exc:
                 self._event(run.job_id, "refused", reason=str(exc)[:300])
                 raise
@@ -217,6 +223,10 @@ class FedAggregator:
                         f"{party_id}'s {what} differs from {job.coordinator}'s; every client "
                         "must hold the same columns and run the same job"
                     )
+        for old in run.older:  # admitted: a newer run of the job replaces the older ones
+            old.stopped.set()
+            self.channel.abort_run(old.job_id, old.run_id)
+        run.older = []
         held = [set(int(r) for r in b.get("rounds_held", [])) | {0} for b in joins.values()]
         common = set.intersection(*held)
         resume = max(common)
@@ -394,11 +404,19 @@ class FedAggregator:
         return control_of(self._recv(run, sender, tag, step, timeout))
 
     def _abort(
-        self, run: _Run, clients: Sequence[Party], reason: str, *, refused: bool = False
+        self,
+        run: _Run,
+        clients: Sequence[Party],
+        reason: str,
+        *,
+        refused: bool = False,
+        quiet: bool = False,
     ) -> None:
-        """F7: tell every reachable client; no sum of the round is ever sent."""
+        """F7: tell every reachable client; no sum of the round is ever sent (``quiet``:
+        the job's status and records are not this run's to change)."""
         logger.warning("job %s: run %s aborted: %s", run.job_id, run.run_id, reason)
-        self._event(run.job_id, "aborted", reason=reason[:300], run_id=run.run_id)
+        if not quiet:
+            self._event(run.job_id, "aborted", reason=reason[:300], run_id=run.run_id)
         if not clients:  # aborted before every JOIN: tell whoever joined
             clients = list(run.joined.values())
         for client in clients:

@@ -32,7 +32,9 @@ F2. Every client sends ``JOIN`` to A: the job, its digest, the digest of its col
     ephemeral public key. A checks its own policy and that all clients sent the same job,
     columns and initial model, and picks the resume round: the newest round every client
     holds (clients save round ``r`` before reporting on it, and A starts round ``r+1`` only
-    after every report of round ``r``, so they differ by at most one round).
+    after every report of round ``r``, so they differ by at most one round). Only then does
+    the run replace the job's older runs at A: a stray ``JOIN`` stops none
+    (docs/protocol.md §4.4.1).
 F3. A sends ``KEYS`` (every client's signed key and the resume round) to every client; each
     verifies every signature against the pinned certificate and derives its pairwise seeds.
     With the group mask and ``m > 2`` the first client draws ``K_group`` and sends it to

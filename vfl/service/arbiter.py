@@ -147,12 +147,17 @@ def serve_arbiter(
 
 
 class ArbiterWatch:
-    """The arbiter's acceptance policy for JOB_SPECs and its audit records.
+    """The arbiter's acceptance policy for JOB_SPECs, its audit records and job states.
 
-    Records ``job_accepted``/``job_refused`` per JOB_SPEC, and ``decryption_counts`` (values
-    decrypted per tag, :meth:`DecryptionPolicy.counts`) when a registered job registers
-    again (a new run: resume), every ``COUNTS_EVERY_S`` when they changed, and at close
-    for every job registered since the service started.
+    Records ``job_refused`` per JOB_SPEC its policy refuses (:meth:`admit`), ``job_accepted``
+    per JOB_SPEC that P1 then takes as a proposal of its job (:meth:`proposed`), and
+    ``decryption_counts`` (values decrypted per tag, :meth:`DecryptionPolicy.counts`) when
+    a registered job registers again (a new run: resume), every ``COUNTS_EVERY_S`` when
+    they changed, and at close for every job registered since the service started. A job
+    is shown ``running`` with its guest once it is registered (both parties proposed it):
+    a spec that P1 refuses (another guest's, for a job one guest proposed or registered)
+    touches neither the job's status nor its records, and the job's guest
+    (:meth:`guest_of`) is the one it is registered to (docs/protocol.md §2.6 P1).
     """
 
     def __init__(
@@ -171,11 +176,6 @@ class ArbiterWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def attach(self, service: ArbiterService) -> None:
-        """The decryption service whose counts and refusals are recorded."""
-        self._service = service
-        service.on_refused(self.refused)
-
     @property
     def service(self) -> ArbiterService | None:
         """The decryption service (once attached)."""
@@ -193,16 +193,32 @@ class ArbiterWatch:
             reason=reason[:300],
         )
 
-    def admit(self, body: dict[str, Any], sender: Party) -> None:
-        """The ``admit`` hook of :meth:`ArbiterService.serve_setup`."""
-        job_id = str(body.get("job_id", ""))[:128]
-        key_id = self._service.key_id.hex() if self._service is not None else None
-        fields: dict[str, Any] = {
+    def attach(self, service: ArbiterService) -> None:
+        """The decryption service whose counts, proposals and refusals are recorded."""
+        self._service = service
+        service.on_refused(self.refused)
+        service.on_proposed(self.proposed)
+
+    def _fields(self, body: dict[str, Any], sender: Party) -> dict[str, Any]:
+        """A JOB_SPEC's audit fields."""
+        return {
             "submitter": sender.party_id,
             "config_sha256": config_digest(body),
-            "key_id": key_id,
+            "key_id": self._service.key_id.hex() if self._service is not None else None,
             "guest": str(body.get("guest", ""))[:64],
         }
+
+    def guest_of(self, job_id: str) -> str | None:
+        """The guest the job is registered to (P1), if it is."""
+        known = self._service.policy.job(job_id) if self._service is not None else None
+        parties = tuple(getattr(known, "parties", ()))
+        return str(parties[0]) if len(parties) == 2 else None
+
+    def admit(self, body: dict[str, Any], sender: Party) -> None:
+        """The ``admit`` hook of :meth:`ArbiterService.serve_setup`: A's ``[accept]``
+        policy, and a registered job's guest (P1); a refusal is recorded here."""
+        job_id = str(body.get("job_id", ""))[:128]
+        fields = self._fields(body, sender)
         try:
             spec = check_spec(self.config, body, sender)
             known = self._service.policy.job(spec.job_id) if self._service is not None else None
@@ -227,10 +243,18 @@ class ArbiterWatch:
                 self._reregistered[spec.job_id] = counts
             if again:
                 self.record_counts(spec.job_id, cause="registered again", force=True)
-        self.audit.record(event=AuditEvent.JOB_ACCEPTED, job_id=spec.job_id, **fields)
-        self.status(spec.job_id, state="running", phase="registered", guest=spec.guest)
+
+    def proposed(self, body: dict[str, Any], sender: Party, registered: bool) -> None:
+        """The proposal hook of :meth:`ArbiterService.on_proposed`: P1 took this JOB_SPEC
+        as a proposal of its job (``registered``: the job is now active)."""
+        job_id = str(body.get("job_id", ""))[:128]
+        self.audit.record(
+            event=AuditEvent.JOB_ACCEPTED, job_id=job_id, **self._fields(body, sender)
+        )
         with self._lock:
-            self._jobs.setdefault(spec.job_id, {})
+            self._jobs.setdefault(job_id, {})
+        if registered:  # only a registered job's guest counts (P1)
+            self.status(job_id, state="running", phase="registered", guest=self.guest_of(job_id))
 
     def record_counts(self, job_id: str, *, cause: str, force: bool = False) -> None:
         """Record the job's decryption counts if they changed since the last record."""

@@ -11,7 +11,8 @@ per run (docs/protocol.md §4.4.1 lifecycle; retries, outcomes, notices are the 
 
 A driver reaches the service only through its context: the channel, the party's config,
 executors, the audit log, the job-state table (:meth:`ServiceContext.update`), the stopping
-event and the job folders. No driver imports the runner or another driver.
+event, the job folders and whose job an id is (:meth:`ServiceContext.claim`, which every
+peer-side ``START`` handler asks first). No driver imports the runner or another driver.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from protocols.arbiter.service import ArbiterService
 from protocols.errors import (
+    DataError,
+    JobIdInUseError,
     JobRefusedError,
+    NoSpaceError,
     PolicyViolationError,
     TransportError,
     VflError,
 )
 from protocols.executor import Backend, Executor, make_executor
-from protocols.files import private_dir
+from protocols.files import NO_SPACE, is_no_space, private_dir
 from protocols.ids import state_path
 from protocols.roles import Party, Role
 from protocols.transport.base import Channel
@@ -43,6 +47,7 @@ from vfl.common.jobfile import TypedJob
 from vfl.config import JobType, PartyConfig
 from vfl.service.alignment import run_psi
 from vfl.service.audit import AuditEvent, AuditLog
+from vfl.service.owners import JobOwners
 from vfl.service.requests import AdminCommand, PsiRequest
 
 logger = logging.getLogger(__name__)
@@ -121,6 +126,7 @@ class ServiceContext:
         self.config, self.channel, self.executor, self.audit = config, channel, executor, audit
         self.stopping = threading.Event()  # set once the service stops (lifecycle step 5)
         self.arbiter: ArbiterService | None = None  # the arbiter's decryption service
+        self.owners = JobOwners(state_dir=config.state_dir)  # whose job each id is (H; A: FedAvg)
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._job_locks: dict[str, threading.Lock] = {}
@@ -142,6 +148,14 @@ class ServiceContext:
             self._jobs[job_id] = dict(fields)
             return True
 
+    def refused(self, job_id: str, error: str) -> None:
+        """A START of the job was refused: shown ``refused``, unless a run of it is shown
+        ``running`` (that run goes on, and its guest may still report it failed)."""
+        with self._lock:
+            state = self._jobs.setdefault(job_id, {})
+            if state.get("state") != "running":
+                state.update(state="refused", phase="refused", error=error[:500])
+
     def state(self, job_id: str) -> dict[str, Any]:
         """A copy of the job's status (empty if unknown)."""
         with self._lock:
@@ -151,6 +165,46 @@ class ServiceContext:
         """A copy of every job's status."""
         with self._lock:
             return {job_id: dict(state) for job_id, state in self._jobs.items()}
+
+    # -- whose job an id is (docs/protocol.md §4.4.1) -------------------------------------
+
+    def claim(self, job_id: str, *, guest: str, kind: JobType, record: bool = True) -> None:
+        """Check a guest's ``START`` of ``kind`` under ``job_id`` before anything of the job
+        is stopped or touched: refused if the id belongs to another guest or kind (logged
+        and audited here, with the owner; its peer reason names the rule only); if the id
+        is free, ``record`` and this party's ``[accept]`` admits ``guest`` for ``kind``, it
+        is theirs from now on (:mod:`vfl.service.owners`).
+
+        Raises
+        ------
+        JobIdInUseError
+            The id is another guest's or another kind's. Answer with its peer reason,
+            and touch neither the job's status nor its runs.
+        DataError
+            The record cannot be written (:class:`NoSpaceError` if the folder is full;
+            either's peer reason is safe to send).
+        """
+        keep = record and self.config.accept.admits(guest, kind)
+        try:
+            self.owners.claim(job_id, guest=guest, kind=kind, record=keep)
+        except JobIdInUseError as exc:
+            logger.warning("refused a %s START of job %s: %s", kind.value, job_id, exc)
+            self.audit.record(
+                event=AuditEvent.JOB_REFUSED, job_id=job_id, submitter=guest, reason=str(exc)
+            )
+            raise
+        except OSError as exc:
+            logger.error("job %s: cannot record its owner: %s", job_id, exc)
+            party = self.config.party.party_id
+            if is_no_space(exc):
+                raise NoSpaceError(
+                    f"{NO_SPACE} in {self.config.state_dir}: {exc}",
+                    public=f"{NO_SPACE} in {party}'s state folder; its operator must free space",
+                ) from None
+            raise DataError(
+                f"cannot record job {job_id}'s owner: {exc}",
+                public=f"{party} cannot record the job (details in its own log)",
+            ) from None
 
     # -- job folders and locks -----------------------------------------------------------
 
@@ -282,10 +336,6 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; kind is the one req
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Once the service listens (e.g. notices about runs a stop interrupted)."""
-
-    def guest_of(self, job_id: str) -> str | None:
-        """The guest of the peer-side run of ``job_id`` this party serves, if any."""
-        return None
 
     def guest_failed(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """R3: the job's guest says it failed for good: stop the peer-side run of it."""

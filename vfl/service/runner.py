@@ -37,7 +37,9 @@ Lifecycle across stops and restarts (docs/protocol.md §4.4.1; each party logs i
    reason}``, R3, best effort with retries for a minute; a FedAvg job's aggregator tells
    its clients itself): H stops its run of the job, and H and A record the job as
    ``failed`` with G's peer-safe reason instead of showing it ``running``. Only the job's
-   guest may say so, and only a job shown ``running`` changes.
+   guest may say so (at H the guest that owns the id, :mod:`vfl.service.owners`, whose
+   notice reaches only the driver of the job's kind; at A the guest the job is registered
+   to), and only a job shown ``running`` changes.
 7. A run that stops because a state folder is full (G's own, H's as its ``RUN_STOPPED``
    says, A's as its refusal or its ``RUN_STOPPED{no_space}`` says; every such error reads
    ``no space left in ...``) is followed by a new run after ``NO_SPACE_DELAYS_S``, without
@@ -90,6 +92,7 @@ from vfl.service.arbiter import (
 from vfl.service.audit import AUDIT_FILE, AuditEvent, AuditLog, config_digest, file_digest
 from vfl.service.driver import (
     AdminHandler,
+    Driver,
     JobDriver,
     ServiceContext,
 )
@@ -466,11 +469,7 @@ class JobRunner:
         body = notice_body(envelope) or {}
         reason = f"{sender} failed: {str(body.get('reason') or 'no reason given')[:300]}"
         state = self.ctx.state(job_id)
-        if self.config.party.role is Role.HOST:
-            guests = (each.guest_of(job_id) for each in self.drivers.values())
-            guest = next((g for g in guests if g is not None), None)
-        else:
-            guest = state.get("guest")
+        guest, driver = self._owner(job_id)
         if state.get("state") != "running" or guest != sender:
             logger.info(
                 "ignored JOB_FAILED for job %s from %s (not its running guest here)", job_id, sender
@@ -482,5 +481,18 @@ class JobRunner:
             event=AuditEvent.JOB_FAILED, job_id=job_id, submitter=sender, reason=reason
         )
         self.ctx.update(job_id, state="failed", phase="failed", error=reason)
-        for each in self.drivers.values():
-            each.guest_failed(job_id)
+        if driver is not None:
+            driver.guest_failed(job_id)
+
+    def _owner(self, job_id: str) -> tuple[str | None, Driver | None]:
+        """Whose job ``job_id`` is here, and the driver of its kind (docs/protocol.md
+        §4.4.1): at H the guest and kind that first started it (:mod:`vfl.service.owners`),
+        at A the guest it is registered to (P1; A runs no session to stop)."""
+        if self.watch is not None:
+            return self.watch.guest_of(job_id), None
+        try:
+            owner = self.ctx.owners.owner(job_id)
+        except VflError as exc:  # an unreadable record: nobody's notice is taken
+            logger.warning("job %s: %s", job_id, exc)
+            return None, None
+        return (None, None) if owner is None else (owner.guest, self.drivers[owner.kind])

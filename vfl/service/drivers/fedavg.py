@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, JobRefusedError, ProtocolError, VflError, peer_reason
+from protocols.errors import (
+    ConfigError,
+    JobIdInUseError,
+    JobRefusedError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.link import JobLink
 from protocols.roles import Party, Role
 from protocols.transport.base import MessageFilter
@@ -258,7 +265,8 @@ class FedAvgDriver(JobDriver[FedJobFile]):
         job_id, sender = envelope.job_id, envelope.sender
         if ctx.stopping.is_set():
             return
-        try:
+        try:  # whose job the id is, before anything else (docs/protocol.md §4.4.1)
+            ctx.claim(job_id, guest=sender.party_id, kind=self.kind, record=False)
             if not isinstance(envelope.body, ControlBlock):
                 raise ProtocolError("START must carry the job as JSON")
             job = FedJob.from_json(envelope.body.obj()["job"])
@@ -267,10 +275,14 @@ class FedAvgDriver(JobDriver[FedJobFile]):
                     "START names another job than its envelope",
                     public="START names another job than its envelope",
                 )
+            ctx.claim(job_id, guest=sender.party_id, kind=self.kind)  # if the id is free
             check_fed_start(ctx.config, job, sender=sender.party_id)
             table = self._table(job)
             check_fed_start(ctx.config, job, sender=sender.party_id, features=len(table.columns))
             client = self._client(job, envelope.run_id, table)
+        except JobIdInUseError as exc:  # another's job: its run and status are left alone
+            self._answer(envelope, {"ok": False, "reason": peer_reason(exc)})  # audited
+            return
         except (VflError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc)
             if not isinstance(exc, JobRefusedError):
@@ -282,7 +294,7 @@ class FedAvgDriver(JobDriver[FedJobFile]):
                 submitter=sender.party_id,
                 reason=reason[:500],
             )
-            ctx.update(job_id, state="refused", phase="refused", error=reason[:500])
+            ctx.refused(job_id, reason)  # a run of it still going stays shown
             public = peer_reason(exc) if isinstance(exc, VflError) else "malformed START"
             self._answer(envelope, {"ok": False, "reason": public})  # details: this log only
             return
@@ -336,6 +348,8 @@ class FedAvgDriver(JobDriver[FedJobFile]):
 
         def admit(job: FedJob, coordinator: Party) -> None:
             check_fed_job(ctx.config, job, coordinator)
+            # the job id is its coordinator's (docs/protocol.md §4.4.1)
+            ctx.claim(job.job_id, guest=coordinator.party_id, kind=self.kind)
 
         def notify(job_id: str, event: str, fields: dict[str, Any]) -> None:
             if event == "accepted":
@@ -354,6 +368,14 @@ class FedAvgDriver(JobDriver[FedJobFile]):
                 ctx.audit.record(event=AuditEvent.JOB_FINISHED, job_id=job_id)
 
         self.aggregator = FedAggregator(channel=ctx.channel, admit=admit, notify=notify)
+
+    def guest_failed(self, job_id: str) -> None:
+        """Stop this client's run of ``job_id`` if it still runs (R3: its coordinator
+        failed; coordinators leave that to the aggregator's ``ABORT`` as a rule)."""
+        with self._lock:
+            entry = self._clients.get(job_id)
+        if entry is not None and not entry[1].is_set():
+            entry[0].stop()
 
     def status(self) -> dict[str, dict[str, Any]]:
         """The aggregator's jobs (arbiter), for ``vfl status``."""

@@ -6,9 +6,11 @@ all its labelled rows. The host's service answers ``START`` for one of its own d
 aliases and the PSI result it holds, under its ``[accept]`` policy (a refusal is
 ``ACCEPT{ok: false, reason}`` with the rule only, §1.7), and, when it owns the scores (the
 default), writes ``jobs/<id>/scores.csv`` for its customers outside the overlap. A
-``START`` whose job id differs from its envelope's, or that names a PSI job that is not an
-identifier, is refused (and audited) before its data or any job folder is touched
-(docs/protocol.md §2.9). Every file a job leaves (result, report, scores) is 0600 in 0700
+``START`` for a job id that belongs to another guest or another kind of job
+(:mod:`vfl.service.owners`) is refused first, without touching that job's run, checkpoints
+or status; one whose job id differs from its envelope's, or that names a PSI job that is
+not an identifier, is refused (and audited) before its data or any job folder is touched
+(docs/protocol.md §2.9, §4.4.1). Every file a job leaves (result, report, scores) is 0600 in 0700
 folders. The arbiter decrypts under the job's FTL policy (:mod:`vfl.service.arbiter`).
 Retries, outcomes and audit records are the runner's (:mod:`vfl.service.runner`).
 """
@@ -26,7 +28,13 @@ import numpy as np
 import pandas as pd
 
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import JobRefusedError, ProtocolError, VflError, peer_reason
+from protocols.errors import (
+    JobIdInUseError,
+    JobRefusedError,
+    ProtocolError,
+    VflError,
+    peer_reason,
+)
 from protocols.files import atomic_write
 from protocols.ids import check_identifier
 from protocols.link import JobLink
@@ -248,7 +256,8 @@ class FtlDriver(JobDriver[FtlJobFile]):
         job_id, sender = envelope.job_id, envelope.sender
         if ctx.stopping.is_set():
             return
-        try:
+        try:  # whose job the id is, before anything else (docs/protocol.md §4.4.1)
+            ctx.claim(job_id, guest=sender.party_id, kind=self.kind, record=False)
             if not isinstance(envelope.body, ControlBlock):
                 raise ProtocolError("START must carry the job as JSON")
             body = envelope.body.obj()
@@ -260,6 +269,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
                 )
             request = dict(body.get("request", {}))
             psi_job = check_identifier(request.get("psi_job"), what="START psi_job")
+            ctx.claim(job_id, guest=sender.party_id, kind=self.kind)  # if the id is free
             alias = str(request.get("data", ""))
             check_ftl_start(ctx.config, job, sender=sender.party_id, alias=alias)
             column = host_id_column(ctx.config, request)  # its own [psi] policy's column
@@ -268,6 +278,9 @@ class FtlDriver(JobDriver[FtlJobFile]):
                 ctx.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
             )
             overlap = self._overlap(psi_job, alias=alias, guest=sender.party_id)
+        except JobIdInUseError as exc:  # another's job: its run and status are left alone
+            self._refuse(envelope, peer_reason(exc))  # logged and audited by the claim
+            return
         except (VflError, KeyError, TypeError, ValueError) as exc:
             reason = (
                 str(exc) if isinstance(exc, JobRefusedError) else f"{type(exc).__name__}: {exc}"
@@ -280,7 +293,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
                 submitter=sender.party_id,
                 reason=reason,
             )
-            ctx.update(job_id, state="refused", phase="refused", error=reason[:500])
+            ctx.refused(job_id, reason)  # a run of it still going stays shown
             self._refuse(envelope, public)  # the rule only; the details stay in H's log
             return
         host = FtlHost(
@@ -339,12 +352,6 @@ class FtlDriver(JobDriver[FtlJobFile]):
             ctx.channel.abort_run(job_id, envelope.run_id)
 
     # -- the runner's hooks ----------------------------------------------------------------
-
-    def guest_of(self, job_id: str) -> str | None:
-        """The guest of the transfer run this host follows for ``job_id``, if any."""
-        with self._lock:
-            entry = self._hosts.get(job_id)
-        return None if entry is None else entry[0].guest.party_id
 
     def guest_failed(self, job_id: str) -> None:
         """Stop this host's run of ``job_id`` if it still runs (R3: its guest failed)."""

@@ -9,9 +9,11 @@ else. The arbiter A decrypts under the job's policy (:mod:`vfl.service.arbiter`)
 
 H's side of the lifecycle (docs/protocol.md §4.4.1; :mod:`vfl.service.runner`, steps 3-4):
 
-1. a ``JOB_START`` for a job id whose current or recorded run belongs to another guest is
-   refused and audited before anything is stopped (``jobs/<id>/host_run.json`` records
-   the guest and run of every accepted run);
+1. a ``JOB_START`` for a job id that belongs to another guest or another kind of job
+   (:mod:`vfl.service.owners`) is refused (``JOB_ACCEPT{refused}``, the rule only) and
+   audited before anything is stopped or touched; ``jobs/<id>/host_run.json`` records the
+   guest and run of every accepted run (an older version's record, without an owner
+   record, makes its guest the split-NN owner when the service starts);
 2. a ``JOB_START`` for a job whose older run H still serves stops that run first (its
    receives raise :class:`~protocols.errors.RunAbortedError`) and waits for it to end;
 3. a run of H that fails sends ``RUN_STOPPED{failed}`` (R1) with the error's peer-safe
@@ -31,7 +33,14 @@ import time
 from typing import Any, ClassVar
 
 from protocols.envelope import ControlBlock, Envelope
-from protocols.errors import ConfigError, JobRefusedError, VflError, peer_reason
+from protocols.errors import (
+    ConfigError,
+    JobIdInUseError,
+    JobRefusedError,
+    NoSpaceError,
+    VflError,
+    peer_reason,
+)
 from protocols.files import NO_SPACE, atomic_write, is_no_space, no_space_error
 from protocols.ids import check_identifier, state_path
 from protocols.link import JobLink
@@ -143,11 +152,25 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         )
 
     def serve(self) -> None:
-        """H answers guests' ``JOB_START``."""
+        """H answers guests' ``JOB_START`` (after taking over older versions' records)."""
         if self.ctx.config.party.role is Role.HOST:
+            self._owners_of_old_runs()
             self.ctx.channel.add_handler(
                 MessageFilter.for_tags(JobTag.JOB_START), self._on_job_start
             )
+
+    def _owners_of_old_runs(self) -> None:
+        """Step 1: a ``host_run.json`` of an older version, kept without an owner record,
+        makes its guest the owner of the job id (split NN)."""
+        state_dir = self.ctx.config.state_dir
+        for found in sorted((state_dir / "jobs").glob(f"*/{HOST_RUN_FILE}")):
+            job_id = found.parent.name
+            try:
+                info = json.loads(state_path(state_dir, "jobs", job_id, HOST_RUN_FILE).read_text())
+                if self.ctx.owners.owner(job_id) is None and info.get("guest"):
+                    self.ctx.owners.claim(job_id, guest=str(info["guest"]), kind=self.kind)
+            except (OSError, ValueError, AttributeError, VflError) as exc:
+                logger.warning("%s: no owner taken from it (%s)", found, exc)
 
     # -- guest ---------------------------------------------------------------------------
 
@@ -226,21 +249,18 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         if ctx.stopping.is_set():
             return  # the guest tries again once this service is back
         with ctx.job_lock(job_id):
+            try:  # step 1: whose job the id is, before anything is stopped or touched
+                ctx.claim(
+                    job_id,
+                    guest=envelope.sender.party_id,
+                    kind=self.kind,
+                    record=self._names_its_job(envelope),
+                )
+            except VflError as exc:
+                self._refuse_start(envelope, exc)
+                return
             with self._lock:
                 old = self._host_runs.get(job_id)
-            owner = self._job_guest(job_id, old)
-            if owner is not None and owner != envelope.sender.party_id:
-                # step 1: a job id belongs to the guest that started it: another guest may
-                # neither stop its run nor take over its checkpoints
-                reason = f"job {job_id} belongs to {owner}; JOB_START from {envelope.sender}"
-                logger.warning("refused a JOB_START: %s", reason)
-                ctx.audit.record(
-                    event=AuditEvent.JOB_REFUSED,
-                    job_id=job_id,
-                    submitter=envelope.sender.party_id,
-                    reason=reason,
-                )
-                return
             if old is not None and not old.done.is_set():  # step 2
                 logger.info(
                     "job %s: run %s replaces run %s, which is stopped first",
@@ -354,6 +374,24 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         ).start()
 
     @staticmethod
+    def _names_its_job(envelope: Envelope) -> bool:
+        """Whether a ``JOB_START`` names its envelope's job (else the session refuses it,
+        docs/protocol.md §2.9, and it claims no job id)."""
+        body = envelope.body
+        return isinstance(body, ControlBlock) and body.obj().get("job_id") == envelope.job_id
+
+    def _refuse_start(self, envelope: Envelope, exc: VflError) -> None:
+        """Step 1: refuse a ``JOB_START`` before any run (``JOB_ACCEPT{refused}``, the rule
+        only); the job's runs and status are left alone if the id is another's."""
+        if not isinstance(exc, JobIdInUseError):  # the id is free: nothing of another's
+            self.ctx.refused(envelope.job_id, str(exc))
+        fields = {"no_space": True} if isinstance(exc, NoSpaceError) else {}
+        self.ctx.channel.fresh_stream(envelope.job_id, (envelope.sender,))
+        JobLink.answering(self.ctx.channel, envelope).refuse(
+            envelope, JobTag.JOB_ACCEPT, peer_reason(exc), step=0, **fields
+        )
+
+    @staticmethod
     def _start_digest(envelope: Envelope) -> str | None:
         """``config_sha256`` of a JOB_START: the job as received, without the run's own
         resume bookkeeping (checkpoints, evaluation counter)."""
@@ -382,17 +420,6 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             key_id=offer.key_id,
             run_id=envelope.run_id,
         )
-
-    def _job_guest(self, job_id: str, run: _HostRun | None) -> str | None:
-        """H: the guest a job id belongs to (its current run's, or the one recorded)."""
-        if run is not None:
-            return run.envelope.sender.party_id
-        path = state_path(self.ctx.config.state_dir, "jobs", job_id, HOST_RUN_FILE)
-        try:
-            guest = json.loads(path.read_text()).get("guest")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return str(guest) if guest else None
 
     def _host_run_state(
         self, job_id: str, envelope: Envelope, *, state: str, strict: bool = True
@@ -494,12 +521,6 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
                 logger.error("job %s: cannot record the notice: %s", job_id, exc)
 
     # -- the runner's hooks ----------------------------------------------------------------
-
-    def guest_of(self, job_id: str) -> str | None:
-        """The guest of the run H serves for ``job_id``."""
-        with self._lock:
-            run = self._host_runs.get(job_id)
-        return None if run is None else run.envelope.sender.party_id
 
     def guest_failed(self, job_id: str) -> None:
         """R3: record the run failed (no restart notice for it) and stop it."""
