@@ -5,6 +5,7 @@ network, the guest's real ``run_guest``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -292,6 +293,23 @@ def test_the_host_uses_its_own_columns_and_binds_its_result(data: Path) -> None:
         "cust_id",
         "bank",
     )
+
+
+def test_a_psi_job_id_of_another_guests_result_is_refused(data: Path) -> None:
+    """A PSI job id whose result at the host is another guest's is refused with the rule only,
+    and that result stays as it was (no guest overwrites another's PSI result); an unreadable
+    result refuses everyone, since whose it is cannot be told."""
+    config = host_config(data)
+    psi(config, {"data": "customers"})  # the bank's own result; it may run it again
+    folder = config.state_dir / "psi" / "pol"
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "peer": "bank2"}))
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    message = refusal(config, {"data": "customers"})
+    assert "psi job id in use here" in message and "bank2" not in message
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    (folder / "summary.json").write_text("{not json")
+    assert "psi job id in use here" in refusal(config, {"data": "customers"})
 
 
 def test_jobs_on_a_psi_result_go_through_the_same_policy(data: Path) -> None:

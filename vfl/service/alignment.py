@@ -15,7 +15,8 @@ Steps at H (:func:`answer_psi`):
 1. check the ``HELLO`` against ``[accept]`` (guest, job type ``psi``, data alias) and
    ``[psi]`` (mode, least padding, and whatever G names of the alias must be H's own
    choice: id column, id type, timestamp column, duplicates policy),
-   :func:`vfl.service.accept.check_psi`;
+   :func:`vfl.service.accept.check_psi`; a PSI job id whose result here belongs to another
+   guest is refused (``psi job id in use here``), so no guest overwrites another's result;
 2. load the id column H's policy names and canonicalise it with H's duplicates policy; a
    failure (missing file or column, duplicate ids under ``error``, no usable id) is
    refused with its public reason, the details logged here;
@@ -27,19 +28,20 @@ Steps at H (:func:`answer_psi`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import uuid
 from pathlib import Path
 from typing import Any
 
 from protocols.envelope import Envelope
-from protocols.errors import ConfigError, VflError, peer_reason
+from protocols.errors import ConfigError, JobIdInUseError, VflError, peer_reason
 from protocols.executor import Executor
 from protocols.ids import check_identifier
 from protocols.transport.base import Channel
 from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
 from psi.protocol import PsiMode, PsiOptions, read_hello, refuse, run_guest, run_host
-from psi.result import write_result
+from psi.result import result_dir, write_result
 from vfl.config import PartyConfig
 from vfl.data.ids import load_id_column
 from vfl.service.accept import check_psi
@@ -106,6 +108,27 @@ def run_psi(
     return {"job_id": job_id, "result_dir": str(folder), **result.summary}
 
 
+PSI_IN_USE = (
+    "psi job id in use here: a PSI result belongs to the guest that aligned it (choose another id)"
+)
+
+
+def _check_owner(config: PartyConfig, job_id: str, *, guest: str) -> None:
+    """Step 1: refuse a PSI whose job id names another guest's result at this party (its
+    ``peer``); the same guest may run it again (the new result replaces its own)."""
+    try:
+        summary = json.loads((result_dir(config.state_dir, job_id) / "summary.json").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:  # unreadable: whose it is cannot be told
+        raise JobIdInUseError(
+            f"PSI {job_id}: its result cannot be read ({exc})", public=PSI_IN_USE
+        ) from None
+    owner = summary.get("peer") if isinstance(summary, dict) else None
+    if owner is not None and owner != guest:
+        raise JobIdInUseError(f"PSI {job_id} is {owner}'s, not {guest}'s", public=PSI_IN_USE)
+
+
 def answer_psi(
     *,
     config: PartyConfig,
@@ -131,6 +154,7 @@ def answer_psi(
             id_type=IdType(hello["id_type"]),
             request=request,
         )
+        _check_owner(config, envelope.job_id, guest=envelope.sender.party_id)  # step 1
         ids = prepare_alias(  # step 2
             config,
             alias,
