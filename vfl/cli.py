@@ -133,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "run",
         aliases=["train"],
-        help="run a split-NN training job with the host and arbiter (at the guest)",
-        description="Submit a split-NN job (TOML; example: "
-        "examples/three_parties/credit_job.toml) to this party's service; it runs PSI first "
-        "unless the job names one, trains encrypted, validates each epoch and scores the "
-        "held-out test rows. Progress shows rows/s and ETA.",
+        help="run a training job (split NN, FedAvg or transfer) with its peers (at the guest)",
+        description="Submit a job file (TOML) to this party's service. Its [job] type picks "
+        "the kind: split_nn (the default; example: examples/three_parties/credit_job.toml) "
+        "runs PSI first unless the job names one, trains encrypted, validates each epoch and "
+        "scores the held-out test rows; horizontal (FedAvg with secure aggregation; example: "
+        "examples/horizontal/credit_fedavg.toml); transfer (federated transfer learning to "
+        "the host's other customers). Progress shows rows/s and ETA; `vfl cancel` stops a job.",
     )
     train.add_argument("job", type=Path, help="the job file (TOML)")
     train.add_argument("--config", type=Path, required=True, help="the guest's party config")
