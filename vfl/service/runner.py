@@ -480,9 +480,9 @@ class JobRunner:
         self.audit.record(
             event=AuditEvent.JOB_FAILED, job_id=job_id, submitter=sender, reason=reason
         )
-        self.ctx.update(job_id, state="failed", phase="failed", error=reason)
-        if driver is not None:
+        if driver is not None:  # its own records first (host_run.json), then the status
             driver.guest_failed(job_id)
+        self.ctx.update(job_id, state="failed", phase="failed", error=reason)
 
     def _owner(self, job_id: str) -> tuple[str | None, Driver | None]:
         """Whose job ``job_id`` is here, and the driver of its kind (docs/protocol.md
