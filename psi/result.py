@@ -98,13 +98,22 @@ def read_array(state_dir: Path, job_id: str, name: str) -> np.ndarray:
     return array
 
 
+def read_summary(state_dir: Path, job_id: str) -> dict[str, Any] | None:
+    """The summary of a finished PSI, or ``None`` if this party holds no result of
+    ``job_id`` (``OSError`` or ``ValueError`` if it cannot be read)."""
+    path = result_dir(state_dir, job_id) / "summary.json"
+    if not path.is_file():
+        return None
+    summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return summary
+
+
 def read_result(state_dir: Path, job_id: str) -> tuple[dict[str, Any], np.ndarray | None]:
     """The summary and rows of a finished PSI."""
     folder = result_dir(state_dir, job_id)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
+    summary = read_summary(state_dir, job_id)
+    if summary is None:
         raise AlignmentError(f"no PSI result for job {job_id} in {folder}")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     rows_path = folder / "rows.npy"
     rows = np.load(rows_path, allow_pickle=False) if rows_path.is_file() else None
     return summary, rows

@@ -28,7 +28,6 @@ Steps at H (:func:`answer_psi`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import uuid
 from pathlib import Path
@@ -41,7 +40,7 @@ from protocols.ids import check_identifier
 from protocols.transport.base import Channel
 from psi.canon import DuplicatePolicy, IdType, PreparedIds, prepare_ids
 from psi.protocol import PsiMode, PsiOptions, read_hello, refuse, run_guest, run_host
-from psi.result import result_dir, write_result
+from psi.result import read_summary, write_result
 from vfl.config import PartyConfig
 from vfl.data.ids import load_id_column
 from vfl.service.accept import check_psi
@@ -117,9 +116,7 @@ def _check_owner(config: PartyConfig, job_id: str, *, guest: str) -> None:
     """Step 1: refuse a PSI whose job id names another guest's result at this party (its
     ``peer``); the same guest may run it again (the new result replaces its own)."""
     try:
-        summary = json.loads((result_dir(config.state_dir, job_id) / "summary.json").read_text())
-    except FileNotFoundError:
-        return
+        summary = read_summary(config.state_dir, job_id)
     except (OSError, ValueError) as exc:  # unreadable: whose it is cannot be told
         raise JobIdInUseError(
             f"PSI {job_id}: its result cannot be read ({exc})", public=PSI_IN_USE
