@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
-from vfl.common.jobfile import job_id_of, job_section, read_job_toml
+from vfl.common.jobfile import JobKind, job_id_of, job_section, read_job_toml
 from vfl.data.tables import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
@@ -176,6 +176,48 @@ class FedJobFile:
     def guest_data(self) -> str:
         """The coordinator's own data alias."""
         return self.job.data_alias(self.job.coordinator)
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical job file of this job (its kind named, every default written, the
+        values drawn at submission included)."""
+        job = self.job
+        out: dict[str, Any] = {
+            "job": {
+                "type": JobKind.HORIZONTAL.value,
+                "id": job.job_id,
+                "label_column": job.label_column,
+                "id_column": job.id_column,
+                "rounds": job.rounds,
+                "local_epochs": job.local_epochs,
+                "batch": job.batch,
+                "clients_per_round": job.clients_per_round,
+                "group_mask": job.group_mask,
+                "validation_fraction": job.validation_fraction,
+                "test_fraction": job.test_fraction,
+                "split_seed": job.split_seed,
+                "impute": job.impute.value,
+                "round_timeout_s": job.round_timeout_s,
+                "on_dropout": job.on_dropout.value,
+            },
+            "clients": dict(job.clients),
+            "model": {
+                "widths": list(job.widths),
+                "activation": job.activation,
+                "dropout": job.dropout,
+                "optimizer": job.optimizer.value,
+                "learning_rate": job.learning_rate,
+                "momentum": job.momentum,
+                "weight_decay": job.weight_decay,
+                "init_seed": job.init_seed,
+            },
+        }
+        if job.dp is not None:
+            out["dp"] = {
+                "noise_multiplier": job.dp.noise_multiplier,
+                "max_grad_norm": job.dp.max_grad_norm,
+                "delta": job.dp.delta,
+            }
+        return out
 
 
 def load_fed_job_file(path: Path, *, coordinator: str) -> FedJobFile:

@@ -41,7 +41,7 @@ from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
-from vfl.common.jobfile import job_id_of, psi_job_of, read_job_toml
+from vfl.common.jobfile import JobKind, job_id_of, psi_job_of, read_job_toml
 from vfl.data.tables import ImputePolicy
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.job import SplitJob
@@ -87,9 +87,11 @@ class TrainJobFile:
     impute: ImputePolicy = ImputePolicy.ERROR
 
     def to_json(self) -> dict[str, Any]:
-        """The admin request that carries this job to the guest's service."""
+        """The canonical job file of this job (its kind named, every default written): what
+        the guest's service is sent, keeps and hashes (docs/protocol.md §4.4.1)."""
         return {
             "job": {
+                "type": JobKind.SPLIT_NN.value,
                 "id": self.job.job_id,
                 "guest_data": self.guest_data,
                 "host_data": self.host_data,

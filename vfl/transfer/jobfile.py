@@ -42,7 +42,7 @@ from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
-from vfl.common.jobfile import job_id_of, job_section, psi_job_of
+from vfl.common.jobfile import JobKind, job_id_of, job_section, psi_job_of
 from vfl.transfer.ftl import FtlConfig, FtlProtect
 from vfl.transfer.session import FtlJob, ScoreOwner
 
@@ -88,6 +88,44 @@ class FtlJobFile:
     label_column: str = "y"
     psi_job: str = ""
     score: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical job file of this job (its kind named, every default written)."""
+        job, config = self.job, self.job.config
+        return {
+            "job": {
+                "type": JobKind.TRANSFER.value,
+                "id": job.job_id,
+                "guest_data": self.guest_data,
+                "host_data": self.host_data,
+                "id_column": self.id_column,
+                "id_type": self.id_type,
+                "label_column": self.label_column,
+                "psi_job": self.psi_job,
+                "epochs": job.epochs,
+                "patience": job.patience,
+                "validation_fraction": job.validation_fraction,
+                "score": self.score,
+                "score_owner": job.score_owner.value,
+            },
+            "model": {
+                "d": config.d,
+                "batch": config.batch,
+                "alpha": config.alpha,
+                "gamma": config.gamma,
+                "guest_widths": list(job.guest_widths),
+                "host_widths": list(job.host_widths),
+                "guest_lr": job.guest_lr,
+                "host_lr": job.host_lr,
+                "weight_decay": job.weight_decay,
+            },
+            "protect": {
+                "mode": config.protect.value,
+                "noise": config.noise,
+                "allow_label_leak": config.allow_label_leak,
+                "ftl_reveal_overlap_repr": config.reveal_overlap_repr,
+            },
+        }
 
 
 def parse_ftl_job(raw: dict[str, Any], *, source: str) -> FtlJobFile:

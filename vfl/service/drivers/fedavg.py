@@ -47,49 +47,6 @@ logger = logging.getLogger(__name__)
 ACCEPT_TIMEOUT_S = 120.0
 
 
-def job_file_json(job_file: FedJobFile) -> dict[str, Any]:
-    """The canonical job file of ``job_file`` (its kind named, every default written, the
-    values drawn at submission included)."""
-    job = job_file.job
-    out: dict[str, Any] = {
-        "job": {
-            "type": JobKind.HORIZONTAL.value,
-            "id": job.job_id,
-            "label_column": job.label_column,
-            "id_column": job.id_column,
-            "rounds": job.rounds,
-            "local_epochs": job.local_epochs,
-            "batch": job.batch,
-            "clients_per_round": job.clients_per_round,
-            "group_mask": job.group_mask,
-            "validation_fraction": job.validation_fraction,
-            "test_fraction": job.test_fraction,
-            "split_seed": job.split_seed,
-            "impute": job.impute.value,
-            "round_timeout_s": job.round_timeout_s,
-            "on_dropout": job.on_dropout.value,
-        },
-        "clients": dict(job.clients),
-        "model": {
-            "widths": list(job.widths),
-            "activation": job.activation,
-            "dropout": job.dropout,
-            "optimizer": job.optimizer.value,
-            "learning_rate": job.learning_rate,
-            "momentum": job.momentum,
-            "weight_decay": job.weight_decay,
-            "init_seed": job.init_seed,
-        },
-    }
-    if job.dp is not None:
-        out["dp"] = {
-            "noise_multiplier": job.dp.noise_multiplier,
-            "max_grad_norm": job.dp.max_grad_norm,
-            "delta": job.dp.delta,
-        }
-    return out
-
-
 class FedAvgDriver(JobDriver[FedJobFile]):
     """FedAvg jobs: the coordinator's runs, the clients' answers, the aggregator."""
 
@@ -114,7 +71,7 @@ class FedAvgDriver(JobDriver[FedJobFile]):
             file=job,
             job_id=job.job.job_id,
             guest_data=job.guest_data,
-            canonical=canonical_json(job_file_json(job)),
+            canonical=canonical_json(job.to_json()),
         )
 
     def serve(self) -> None:

@@ -59,45 +59,6 @@ SCORES_FILE = "scores.csv"
 RESULT_FILE = "result.json"
 
 
-def job_file_json(job_file: FtlJobFile) -> dict[str, Any]:
-    """The canonical job file of ``job_file`` (its kind named, every default written)."""
-    job, config = job_file.job, job_file.job.config
-    return {
-        "job": {
-            "type": JobKind.TRANSFER.value,
-            "id": job.job_id,
-            "guest_data": job_file.guest_data,
-            "host_data": job_file.host_data,
-            "id_column": job_file.id_column,
-            "id_type": job_file.id_type,
-            "label_column": job_file.label_column,
-            "psi_job": job_file.psi_job,
-            "epochs": job.epochs,
-            "patience": job.patience,
-            "validation_fraction": job.validation_fraction,
-            "score": job_file.score,
-            "score_owner": job.score_owner.value,
-        },
-        "model": {
-            "d": config.d,
-            "batch": config.batch,
-            "alpha": config.alpha,
-            "gamma": config.gamma,
-            "guest_widths": list(job.guest_widths),
-            "host_widths": list(job.host_widths),
-            "guest_lr": job.guest_lr,
-            "host_lr": job.host_lr,
-            "weight_decay": job.weight_decay,
-        },
-        "protect": {
-            "mode": config.protect.value,
-            "noise": config.noise,
-            "allow_label_leak": config.allow_label_leak,
-            "ftl_reveal_overlap_repr": config.reveal_overlap_repr,
-        },
-    }
-
-
 class FtlDriver(JobDriver[FtlJobFile]):
     """Transfer jobs: the guest's runs, the host's answers to ``START``."""
 
@@ -120,7 +81,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
             file=job,
             job_id=job.job.job_id,
             guest_data=job.guest_data,
-            canonical=canonical_json(job_file_json(job)),
+            canonical=canonical_json(job.to_json()),
         )
 
     def serve(self) -> None:

@@ -75,13 +75,6 @@ def order_seed_for(seed: int) -> bytes:
     return hashlib.sha256(f"vfl-batch-order-{seed}".encode()).digest()
 
 
-def job_file_json(job: TrainJobFile) -> dict[str, Any]:
-    """The canonical job file of ``job`` (its kind named, every default written)."""
-    out = job.to_json()
-    out["job"]["type"] = JobKind.SPLIT_NN.value
-    return out
-
-
 def aligned_table(
     config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: str | None = None
 ) -> PartyTable:
@@ -148,7 +141,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             file=job,
             job_id=job.job.job_id,
             guest_data=job.guest_data,
-            canonical=canonical_json(job_file_json(job)),
+            canonical=canonical_json(job.to_json()),
         )
 
     def serve(self) -> None:
