@@ -150,9 +150,7 @@ def stale_references(paths: list[Path], root: Path = ROOT) -> list[str]:
             if not (root / ref).exists() and not (root / ref.rstrip(".")).exists():
                 found.append(f"{path.relative_to(root)}: {ref}")
         for ref in sorted(set(DOTTED_REF.findall(text))):
-            if names_code(ref.split(".")[0] + "." + ref.split(".")[1], root) and not (
-                dotted_resolves(ref, root)
-            ):
+            if names_code(ref, root) and not dotted_resolves(ref, root):
                 found.append(f"{path.relative_to(root)}: {ref}")
     return found
 
