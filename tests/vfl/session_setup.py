@@ -115,11 +115,10 @@ def run_job(
                 table_for=lambda _: host_table,
                 executor=InlineExecutor(),
                 state_dir=t.state / "retailer",
-                seed=7,
                 pool_target=64,
                 timeout=timeout,
                 allow_test_key=True,
-                **(host_kwargs or {}),
+                **{"seed": 7, **(host_kwargs or {})},
             )
             out.host = session.run(wait_job_start(h_ch, timeout=timeout))
         except BaseException as exc:  # noqa: BLE001 - reported through ``out``

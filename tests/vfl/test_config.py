@@ -210,7 +210,7 @@ min_key_bits = 3072
 protect_modes = ["marvell", "none"]
 allow_plaintext = true
 
-[testing]
+[random]
 seed = 7
 """,
         )
@@ -252,7 +252,7 @@ seed = 7
         ('[scoring]\nrequesters = ["mallory"]', "scoring.requesters: 'mallory' is not a [[peers]]"),
         ('[scoring.models."m"]\nexpires = "June"', "scoring.models.\"m\".expires: 'June' is not a"),
         ('[scoring.models."m"]\nquota = 5', "unknown key 'quota'"),
-        ("[testing]\nseed = -1", "testing.seed must be a non-negative integer"),
+        ("[random]\nseed = -1", "random.seed must be a non-negative integer"),
         ('[executor]\nbackend = "dask"', "executor.backend 'dask' is not one of local, ray"),
         ("[executor]\nworkers = 0", "executor.workers must be at least 1, got 0"),
         ('[executor]\nworkers = "8"', "executor.workers must be a whole number"),

@@ -120,10 +120,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         extra={
             # every client seeds its own batch order, so the learned model is reproducible
             "shop": '[accept]\ndata = ["credit"]  # "private" is not offered\n'
-            + "[testing]\nseed = 5\n"
+            + "[random]\nseed = 5\n"
             + FAST,
-            "bank": "[testing]\nseed = 3\n" + FAST,
-            "retailer": "[testing]\nseed = 4\n" + FAST,
+            "bank": "[random]\nseed = 3\n" + FAST,
+            "retailer": "[random]\nseed = 4\n" + FAST,
             "arbiter": "[arbiter]\nkey_bits = 512\nallow_test_key = true  # unused by FedAvg\n"
             + FAST,
         },

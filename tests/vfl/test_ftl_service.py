@@ -75,7 +75,7 @@ def silos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Silos]:
         data={"bank": {"labelled": "labelled.csv"}, "retailer": {"customers": "customers.csv"}},
         extra={
             "arbiter": "[arbiter]\nkey_bits = 512\nallow_test_key = true  # test only",
-            "bank": "[arbiter]\nallow_test_key = true\n[testing]\nseed = 5",
+            "bank": "[arbiter]\nallow_test_key = true\n[random]\nseed = 5",
             "retailer": "[arbiter]\nallow_test_key = true",
         },
     )

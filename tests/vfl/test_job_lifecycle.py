@@ -35,6 +35,7 @@ from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG, Crash, crashing
+from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig, parse_config
 from vfl.service import guestjob as guestjob_module
 from vfl.service.arbiter import KEY_FILE, ArbiterWatch
@@ -83,7 +84,7 @@ credit = "credit.csv"
 [arbiter]
 allow_test_key = true
 
-[testing]
+[random]
 seed = 7
 
 [accept]
@@ -201,7 +202,18 @@ def test_a_new_run_replaces_the_run_the_host_still_serves(
     and the job ends exactly where an uninterrupted run ends."""
     guest_table, host_table, splits = synthetic_tables(rows=160)
     job = SplitJob(job_id="s14", train=CONFIG, batch=16, batch_eval=24, epochs=2, patience=3)
-    reference = run_job(trio(tmp_path / "ref", pk, sk), job, guest_table, host_table, splits)
+    # the host's service keys its [random] seed with its local secret (docs/protocol.md §4.4.2)
+    host_seed = RunSeeds.at(config(tmp_path / "run", "retailer").state_dir, 7).integer(
+        "splitnn-host"
+    )
+    reference = run_job(
+        trio(tmp_path / "ref", pk, sk),
+        job,
+        guest_table,
+        host_table,
+        splits,
+        host_kwargs={"seed": host_seed},
+    )
     assert reference.result is not None
 
     t = trio(tmp_path / "run", pk, sk)

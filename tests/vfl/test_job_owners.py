@@ -31,6 +31,7 @@ from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG
+from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig, parse_config
 from vfl.fedavg.protocol import FedJob, FedTag
 from vfl.service import owners as owners_module
@@ -75,7 +76,7 @@ address = "127.0.0.1:2"
 [arbiter]
 allow_test_key = true
 
-[testing]
+[random]
 seed = 7
 """
 HOST_EXTRA = """
@@ -222,7 +223,18 @@ def test_a_second_guest_cannot_touch_a_running_split_nn_job(
     ends exactly as an undisturbed run does."""
     guest_table, host_table, splits = synthetic_tables(rows=160)
     job = SplitJob(job_id="own1", train=CONFIG, batch=16, batch_eval=24, epochs=2, patience=3)
-    reference = run_job(trio(tmp_path / "ref", pk, sk), job, guest_table, host_table, splits)
+    # the host's service keys its [random] seed with its local secret (docs/protocol.md §4.4.2)
+    host_seed = RunSeeds.at(config(tmp_path / "run", "retailer").state_dir, 7).integer(
+        "splitnn-host"
+    )
+    reference = run_job(
+        trio(tmp_path / "ref", pk, sk),
+        job,
+        guest_table,
+        host_table,
+        splits,
+        host_kwargs={"seed": host_seed},
+    )
     assert reference.result is not None
 
     t = trio(tmp_path / "run", pk, sk)

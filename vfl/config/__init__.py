@@ -82,9 +82,13 @@ Example (relative paths are resolved against the config file's folder)::
     expires = "2027-06-30"       # the grant ends at 00:00 UTC of this day
     requesters = ["bank"]
 
-    [testing]                    # optional, reproducible experiments only: never with data
-    seed = 7                     # fixes this party's own random draws (its W_0 component,
-                                 # its model's initialisation, the guest's batch order)
+    [random]                     # optional: reproducible runs (docs/protocol.md §4.4.2)
+    seed = 7                     # this party's own draws (its W_0 component, its model's
+                                 # initialisation, its noise; the guest's default job seed),
+                                 # keyed by its local secret <state_dir>/seed.key, so a peer
+                                 # that knows the seed still cannot predict them
+
+    [testing]                    # optional, tests only
     allow_hold = true            # the guest's `train` may ask to pause after a step
                                  # ("hold_at_step") until admin `release` (tests of restarts)
 """

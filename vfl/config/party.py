@@ -3,7 +3,7 @@
 Assembles the sections in the order they are checked: ``[party]`` (id, role, listen address,
 state folder, probe endpoint), ``[tls]``, ``[[peers]]`` and ``[transport]``
 (:mod:`vfl.config.network`), ``[data]``, ``[executor]``, ``[arbiter]``, ``[accept]`` and
-``[psi]`` (:mod:`vfl.config.policy`), ``[scoring]`` (:mod:`vfl.config.scoring`) and
+``[psi]`` (:mod:`vfl.config.policy`), ``[scoring]`` (:mod:`vfl.config.scoring`), ``[random]`` and
 ``[testing]``. The file's format is in the docstring of :mod:`vfl.config`.
 """
 
@@ -42,12 +42,14 @@ _SECTIONS = {
     "accept",
     "psi",
     "scoring",
+    "random",
     "testing",
 }
 _PARTY_KEYS = {"id", "role", "listen", "state_dir", "health"}
 _EXECUTOR_KEYS = {"backend", "workers", "ray_address", "allow_plaintext_cluster"}
 _ARBITER_KEYS = {"key_bits", "allow_test_key", "max_resumes"}
-_TESTING_KEYS = {"seed", "allow_hold"}
+_TESTING_KEYS = {"allow_hold"}
+_RANDOM_KEYS = {"seed"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class PartyConfig:
     accept: AcceptPolicy = field(default_factory=AcceptPolicy)
     psi: PsiPolicy = field(default_factory=PsiPolicy)
     scoring: ScoringPolicyConfig = field(default_factory=ScoringPolicyConfig)
-    seed: int | None = None  # [testing] seed: reproducible experiments only
+    seed: int | None = None  # [random] seed: this party's draws, keyed (vfl.common.seeds)
     allow_hold: bool = False  # [testing] allow_hold: jobs may pause at a step (tests only)
 
     def peer_with_role(self, role: Role) -> Party:
@@ -164,9 +166,13 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
     if not isinstance(testing_t, dict):
         raise ConfigError(f"{where}: [testing] must be a table")
     only_keys(testing_t, _TESTING_KEYS, f"{where}: [testing]")
-    seed = testing_t.get("seed")
+    random_t = raw.get("random", {})
+    if not isinstance(random_t, dict):
+        raise ConfigError(f"{where}: [random] must be a table")
+    only_keys(random_t, _RANDOM_KEYS, f"{where}: [random]")
+    seed = random_t.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise ConfigError(f"{where}: testing.seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"{where}: random.seed must be a non-negative integer, got {seed!r}")
     allow_hold = testing_t.get("allow_hold", False)
     if not isinstance(allow_hold, bool):
         raise ConfigError(f"{where}: testing.allow_hold must be true or false")

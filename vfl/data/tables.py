@@ -60,6 +60,7 @@ class PartyTable:
     columns: tuple[str, ...]
     features: np.ndarray
     labels: np.ndarray | None = None
+    file_rows: np.ndarray | None = None  # each row's place in the file (None: in file order)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,6 +75,7 @@ class PartyTable:
             ids=self.ids[rows],
             features=self.features[rows],
             labels=None if self.labels is None else self.labels[rows],
+            file_rows=(np.arange(len(self)) if self.file_rows is None else self.file_rows)[rows],
         )
 
 
@@ -243,27 +245,54 @@ def split_rows(
     validation_fraction: float,
     seed: int,
     stratified: bool = True,
+    file_rows: np.ndarray | None = None,
+    shuffle: bytes | None = None,
 ) -> Splits:
     """Stratified test hold-out, then validation rows taken from the training rows (step 5).
 
     ``stratified = False`` splits without looking at the labels: the split the host learns
     (``FIT_ROWS``, ``BATCH``, ``EVAL_BATCH``) then depends on no label, as ``rr_labels``'
     ε-label-DP needs (docs/protocol.md §4.7.2).
+
+    ``file_rows`` (each aligned row's line in the party's own file) makes the split a
+    function of the customers, not of the PSI's order, which every PSI draws afresh: the
+    rows are split in file order, and each split lists its rows in an order keyed by the
+    32-byte ``shuffle`` (so what the host is sent shows nothing of the guest's file order).
+    Together with the job's seed this reruns a job bit for bit (docs/protocol.md §4.4.2).
+    Without ``file_rows`` each split is sorted.
     """
     if not (0 < test_fraction < 1 and 0 <= validation_fraction < 1):
         raise ConfigError("test_fraction must lie in (0, 1) and validation_fraction in [0, 1)")
-    rows = np.arange(len(labels))
-    stratify = labels if stratified and len(np.unique(labels)) <= 20 else None
+    order = np.arange(len(labels))
+    if file_rows is not None:
+        if len(file_rows) != len(labels) or shuffle is None:
+            raise ConfigError("file_rows needs one line per row, and a shuffle key")
+        order = np.argsort(np.asarray(file_rows), kind="stable")
+    ordered = np.asarray(labels)[order]
+    rows = np.arange(len(ordered))
+    stratify = ordered if stratified and len(np.unique(ordered)) <= 20 else None
     train, test = train_test_split(
         rows, test_size=test_fraction, random_state=seed, stratify=stratify
     )
     validation = np.array([], dtype=np.int64)
     if validation_fraction > 0:
-        inner = labels[train] if stratify is not None else None
+        inner = ordered[train] if stratify is not None else None
         train, validation = train_test_split(
             train, test_size=validation_fraction, random_state=seed, stratify=inner
         )
-    return Splits(train=np.sort(train), validation=np.sort(validation), test=np.sort(test))
+    parts = [order[np.sort(part)] for part in (train, validation, test)]
+    if file_rows is not None and shuffle is not None:
+        parts = [_keyed(part, shuffle, what) for part, what in zip(parts, range(3), strict=True)]
+    else:
+        parts = [np.sort(part) for part in parts]
+    return Splits(train=parts[0], validation=parts[1], test=parts[2])
+
+
+def _keyed(rows: np.ndarray, key: bytes, which: int) -> np.ndarray:
+    """``rows`` in an order drawn from ``key`` (AES-256-CTR, the split ``which`` as nonce)."""
+    stream = Cipher(algorithms.AES(key), modes.CTR(which.to_bytes(16, "big"))).encryptor()
+    keys = np.frombuffer(stream.update(bytes(8 * len(rows))), dtype="<u8")
+    return rows[np.argsort(keys, kind="stable")]
 
 
 class BatchOrder:

@@ -168,7 +168,7 @@ def write_cluster_setup(
 
     ``key_bits`` below 2048 makes the arbiter use a test key, which the data parties then
     accept (``allow_test_key``: never outside tests); ``seed`` fixes both data parties'
-    random draws (``[testing] seed``: two runs of a job give the same scores);
+    random draws (``[random] seed``: two runs of a job give the same scores);
     ``host_protect_modes`` widens the retailer's ``[accept] protect_modes`` (``"none"`` for
     noise-free comparisons); ``allow_hold`` lets the bank's jobs pause after a step
     (``[testing] allow_hold``)."""
@@ -181,11 +181,10 @@ def write_cluster_setup(
     for pid in ("bank", "retailer"):
         if test_key:
             extra[pid] += ["[arbiter]", "allow_test_key = true  # accept the test key", ""]
-        testing = [f"seed = {seed}"] if seed is not None else []
+        if seed is not None:
+            extra[pid] += ["[random]", f"seed = {seed}", ""]
         if allow_hold and pid == "bank":
-            testing.append("allow_hold = true")
-        if testing:
-            extra[pid] += ["[testing]", *testing, ""]
+            extra[pid] += ["[testing]", "allow_hold = true", ""]
     if host_protect_modes is not None:
         modes = ", ".join(f'"{m}"' for m in host_protect_modes)
         extra["retailer"] += ["[accept]", f"protect_modes = [{modes}]"]

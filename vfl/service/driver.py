@@ -44,6 +44,7 @@ from protocols.transport.base import Channel
 from psi.canon import IdType
 from psi.result import read_result
 from vfl.common.jobfile import TypedJob
+from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig
 from vfl.service.alignment import run_psi
 from vfl.service.audit import AuditEvent, AuditLog
@@ -232,6 +233,13 @@ class ServiceContext:
     def peer(self, role: Role) -> Party:
         """The configured peer of ``role``."""
         return self.config.peer_with_role(role)
+
+    def party_seed(self, purpose: str) -> int | None:
+        """This party's own seed for ``purpose`` from its ``[random] seed``, keyed by its
+        local secret (:mod:`vfl.common.seeds`); None without one (the OS CSPRNG)."""
+        if self.config.seed is None:
+            return None
+        return RunSeeds.at(self.config.state_dir, self.config.seed).integer(purpose)
 
     # -- PSI ---------------------------------------------------------------------------
 

@@ -147,13 +147,6 @@ class JobRunner:
         self._lock = threading.Lock()
         self._guest_jobs: dict[str, GuestJob] = {}
         self._released: set[str] = set()  # jobs released from their hold (testing)
-        if config.seed is not None:
-            logger.warning(
-                "%s: [testing] seed = %d fixes this party's random draws (W_0 component, model "
-                "initialisation, batch order): reproducible experiments only, never real data",
-                config.source,
-                config.seed,
-            )
         role = config.party.role
         self.watch: ArbiterWatch | None = None
         if role is Role.ARBITER:  # with its [accept] policy and audit records

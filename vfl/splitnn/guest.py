@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,6 +28,7 @@ from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
 from vfl.common.metrics import selection_metric, task_metrics
+from vfl.common.seeds import RunSeeds, fresh_seed
 from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Splits
 from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
 from vfl.privacy.label_protection import ProtectMode
@@ -63,8 +63,15 @@ class GuestSession(PartySession):
         ``executor``); the services give them a higher nice value so they only use idle CPU.
     state_dir
         Where this party keeps the job's checkpoints and result (``<state_dir>/jobs/<job>``).
+    seed
+        The job's seed (docs/protocol.md §4.4.2; :mod:`vfl.common.seeds`): every random draw
+        of this party (batch order, W_0 component, protection noise, ``rr_labels``) is keyed
+        by it under this party's local secret, so the same seed reruns the job bit for bit
+        and no peer can predict the draws. None: a fresh seed, recorded in ``progress.json``,
+        ``result.json`` and the model's manifest.
     w0_seed, order_seed
-        Reproducibility for experiments (None: the OS CSPRNG, the production default).
+        Raw seeds of the W_0 component and the batch order instead of the keyed ones (tests
+        and benchmarks that compare the protocol with the float reference of the same draws).
     progress
         Called after every step and validation (default: a log line every 10 s).
     after_step
@@ -86,6 +93,7 @@ class GuestSession(PartySession):
         executor: Executor,
         state_dir: Path,
         impute: ImputePolicy = ImputePolicy.ERROR,
+        seed: int | None = None,
         w0_seed: int | None = None,
         order_seed: bytes | None = None,
         pool_target: int = 2000,
@@ -112,9 +120,11 @@ class GuestSession(PartySession):
         self.labels: np.ndarray = table.labels
         self.train_labels = self.labels  # ỹ under rr_labels, set in run()
         self.job, self.table, self.splits = job, table, splits
-        self.w0_seed, self.pool_target = w0_seed, pool_target
+        self.pool_target = pool_target
+        self.seeds = RunSeeds.at(state_dir, fresh_seed() if seed is None else seed)
         self.host_request = dict(host_request or {})
-        self.order_seed = order_seed or secrets.token_bytes(32)
+        self.w0_seed = w0_seed
+        self.order_seed = order_seed or self.seeds.digest("batch-order")
         self.progress = progress or log_progress()
         self.after_step = after_step
         self.job_dir = state_path(state_dir, "jobs", job.job_id)
@@ -138,8 +148,9 @@ class GuestSession(PartySession):
             "history": [],
             "eval_step": 0,
             "best_epoch": -1,
+            "seed": self.seeds.seed,
             "order_seed": self.order_seed.hex(),
-            "rr_seed": format(secrets.randbits(128), "x"),  # rr_labels: §4.7.2 step 1
+            "rr_seed": format(self.seeds.integer("rr-labels", bits=128), "x"),  # §4.7.2 step 1
         }
 
     def _save_progress(self, state: dict[str, Any]) -> None:
@@ -155,6 +166,8 @@ class GuestSession(PartySession):
         self._begin(job.job_id, f"run{self.next_run(self.job_dir)}")
         key = self.public_key()  # J1
         state = self._load_progress()
+        if "seed" in state:  # a resumed run keeps its first run's seed
+            self.seeds = RunSeeds.at(self.state_dir, int(state["seed"]))
         self.order_seed = bytes.fromhex(state["order_seed"])
         mine = ckpt.available_steps(self.ckpt_dir)
         schedule = Schedule.of(
@@ -201,6 +214,8 @@ class GuestSession(PartySession):
             y=self.train_labels,
             config=job.train,
             steps_per_epoch=self.steps_per_epoch,
+            rng=self.seeds.generator("protect"),
+            row_keys=self.table.file_rows,
         )
         t = resume_point(mine, theirs)  # J4
         self.resumed_from = t
@@ -211,7 +226,13 @@ class GuestSession(PartySession):
             )
         try:
             if t is None:
-                trainer.init(joint_init_component(job.train.d, job.train.k, seed=self.w0_seed))
+                trainer.init(
+                    joint_init_component(
+                        job.train.d,
+                        job.train.k,
+                        seed=self.seeds.integer("w0") if self.w0_seed is None else self.w0_seed,
+                    )
+                )
                 step = 0
                 # the batch-order and rr_labels seeds first: a restart before checkpoint 0 then
                 # draws neither again (§4.7.2 step 1)

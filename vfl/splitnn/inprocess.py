@@ -20,6 +20,7 @@ from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party, Role
 from vfl.common.inprocess import InProcess, InProcessResult
+from vfl.common.seeds import simulation_secret
 from vfl.data.tables import PartyTable, Splits
 from vfl.splitnn.guest import GuestSession
 from vfl.splitnn.host import HostSession
@@ -55,6 +56,7 @@ def run_in_process(
     executor: Executor | None = None,
     key_bits: int = 2048,
     allow_test_key: bool = False,
+    seed: int | None = None,
     w0_seed: int | None = None,
     order_seed: bytes | None = None,
     host_seed: int | None = None,
@@ -75,8 +77,11 @@ def run_in_process(
         the end, and a local process pool).
     key_bits, allow_test_key
         The arbiter's fresh key; below 2048 bits only with ``allow_test_key`` (tests).
+    seed
+        The guest's job seed (:class:`~vfl.splitnn.guest.GuestSession`; None: a fresh one).
     w0_seed, order_seed, host_seed
-        Reproducibility for experiments (None: the OS CSPRNG, the production default).
+        Raw seeds for experiments that compare with the float reference (None: from the
+        guest's job seed, and for the host the OS CSPRNG).
     timeout
         Seconds each party waits for a message, and for the whole job.
     pool_executor
@@ -114,6 +119,8 @@ def run_in_process(
             pool_executor=pool_executor,
             observer=host_observer,
         )
+        if seed is not None:  # one process holds every party: repeatable in a new folder
+            simulation_secret(run.state(GUEST.party_id), seed=seed)
         guest = GuestSession(
             channel=run.channels[GUEST.party_id],
             host=HOST,
@@ -123,6 +130,7 @@ def run_in_process(
             splits=splits,
             executor=run.executor,
             state_dir=run.state(GUEST.party_id),
+            seed=seed,
             w0_seed=w0_seed,
             order_seed=order_seed,
             timeout=timeout,

@@ -13,6 +13,8 @@ Example (every key but the data aliases is optional)::
     test_fraction = 0.2          # stratified hold-out, untouched until the end
     validation_fraction = 0.1    # of the training rows, for early stopping
     split_seed = 0
+    seed = 42                    # reruns the job bit for bit (docs/protocol.md §4.4.2); never
+                                 # sent; default: a fresh seed, recorded in the result
     mode = "p1"                  # p1 (packed, default) or p0 (reference)
     batch = 256
     batch_eval = 1024
@@ -60,6 +62,7 @@ _JOB_KEYS = {
     "test_fraction",
     "validation_fraction",
     "split_seed",
+    "seed",
     "mode",
     "batch",
     "batch_eval",
@@ -85,6 +88,7 @@ class TrainJobFile:
     validation_fraction: float = 0.1
     split_seed: int = 0
     impute: ImputePolicy = ImputePolicy.ERROR
+    seed: int | None = None  # the guest's job seed (never sent)
 
     def to_json(self) -> dict[str, Any]:
         """The canonical job file of this job (its kind named, every default written): what
@@ -102,6 +106,7 @@ class TrainJobFile:
                 "test_fraction": self.test_fraction,
                 "validation_fraction": self.validation_fraction,
                 "split_seed": self.split_seed,
+                "seed": self.seed,
                 "mode": self.job.mode.value,
                 "batch": self.job.batch,
                 "batch_eval": self.job.batch_eval,
@@ -137,6 +142,14 @@ def _as_floats(values: dict[str, Any], config: type) -> None:
         value = values.get(f.name)
         if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
             values[f.name] = float(value)
+
+
+def _seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ConfigError(f"seed must be an integer in [0, 2^63), got {value!r}")
+    return value
 
 
 def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
@@ -209,6 +222,7 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             validation_fraction=float(job.get("validation_fraction", 0.1)),
             split_seed=int(job.get("split_seed", 0)),
             impute=ImputePolicy(job.get("impute", "error")),
+            seed=_seed(job.get("seed")),
         )
     except InsecureConfigError as exc:
         raise InsecureConfigError(f"{source}: {exc}") from None

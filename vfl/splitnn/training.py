@@ -224,13 +224,18 @@ class GuestTrainer:
         y: np.ndarray,
         config: TrainConfig,
         steps_per_epoch: int = 0,
+        rng: np.random.Generator | None = None,
+        row_keys: np.ndarray | None = None,
     ) -> None:
         self.layer, self.config = layer, config
         self.x = torch.tensor(x, dtype=torch.float32)
         self.y = torch.tensor(y, dtype=torch.float32)
         self.models = GuestModels(x.shape[1], config)
         self.optimizer = make_optimizer(list(self.models.parameters()), config)
-        self.rng = new_generator()
+        self.rng = new_generator() if rng is None else rng
+        # each row's persistent noise is keyed by its line in the guest's file, not by its
+        # position in this PSI's order: a rerun with a new PSI draws the same (§4.4.2)
+        self.row_keys = row_keys
         self.marvell = MarvellState()
         self.row_noise = RowNoise.draw(self.rng, k=config.k)
         self.losses: list[float] = []
@@ -261,7 +266,7 @@ class GuestTrainer:
                 rng=self.rng,
                 labels=protect_labels(self.config.task, self.y[rows]),
                 state=self.marvell,
-                rows=rows,
+                rows=rows if self.row_keys is None else self.row_keys[rows],
                 row_noise=self.row_noise,
             )
 
@@ -326,7 +331,8 @@ class HostTrainer:
         self.x = torch.tensor(x, dtype=torch.float32)
         self.bottom = _host_bottom(x.shape[1], config, seed)
         self.optimizer = make_optimizer(list(self.bottom.parameters()), config)
-        self.rng = new_generator()
+        # the embedding noise: from the host's seed when it has one (§4.4.2)
+        self.rng = new_generator() if seed is None else np.random.default_rng([seed, 2])
 
     def init(self, w0_host: np.ndarray) -> None:
         """Joint initialisation (the host's Gaussian component)."""

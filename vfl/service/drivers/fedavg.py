@@ -163,7 +163,7 @@ class FedAvgDriver(JobDriver[FedJobFile]):
             signing_key_pem=ctx.config.tls.load().key_pem,
             certificates=self._certificates(job),
             state_dir=ctx.config.state_dir,
-            seed=ctx.config.seed,
+            seed=ctx.party_seed("fedavg"),
             progress=progress,
         )
 

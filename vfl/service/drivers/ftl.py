@@ -155,7 +155,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
             overlap=overlap,
             executor=ctx.executor,
             allow_test_key=ctx.config.allow_test_key,
-            seed=ctx.config.seed,
+            seed=ctx.party_seed("ftl"),
             progress=progress,
             state_dir=ctx.config.state_dir,
             host_request={"data": job_file.host_data, "psi_job": psi_job},
@@ -265,7 +265,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
             overlap=overlap,
             executor=ctx.executor,
             allow_test_key=ctx.config.allow_test_key,
-            seed=ctx.config.seed,
+            seed=ctx.party_seed("ftl"),
             state_dir=ctx.config.state_dir,
         )
         done = threading.Event()

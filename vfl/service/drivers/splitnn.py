@@ -25,7 +25,6 @@ H's side of the lifecycle (docs/protocol.md §4.4.1; :mod:`vfl.service.runner`, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -48,6 +47,7 @@ from protocols.roles import Party, Role
 from protocols.transport.base import MessageFilter
 from psi.result import read_result
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
+from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.privacy.label_protection import ProtectMode
@@ -68,11 +68,6 @@ HOST_RUN_FILE = "host_run.json"  # H: the run it serves, for RUN_STOPPED after a
 NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
 FAILED_PATIENCE_S = 60.0  # how long H keeps trying to tell G that its run failed
 STOP_WAIT_S = 10.0  # how long close() waits for H's runs to end
-
-
-def order_seed_for(seed: int) -> bytes:
-    """The guest's batch-order seed derived from its ``[testing] seed``."""
-    return hashlib.sha256(f"vfl-batch-order-{seed}".encode()).digest()
 
 
 def aligned_table(
@@ -191,9 +186,11 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             seed=job_file.split_seed,
             # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
             stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
+            # the split follows the customers, not this PSI's order (§4.4.2)
+            file_rows=table.file_rows,
+            shuffle=RunSeeds.at(config.state_dir, job_file.split_seed).digest("split-order"),
         )
         ctx.update(job_id, phase="training", rows=len(table))
-        seed = config.seed
         session = GuestSession(
             channel=ctx.channel,
             host=ctx.peer(Role.HOST),
@@ -204,8 +201,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             executor=ctx.executor,
             state_dir=config.state_dir,
             impute=job_file.impute,
-            w0_seed=seed,
-            order_seed=None if seed is None else order_seed_for(seed),
+            seed=config.seed if job_file.seed is None else job_file.seed,
             allow_test_key=config.allow_test_key,
             progress=self._on_progress,
             pool_executor=ctx.background(),
@@ -279,7 +275,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
                 },
                 executor=ctx.executor,
                 state_dir=config.state_dir,
-                seed=config.seed,
+                seed=ctx.party_seed("splitnn-host"),
                 allow_test_key=config.allow_test_key,
                 pool_executor=ctx.background(),
                 accept=lambda offer: self._accept(offer, envelope),
