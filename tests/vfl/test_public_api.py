@@ -228,3 +228,35 @@ def test_the_package_exports_its_public_names_lazily() -> None:
         assert getattr(vfl, name) is not None
     with pytest.raises(AttributeError):
         vfl.no_such_name  # noqa: B018
+
+
+def test_the_same_seed_gives_the_same_model_bit_for_bit(fitted: Fitted) -> None:
+    """docs/protocol.md §4.4.2: a second fit with the same seed (a new PSI, whose shared order
+    is drawn afresh, new masks and shares) gives exactly the same test scores and history;
+    another seed gives another model."""
+    again = vfl.fit_vertical(
+        guest=fitted.guest,
+        host=fitted.host,
+        label="y",
+        epochs=2,
+        batch=32,
+        plaintext=True,
+        executor=InlineExecutor(),
+        progress=False,
+    )
+    first = fitted.model.test_scores.sort_values("id").reset_index(drop=True)
+    second = again.test_scores.sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, second, check_exact=True)
+    assert again.history == fitted.model.history
+    other = vfl.fit_vertical(
+        guest=fitted.guest,
+        host=fitted.host,
+        label="y",
+        epochs=1,
+        batch=32,
+        plaintext=True,
+        executor=InlineExecutor(),
+        progress=False,
+        seed=1,
+    )
+    assert set(other.test_scores["id"]) != set(first["id"])  # another split, too

@@ -18,6 +18,7 @@ equal the protocol's, as the test rows' scores show (fixed point, within 1e-6).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -316,8 +317,10 @@ def fit_vertical(
         Aligned rows held out for the test (never seen in training) and, of the rest, for
         validation (early stopping).
     seed
-        Seeds the row split and the model's initial weights (``model.seed`` is replaced);
-        the protocol's masks, shares and noise always come from the OS.
+        Seeds the whole run (``model.seed`` is replaced): the row split, both parties'
+        initial weights, the batch order and the label protection's noise, so the same call
+        gives the same model bit for bit (docs/protocol.md §4.4.2); the protocol's masks and
+        shares always come from the OS (they cancel exactly).
     protect
         Label protection (default :class:`~vfl.privacy.label_protection.ProtectConfig`:
         Marvell with persistent noise); give it here, not in ``model``.
@@ -375,6 +378,9 @@ def fit_vertical(
             test_fraction=test_fraction,
             validation_fraction=validation_fraction,
             seed=seed,
+            # the split follows the customers, not this PSI's order (docs/protocol.md §4.4.2)
+            file_rows=g_aligned.file_rows,
+            shuffle=hashlib.sha256(f"vfl-simulation-split|{seed}".encode()).digest(),
         )
         held_out = max(len(splits.validation), len(splits.test), 1)
         job = SplitJob(
@@ -395,6 +401,8 @@ def fit_vertical(
                 executor=pool,
                 key_bits=key_bits,
                 allow_test_key=allow_test_key,
+                seed=seed,
+                host_seed=seed + 1,
                 progress=_printer(say),
             )
             parts = {p: load_model(folder / p, job.job_id) for p in ("guest", "host")}
