@@ -32,6 +32,7 @@ from protocols.tags import tag_value
 from protocols.transport.base import Channel, MessageFilter
 
 REFUSED = "refused"
+DATA_REFUSED = "data"  # flag of a refusal because the refusing party's own data failed a check
 """The control-block key of a refusal; its value is the peer-safe reason."""
 MAX_REASON_CHARS = 300
 """A refusal's reason is cut to this length (it is logged by the peer)."""
@@ -220,7 +221,9 @@ def raise_if_refused(
     """``obj`` if it is no refusal; else the refusal as its typed error.
 
     A refusal flagged ``no_space`` (never read from the text, so no peer-chosen reason passes
-    for it, docs/protocol.md §4.4.1) raises :class:`NoSpaceError`; with ``refuses_job`` (an
+    for it, docs/protocol.md §4.4.1) raises :class:`NoSpaceError`; one flagged ``data`` (the
+    sender's own data failed a check) says so, without pointing at any policy; with
+    ``refuses_job`` (an
     answer under the sender's acceptance policy: ``JOB_ACCEPT``, ``JOB_READY``) a refusal
     raises :class:`JobRefusedError`, which is not retried; any other raises
     :class:`PolicyViolationError`. ``what`` names what was refused ("job x").
@@ -230,6 +233,12 @@ def raise_if_refused(
         return obj
     if obj.get("no_space") is True:
         raise NoSpaceError(f"{sender} cannot go on: {reason}")
+    if refuses_job and obj.get(DATA_REFUSED) is True:  # nothing the job or a policy changes
+        raise JobRefusedError(
+            f"{sender.party_id} refused {what}: its own data failed a check ({reason}); its "
+            f"operator has the report (`vfl data check` at {sender.party_id}) and must fix the "
+            "data before the job is submitted again"
+        )
     if refuses_job:
         raise JobRefusedError(
             f"{sender.party_id} refused {what}: {reason} (change the job, or ask "

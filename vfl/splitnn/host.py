@@ -15,6 +15,7 @@ import torch
 from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.envelope import ControlBlock, Envelope, IndexBlock
 from protocols.errors import (
+    DataError,
     JobRefusedError,
     ProtocolError,
     TransportError,
@@ -23,7 +24,7 @@ from protocols.errors import (
 )
 from protocols.executor import Executor
 from protocols.ids import state_path
-from protocols.link import REFUSED
+from protocols.link import DATA_REFUSED, REFUSED
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
@@ -98,7 +99,8 @@ class HostSession(PartySession):
         in H's log); the error for :meth:`run` to raise."""
         reason = str(exc)[:500]
         public = peer_reason(exc)
-        self.link.send(self.peer, JobTag.JOB_ACCEPT, 0, {REFUSED: public})
+        fields = {DATA_REFUSED: True} if isinstance(exc, DataError) else {}
+        self.link.send(self.peer, JobTag.JOB_ACCEPT, 0, {REFUSED: public, **fields})
         logger.warning("refused job %s of %s: %s", job_id, self.peer.party_id, reason)
         return JobRefusedError(
             f"refused job {job_id} of {self.peer.party_id}: {reason}", public=public
