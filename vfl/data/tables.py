@@ -142,7 +142,8 @@ def _table(found: Inspection, spec: TableSpec, origin: Origin, *, more: str) -> 
     errors = [f for f in found.findings if f.severity is Severity.ERROR]
     if errors or found.features is None or found.values is None:
         first, others = errors[0], len(errors) - 1
-        note = f" ({others} more problems{': ' + more if more else ''})" if others else ""
+        plural = "s" if others > 1 else ""
+        note = f" ({others} more problem{plural}{': ' + more if more else ''})" if others else ""
         raise DataError(first.located(str(spec.path), unit=origin.unit) + note, public=first.public)
     for warning in found.findings:
         logger.warning("%s", warning.located(str(spec.path), unit=origin.unit))
