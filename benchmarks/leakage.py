@@ -55,7 +55,8 @@ import quality  # benchmarks/quality.py: the same data, split and model
 
 from protocols.executor import InlineExecutor
 from protocols.files import atomic_write
-from vfl.data.tables import ImputePolicy, PartyTable, Preprocessor, Splits, split_rows
+from vfl.data.preprocess import Preprocessor
+from vfl.data.tables import PartyTable, Splits, split_rows
 from vfl.privacy.attacks import (
     HostView,
     ViewRecorder,
@@ -249,9 +250,7 @@ def baselines(
     task: Task, view: HostView, y: np.ndarray, known: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """Each attack on the host's raw (preprocessed) features instead of the protocol's view."""
-    x = Preprocessor.fit(task.host, task.splits.train, impute=ImputePolicy.ERROR).transform(
-        task.host
-    )
+    x = Preprocessor.fit(task.host, task.splits.train).transform(task.host)
     raw = HostView(
         gradients=[x[r] for r in view.rows], embeddings=[x[r] for r in view.rows], rows=view.rows
     )

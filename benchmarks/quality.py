@@ -36,11 +36,10 @@ from protocols.executor import Executor, InlineExecutor, LocalProcessExecutor
 from protocols.files import atomic_write
 from vfl.common.metrics import binary_metrics
 from vfl.data.datasets import data_dir, verify
+from vfl.data.preprocess import Preprocessor
 from vfl.data.tables import (
     BatchOrder,
-    ImputePolicy,
     PartyTable,
-    Preprocessor,
     Splits,
     TableSpec,
     load_table,
@@ -123,8 +122,8 @@ def float_split(
 ) -> dict[str, Any]:
     """The plaintext split model with the protocol's seeds and batch order."""
     assert guest.labels is not None
-    xg = Preprocessor.fit(guest, splits.train, impute=ImputePolicy.ERROR).transform(guest)
-    xh = Preprocessor.fit(host, splits.train, impute=ImputePolicy.ERROR).transform(host)
+    xg = Preprocessor.fit(guest, splits.train).transform(guest)
+    xh = Preprocessor.fit(host, splits.train).transform(host)
     model = FloatSplitModel(
         x_guest=xg,
         x_host=xh,
@@ -163,7 +162,7 @@ def guest_only(guest: PartyTable, splits: Splits, config: TrainConfig) -> dict[s
     """The guest's own bottom, ``W_g`` and top model on its features alone."""
     assert guest.labels is not None
     x = torch.tensor(
-        Preprocessor.fit(guest, splits.train, impute=ImputePolicy.ERROR).transform(guest),
+        Preprocessor.fit(guest, splits.train).transform(guest),
         dtype=torch.float32,
     )
     y = torch.tensor(guest.labels, dtype=torch.float32)

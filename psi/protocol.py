@@ -124,6 +124,18 @@ class PsiResult:
     peer_positions: np.ndarray | None = None
     list_rows: np.ndarray | None = None
 
+    def require_shared(self, *, detail: str = "") -> None:
+        """Raise :class:`AlignmentError` if this party learned an empty intersection: there
+        is nothing to train on (``detail``, e.g. counts, is added to the message only)."""
+        if self.intersection_size == 0:
+            extra = f"; {detail}" if detail else ""
+            raise AlignmentError(NO_SHARED_CUSTOMERS + extra, public=NO_SHARED_CUSTOMERS)
+
+
+NO_SHARED_CUSTOMERS = (
+    "no shared customers: the two parties' ids have no value in common (check id_type and "
+    "the id columns)"
+)
 
 # ---------------------------------------------------------------------------
 # shared helpers

@@ -141,7 +141,7 @@ def test_a_party_table_reads_csv_gz_with_file_and_row_in_errors(tmp_path: Path) 
     bad.write_bytes(gzip.compress(b"id,y,x0\n1,0,0.5\n2,1,oops\n"))
     with pytest.raises(DataError) as info:
         load_table(TableSpec(path=bad, label_column="y"))
-    assert str(bad) in str(info.value) and "row 1, column 'x0'" in str(info.value)
+    assert str(bad) in str(info.value) and "line 3, column 'x0'" in str(info.value)
     assert "oops" not in str(info.value)
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import vfl
-from protocols.errors import ConfigError, DataError, InsecureConfigError
+from protocols.errors import AlignmentError, ConfigError, DataError, InsecureConfigError
 from protocols.executor import InlineExecutor
 from vfl.simulate import VerticalModel
 from vfl.splitnn.saved import load_model
@@ -188,7 +188,7 @@ def test_labels_must_be_binary() -> None:
 def test_no_common_id_is_an_error_after_the_psi() -> None:
     guest, host = breast_copy()
     host["id"] = "other-" + host["id"]
-    with pytest.raises(DataError, match="nothing in common"):
+    with pytest.raises(AlignmentError, match="^no shared customers"):
         fit(guest, host)
 
 

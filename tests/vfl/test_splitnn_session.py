@@ -19,7 +19,8 @@ from protocols.transport.base import DeliveryStatus
 from protocols.transport.inmemory import InMemoryChannel
 from tests.vfl.session_setup import Outcome, run_job, synthetic_tables, trio
 from vfl.common import checkpoint as ckpt
-from vfl.data.tables import BatchOrder, ImputePolicy, Preprocessor, split_rows
+from vfl.data.preprocess import Preprocessor
+from vfl.data.tables import BatchOrder, split_rows
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.job import SplitJob
@@ -264,8 +265,8 @@ def test_s3_encrypted_training_tracks_float64_training(
     steps = (out.result.best_epoch + 1) * out.guest.steps_per_epoch  # the restored best state
     assert out.guest.steps_per_epoch * job.epochs >= 300
 
-    x_g = Preprocessor.fit(guest, splits.train, impute=ImputePolicy.ERROR).transform(guest)
-    x_h = Preprocessor.fit(host, splits.train, impute=ImputePolicy.ERROR).transform(host)
+    x_g = Preprocessor.fit(guest, splits.train).transform(guest)
+    x_h = Preprocessor.fit(host, splits.train).transform(host)
     assert guest.labels is not None
     ref = FloatSplitModel(
         x_guest=x_g,

@@ -11,10 +11,10 @@ import pytest
 
 from protocols.errors import DataError
 from vfl.data.datasets import data_dir, verify
+from vfl.data.features import FeatureSpec, ImputePolicy
+from vfl.data.preprocess import Preprocessor
 from vfl.data.tables import (
     BatchOrder,
-    ImputePolicy,
-    Preprocessor,
     TableSpec,
     load_table,
     split_rows,
@@ -67,7 +67,7 @@ def test_errors_name_file_row_and_column_never_the_value(tmp_path: Path) -> None
     message = str(info.value)
     assert (
         str(path) in message
-        and "row 2" in message
+        and "line 4" in message  # data row 2, after the header line
         and "'x1'" in message
         and "secret" not in message
     )
@@ -78,10 +78,11 @@ def test_missing_and_infinite_values(tmp_path: Path, value: float) -> None:
     bad = frame()
     bad.loc[1, "x0"] = value
     path = write(tmp_path, bad, "t.parquet")
-    with pytest.raises(DataError, match=r"row 1, column 'x0': missing or infinite"):
-        load_table(TableSpec(path=path, label_column="y"))
-    table = load_table(TableSpec(path=path, label_column="y", impute=ImputePolicy.MEDIAN))
-    pre = Preprocessor.fit(table, np.array([0, 1, 2]), impute=ImputePolicy.MEDIAN)
+    with pytest.raises(DataError, match=r"row 2, column 'x0': missing or infinite"):
+        load_table(TableSpec(path=path, label_column="y"))  # Parquet: rows count from 1
+    median = FeatureSpec(impute=ImputePolicy.MEDIAN)
+    table = load_table(TableSpec(path=path, label_column="y", features=median))
+    pre = Preprocessor.fit(table, np.array([0, 1, 2]))
     assert pre.fill[0] == 2.0  # median of rows 0 and 2 (row 1 missing; row 3 not a training row)
     assert np.isfinite(pre.transform(table)).all()
 
@@ -96,14 +97,14 @@ def test_missing_columns_and_files(tmp_path: Path) -> None:
         load_table(TableSpec(path=tmp_path / "none.csv"))
     missing_label = frame()
     missing_label.loc[3, "y"] = np.nan
-    with pytest.raises(DataError, match="row 3, column 'y': missing or non-numeric label"):
+    with pytest.raises(DataError, match="line 5, column 'y': missing or non-numeric label"):
         load_table(TableSpec(path=write(tmp_path, missing_label, "l.csv"), label_column="y"))
 
 
 def test_preprocessing_uses_training_rows_only_and_round_trips() -> None:
     table = load_table(guest_spec())
     splits = split_rows(table.labels, test_fraction=0.2, validation_fraction=0.1, seed=0)  # type: ignore[arg-type]
-    pre = Preprocessor.fit(table, splits.train, impute=ImputePolicy.ERROR)
+    pre = Preprocessor.fit(table, splits.train)
     x = pre.transform(table)
     assert np.allclose(x[splits.train].mean(axis=0), 0, atol=1e-9)
     assert not np.allclose(x[splits.test].mean(axis=0), 0, atol=1e-9)  # test rows did not shape it

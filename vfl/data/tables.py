@@ -1,14 +1,16 @@
-"""A party's own training table: loading, validation, preprocessing, alignment, splits.
+"""A party's own training table: loading, validation, alignment, splits.
 
 Each party loads only its own file (CSV or Parquet) with pandas:
 
-1. the id column and every feature column must exist (the error lists what does);
-   the guest's label column too, and only the guest has one;
-2. features must be numeric and finite: a text value, NaN or infinity is an error naming
-   the file, row and column, unless an imputation policy fills NaN/inf (text is always an
-   error); errors never quote the value itself;
-3. preprocessing (imputation, standard scaling) is fitted on training rows only and
-   exported as plain JSON to be saved with the model (never pickled);
+1. the id column and every feature column must exist (the error lists what does); the
+   guest's label column too, and only the guest has one; which columns are features, and
+   which hold categories or dates, says a :class:`~vfl.data.features.FeatureSpec`;
+2. the checks of :mod:`vfl.data.checks`: ids are text, a row without one is not used;
+   numbers must be numeric and finite (unless an imputation policy fills NaN/inf), dates
+   must parse, labels be numbers or the job's classes; an error names the file, its line
+   and the column, never the value;
+3. preprocessing (:mod:`vfl.data.preprocess`: imputation, encodings, standard scaling) is
+   fitted on training rows only and exported as plain JSON to be saved with the model;
 4. the PSI result (this party's rows in the shared order) selects and orders the rows;
 5. the guest holds out test rows (stratified) and takes validation rows from the
    training rows; the per-epoch batch order comes from a seeded CSPRNG (AES-CTR keyed by
@@ -17,11 +19,9 @@ Each party loads only its own file (CSV or Parquet) with pandas:
 
 from __future__ import annotations
 
-import zlib
+import logging
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,31 +29,57 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sklearn.model_selection import train_test_split
 
 from protocols.errors import ConfigError, DataError
+from vfl.data.checks import FRAME, Inspection, Origin, Severity, inspect_frame, read_file
+from vfl.data.features import FeatureSpec
 
-
-class ImputePolicy(StrEnum):
-    """What to do with missing or infinite feature values."""
-
-    ERROR = "error"
-    MEAN = "mean"
-    MEDIAN = "median"
-    ZERO = "zero"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TableSpec:
-    """Which file and columns make up a party's table."""
+    """Which file and columns make up a party's table.
+
+    Parameters
+    ----------
+    path
+        The CSV or Parquet file (a DataFrame's name in :func:`frame_table`).
+    id_column
+        The id column (always read as text).
+    label_column
+        The label column at the party holding labels, else None.
+    features
+        The feature columns and their encodings.
+    label_like
+        The job's label column's name: at a party without labels a column of this name is
+        refused as a feature, unless ``features.feature_columns`` lists it.
+    classes
+        The label values (as text) in class order: ``classes[i]`` is label ``i``; None:
+        labels must be numeric.
+    binary_labels
+        With ``classes`` None: labels must be 0 or 1.
+    """
 
     path: Path
     id_column: str = "id"
     label_column: str | None = None
-    feature_columns: tuple[str, ...] | None = None  # None: every other column
-    impute: ImputePolicy = ImputePolicy.ERROR
+    features: FeatureSpec = FeatureSpec()
+    label_like: str | None = None
+    classes: tuple[str, ...] | None = None
+    binary_labels: bool = False
 
 
 @dataclass(frozen=True)
 class PartyTable:
-    """Validated rows: ids, float64 features (NaN only where imputation will fill), labels."""
+    """Validated rows: ids, features by kind, labels.
+
+    ``features`` holds the numeric columns ``columns`` as float64 (NaN only where imputation
+    will fill); ``text`` the categorical columns ``text_columns`` (None where missing);
+    ``days`` the date columns ``date_columns`` as days since 1970-01-01 UTC (NaN where
+    missing). Rows without an id (``ids[i] == ""`` after stripping; ``dropped_ids`` of
+    them) keep their place, so PSI row numbers index this table, and hold only missing
+    values. ``spec`` is the feature spec resolved: ``spec.feature_columns`` lists every
+    feature column in order.
+    """
 
     source: Path
     ids: np.ndarray
@@ -61,9 +87,26 @@ class PartyTable:
     features: np.ndarray
     labels: np.ndarray | None = None
     file_rows: np.ndarray | None = None  # each row's place in the file (None: in file order)
+    text_columns: tuple[str, ...] = ()
+    text: np.ndarray | None = None
+    date_columns: tuple[str, ...] = ()
+    days: np.ndarray | None = None
+    spec: FeatureSpec = FeatureSpec()
+    dropped_ids: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """Every feature column (numeric, categorical, date), in the spec's order."""
+        if self.spec.feature_columns is not None:
+            return self.spec.feature_columns
+        return self.columns + self.text_columns + self.date_columns
+
+    def id_rows(self) -> np.ndarray:
+        """The rows that have an id (the others are never aligned, trained on or scored)."""
+        return np.flatnonzero([bool(str(i).strip()) for i in self.ids])
 
     def take(self, rows: np.ndarray) -> PartyTable:
         """These rows, in this order (e.g. the PSI's shared order)."""
@@ -76,157 +119,52 @@ class PartyTable:
             features=self.features[rows],
             labels=None if self.labels is None else self.labels[rows],
             file_rows=(np.arange(len(self)) if self.file_rows is None else self.file_rows)[rows],
+            text=None if self.text is None else self.text[rows],
+            days=None if self.days is None else self.days[rows],
         )
-
-
-def _read(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path, keep_default_na=True)
-    except (ValueError, OSError, EOFError, zlib.error) as exc:  # a truncated/damaged .gz
-        raise DataError(
-            f"{path}: cannot be read as {path.suffix or 'CSV'} ({type(exc).__name__})"
-        ) from None
 
 
 def load_table(spec: TableSpec) -> PartyTable:
-    """Steps 1-2 of the module docstring."""
-    return frame_table(_read(spec.path), spec=spec)
+    """Steps 1-2 of the module docstring: the table, or a :class:`DataError` naming its first
+    problem (:func:`vfl.data.checks.check_table` lists them all)."""
+    origin = Origin.of(spec.path)
+    found = inspect_frame(read_file(spec), spec=spec, origin=origin)
+    return _table(found, spec, origin, more="run `vfl data check`")
 
 
 def frame_table(frame: pd.DataFrame, *, spec: TableSpec) -> PartyTable:
-    """Steps 1-2 for rows already read (``spec.path`` names them in errors)."""
-    where = str(spec.path)
-    available = list(frame.columns)
-    needed = [spec.id_column] + ([spec.label_column] if spec.label_column else [])
-    features = (
-        list(spec.feature_columns)
-        if spec.feature_columns is not None
-        else [c for c in available if c not in needed]
-    )
-    for column in needed + features:
-        if column not in frame.columns:
-            raise DataError(f"{where}: no column {column!r}; the file has {available}")
-    if not features:
-        raise DataError(f"{where}: no feature columns besides {needed}")
-    ids = frame[spec.id_column]
-    if ids.isna().any():
-        raise DataError(f"{where} row {_first(ids.isna())}, column {spec.id_column!r}: missing id")
-    values = np.empty((len(frame), len(features)), dtype=np.float64)
-    for j, column in enumerate(features):
-        raw = frame[column]
-        numeric = pd.to_numeric(raw, errors="coerce")
-        text = numeric.isna() & raw.notna()
-        if text.any():
-            raise DataError(
-                f"{where} row {_first(text)}, column {column!r}: not a number; fix the file or "
-                "drop the column from the feature list"
-            )
-        values[:, j] = numeric.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any() and spec.impute is ImputePolicy.ERROR:
-        row, col = np.argwhere(bad)[0]
-        raise DataError(
-            f"{where} row {row}, column {features[col]!r}: missing or infinite value; fix the "
-            "file or configure an imputation policy (mean, median, zero)"
-        )
-    values[bad] = np.nan  # imputed by the preprocessor, from training rows only
-    labels = None
-    if spec.label_column:
-        numeric = pd.to_numeric(frame[spec.label_column], errors="coerce").to_numpy(
-            dtype=np.float64
-        )
-        if not np.isfinite(numeric).all():
-            row = int(np.argwhere(~np.isfinite(numeric))[0][0])
-            raise DataError(
-                f"{where} row {row}, column {spec.label_column!r}: missing or non-numeric label"
-            )
-        labels = numeric
+    """Steps 1-2 for rows already read (``spec.path`` names them in errors; rows are
+    numbered by position from 0)."""
+    return _table(inspect_frame(frame, spec=spec, origin=FRAME), spec, FRAME, more="")
+
+
+def _table(found: Inspection, spec: TableSpec, origin: Origin, *, more: str) -> PartyTable:
+    """The table ``found`` describes, or a :class:`DataError` for its first error (and how
+    many more there are, with ``more`` said after them)."""
+    errors = [f for f in found.findings if f.severity is Severity.ERROR]
+    if errors or found.features is None or found.values is None:
+        first, others = errors[0], len(errors) - 1
+        plural = "s" if others > 1 else ""
+        note = f" ({others} more problem{plural}{': ' + more if more else ''})" if others else ""
+        raise DataError(first.located(str(spec.path), unit=origin.unit) + note, public=first.public)
+    for warning in found.findings:
+        logger.warning("%s", warning.located(str(spec.path), unit=origin.unit))
+    dropped = int((~found.usable).sum())
+    if dropped:
+        logger.info("%s: %d rows have no id and are not used", spec.path, dropped)
     return PartyTable(
         source=spec.path,
-        ids=ids.astype(str).to_numpy(),
-        columns=tuple(features),
-        features=values,
-        labels=labels,
+        ids=found.ids,
+        columns=found.numeric,
+        features=found.values,
+        labels=found.labels,
+        text_columns=found.categorical,
+        text=found.text,
+        date_columns=found.dates,
+        days=found.days,
+        spec=found.features,
+        dropped_ids=dropped,
     )
-
-
-def _first(mask: pd.Series) -> int:
-    return int(np.argmax(mask.to_numpy()))
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """Imputation and standard scaling, fitted on training rows only (step 3)."""
-
-    columns: tuple[str, ...]
-    fill: tuple[float, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-
-    @classmethod
-    def fit(cls, table: PartyTable, rows: np.ndarray, *, impute: ImputePolicy) -> Preprocessor:
-        """Learn fill values, means and scales from ``rows`` of ``table``."""
-        x = table.features[np.asarray(rows, dtype=np.int64)]
-        if not len(x):
-            raise ConfigError("cannot fit preprocessing on zero training rows")
-        with np.errstate(all="ignore"):
-            if impute is ImputePolicy.MEDIAN:
-                fill = np.nanmedian(x, axis=0)
-            elif impute is ImputePolicy.ZERO:
-                fill = np.zeros(x.shape[1])
-            else:
-                fill = np.nanmean(x, axis=0)
-        fill = np.where(np.isfinite(fill), fill, 0.0)
-        filled = np.where(np.isnan(x), fill, x)
-        mean = filled.mean(axis=0)
-        scale = filled.std(axis=0)
-        scale = np.where(scale > 0, scale, 1.0)
-        return cls(
-            columns=table.columns,
-            fill=tuple(map(float, fill)),
-            mean=tuple(map(float, mean)),
-            scale=tuple(map(float, scale)),
-        )
-
-    def transform(self, table: PartyTable) -> np.ndarray:
-        """Impute and scale every row of ``table``."""
-        if table.columns != self.columns:
-            raise DataError(
-                f"{table.source}: columns {table.columns} differ from the model's {self.columns}"
-            )
-        fill = np.array(self.fill)
-        x = np.where(np.isnan(table.features), fill, table.features)
-        out: np.ndarray = (x - np.array(self.mean)) / np.array(self.scale)
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON to save with the model."""
-        return {
-            "columns": list(self.columns),
-            "fill": list(self.fill),
-            "mean": list(self.mean),
-            "scale": list(self.scale),
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Preprocessor:
-        """Read what :meth:`to_json` wrote, checking its shape."""
-        try:
-            out = cls(
-                columns=tuple(str(c) for c in obj["columns"]),
-                fill=tuple(float(v) for v in obj["fill"]),
-                mean=tuple(float(v) for v in obj["mean"]),
-                scale=tuple(float(v) for v in obj["scale"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"preprocessing parameters are malformed: {exc}") from None
-        if not len(out.columns) == len(out.fill) == len(out.mean) == len(out.scale):
-            raise DataError("preprocessing parameters have inconsistent lengths")
-        return out
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint
-from vfl.data.tables import ImputePolicy, PartyTable
+from vfl.data.features import ImputePolicy
+from vfl.data.tables import PartyTable
 from vfl.fedavg import aggregate
 from vfl.fedavg.protocol import (
     STATS_ROUND,
@@ -271,7 +272,7 @@ class FedClient:
     # -- data -----------------------------------------------------------------------
 
     def _features_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        table = self.table
+        table = self.table.take(self.table.id_rows())  # no PSI here drops rows without an id
         if table.labels is None:
             raise DataError(f"{table.source}: no label column {self.job.label_column!r}")
         y = np.asarray(table.labels, dtype=np.float64)

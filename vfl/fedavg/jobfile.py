@@ -50,7 +50,7 @@ from typing import Any
 
 from protocols.errors import ConfigError
 from vfl.common.jobfile import JobKind, job_id_of, job_section, read_job_toml
-from vfl.data.tables import ImputePolicy
+from vfl.data.features import ImputePolicy
 from vfl.fedavg.protocol import DropoutPolicy, FedJob, Optimizer
 from vfl.privacy.dp import DPConfig
 

@@ -73,7 +73,7 @@ from typing import Any
 
 from protocols.errors import ConfigError, TransportError
 from protocols.ids import check_identifier
-from vfl.data.tables import ImputePolicy
+from vfl.data.features import ImputePolicy
 from vfl.privacy.dp import DPConfig
 
 STATS_ROUND = 2**63  # aggregation numbers of the statistics steps (F4): never a round number

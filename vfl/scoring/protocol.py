@@ -85,6 +85,7 @@ from protocols.link import REFUSED, JobLink, refusal
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
 from psi.canon import DuplicatePolicy, IdType, prepare_ids
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable
 from vfl.models.split import Task
 from vfl.splitnn.interactive import GuestLayer, HostLayer
@@ -161,7 +162,8 @@ class _HostSession:
 class ScoringHost:
     """H's side: answers ``OPEN``/``INF_REQ``/``CLOSE`` (G2, O2, B1, C1).
 
-    ``table_for(alias, id_column, columns)`` loads those columns of one of H's own data
+    ``table_for(alias, id_column, features)`` loads the model's feature columns (its
+    preprocessor's :class:`~vfl.data.features.FeatureSpec`) of one of H's own data
     aliases; ``allow(guest, model)`` raises a :class:`VflError` to refuse (H's acceptance
     policy); ``list_rows(psi_job, guest=, alias=, id_column=)`` gives H's list rows of a
     ``GUEST_ONLY`` PSI that guest ran on the model's alias and id column, and the size of
@@ -175,7 +177,7 @@ class ScoringHost:
         arbiter: Party,
         state_dir: Path,
         executor: Executor,
-        table_for: Callable[[str, str, tuple[str, ...]], PartyTable],
+        table_for: Callable[[str, str, FeatureSpec], PartyTable],
         public_key: Callable[[], PublicKey],
         pool_executor: Executor | None = None,
         allow: Callable[[str, SavedModel], None] | None = None,
@@ -247,9 +249,9 @@ class ScoringHost:
             key = self.public_key()
             key.check_key_id(model.key_id)
             data = model.manifest["data"]
-            columns = tuple(str(c) for c in model.manifest["columns"])
-            table = self.table_for(str(data["alias"]), str(data["id_column"]), columns)
-            x = model.preprocessor.transform(table)
+            pre = model.preprocessor
+            table = self.table_for(str(data["alias"]), str(data["id_column"]), pre.spec)
+            x = pre.transform(table)
             bottom = model.host_module()
             with torch.no_grad():
                 alpha = bottom(torch.tensor(x, dtype=torch.float32)).double().numpy()

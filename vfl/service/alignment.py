@@ -103,6 +103,8 @@ def run_psi(
         options=PsiOptions(mode=request.mode, pad_to=request.pad_to),
         request=request.host_request(),
     )
+    if request.mode is PsiMode.BOTH:  # training needs rows; other modes may well match none
+        result.require_shared(detail=f"data {request.data!r}, id_type {request.id_type.value!r}")
     folder = write_result(config.state_dir, job_id, result)
     return {"job_id": job_id, "result_dir": str(folder), **result.summary}
 

@@ -39,6 +39,7 @@ from psi.canon import IdType
 from psi.protocol import PsiMode
 from psi.result import read_array, read_result, result_dir
 from vfl.config import JobType, PartyConfig
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.scoring.grants import GrantKeeper
 from vfl.scoring.protocol import ScoringClient, ScoringHost, grant_id
@@ -81,7 +82,7 @@ class ScoringService:
         self.run_psi = run_psi
         self._lock = threading.Lock()
         self._tables: dict[
-            tuple[str, str, tuple[str, ...]], tuple[float, PartyTable, dict[str, int]]
+            tuple[str, str, FeatureSpec], tuple[float, PartyTable, dict[str, int]]
         ] = {}
         self._clients: dict[str, ScoringClient] = {}
         self._key: PublicKey | None = None
@@ -154,13 +155,14 @@ class ScoringService:
             )
         return self._key
 
-    def table(self, alias: str, id_column: str, columns: tuple[str, ...]) -> PartyTable:
-        """The model's ``columns`` of one of this party's data aliases (other columns, such
-        as labels, are ignored), loaded once per file version."""
-        return self._indexed(alias, id_column, columns)[0]
+    def table(self, alias: str, id_column: str, features: FeatureSpec) -> PartyTable:
+        """The model's feature columns (``features``, the model's
+        :attr:`~vfl.data.preprocess.Preprocessor.spec`) of one of this party's data aliases
+        (other columns, such as labels, are ignored), loaded once per file version."""
+        return self._indexed(alias, id_column, features)[0]
 
     def _indexed(
-        self, alias: str, id_column: str, columns: tuple[str, ...]
+        self, alias: str, id_column: str, features: FeatureSpec
     ) -> tuple[PartyTable, dict[str, int]]:
         """:meth:`table` with its row number per id, both kept until the file changes."""
         if alias not in self.config.data:
@@ -170,12 +172,12 @@ class ScoringService:
             )
         path = self.config.data[alias]
         stamp = path.stat().st_mtime if path.is_file() else 0.0
-        key = (alias, id_column, columns)
+        key = (alias, id_column, features)
         with self._lock:
             cached = self._tables.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
-        table = load_table(TableSpec(path=path, id_column=id_column, feature_columns=columns))
+        table = load_table(TableSpec(path=path, id_column=id_column, features=features))
         index = {str(v): i for i, v in enumerate(table.ids)}
         with self._lock:
             self._tables[key] = (stamp, table, index)
@@ -215,8 +217,8 @@ class ScoringService:
         model_id, alias, id_column = request.model, request.data, request.id_column
         if request.ids is not None:  # the open session's model: no reload per call
             client = self._client(model_id, request.id_type)
-            columns = tuple(client.model.manifest["columns"])
-            table, where = self._indexed(alias, id_column, columns)
+            features = client.model.preprocessor.spec
+            table, where = self._indexed(alias, id_column, features)
             try:
                 return self._online(client, table, where, request.ids, decoys=request.decoys)
             except (PolicyViolationError, TimeoutError):
@@ -225,7 +227,7 @@ class ScoringService:
                         del self._clients[model_id]
                 raise
         model = load_model(self.config.state_dir, model_id)
-        table = self.table(alias, id_column, tuple(model.manifest["columns"]))
+        table = self.table(alias, id_column, model.preprocessor.spec)
         return self._batch(model, table, request)
 
     def _online(

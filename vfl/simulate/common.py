@@ -3,7 +3,7 @@
 * :func:`read_frame` and :func:`party_table`: a DataFrame or CSV path to a validated
   :class:`~vfl.data.tables.PartyTable`, with errors that name the party, the column and the
   row (missing id or label column, a label at the host, text in a feature column, a
-  duplicate id, labels other than 0/1);
+  duplicate id, labels other than 0/1; :mod:`vfl.data.checks`);
 * :func:`align`: the real ECDH-PSI between the two tables' ids
   (:func:`psi.inprocess.align_in_process`), both learning the intersection, and a
   :class:`PsiSummary` of its counts;
@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import TypeAlias
@@ -36,6 +36,7 @@ from protocols.executor import Executor, LocalProcessExecutor
 from protocols.files import atomic_write, private_dir
 from psi.canon import IdType, prepare_ids
 from psi.inprocess import align_in_process
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, frame_table
 
 Frame: TypeAlias = pd.DataFrame | str | os.PathLike[str]
@@ -89,6 +90,7 @@ def party_table(
     label: str | None,
     columns: tuple[str, ...] | None = None,
     not_allowed: str | None = None,
+    features: FeatureSpec | None = None,
 ) -> PartyTable:
     """One party's validated rows.
 
@@ -103,9 +105,13 @@ def party_table(
     label
         The label column (binary 0/1), or None at a party without labels.
     columns
-        The feature columns (default: every other column).
+        The feature columns (default: every other column, or those of ``features``).
     not_allowed
         A column this party must not have (the label, at the host).
+    features
+        Which columns are features and how they are encoded (a saved model's
+        :attr:`~vfl.data.preprocess.Preprocessor.spec`; default: every column but the id
+        and the label, numeric); ``columns``, if given, replaces its feature columns.
     """
     where = f"the {side}'s data"
     available = [str(c) for c in frame.columns]
@@ -126,25 +132,23 @@ def party_table(
             f"{where}, column {id_column!r}: id {str(ids.iloc[row])[:40]!r} appears in rows "
             f"{first} and {row}; every id must be unique"
         )
-    spec = TableSpec(path=Path(where), id_column=id_column, label_column=label)
+    features = features or FeatureSpec()
     if columns is not None:
-        missing = [c for c in columns if c not in frame.columns]
+        features = replace(features, feature_columns=columns)
+    if features.feature_columns is not None:
+        missing = [c for c in features.feature_columns if c not in frame.columns]
         if missing:
             raise DataError(
                 f"{where} lacks the model's columns {missing}; its columns: {available}"
             )
-        spec = TableSpec(
-            path=Path(where), id_column=id_column, label_column=label, feature_columns=columns
-        )
-    table = frame_table(frame, spec=spec)
-    if table.labels is not None:
-        bad = ~np.isin(table.labels, (0.0, 1.0))
-        if bad.any():
-            raise DataError(
-                f"{where} row {int(np.argmax(bad))}, column {label!r}: labels must be 0 or 1 "
-                "(a binary task)"
-            )
-    return table
+    spec = TableSpec(
+        path=Path(where),
+        id_column=id_column,
+        label_column=label,
+        features=features,
+        binary_labels=True,
+    )
+    return frame_table(frame, spec=spec)
 
 
 def align(
@@ -167,11 +171,7 @@ def align(
     summary = PsiSummary(
         guest_rows=len(guest), host_rows=len(host), intersection=len(at_guest.rows)
     )
-    if not len(at_guest.rows):
-        raise DataError(
-            f"the guest's and the host's ids have nothing in common ({summary}); check that "
-            f"both id columns hold the same kind of id (id_type = {id_type.value!r})"
-        )
+    at_guest.require_shared(detail=f"id_type {id_type.value!r}; {summary}")
     return at_guest.rows, at_host.rows, summary
 
 

@@ -158,7 +158,7 @@ class VerticalModel:
             side="guest",
             id_column=self.id_column,
             label=self.label,
-            columns=tuple(self.guest.manifest["columns"]),
+            features=self.guest.preprocessor.spec,
         )
         if labelled.labels is None:
             raise ConfigError(f"the guest's rows have no label column {self.label!r}")
@@ -203,14 +203,14 @@ class VerticalModel:
             side="guest",
             id_column=self.id_column,
             label=None,
-            columns=tuple(self.guest.manifest["columns"]),
+            features=self.guest.preprocessor.spec,
         )
         h_table = party_table(
             h_frame,
             side="host",
             id_column=self.id_column,
             label=None,
-            columns=tuple(self.host.manifest["columns"]),
+            features=self.host.preprocessor.spec,
             not_allowed=self.label,
         )
         with workers(executor) as pool:

@@ -13,7 +13,8 @@ import torch
 
 from protocols.errors import ConfigError
 from vfl.common.metrics import selection_metric, task_metrics
-from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, Splits
+from vfl.data.preprocess import Preprocessor
+from vfl.data.tables import BatchOrder, PartyTable, Splits
 from vfl.splitnn.training import (
     TrainConfig,
     guest_models,
@@ -52,7 +53,7 @@ def guest_only_scores(
         raise ConfigError(f"{table.source}: the guest-only baseline needs labels")
     torch.manual_seed(config.seed)
     x = torch.tensor(
-        Preprocessor.fit(table, splits.train, impute=ImputePolicy.MEAN).transform(table),
+        Preprocessor.fit(table, splits.train).transform(table),
         dtype=torch.float32,
     )
     y = torch.tensor(table.labels, dtype=torch.float32)

@@ -29,7 +29,8 @@ from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
 from vfl.common.metrics import selection_metric, task_metrics
 from vfl.common.seeds import RunSeeds, fresh_seed
-from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Splits
+from vfl.data.features import ImputePolicy
+from vfl.data.tables import BatchOrder, PartyTable, Splits
 from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
 from vfl.privacy.label_protection import ProtectMode
 from vfl.splitnn.interactive import GuestLayer

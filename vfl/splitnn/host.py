@@ -28,7 +28,8 @@ from protocols.link import DATA_REFUSED, REFUSED
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
-from vfl.data.tables import ImputePolicy, PartyTable
+from vfl.data.features import ImputePolicy
+from vfl.data.tables import PartyTable
 from vfl.splitnn.interactive import HostLayer, SplitTag
 from vfl.splitnn.job import JobOffer, JobTag, Schedule, SplitJob
 from vfl.splitnn.session import PartySession, resume_point

@@ -44,7 +44,7 @@ from typing import Any
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
 from vfl.common.jobfile import JobKind, job_id_of, psi_job_of, read_job_toml
-from vfl.data.tables import ImputePolicy
+from vfl.data.features import ImputePolicy
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.job import SplitJob
 from vfl.splitnn.spec import SplitMode

@@ -36,7 +36,7 @@ from protocols.errors import ConfigError, DataError
 from protocols.files import atomic_write
 from protocols.ids import state_path
 from vfl.common import checkpoint as ckpt
-from vfl.data.tables import Preprocessor
+from vfl.data.preprocess import Preprocessor
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.training import GuestModels, TrainConfig, guest_models, host_bottom
@@ -120,7 +120,7 @@ class SavedModel:
         """The guest's bottom, ``W_g, b`` and top model with the saved weights."""
         if self.manifest["role"] != "guest":
             raise ConfigError(f"model {self.model_id} here is the host's part")
-        built = guest_models(len(self.manifest["columns"]), self.config)
+        built = guest_models(len(self.preprocessor.output_columns), self.config)
         built.load_state_dict(self.weights)
         built.eval()
         return built
@@ -129,7 +129,7 @@ class SavedModel:
         """The host's bottom model with the saved weights."""
         if self.manifest["role"] != "host":
             raise ConfigError(f"model {self.model_id} here is the guest's part")
-        built = host_bottom(len(self.manifest["columns"]), self.config)
+        built = host_bottom(len(self.preprocessor.output_columns), self.config)
         built.load_state_dict(self.weights)
         built.eval()
         return built

@@ -81,7 +81,9 @@ from protocols.files import atomic_write, private_dir
 from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
-from vfl.data.tables import ImputePolicy, PartyTable, Preprocessor
+from vfl.data.features import ImputePolicy
+from vfl.data.preprocess import Preprocessor
+from vfl.data.tables import PartyTable
 from vfl.splitnn.job import DONE_WAIT_S, JobTag, Progress, SplitJob
 from vfl.splitnn.saved import config_to_json, save_model
 from vfl.splitnn.spec import DecTag, JobSpec
@@ -103,7 +105,7 @@ class PartySession:
     timeout: float
     allow_test_key: bool
     pool_executor: Executor | None = None
-    impute: ImputePolicy = ImputePolicy.ERROR
+    impute: ImputePolicy = ImputePolicy.ERROR  # unused: the table's spec carries the policy
 
     def __post_init__(self) -> None:
         self.run_id = ""
@@ -159,7 +161,7 @@ class PartySession:
 
     def _preprocess(self, job_dir: Path, table: PartyTable, fit_rows: np.ndarray) -> np.ndarray:
         """Fit scaling/imputation on the training rows only; keep it with the job's model."""
-        pre = Preprocessor.fit(table, fit_rows, impute=self.impute)
+        pre = Preprocessor.fit(table, fit_rows)
         self.preprocessor = pre
         private_dir(job_dir)
         atomic_write(job_dir / "preprocessing.json", json.dumps(pre.to_json()).encode(), mode=0o600)
@@ -183,7 +185,7 @@ class PartySession:
             "party": self.channel.me.party_id,
             "peer": self.peer.party_id,
             "arbiter": self.arbiter.party_id,
-            "columns": list(self.preprocessor.columns),
+            "columns": list(self.preprocessor.input_columns),
             "preprocessing": self.preprocessor.to_json(),
             "train": config_to_json(job.train),
             "spec": spec.to_json(),

@@ -33,6 +33,7 @@ from protocols.roles import Party, Role
 from protocols.transport.base import MessageFilter
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
 from vfl.config import JobType
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.fedavg.aggregator import FedAggregator
 from vfl.fedavg.client import FedClient
@@ -111,7 +112,7 @@ class FedAvgDriver(JobDriver[FedJobFile]):
                 path=config.data[alias],
                 id_column=job.id_column,
                 label_column=job.label_column,
-                impute=job.impute,
+                features=FeatureSpec(impute=job.impute),
             )
         )
 

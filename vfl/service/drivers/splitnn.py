@@ -49,6 +49,7 @@ from psi.result import read_result
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
 from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.privacy.label_protection import ProtectMode
 from vfl.service.accept import check_offer, host_id_column
@@ -71,7 +72,12 @@ STOP_WAIT_S = 10.0  # how long close() waits for H's runs to end
 
 
 def aligned_table(
-    config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: str | None = None
+    config: PartyConfig,
+    request: dict[str, Any],
+    *,
+    labels: str | None,
+    guest: str | None = None,
+    features: FeatureSpec | None = None,
 ) -> PartyTable:
     """This party's rows for the job, in the PSI's shared order.
 
@@ -89,7 +95,12 @@ def aligned_table(
     column = (
         str(request.get("id_column", "id")) if guest is None else host_id_column(config, request)
     )
-    spec = TableSpec(path=config.data[alias], id_column=column, label_column=labels)
+    spec = TableSpec(
+        path=config.data[alias],
+        id_column=column,
+        label_column=labels,
+        features=features or FeatureSpec(),
+    )
     psi_job = check_identifier(request.get("psi_job"), what="psi_job")
     summary, rows = read_result(config.state_dir, psi_job)
     if guest is not None:
@@ -176,7 +187,12 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             id_type=job_file.id_type,
         )
         request = {"data": job_file.guest_data, "id_column": job_file.id_column, "psi_job": psi_job}
-        table = aligned_table(config, request, labels=job_file.label_column)
+        table = aligned_table(
+            config,
+            request,
+            labels=job_file.label_column,
+            features=FeatureSpec(impute=job_file.impute),
+        )
         if table.labels is None:
             raise ConfigError(f"data {job_file.guest_data!r} has no label column")
         splits = split_rows(
