@@ -352,8 +352,13 @@ def test_job_file_errors_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="at least two updates"):
         parse_fed_job(raw, source="job.toml", coordinator="bank")
     raw = {"job": {}, "clients": {"bank": "a", "shop": "b"}, "model": {"widths": [4, 2]}}
-    with pytest.raises(ConfigError, match="end in 1"):
+    with pytest.raises(ConfigError, match=r"end in 1 .*widths = \[1\] is logistic regression"):
         parse_fed_job(raw, source="job.toml", coordinator="bank")
+    raw = {"job": {}, "clients": {"bank": "a", "shop": "b"}, "model": {"widths": [1]}}
+    logistic = parse_fed_job(raw, source="job.toml", coordinator="bank")
+    assert logistic.widths == (1,)
+    layers = [type(m) for m in build_model(logistic, in_features=3).modules()]
+    assert layers.count(torch.nn.Linear) == 1
 
 
 def test_refusal_by_the_aggregator_is_not_retried(

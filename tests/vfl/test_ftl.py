@@ -31,6 +31,7 @@ from vfl.transfer.ftl import (
     guest_batch,
     host_t1,
     phi_of,
+    representation_net,
     taylor_loss,
 )
 from vfl.transfer.inprocess import FtlRun, run_in_process
@@ -150,6 +151,20 @@ def test_f2_refusals() -> None:
         FtlConfig(batch=1)
     with pytest.raises(ConfigError, match="binary only"):
         FtlConfig(classes=3)
+    with pytest.raises(ConfigError, match=r"\[\] gives a linear representation"):
+        FtlJob(guest_widths=(0,))
+
+
+def test_empty_widths_give_a_linear_representation() -> None:
+    """``guest_widths = ()``: one linear layer to d, then the tanh bound."""
+    job = FtlJob(guest_widths=(), host_widths=())
+    assert FtlJob.from_json(job.to_json()) == job
+    net = representation_net(5, job.guest_widths, 3)
+    assert [type(m).__name__ for m in net.modules() if not list(m.children())] == [
+        "Linear",
+        "Tanh",
+    ]
+    assert net(torch.randn(4, 5) * 100).abs().max() <= 1.0
 
 
 def test_f3_without_protection_the_host_recovers_every_overlap_label() -> None:

@@ -1,4 +1,5 @@
-"""Reports: report.json with the test AUC, ROC and loss PNGs, scores.csv, clear input errors."""
+"""Reports: report.json with the test metrics and decision, ROC, PR, calibration and loss PNGs,
+test_scores.csv and scores.csv, clear input errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from protocols.errors import DataError
+from vfl.common.decision import Calibration, Decision, DecisionConfig
+from vfl.common.metrics import binary_metrics
 from vfl.report import ReportFiles, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -69,11 +72,78 @@ def test_full_report(tmp_path: Path) -> None:
     assert body["test_auc"] == roc_auc_score(y, joint)
     assert body["guest_only_test_auc"] == roc_auc_score(y, guest)
     assert files.report.read_text().startswith("{\n  ")  # pretty-printed
-    for png in (files.roc, files.loss):
+    assert body["metrics"]["joint"] == binary_metrics(y, joint)
+    assert body["metrics"]["guest_only"]["roc_auc"] == body["guest_only_test_auc"]
+    assert "calibrated" not in body["metrics"] and "decision" not in body
+    assert files.pr is not None and files.calibration is not None
+    for png in (files.roc, files.loss, files.pr, files.calibration):
         width, height = _png_size(png)
         assert width > 300 and height > 300 and png.stat().st_size > 10_000
     assert pd.read_csv(files.scores).equals(scores)
+    assert files.test_scores is not None
+    table = pd.read_csv(files.test_scores)
+    assert list(table.columns) == ["label", "score"] and np.allclose(table["score"], joint)
     assert not list(tmp_path.rglob("*.tmp"))
+    folder = files.report.parent
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o600}
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "calibration.png",
+        "loss.png",
+        "pr.png",
+        "report.json",
+        "roc.png",
+        "scores.csv",
+        "test_scores.csv",
+    ]
+
+
+def test_report_with_ids_and_a_decision(tmp_path: Path) -> None:
+    """The decision's calibrated probabilities and decisions per test row, its threshold and
+    validation figures and the calibrated test metrics in report.json."""
+    y, joint, _ = _data()
+    rng = np.random.default_rng(1)
+    val_y = rng.integers(0, 2, 300)
+    val_scores = 1 / (1 + np.exp(-(2.0 * val_y - 1 + rng.normal(size=300))))
+    decision = Decision.fit(
+        DecisionConfig(calibration=Calibration.ISOTONIC), labels=val_y, scores=val_scores
+    )
+    ids = [f"c{i}@example.com" for i in range(len(y))]
+    files = write_report(
+        tmp_path,
+        summary={},
+        test_labels=y,
+        test_scores=joint,
+        history=_history(),
+        ids=ids,
+        decision=decision,
+    )
+    assert files.test_scores is not None
+    table = pd.read_csv(files.test_scores)
+    assert list(table.columns) == ["id", "label", "score", "probability", "decision"]
+    assert table["id"].tolist() == ids and table["label"].tolist() == y.tolist()
+    assert np.allclose(table["probability"], decision.calibrate(joint))
+    assert table["decision"].tolist() == decision.decide(joint).astype(int).tolist()
+    body = json.loads(files.report.read_text())
+    assert Decision.from_json(body["decision"]) == decision
+    assert body["decision"]["validation"]["fpr"] <= 0.05
+    assert body["metrics"]["calibrated"] == binary_metrics(y, decision.calibrate(joint))
+    flagged = decision.decide(joint)
+    assert body["decision_test"]["flagged"] == int(flagged.sum())
+    assert body["decision_test"]["recall"] == pytest.approx(flagged[y == 1].mean())
+
+
+def test_logit_scores_get_ranking_metrics_only(tmp_path: Path) -> None:
+    """Scores outside [0, 1] (the transfer driver's logits) are ranked, not calibrated."""
+    y, joint, _ = _data()
+    logits = np.log(joint / (1 - joint))
+    files = write_report(
+        tmp_path, summary={}, test_labels=y, test_scores=logits, history=_history(1)
+    )
+    metrics = json.loads(files.report.read_text())["metrics"]["joint"]
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(y, joint))
+    assert "pr_auc" in metrics and "brier" not in metrics and "log_loss" not in metrics
+    assert files.calibration is not None and _png_size(files.calibration)[0] > 300
 
 
 def test_minimal_report_without_validation_rows(tmp_path: Path) -> None:
@@ -121,6 +191,8 @@ def _call(out: Path, **changes: Any) -> ReportFiles:
         ({"summary": {"x": float("nan")}}, "NaN or infinite"),
         ({"summary": {"x": object()}}, "not JSON-serialisable"),
         ({"scores": [1, 2]}, "must be a pandas DataFrame"),
+        ({"ids": ["a", "b"]}, "ids has 2 values but test_labels has 400"),
+        ({"calibrated": np.full(400, 1.5)}, "calibrated must hold probabilities"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path: Path, changes: dict[str, Any], message: str) -> None:

@@ -25,7 +25,7 @@ Example (only ``type`` and ``[clients]`` are required)::
     shop = "credit"
 
     [model]                      # MLP features -> widths; a fresh optimizer every round
-    widths = [64, 32, 1]
+    widths = [64, 32, 1]         # ends in 1; [1] is logistic regression
     activation = "relu"
     dropout = 0.0
     optimizer = "adam"           # or "sgd"

@@ -135,7 +135,7 @@ class FedJob:
         The local optimizer, created fresh each round.
     widths, activation, dropout
         The model: an MLP ``features -> widths[0] -> ... -> widths[-1]`` (last width 1: one
-        logit of a binary label).
+        logit of a binary label). ``widths = (1,)`` is logistic regression.
     clients_per_round
         Participants per round, sampled by A; 0 means every client. At least 2 (a single
         participant's "sum" would be its own update).
@@ -201,7 +201,7 @@ class FedJob:
         if not self.widths or min(self.widths) < 1 or self.widths[-1] != 1:
             raise ConfigError(
                 f"job {self.job_id}: widths must be positive and end in 1 (one logit of a "
-                f"binary label), got {list(self.widths)}"
+                f"binary label; widths = [1] is logistic regression), got {list(self.widths)}"
             )
         if self.clients_per_round and not 2 <= self.clients_per_round <= len(ids):
             raise ConfigError(

@@ -2,6 +2,25 @@
 this package imports only torch."""
 
 from vfl.models.mlp import MLP
-from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
+from vfl.models.split import (
+    BottomModel,
+    ClassWeight,
+    LossKind,
+    OutputBound,
+    Task,
+    TopModel,
+    binary_loss,
+    loss_for,
+)
 
-__all__ = ["MLP", "BottomModel", "OutputBound", "Task", "TopModel", "loss_for"]
+__all__ = [
+    "MLP",
+    "BottomModel",
+    "ClassWeight",
+    "LossKind",
+    "OutputBound",
+    "Task",
+    "TopModel",
+    "binary_loss",
+    "loss_for",
+]

@@ -18,12 +18,16 @@ def activation_layer(name: str) -> nn.Module:
 class MLP(nn.Module):
     """``in_features -> widths[0] -> ... -> widths[-1]`` with an activation between layers.
 
+    Empty ``widths`` give the identity (no layer, no parameter): a linear model is then the
+    identity followed by the caller's own linear layer.
+
     Parameters
     ----------
     in_features
         Input width.
     widths
-        Output width of each linear layer; the last layer has no activation.
+        Output width of each linear layer; the last layer has no activation. ``()``: the
+        identity.
     activation
         ``"relu"``, ``"tanh"`` or ``"gelu"``.
     dropout
@@ -39,7 +43,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if in_features < 1 or not widths or min(widths) < 1:
+        if in_features < 1 or (widths and min(widths) < 1):
             raise ValueError(f"MLP needs positive widths, got in={in_features} widths={widths}")
         activation_layer(activation)  # fails early on an unknown name
         if not 0.0 <= dropout < 1.0:
@@ -53,7 +57,8 @@ class MLP(nn.Module):
                 if dropout:
                     layers.append(nn.Dropout(dropout))
             width = out
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers)  # empty: the identity
+        self.out_features = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layers."""

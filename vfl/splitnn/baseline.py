@@ -19,6 +19,7 @@ from vfl.splitnn.training import (
     TrainConfig,
     guest_models,
     make_optimizer,
+    resolve_pos_weight,
     task_loss,
     task_scores,
 )
@@ -43,7 +44,8 @@ def guest_only_scores(
     splits
         The job's training, validation and test rows.
     config
-        The split model's configuration (guest widths, optimizer, task).
+        The split model's configuration (guest widths, optimizer, task, loss; a balanced class
+        weight from the training rows' labels).
     batch, epochs, patience
         As in the split job.
     order_seed
@@ -60,6 +62,7 @@ def guest_only_scores(
     models = guest_models(x.shape[1], config)
     optimizer = make_optimizer(list(models.parameters()), config)
     order = BatchOrder(order_seed, batch_size=batch)
+    pos_weight = resolve_pos_weight(config, table.labels[splits.train])
 
     @torch.no_grad()
     def scores(rows: np.ndarray) -> np.ndarray:
@@ -74,7 +77,15 @@ def guest_only_scores(
         for rows in order.epoch(splits.train, epoch):
             optimizer.zero_grad()
             out = models.top(models.own_z(x[rows]))
-            torch.autograd.backward(task_loss(config.task, out, y[rows]))
+            loss = task_loss(
+                config.task,
+                out,
+                y[rows],
+                loss=config.loss,
+                focal_gamma=config.focal_gamma,
+                pos_weight=pos_weight,
+            )
+            torch.autograd.backward(loss)
             optimizer.step()
         if not len(splits.validation):
             best_state = {k: v.clone() for k, v in models.state_dict().items()}

@@ -38,6 +38,7 @@ Example (every key but the data aliases is optional)::
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,7 @@ class TrainJobFile:
                 "impute": self.impute.value,
             },
             "model": {
-                f.name: (
-                    list(getattr(self.job.train, f.name))
-                    if isinstance(getattr(self.job.train, f.name), tuple)
-                    else getattr(self.job.train, f.name)
-                )
+                f.name: _plain(getattr(self.job.train, f.name))
                 for f in fields(TrainConfig)
                 if f.name != "protect"
             },
@@ -133,6 +130,13 @@ class TrainJobFile:
                 for f in fields(ProtectConfig)
             },
         }
+
+
+def _plain(value: Any) -> Any:
+    """A model value as JSON: a tuple as a list, an enum as its value."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value.value if isinstance(value, Enum) else value
 
 
 def _as_floats(values: dict[str, Any], config: type) -> None:

@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +66,15 @@ def config_to_json(config: TrainConfig) -> dict[str, Any]:
             }
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, Task):
+        elif isinstance(value, Enum):
             value = value.value
         out[f.name] = value
     return out
 
 
 def config_from_json(obj: dict[str, Any]) -> TrainConfig:
-    """Inverse of :func:`config_to_json`."""
+    """Inverse of :func:`config_to_json` (a field a manifest lacks takes its default, so a
+    model saved before the loss options were added still loads)."""
     raw = dict(obj)
     protect = dict(raw.pop("protect"))
     protect["mode"] = ProtectMode(protect["mode"])

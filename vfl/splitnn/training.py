@@ -17,6 +17,7 @@ figure of the quality benchmark. Never use it between real silos.
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from collections.abc import Callable
@@ -27,9 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, DataError
 from vfl.common.checkpoint import Checkpoint
-from vfl.models.split import BottomModel, OutputBound, Task, TopModel, loss_for
+from vfl.models.split import (
+    BottomModel,
+    ClassWeight,
+    LossKind,
+    OutputBound,
+    Task,
+    TopModel,
+    binary_loss,
+    loss_for,
+)
 from vfl.privacy.label_protection import (
     MarvellNoise,
     MarvellState,
@@ -45,7 +55,20 @@ from vfl.splitnn.interactive import GuestLayer, HostLayer
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Architecture and optimisation (``d``, ``k``, ``eta_w``, ``a_max`` shared by both)."""
+    """Architecture and optimisation (``d``, ``k``, ``eta_w``, ``a_max`` shared by both).
+
+    Empty widths give linear parts: ``guest_widths = ()`` feeds the guest's features straight
+    into ``W_g``; ``host_widths = ()`` makes the host's bottom one linear layer to ``d``
+    (bounded to ``±a_max``); ``top_widths = ()`` drops the top model, so ``z`` (``k`` wide) is
+    the output and a binary or regression task needs ``k = 1``. All three empty with ``k = 1``:
+    a vertical logistic regression.
+
+    ``loss``, ``focal_gamma``, ``class_weight`` and ``pos_weight`` (binary tasks only) stay at
+    the guest: the loss is the batch mean of ``w_i·(1 − p_t)^γ·bce_i``
+    (:func:`vfl.models.split.binary_loss`), ``w_i = pos_weight`` for positive rows, with
+    ``class_weight = "balanced"`` giving ``pos_weight`` = negatives / positives of the
+    training rows (:func:`resolve_pos_weight`).
+    """
 
     d: int = 8
     k: int = 8
@@ -63,20 +86,29 @@ class TrainConfig:
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     seed: int = 0
     task: Task = Task.BINARY
+    loss: LossKind = LossKind.BCE
+    focal_gamma: float = 2.0
+    class_weight: ClassWeight = ClassWeight.NONE
+    pos_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "task", Task(self.task))
-        outputs = self.top_widths[-1] if self.top_widths else 0
-        if self.task is Task.MULTICLASS and outputs < 3:
-            raise ConfigError("a multiclass task needs top_widths ending in the number of classes")
-        if self.task is not Task.MULTICLASS and outputs != 1:
-            raise ConfigError(f"a {self.task.value} task needs top_widths ending in 1")
+        for name, kind in (("task", Task), ("loss", LossKind), ("class_weight", ClassWeight)):
+            value = getattr(self, name)
+            if value not in set(kind):
+                choices = ", ".join(m.value for m in kind)
+                raise ConfigError(f"{name} = {value!r}: use one of {choices}")
+            object.__setattr__(self, name, kind(value))
+        for name in ("guest_widths", "host_widths", "top_widths"):
+            if any(w < 1 for w in getattr(self, name)):
+                raise ConfigError(f"{name} = {list(getattr(self, name))}: widths must be >= 1")
+        self._check_outputs()
+        self._check_loss()
         if self.task is not Task.BINARY and self.protect.mode is ProtectMode.RR_LABELS:
             raise ConfigError(
                 f"protect = rr_labels randomizes binary labels; a {self.task.value} task needs "
                 "marvell (the default), gaussian or max_norm (docs/protocol.md §4.7)"
             )
-        classes = {Task.BINARY: 2, Task.MULTICLASS: self.top_widths[-1]}.get(self.task, 1)
+        classes = {Task.BINARY: 2, Task.MULTICLASS: self.outputs}.get(self.task, 1)
         if self.protect.num_classes != classes:  # marvell's two-class rule only for binary
             object.__setattr__(self, "protect", replace(self.protect, num_classes=classes))
         if not 0 < self.eta_w <= 1:
@@ -89,6 +121,91 @@ class TrainConfig:
             raise ConfigError(f"unknown torch optimizer {self.optimizer!r} (e.g. Adam, SGD)")
         if min(self.d, self.k) < 1:
             raise ConfigError("d and k must be positive")
+
+    @property
+    def outputs(self) -> int:
+        """The model's output width: the top model's last width, or ``k`` without one."""
+        return self.top_widths[-1] if self.top_widths else self.k
+
+    def _check_outputs(self) -> None:
+        if not self.top_widths:
+            if self.task is Task.MULTICLASS and self.k < 3:
+                raise ConfigError(
+                    "top_widths = () makes z (k wide) the output: a multiclass task then "
+                    "needs k = the number of classes (>= 3)"
+                )
+            if self.task is not Task.MULTICLASS and self.k != 1:
+                raise ConfigError(
+                    f"top_widths = () makes z (k wide) the output: a {self.task.value} task "
+                    f"then needs k = 1, not {self.k} (a linear model: all widths () and k = 1)"
+                )
+        elif self.task is Task.MULTICLASS and self.outputs < 3:
+            raise ConfigError("a multiclass task needs top_widths ending in the number of classes")
+        elif self.task is not Task.MULTICLASS and self.outputs != 1:
+            raise ConfigError(f"a {self.task.value} task needs top_widths ending in 1")
+
+    def _check_loss(self) -> None:
+        if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            raise ConfigError(f"focal_gamma = {self.focal_gamma}: must be >= 0")
+        if not (math.isfinite(self.pos_weight) and self.pos_weight > 0):
+            raise ConfigError(f"pos_weight = {self.pos_weight}: must be > 0")
+        if self.class_weight is ClassWeight.BALANCED and self.pos_weight != 1.0:
+            raise ConfigError(
+                f"class_weight = balanced sets pos_weight from the training rows; remove "
+                f"pos_weight = {self.pos_weight} or use class_weight = none"
+            )
+        weighted = self.class_weight is ClassWeight.BALANCED or self.pos_weight != 1.0
+        if self.task is not Task.BINARY and (self.loss is LossKind.FOCAL or weighted):
+            raise ConfigError(
+                f"loss = focal, class_weight and pos_weight are for binary tasks, not "
+                f"{self.task.value}"
+            )
+
+
+def resolve_pos_weight(config: TrainConfig, train_labels: np.ndarray) -> float:
+    """The weight of a positive row in the loss.
+
+    Parameters
+    ----------
+    config
+        The training configuration: ``class_weight = "none"`` gives its ``pos_weight``.
+    train_labels
+        The guest's labels of its training rows (0/1), for ``class_weight = "balanced"``.
+
+    Returns
+    -------
+    float
+        ``pos_weight``, or ``n_negative / n_positive`` of ``train_labels`` when balanced.
+
+    Raises
+    ------
+    DataError
+        If balanced and the training rows lack one of the two classes.
+    """
+    if config.class_weight is ClassWeight.NONE:
+        return config.pos_weight
+    y = np.asarray(train_labels, dtype=np.float64).reshape(-1)
+    positives = int(np.count_nonzero(y > 0.5))
+    negatives = len(y) - positives
+    if positives == 0 or negatives == 0:
+        raise DataError(
+            f"class_weight = balanced: the training rows hold {positives} positive and "
+            f"{negatives} negative labels; both classes are needed"
+        )
+    return negatives / positives
+
+
+def _pos_weight_of(config: TrainConfig, pos_weight: float | None) -> float:
+    """``pos_weight`` as passed, else the configured one (balanced needs it passed)."""
+    if pos_weight is not None:
+        if not (math.isfinite(pos_weight) and pos_weight > 0):
+            raise ConfigError(f"pos_weight = {pos_weight}: must be > 0")
+        return float(pos_weight)
+    if config.class_weight is ClassWeight.BALANCED:
+        raise ConfigError(
+            "class_weight = balanced: pass pos_weight=resolve_pos_weight(config, train_labels)"
+        )
+    return config.pos_weight
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -172,31 +289,58 @@ def _host_bottom(in_features: int, config: TrainConfig, seed: int | None) -> Bot
         )
 
 
-def task_loss(task: Task, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean loss of the top model's ``outputs`` (B×1 or B×C) for labels ``y``."""
+def task_loss(
+    task: Task,
+    outputs: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: LossKind = LossKind.BCE,
+    focal_gamma: float = 2.0,
+    pos_weight: float = 1.0,
+) -> torch.Tensor:
+    """The mean loss of the top model's ``outputs`` (B×1 or B×C) for labels ``y``.
+
+    ``loss``, ``focal_gamma`` and ``pos_weight`` apply to binary tasks
+    (:func:`vfl.models.split.binary_loss`); the defaults are plain BCE.
+    """
     if task is Task.MULTICLASS:
         out: torch.Tensor = loss_for(task)(outputs, y.long())
         return out
+    if task is Task.BINARY:
+        return binary_loss(
+            outputs.squeeze(1), y, loss=loss, focal_gamma=focal_gamma, pos_weight=pos_weight
+        )
     out = loss_for(task)(outputs.squeeze(1), y)
     return out
 
 
 def guest_backward(
-    task: Task, models: GuestModels, z_h: torch.Tensor, z_own: torch.Tensor, y: torch.Tensor
+    task: Task,
+    models: GuestModels,
+    z_h: torch.Tensor,
+    z_own: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: LossKind = LossKind.BCE,
+    focal_gamma: float = 2.0,
+    pos_weight: float = 1.0,
 ) -> tuple[float, torch.Tensor]:
     """The guest's loss and backward pass for ``z = z_h + z_own``.
 
     The top model's gradients accumulate as usual; ``W_g, b, f_g`` learn from the true
     ``δ = ∂L/∂z``, which is returned (with the loss) for ``Protect`` and the host's side.
+    ``loss``, ``focal_gamma`` and ``pos_weight`` as in :func:`task_loss`.
     """
     z = (z_h + z_own.detach()).requires_grad_(True)
-    loss = task_loss(task, models.top(z), y)
-    torch.autograd.backward(loss)  # top model, and δ = ∂L/∂z in z.grad
+    value = task_loss(
+        task, models.top(z), y, loss=loss, focal_gamma=focal_gamma, pos_weight=pos_weight
+    )
+    torch.autograd.backward(value)  # top model, and δ = ∂L/∂z in z.grad
     delta = z.grad
     if delta is None:
         raise RuntimeError("no gradient w.r.t. the interactive pre-activation")
     torch.autograd.backward(z_own, grad_tensors=delta)
-    return float(loss.detach()), delta
+    return float(value.detach()), delta
 
 
 def task_scores(task: Task, outputs: torch.Tensor) -> np.ndarray:
@@ -214,7 +358,12 @@ def protect_labels(task: Task, y: torch.Tensor) -> np.ndarray | None:
 
 
 class GuestTrainer:
-    """G's models, optimizer and step function around its :class:`GuestLayer`."""
+    """G's models, optimizer and step function around its :class:`GuestLayer`.
+
+    ``pos_weight``: the weight of a positive row in the loss, as :func:`resolve_pos_weight`
+    gives it from the training rows' labels; ``None`` takes the configured ``pos_weight``
+    (and fails for ``class_weight = "balanced"``, which needs the training labels).
+    """
 
     def __init__(
         self,
@@ -226,8 +375,10 @@ class GuestTrainer:
         steps_per_epoch: int = 0,
         rng: np.random.Generator | None = None,
         row_keys: np.ndarray | None = None,
+        pos_weight: float | None = None,
     ) -> None:
         self.layer, self.config = layer, config
+        self.pos_weight = _pos_weight_of(config, pos_weight)
         self.x = torch.tensor(x, dtype=torch.float32)
         self.y = torch.tensor(y, dtype=torch.float32)
         self.models = GuestModels(x.shape[1], config)
@@ -253,7 +404,16 @@ class GuestTrainer:
             self.optimizer.zero_grad()
             z_own = self.models.own_z(self.x[rows])
             z_h_t = torch.tensor(z_h, dtype=torch.float32)
-            loss, delta = guest_backward(self.config.task, self.models, z_h_t, z_own, self.y[rows])
+            loss, delta = guest_backward(
+                self.config.task,
+                self.models,
+                z_h_t,
+                z_own,
+                self.y[rows],
+                loss=self.config.loss,
+                focal_gamma=self.config.focal_gamma,
+                pos_weight=self.pos_weight,
+            )
             self.optimizer.step()
             self.losses.append(loss)
             protect_config = self.config.protect
@@ -396,7 +556,8 @@ class FloatSplitModel:
 
     Built from the same seeds as :class:`GuestTrainer` and :class:`HostTrainer` and with
     ``W_0 = W_0^G + W_0^H`` summed in float64; ``W_h`` learns by plain SGD from δ̃. It has no
-    epochs, so ``protect.max_visits`` does not apply here.
+    epochs, so ``protect.max_visits`` does not apply here. ``pos_weight`` as in
+    :class:`GuestTrainer`.
     """
 
     def __init__(
@@ -409,8 +570,10 @@ class FloatSplitModel:
         w0_guest: np.ndarray,
         w0_host: np.ndarray,
         host_seed: int = 1,
+        pos_weight: float | None = None,
     ) -> None:
         self.config = config
+        self.pos_weight = _pos_weight_of(config, pos_weight)
         self.guest = GuestModels(x_guest.shape[1], config)
         self.host = _host_bottom(x_host.shape[1], config, host_seed)
         self.xg = torch.tensor(x_guest, dtype=torch.float32)
@@ -434,7 +597,16 @@ class FloatSplitModel:
         a = torch.clamp(alpha.detach().double(), -self.config.a_max, self.config.a_max)
         z_h = a @ self.w_h
         z_own = self.guest.own_z(self.xg[rows])
-        loss, delta = guest_backward(self.config.task, self.guest, z_h.float(), z_own, self.y[rows])
+        loss, delta = guest_backward(
+            self.config.task,
+            self.guest,
+            z_h.float(),
+            z_own,
+            self.y[rows],
+            loss=self.config.loss,
+            focal_gamma=self.config.focal_gamma,
+            pos_weight=self.pos_weight,
+        )
         self.opt_g.step()
         self.losses.append(loss)
         d_t = torch.tensor(

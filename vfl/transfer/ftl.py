@@ -116,7 +116,10 @@ class FtlConfig:
 
 def representation_net(in_features: int, widths: tuple[int, ...], d: int) -> nn.Module:
     """``Net^A`` / ``Net^B``: an MLP to width ``d`` with a tanh output (``|u| ≤ 1``, so
-    every encoding stays inside its bound)."""
+    every encoding stays inside its bound). ``widths = ()``: a linear representation, one
+    linear layer to ``d`` (then the tanh)."""
+    if any(w < 1 for w in widths):
+        raise ConfigError(f"widths {list(widths)} must be >= 1 ([] for a linear representation)")
     return nn.Sequential(MLP(in_features=in_features, widths=(*widths, d)), nn.Tanh())
 
 

@@ -22,7 +22,7 @@ Example (only ``type`` and the data aliases are required)::
     batch = 64                   # overlap pairs per step (>= 2)
     alpha = 1.0
     gamma = 0.0                  # > 0 needs ftl_reveal_overlap_repr (§6.4)
-    guest_widths = [32]
+    guest_widths = [32]          # hidden widths before d; [] a linear representation
     host_widths = [32]
     guest_lr = 0.01
     host_lr = 0.003

@@ -230,6 +230,13 @@ class FtlJob:
     def __post_init__(self) -> None:
         # it names a folder in each party's state (docs/protocol.md §2.9)
         check_identifier(self.job_id, what="job id", error=ConfigError)
+        for name in ("guest_widths", "host_widths"):
+            widths = getattr(self, name)
+            if any(w < 1 for w in widths):
+                raise ConfigError(
+                    f"{name} = {list(widths)}: hidden widths must be >= 1; [] gives a linear "
+                    "representation (one linear layer to d, tanh-bounded)"
+                )
 
     def to_json(self) -> dict[str, Any]:
         """The job as JSON (``START``)."""
