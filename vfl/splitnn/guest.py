@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -18,7 +19,9 @@ from protocols.crypto.fixedpoint import FixedPointConfig
 from protocols.envelope import IndexBlock
 from protocols.errors import (
     ConfigError,
+    DataError,
     ProtocolError,
+    VflError,
 )
 from protocols.executor import Executor
 from protocols.files import atomic_write
@@ -27,21 +30,27 @@ from protocols.link import raise_if_refused
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
-from vfl.common.metrics import selection_metric, task_metrics
+from vfl.common.decision import Decision, DecisionConfig
+from vfl.common.metrics import binary_metrics, selection_metric, task_metrics
 from vfl.common.seeds import RunSeeds, fresh_seed
 from vfl.data.features import ImputePolicy
 from vfl.data.tables import BatchOrder, PartyTable, Splits
+from vfl.models.split import Task
 from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
 from vfl.privacy.label_protection import ProtectMode
+from vfl.report import write_report
 from vfl.splitnn.interactive import GuestLayer
 from vfl.splitnn.job import JobTag, Progress, Schedule, SplitJob, SplitResult
 from vfl.splitnn.session import PartySession, log_progress, resume_point
 from vfl.splitnn.training import (
     GuestTrainer,
     joint_init_component,
+    resolve_pos_weight,
 )
 
 logger = logging.getLogger(__name__)
+
+BEST_VALIDATION = "best_validation.npy"  # the kept model's validation scores (J6)
 
 
 class GuestSession(PartySession):
@@ -78,6 +87,13 @@ class GuestSession(PartySession):
     after_step
         Called with the number of steps done after each step's checkpoint and ``STEP_ACK``
         (the services' test hold, ``[testing] allow_hold``; may raise to end the run).
+    decision
+        How a binary model's scores become probabilities and decisions: calibration and
+        threshold fitted on the validation rows at J7 (:mod:`vfl.common.decision`), saved
+        with the model; None: the default :class:`DecisionConfig`.
+    report_dir
+        Where J7 writes the job's report (:func:`vfl.report.write_report`; default
+        ``<job folder>/report``).
     """
 
     ROLE = "guest"
@@ -104,6 +120,8 @@ class GuestSession(PartySession):
         host_request: dict[str, Any] | None = None,
         pool_executor: Executor | None = None,
         after_step: Callable[[int], None] | None = None,
+        decision: DecisionConfig | None = None,
+        report_dir: Path | None = None,
     ) -> None:
         super().__init__(
             channel=channel,
@@ -129,6 +147,8 @@ class GuestSession(PartySession):
         self.progress = progress or log_progress()
         self.after_step = after_step
         self.job_dir = state_path(state_dir, "jobs", job.job_id)
+        self.decision_config = decision or DecisionConfig()
+        self.report_dir = report_dir or self.job_dir / "report"
         self.ckpt_dir = self.job_dir / "checkpoints"
         self.resumed_from: int | None = None
         self._epoch_orders: dict[int, list[np.ndarray]] = {}
@@ -217,6 +237,7 @@ class GuestSession(PartySession):
             steps_per_epoch=self.steps_per_epoch,
             rng=self.seeds.generator("protect"),
             row_keys=self.table.file_rows,
+            pos_weight=resolve_pos_weight(job.train, self.train_labels[self.splits.train]),
         )
         t = resume_point(mine, theirs)  # J4
         self.resumed_from = t
@@ -368,6 +389,8 @@ class GuestSession(PartySession):
             or (metrics[key] > previous if higher else metrics[key] < previous)
         ):
             state["best_epoch"] = epoch
+            if len(rows):  # the kept model's validation scores: J7 calibrates on them
+                self._save_scores(BEST_VALIDATION, scores)
             ckpt.snapshot_best(self.ckpt_dir, step)
             self.link.send(self.peer, JobTag.BEST, epoch, {"step": step})
         self._save_progress(state)
@@ -391,6 +414,60 @@ class GuestSession(PartySession):
             )
         )
 
+    def _save_scores(self, name: str, scores: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(scores, dtype=np.float64), allow_pickle=False)
+        atomic_write(self.job_dir / name, buffer.getvalue(), mode=0o600)
+
+    def _decision(self, state: dict[str, Any]) -> Decision | None:
+        """J7: calibration and threshold of a binary model, fitted on the kept model's
+        validation scores and the guest's true labels (never sent; :mod:`vfl.common.decision`)."""
+        rows, path = self.splits.validation, self.job_dir / BEST_VALIDATION
+        if self.job.train.task is not Task.BINARY or not len(rows) or not path.is_file():
+            return None
+        scores = np.load(path, allow_pickle=False)
+        if len(scores) != len(rows):
+            return None
+        try:
+            return Decision.fit(self.decision_config, labels=self.labels[rows], scores=scores)
+        except DataError as exc:  # e.g. one class among the validation rows
+            logger.warning("job %s: no calibration or threshold: %s", self.job.job_id, exc)
+            return None
+
+    def _report(
+        self,
+        result: SplitResult,
+        scores: np.ndarray,
+        calibrated: np.ndarray | None,
+        decision: Decision | None,
+    ) -> None:
+        """J7: the job's report (ROC, PR, calibration and loss plots, test scores with ids)
+        under :attr:`report_dir`; a report that cannot be written is logged, the job stands."""
+        rows = self.splits.test
+        if self.job.train.task is not Task.BINARY or not len(rows):
+            return
+        try:
+            files = write_report(
+                self.report_dir,
+                summary={
+                    "job_id": result.job_id,
+                    "best_epoch": result.best_epoch,
+                    "epochs_run": result.epochs_run,
+                    "seed": result.seed,
+                    "privacy": result.privacy,
+                },
+                test_labels=self.labels[rows],
+                test_scores=scores,
+                history=result.history,
+                ids=result.test_ids,
+                decision=decision,
+                calibrated=calibrated,
+            )
+        except (OSError, ValueError, VflError) as exc:
+            logger.error("job %s: the report was not written: %s", self.job.job_id, exc)
+            return
+        logger.info("job %s: report in %s", self.job.job_id, files.report.parent)
+
     def _finish(
         self,
         layer: GuestLayer,
@@ -411,6 +488,8 @@ class GuestSession(PartySession):
         test = task_metrics(job.train.task, self.labels[rows], scores) if len(rows) else {}
         self._save_progress(state)
         self.link.send(self.peer, JobTag.JOB_END, 0, {})
+        decision = self._decision(state)
+        calibrated = None if decision is None else decision.calibrate(scores)
         result = SplitResult(
             job_id=job.job_id,
             epochs_run=len(state["history"]),
@@ -425,6 +504,14 @@ class GuestSession(PartySession):
                 "eval_s": eval_s,
                 "test_s": time.monotonic() - t_test,
             },
+            test_ids=[str(v) for v in self.table.ids[rows]],
+            seed=int(state.get("seed", self.seeds.seed)),
+            decision=None if decision is None else decision.to_json(),
+            test_calibrated=(
+                {}
+                if calibrated is None or not len(rows)
+                else binary_metrics(self.labels[rows], calibrated)
+            ),
         )
         atomic_write(
             self.job_dir / "result.json", json.dumps(result.to_json()).encode(), mode=0o600
@@ -439,7 +526,13 @@ class GuestSession(PartySession):
                 "id_column": self.host_request.get("id_column", "id"),
             },
             metrics=test,
+            extra={
+                "seed": result.seed,
+                "seed_key": self.seeds.fingerprint(),
+                "decision": result.decision,
+            },
         )
+        self._report(result, scores, calibrated, decision)
         self.finish_at_arbiter()  # J8
         self.final_trainer = trainer
         return result

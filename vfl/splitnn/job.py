@@ -214,6 +214,10 @@ class SplitResult:
     test_scores: list[Any]
     timings: dict[str, float]
     privacy: dict[str, Any] = field(default_factory=dict)
+    test_ids: list[str] = field(default_factory=list)  # the guest's ids of the test rows
+    seed: int | None = None  # the job's seed (docs/protocol.md §4.4.2)
+    decision: dict[str, Any] | None = None  # calibration and threshold (binary tasks)
+    test_calibrated: dict[str, float] = field(default_factory=dict)  # metrics, calibrated
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``result.json``)."""

@@ -176,8 +176,10 @@ class PartySession:
         big_ints: dict[str, np.ndarray],
         data: dict[str, Any],
         metrics: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Save this party's part of the trained model for scoring (model id = job id)."""
+        """Save this party's part of the trained model for scoring (model id = job id);
+        ``extra`` adds this party's own fields to its manifest (the guest's seed, decision)."""
         role = self.ROLE
         manifest = {
             "job_id": job.job_id,
@@ -195,6 +197,7 @@ class PartySession:
             "encrypted": job.encrypted,
             "metrics": metrics or {},
             "data": data,
+            **(extra or {}),
         }
         folder = save_model(
             state_dir=self.state_dir,
