@@ -474,7 +474,12 @@ def test_a_guest_failure_mid_run_shows_failed_at_every_party(
     }
 
     def table(
-        config: PartyConfig, request: dict[str, Any], *, labels: str | None, guest: Any = None
+        config: PartyConfig,
+        request: dict[str, Any],
+        *,
+        labels: str | None,
+        guest: Any = None,
+        **checks: Any,
     ) -> Any:
         return guest_table if labels else host_table
 

@@ -2,9 +2,10 @@
 
 Assembles the sections in the order they are checked: ``[party]`` (id, role, listen address,
 state folder, probe endpoint), ``[tls]``, ``[[peers]]`` and ``[transport]``
-(:mod:`vfl.config.network`), ``[data]``, ``[executor]``, ``[arbiter]``, ``[accept]`` and
-``[psi]`` (:mod:`vfl.config.policy`), ``[scoring]`` (:mod:`vfl.config.scoring`), ``[random]`` and
-``[testing]``. The file's format is in the docstring of :mod:`vfl.config`.
+(:mod:`vfl.config.network`), ``[data]``, ``[features]``, ``[executor]``, ``[arbiter]``,
+``[accept]`` and ``[psi]`` (:mod:`vfl.config.policy`), ``[scoring]``
+(:mod:`vfl.config.scoring`), ``[random]`` and ``[testing]``. The file's format is in the
+docstring of :mod:`vfl.config`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from vfl.config.values import (
     resolve_path,
     section,
 )
+from vfl.data.features import FeatureSpec
 
 _SECTIONS = {
     "party",
     "tls",
     "peers",
     "data",
+    "features",
     "transport",
     "executor",
     "arbiter",
@@ -64,6 +67,7 @@ class PartyConfig:
     health: str | None = None  # [party] health: the probe endpoint's host:port, or off
     peers: tuple[PeerConfig, ...] = ()
     data: Mapping[str, Path] = field(default_factory=dict)
+    features: Mapping[str, FeatureSpec] = field(default_factory=dict)  # [features.<alias>]
     transport: TransportOptions = field(default_factory=TransportOptions)
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     key_bits: int = 2048
@@ -161,6 +165,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         allow_test_key=allow_test_key,
     )
     psi = parse_psi(raw, where=where, data=data)
+    features = _features(raw, where, data)
     scoring = parse_scoring(raw, where=where, guest_peers=guest_peers, peers=peers)
     testing_t = raw.get("testing", {})
     if not isinstance(testing_t, dict):
@@ -186,6 +191,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         tls=tls,
         peers=tuple(peers),
         data=data,
+        features=features,
         transport=transport,
         executor=executor,
         key_bits=key_bits,
@@ -197,6 +203,28 @@ def parse_config(raw: Mapping[str, Any], *, source: Path) -> PartyConfig:
         seed=seed,
         allow_hold=allow_hold,
     )
+
+
+def _features(
+    raw: Mapping[str, Any], where: str, data: Mapping[str, Path]
+) -> dict[str, FeatureSpec]:
+    """``[features.<alias>]``: this party's own choice of feature columns for a data alias
+    (:class:`~vfl.data.features.FeatureSpec`; docs/bring-your-own-data.md)."""
+    table = raw.get("features", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [features] must hold one table per data alias")
+    out: dict[str, FeatureSpec] = {}
+    for alias, spec in table.items():
+        if alias not in data:
+            known = ", ".join(sorted(data)) or "none"
+            raise ConfigError(
+                f"{where}: [features.{alias}]: {alias!r} is not an alias in [data] (aliases: "
+                f"{known})"
+            )
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: [features.{alias}] must be a table")
+        out[alias] = FeatureSpec.parse(spec, where=f"{where}: [features.{alias}]")
+    return out
 
 
 def _executor(raw: Mapping[str, Any], where: str) -> ExecutorSettings:

@@ -31,6 +31,7 @@ _ACCEPT_KEYS = {
     "min_key_bits",
     "protect_modes",
     "allow_plaintext",
+    "guest_features",
 }
 _PSI_KEYS = {"modes", "min_pad_to", "id_column", "duplicates", "data"}
 _PSI_DATA_KEYS = {"id_column", "id_type", "duplicates", "timestamp_column"}
@@ -74,6 +75,10 @@ class AcceptPolicy:
         Label-protection modes of the guest the host accepts (default: all but ``none``).
     allow_plaintext
         Whether plaintext experiments (nothing encrypted) are accepted.
+    guest_features
+        Whether a guest's job may choose this party's feature columns (its ``[host]``
+        section); by default this party applies its own ``[features.<alias>]`` and a guest
+        never learns its column names (docs/protocol.md §4.4.3).
     """
 
     guests: frozenset[str] = frozenset()
@@ -85,6 +90,7 @@ class AcceptPolicy:
     min_key_bits: int = 2048
     protect_modes: frozenset[ProtectMode] = _SAFE_PROTECT_MODES
     allow_plaintext: bool = False
+    guest_features: bool = False
 
     def admits(self, guest: str, job_type: JobType) -> bool:
         """Whether ``guest`` may submit jobs of ``job_type`` here (check 1 of
@@ -178,6 +184,9 @@ def parse_accept(
     allow_plaintext = table.get("allow_plaintext", False)
     if not isinstance(allow_plaintext, bool):
         raise ConfigError(f"{where}: accept.allow_plaintext must be true or false")
+    guest_features = table.get("guest_features", False)
+    if not isinstance(guest_features, bool):
+        raise ConfigError(f"{where}: accept.guest_features must be true or false")
     default = AcceptPolicy()
     return AcceptPolicy(
         guests=frozenset(guest_peers if guests is None else guests),
@@ -194,6 +203,7 @@ def parse_accept(
         ),
         protect_modes=default.protect_modes if modes is None else frozenset(modes),
         allow_plaintext=allow_plaintext,
+        guest_features=guest_features,
     )
 
 

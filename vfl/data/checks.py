@@ -23,6 +23,7 @@ row ``i`` -- and the column; never a feature value or a label):
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 import zlib
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from protocols.errors import DataError
+from protocols.files import atomic_write, private_dir
 from psi.canon import DuplicatePolicy
 from vfl.data.features import FeatureSpec, ImputePolicy
 
@@ -658,3 +660,29 @@ def day_numbers(raw: pd.Series) -> np.ndarray:
         stamps = iso
     days = (stamps - pd.Timestamp("1970-01-01", tz="UTC")) / pd.Timedelta(days=1)
     return np.array(days.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
+
+
+def checked_data(spec: TableSpec, *, warn_binary: bool, report: Path | None) -> DataReport:
+    """This party's data checks (:func:`check_table`): the report written
+    owner-only to ``report``, each warning logged, and a :class:`DataError` for the first
+    error (its peer-safe reason names no path, column or count)."""
+    checks = check_table(spec, warn_binary=warn_binary)
+    if report is not None:
+        private_dir(report.parent)
+        atomic_write(report, json.dumps(checks.to_json(), indent=1).encode(), mode=0o600)
+    for finding in checks.warnings:
+        logger.warning("data check: %s", finding.located(checks.source))
+    if not checks.ok:
+        first = checks.errors[0].located(checks.source)
+        more = len(checks.errors) - 1
+        where = f"; the whole report is in {report}" if report is not None else ""
+        raise DataError(
+            f"{first}" + (f" ({more} more problems{where})" if more else where),
+            public="its data failed a check (the report stays with its operator)",
+        )
+    if checks.dropped_ids:
+        logger.info(
+            "data check: %d rows have no usable id and are left out (docs/protocol.md §3.2)",
+            checks.dropped_ids,
+        )
+    return checks

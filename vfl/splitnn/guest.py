@@ -33,7 +33,6 @@ from vfl.common import checkpoint as ckpt
 from vfl.common.decision import Decision, DecisionConfig
 from vfl.common.metrics import binary_metrics, selection_metric, task_metrics
 from vfl.common.seeds import RunSeeds, fresh_seed
-from vfl.data.features import ImputePolicy
 from vfl.data.tables import BatchOrder, PartyTable, Splits
 from vfl.models.split import Task
 from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
@@ -109,7 +108,6 @@ class GuestSession(PartySession):
         splits: Splits,
         executor: Executor,
         state_dir: Path,
-        impute: ImputePolicy = ImputePolicy.ERROR,
         seed: int | None = None,
         w0_seed: int | None = None,
         order_seed: bytes | None = None,
@@ -132,7 +130,6 @@ class GuestSession(PartySession):
             timeout=timeout,
             allow_test_key=allow_test_key,
             pool_executor=pool_executor,
-            impute=impute,
         )
         if table.labels is None:
             raise ConfigError("the guest's table has no label column")

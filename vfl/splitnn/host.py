@@ -28,7 +28,6 @@ from protocols.link import DATA_REFUSED, REFUSED
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
-from vfl.data.features import ImputePolicy
 from vfl.data.tables import PartyTable
 from vfl.splitnn.interactive import HostLayer, SplitTag
 from vfl.splitnn.job import JobOffer, JobTag, Schedule, SplitJob
@@ -68,7 +67,6 @@ class HostSession(PartySession):
         table_for: Callable[[dict[str, Any]], PartyTable],
         executor: Executor,
         state_dir: Path,
-        impute: ImputePolicy = ImputePolicy.ERROR,
         seed: int | None = None,
         pool_target: int = 2000,
         timeout: float = 600.0,
@@ -87,7 +85,6 @@ class HostSession(PartySession):
             timeout=timeout,
             allow_test_key=allow_test_key,
             pool_executor=pool_executor,
-            impute=impute,
         )
         self.table_for, self.seed = table_for, seed
         self.pool_target = pool_target
@@ -140,8 +137,6 @@ class HostSession(PartySession):
             raise ProtocolError("FIT_ROWS carries no row indices")
         try:
             table = self.table_for(self.request)
-            offer = dataclasses.replace(offer, features=len(table.columns))
-            self.accept(offer)
             fit_rows = env.body.indices()
             try:
                 schedule = Schedule(**{k: int(v) for k, v in dict(body["schedule"]).items()})
@@ -150,7 +145,9 @@ class HostSession(PartySession):
             if schedule.steps_per_epoch != len(fit_rows) // job.batch:
                 raise ProtocolError("JOB_START's steps per epoch do not match its FIT_ROWS")
             schedule.check_at_host(job=job, rows=len(table), fit_rows=len(fit_rows))
-            x = self._preprocess(job_dir, table, fit_rows)
+            x = self._preprocess(job_dir, table, fit_rows)  # encoded: its width is the input's
+            offer = dataclasses.replace(offer, features=x.shape[1])
+            self.accept(offer)
             key = self.public_key()  # J1
             self.accept(dataclasses.replace(offer, key_bits=key.bits, key_id=self.key_id))
         except TransportError:

@@ -21,7 +21,25 @@ Example (every key but the data aliases is optional)::
     epochs = 12
     patience = 3
     plaintext = false            # experiments only: also needs --plaintext on the command line
-    impute = "error"             # or "mean" / "median"
+    impute = "error"             # or "mean" / "median" / "zero" (the guest's features)
+    classes = ["no", "yes"]      # label values in class order (binary: negative first);
+                                 # default: the labels are 0 and 1
+
+    [guest]                      # the guest's features (docs/bring-your-own-data.md)
+    exclude_columns = ["branch"] # or feature_columns = [...]: exactly these
+    categorical = {city = "frequency", segment = "onehot"}   # or ["city"]: one-hot
+    date_columns = ["opened"]    # age in days, day of week, month
+    max_categories = 20          # one-hot cap; rarer values share an "other" column
+
+    [host]                       # only if the host's [accept] guest_features = true; the
+                                 # same keys, applied at the host (default: its own
+                                 # [features.<alias>])
+
+    [decision]                   # binary models: fitted on the validation rows at the end
+    calibration = "platt"        # or "isotonic", "none"
+    threshold = "fpr"            # or "f_beta"
+    target_fpr = 0.05            # fpr: the highest recall with at most this FPR
+    beta = 1.0                   # f_beta: the threshold that maximises F-beta
 
     [model]                      # TrainConfig: d, k, widths, optimizer, learning rates ...
     d = 8
@@ -37,15 +55,17 @@ Example (every key but the data aliases is optional)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError, InsecureConfigError
 from psi.canon import IdType
+from vfl.common.decision import DecisionConfig
 from vfl.common.jobfile import JobKind, job_id_of, psi_job_of, read_job_toml
-from vfl.data.features import ImputePolicy
+from vfl.data.features import FeatureSpec, ImputePolicy
+from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig, ProtectMode
 from vfl.splitnn.job import SplitJob
 from vfl.splitnn.spec import SplitMode
@@ -64,6 +84,7 @@ _JOB_KEYS = {
     "validation_fraction",
     "split_seed",
     "seed",
+    "classes",
     "mode",
     "batch",
     "batch_eval",
@@ -90,6 +111,14 @@ class TrainJobFile:
     split_seed: int = 0
     impute: ImputePolicy = ImputePolicy.ERROR
     seed: int | None = None  # the guest's job seed (never sent)
+    classes: tuple[str, ...] | None = None
+    guest_features: FeatureSpec = FeatureSpec()  # its impute is ``impute``
+    host_features: FeatureSpec | None = None  # sent to the host, which may refuse it
+    decision: DecisionConfig = DecisionConfig()
+
+    def guest_spec(self) -> FeatureSpec:
+        """The guest's features with the job's imputation policy."""
+        return replace(self.guest_features, impute=self.impute)
 
     def to_json(self) -> dict[str, Any]:
         """The canonical job file of this job (its kind named, every default written): what
@@ -115,7 +144,11 @@ class TrainJobFile:
                 "patience": self.job.patience,
                 "plaintext": not self.job.encrypted,
                 "impute": self.impute.value,
+                "classes": None if self.classes is None else list(self.classes),
             },
+            "guest": {k: v for k, v in self.guest_features.to_json().items() if k != "impute"},
+            **({} if self.host_features is None else {"host": self.host_features.to_json()}),
+            "decision": self.decision.to_json(),
             "model": {
                 f.name: _plain(getattr(self.job.train, f.name))
                 for f in fields(TrainConfig)
@@ -156,6 +189,23 @@ def _seed(value: Any) -> int | None:
     return value
 
 
+def _classes(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) < 2
+        or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(
+            'classes must list at least two label values, e.g. classes = ["no", "yes"]'
+        )
+    names = tuple(str(v) for v in value)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"classes {list(names)} name a value twice")
+    return names
+
+
 def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
     """Read and validate a job file, naming the file and key of any problem."""
     return parse_job(read_job_toml(path), source=str(path), allow_plaintext=allow_plaintext)
@@ -163,11 +213,20 @@ def load_job_file(path: Path, *, allow_plaintext: bool = False) -> TrainJobFile:
 
 def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False) -> TrainJobFile:
     """Validate a job given as a dict (the TOML file, or an admin request)."""
-    unknown = set(raw) - {"job", "model", "protect"}
+    unknown = set(raw) - {"job", "model", "protect", "guest", "host", "decision"}
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section(s) {sorted(unknown)}; use job, model, protect"
+            f"{source}: unknown section(s) {sorted(unknown)}; use job, model, protect, guest, "
+            "host, decision"
         )
+    guest_raw = dict(raw.get("guest", {}))
+    if "impute" in guest_raw:
+        raise ConfigError(f"{source}: set the guest's imputation in [job] impute, not [guest]")
+    guest_features = FeatureSpec.parse(guest_raw, where=f"{source}: [guest]")
+    host_features = (
+        FeatureSpec.parse(dict(raw["host"]), where=f"{source}: [host]") if "host" in raw else None
+    )
+    decision = DecisionConfig.parse(dict(raw.get("decision", {})), where=f"{source}: [decision]")
     job = dict(raw.get("job", {}))
     bad = set(job) - _JOB_KEYS
     if bad:
@@ -214,7 +273,7 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             patience=int(job.get("patience", 3)),
             encrypted=not plaintext,
         )
-        return TrainJobFile(
+        out = TrainJobFile(
             job=split_job,
             guest_data=job["guest_data"],
             host_data=job["host_data"],
@@ -227,7 +286,21 @@ def parse_job(raw: dict[str, Any], *, source: str, allow_plaintext: bool = False
             split_seed=int(job.get("split_seed", 0)),
             impute=ImputePolicy(job.get("impute", "error")),
             seed=_seed(job.get("seed")),
+            classes=_classes(job.get("classes")),
+            guest_features=guest_features,
+            host_features=host_features,
+            decision=decision,
         )
+        classes = out.classes
+        wanted = train.outputs if train.task is Task.MULTICLASS else 2
+        if classes is not None and (train.task is Task.REGRESSION or len(classes) != wanted):
+            raise ConfigError(
+                f"classes lists {len(classes)} values; a {train.task.value} task with this "
+                f"model needs {wanted}"
+                if train.task is not Task.REGRESSION
+                else "a regression task has no classes"
+            )
+        return out
     except InsecureConfigError as exc:
         raise InsecureConfigError(f"{source}: {exc}") from None
     except (TypeError, ValueError, ConfigError) as exc:

@@ -81,7 +81,6 @@ from protocols.files import atomic_write, private_dir
 from protocols.link import JobLink
 from protocols.roles import Party
 from protocols.transport.base import Channel, MessageFilter
-from vfl.data.features import ImputePolicy
 from vfl.data.preprocess import Preprocessor
 from vfl.data.tables import PartyTable
 from vfl.splitnn.job import DONE_WAIT_S, JobTag, Progress, SplitJob
@@ -105,7 +104,6 @@ class PartySession:
     timeout: float
     allow_test_key: bool
     pool_executor: Executor | None = None
-    impute: ImputePolicy = ImputePolicy.ERROR  # unused: the table's spec carries the policy
 
     def __post_init__(self) -> None:
         self.run_id = ""

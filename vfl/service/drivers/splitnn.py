@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 from protocols.envelope import ControlBlock, Envelope
@@ -37,6 +38,7 @@ from protocols.errors import (
     JobIdInUseError,
     JobRefusedError,
     NoSpaceError,
+    ProtocolError,
     VflError,
     peer_reason,
 )
@@ -49,8 +51,10 @@ from psi.result import read_result
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
 from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig
+from vfl.data.checks import checked_data
 from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
+from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectMode
 from vfl.service.accept import check_offer, host_id_column
 from vfl.service.audit import AuditEvent, config_digest, file_digest
@@ -65,6 +69,7 @@ from vfl.splitnn.session import claim_run
 
 logger = logging.getLogger(__name__)
 
+DATA_CHECK_FILE = "data_check.json"  # this party's data checks for the job (owner-only)
 HOST_RUN_FILE = "host_run.json"  # H: the run it serves, for RUN_STOPPED after a restart
 NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
 FAILED_PATIENCE_S = 60.0  # how long H keeps trying to tell G that its run failed
@@ -78,12 +83,18 @@ def aligned_table(
     labels: str | None,
     guest: str | None = None,
     features: FeatureSpec | None = None,
+    classes: tuple[str, ...] | None = None,
+    binary: bool = False,
+    report: Path | None = None,
 ) -> PartyTable:
-    """This party's rows for the job, in the PSI's shared order.
+    """This party's rows for the job, in the PSI's shared order, after its data checks.
 
     At the host (``guest`` given) the id column is the one its ``[psi]`` policy names for the
-    alias (:func:`host_id_column`), and the PSI result must be one it ran with that guest on
-    that alias (docs/protocol.md §3.4.1).
+    alias (:func:`host_id_column`), the features are its own (:func:`host_features`), a
+    column named like the guest's label column is refused and binary columns are warned
+    about, and the PSI result must be one it ran with that guest on that alias
+    (docs/protocol.md §3.4.1, §4.4.3). The checks' report goes to ``report`` (this party's
+    own job folder; never sent) and its warnings to this party's log.
     """
     alias = str(request.get("data", ""))
     if alias not in config.data:
@@ -95,11 +106,16 @@ def aligned_table(
     column = (
         str(request.get("id_column", "id")) if guest is None else host_id_column(config, request)
     )
+    label_like = request.get("label_column") if guest is not None else None
     spec = TableSpec(
         path=config.data[alias],
         id_column=column,
         label_column=labels,
-        features=features or FeatureSpec(),
+        features=(host_features(config, request) if guest is not None else features)
+        or FeatureSpec(),
+        label_like=str(label_like) if label_like else None,
+        classes=classes,
+        binary_labels=binary,
     )
     psi_job = check_identifier(request.get("psi_job"), what="psi_job")
     summary, rows = read_result(config.state_dir, psi_job)
@@ -113,7 +129,27 @@ def aligned_table(
             f"PSI {psi_job} at {config.party.party_id} kept no rows (cardinality mode?)",
             public=f"PSI {psi_job} kept no rows here (cardinality or guest-only mode?)",
         )
+    checked_data(spec, warn_binary=guest is not None, report=report)
     return load_table(spec).take(rows)
+
+
+def host_features(config: PartyConfig, request: dict[str, Any]) -> FeatureSpec:
+    """H's features for the alias a guest names: its own ``[features.<alias>]``, or the job's
+    ``[host]`` section if its ``[accept] guest_features`` allows guests to choose them
+    (docs/protocol.md §4.4.3)."""
+    alias = str(request.get("data", ""))
+    asked = request.get("features")
+    if asked is None:
+        return config.features.get(alias, FeatureSpec())
+    if not config.accept.guest_features:
+        public = (
+            "this host chooses its own feature columns; remove [host] from the job (or ask "
+            "its operator to set [accept] guest_features = true)"
+        )
+        raise JobRefusedError(public, public=public)
+    if not isinstance(asked, dict):
+        raise ProtocolError("the job's [host] features are not a table")
+    return FeatureSpec.parse(asked, where="the guest's [host] section")
 
 
 class _HostRun:
@@ -191,7 +227,10 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             config,
             request,
             labels=job_file.label_column,
-            features=FeatureSpec(impute=job_file.impute),
+            features=job_file.guest_spec(),
+            classes=job_file.classes,
+            binary=job_file.job.train.task is Task.BINARY and job_file.classes is None,
+            report=ctx.job_dir(job_id) / DATA_CHECK_FILE,
         )
         if table.labels is None:
             raise ConfigError(f"data {job_file.guest_data!r} has no label column")
@@ -216,12 +255,21 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             splits=splits,
             executor=ctx.executor,
             state_dir=config.state_dir,
-            impute=job_file.impute,
             seed=config.seed if job_file.seed is None else job_file.seed,
+            decision=job_file.decision,
             allow_test_key=config.allow_test_key,
             progress=self._on_progress,
             pool_executor=ctx.background(),
-            host_request={"data": job_file.host_data, "psi_job": psi_job},
+            host_request={
+                "data": job_file.host_data,
+                "psi_job": psi_job,
+                "label_column": job_file.label_column,  # H refuses a feature of that name
+                **(
+                    {}
+                    if job_file.host_features is None
+                    else {"features": job_file.host_features.to_json()}
+                ),
+            },
             after_step=attempt.after_step,
         )
         attempt.started(session)
@@ -283,7 +331,11 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
                 guest=envelope.sender,
                 arbiter=ctx.peer(Role.ARBITER),
                 table_for=lambda request: aligned_table(
-                    config, request, labels=None, guest=envelope.sender.party_id
+                    config,
+                    request,
+                    labels=None,
+                    guest=envelope.sender.party_id,
+                    report=ctx.job_dir(job_id) / DATA_CHECK_FILE,
                 ),
                 request_for=lambda request: {
                     **request,
