@@ -38,6 +38,7 @@ from protocols.transport.base import Channel
 from psi.canon import IdType
 from psi.protocol import PsiMode
 from psi.result import read_array, read_result, result_dir
+from vfl.common.decision import Decision
 from vfl.config import JobType, PartyConfig
 from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table
@@ -63,6 +64,12 @@ def fetch_public_key(
     channel.restore_stream_state(link.job_id, {arbiter.party_id: time.time_ns() // 1000})
     client = ArbiterClient(link=link, arbiter=arbiter, allow_test_key=allow_test_key)
     return client.public_key()
+
+
+def model_decision(model: SavedModel) -> Decision | None:
+    """The calibration and threshold saved with a binary model (None for older models)."""
+    raw = model.manifest.get("decision")
+    return None if raw is None else Decision.from_json(raw)
 
 
 class ScoringService:
@@ -249,9 +256,13 @@ class ScoringService:
             ]
             started = time.perf_counter()
             score = client.score_one(str(customer), table.take(np.array([row])), decoys=pool)
-            out.append(
-                {"id": str(customer), "score": score, "ms": 1e3 * (time.perf_counter() - started)}
-            )
+            entry: dict[str, Any] = {"id": str(customer), "score": score}
+            decision = model_decision(client.model)
+            if decision is not None and isinstance(score, float):
+                entry["probability"] = float(decision.calibrate(np.array([score]))[0])
+                entry["decision"] = bool(decision.decide(np.array([score]))[0])
+            entry["ms"] = 1e3 * (time.perf_counter() - started)
+            out.append(entry)
         return {"model": client.model.model_id, "scores": out}
 
     def _batch(self, model: SavedModel, table: PartyTable, request: ScoreRequest) -> dict[str, Any]:
@@ -288,6 +299,10 @@ class ScoringService:
                 frame[f"score_{c}"] = values[:, c]
         else:
             frame["score"] = values.reshape(-1)
+        decision = model_decision(model)
+        if decision is not None:  # the model's calibration and threshold (J7)
+            frame["probability"] = decision.calibrate(values.reshape(-1))
+            frame["decision"] = decision.decide(values.reshape(-1)).astype(int)
         frame["host_known"] = scores.host_known
         buffer = io.StringIO()
         frame.to_csv(buffer, index=False)
