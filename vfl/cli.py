@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from protocols.errors import VflError
+from protocols.errors import ConfigError, VflError
 from protocols.roles import Party, Role
 from protocols.transport import tls
 from psi.canon import DuplicatePolicy, IdType
@@ -191,8 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--out", type=Path, help="batch: write the scores CSV here")
     score.add_argument("--decoys", type=int, default=0, help="online: decoy pseudonyms per id")
 
-    data = sub.add_parser("data", help="check the real data sets against their sha256 list")
+    data = sub.add_parser(
+        "data",
+        help="check this party's data for a job (or the bundled data sets)",
+        description="With --config: read this party's own data as a job would and list every "
+        "problem (file, 1-based line, column, what to do) and warning; nothing is sent to "
+        "anyone. --job (the guest): the job file's guest data, label, classes and [guest] "
+        "features. --alias (a host): that alias with its [psi] id column and its own "
+        "[features.<alias>], warning about every binary column; --label-column also refuses "
+        "a column named like a job's label. Exit status 1 if there is an error. Without "
+        "--config: check the bundled data sets against their sha256 list.",
+    )
     data.add_argument("action", choices=["check"])
+    data.add_argument("--config", type=Path, help="this party's config")
+    which = data.add_mutually_exclusive_group()
+    which.add_argument("--job", type=Path, help="the guest: a split-NN job file (TOML)")
+    which.add_argument("--alias", help="a host: one of its data aliases")
+    data.add_argument("--label-column", help="with --alias: the jobs' label column name")
+    data.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    report = sub.add_parser(
+        "report",
+        help="where a finished job's report is (at the guest), with its test metrics",
+        description="Prints the folder of the job's report (report.json, roc.png, pr.png, "
+        "calibration.png, loss.png, test_scores.csv with ids) in this party's state folder, "
+        "and the test metrics it holds.",
+    )
+    report.add_argument("job_id", help="the job's id")
+    report.add_argument("--config", type=Path, required=True, help="the guest's party config")
 
     demo = sub.add_parser("demo", help="run the three-party demo on this machine")
     demo.add_argument("--out", type=Path, default=Path(".demo"), help="working folder (recreated)")
@@ -282,6 +308,17 @@ def _run(args: argparse.Namespace) -> int:
             decoys=args.decoys,
         )
         print(json.dumps(reply, indent=2))
+        return 0
+    if args.command == "data" and args.config is not None:
+        return _data_check(args)
+    if args.command == "report":
+        from vfl.service.datacheck import job_report
+
+        folder, body = job_report(config=load_config(args.config), job_id=args.job_id)
+        print(f"report of job {args.job_id}: {folder}")
+        for name in sorted(p.name for p in folder.iterdir()):
+            print(f"  {name}")
+        print(json.dumps(body.get("metrics", {}), indent=2))
         return 0
     if args.command == "data":
         folder = data_dir(os.environ)
@@ -391,3 +428,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """``vfl data check --config ...`` (:mod:`vfl.service.datacheck`)."""
+    from vfl.service.datacheck import check_alias_data, check_job_data
+
+    config = load_config(args.config)
+    if args.job is not None:
+        report = check_job_data(config=config, job=args.job)
+    elif args.alias is not None:
+        report = check_alias_data(config=config, alias=args.alias, label_column=args.label_column)
+    else:
+        raise ConfigError("vfl data check --config needs --job (the guest) or --alias (a host)")
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1

@@ -112,13 +112,12 @@ def run_job(
                 channel=h_ch,
                 guest=BANK,
                 arbiter=ARBITER,
-                table_for=lambda _: host_table,
                 executor=InlineExecutor(),
                 state_dir=t.state / "retailer",
                 pool_target=64,
                 timeout=timeout,
                 allow_test_key=True,
-                **{"seed": 7, **(host_kwargs or {})},
+                **{"seed": 7, "table_for": lambda _: host_table, **(host_kwargs or {})},
             )
             out.host = session.run(wait_job_start(h_ch, timeout=timeout))
         except BaseException as exc:  # noqa: BLE001 - reported through ``out``
