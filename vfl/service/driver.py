@@ -53,6 +53,8 @@ from vfl.service.requests import AdminCommand, PsiRequest
 
 logger = logging.getLogger(__name__)
 
+DATA_CHECK_FILE = "data_check.json"  # a party's data checks for a job, in its job folder
+
 F = TypeVar("F")
 
 AdminHandler = Callable[[dict[str, Any]], dict[str, Any]]

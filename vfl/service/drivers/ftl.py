@@ -29,6 +29,7 @@ import pandas as pd
 
 from protocols.envelope import ControlBlock, Envelope
 from protocols.errors import (
+    ConfigError,
     JobIdInUseError,
     JobRefusedError,
     ProtocolError,
@@ -43,11 +44,13 @@ from protocols.transport.base import MessageFilter
 from psi.result import read_result
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
 from vfl.config import JobType
+from vfl.data.checks import checked_data
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table
 from vfl.report import write_report
 from vfl.service.accept import check_ftl_start, host_id_column
 from vfl.service.audit import AuditEvent, file_digest
-from vfl.service.driver import GuestAttempt, JobDriver, ServiceContext
+from vfl.service.driver import DATA_CHECK_FILE, GuestAttempt, JobDriver, ServiceContext
 from vfl.transfer.guest import FtlGuest
 from vfl.transfer.host import FtlHost
 from vfl.transfer.jobfile import FtlJobFile, parse_ftl_job
@@ -89,7 +92,13 @@ class FtlDriver(JobDriver[FtlJobFile]):
         if self.ctx.config.party.role is Role.HOST:
             self.ctx.channel.add_handler(MessageFilter.for_tags(FtlTag.START), self._on_start)
 
-    def _table(self, alias: str, *, id_column: str, labels: str | None) -> PartyTable:
+    def _table(
+        self, alias: str, *, id_column: str, labels: str | None, job_id: str
+    ) -> tuple[PartyTable, np.ndarray]:
+        """This party's rows with an id, after its data checks (docs/protocol.md §4.4.3; the
+        report in its own job folder), and each such row's line in the file (the PSI's rows
+        index the file, :meth:`_overlap` maps them). FTL takes numeric columns only: the
+        party's ``[features.<alias>]`` may choose them, not encode categories or dates."""
         config = self.ctx.config
         if alias not in config.data:
             known = ", ".join(sorted(config.data)) or "none"
@@ -97,11 +106,31 @@ class FtlDriver(JobDriver[FtlJobFile]):
                 f"no data alias {alias!r} here (aliases: {known})",
                 public=f"no data alias {alias!r} here",
             )
-        return load_table(
-            TableSpec(path=config.data[alias], id_column=id_column, label_column=labels)
+        features = config.features.get(alias, FeatureSpec())
+        if features.categorical or features.date_columns:
+            raise ConfigError(
+                f"[features.{alias}] encodes categorical or date columns, which transfer jobs "
+                "do not: exclude them for this alias, or use a split-NN job",
+                public="this party's features for the alias do not suit a transfer job",
+            )
+        spec = TableSpec(
+            path=config.data[alias],
+            id_column=id_column,
+            label_column=labels,
+            features=features,
+            binary_labels=labels is not None,
         )
+        checked_data(
+            spec, warn_binary=labels is None, report=self.ctx.job_dir(job_id) / DATA_CHECK_FILE
+        )
+        table = load_table(spec)
+        usable = table.id_rows()
+        return table.take(usable), usable
 
-    def _overlap(self, psi_job: str, *, alias: str = "", guest: str = "") -> np.ndarray:
+    def _overlap(
+        self, psi_job: str, usable: np.ndarray, *, alias: str = "", guest: str = ""
+    ) -> np.ndarray:
+        """The PSI's rows as positions among this party's rows with an id (``usable``)."""
         summary, rows = read_result(self.ctx.config.state_dir, psi_job)
         if guest:  # at H: a PSI it ran with this guest on this alias (docs/protocol.md §3.4.1)
             for key, wanted in (("data", alias), ("peer", guest)):
@@ -110,7 +139,14 @@ class FtlDriver(JobDriver[FtlJobFile]):
                     raise JobRefusedError(f"{public} ({key} {summary[key]!r})", public=public)
         if rows is None:
             raise JobRefusedError(f"PSI {psi_job} kept no rows here (cardinality mode?)")
-        return np.asarray(rows, dtype=np.int64)
+        lines = np.asarray(rows, dtype=np.int64)
+        positions = np.searchsorted(usable, lines)
+        if len(lines) and (positions.max() >= len(usable) or (usable[positions] != lines).any()):
+            raise JobRefusedError(
+                f"PSI {psi_job} names rows without an id here: the data changed since",
+                public=f"PSI {psi_job} does not match this party's data any more",
+            )
+        return positions
 
     # -- guest ----------------------------------------------------------------------------
 
@@ -126,12 +162,15 @@ class FtlDriver(JobDriver[FtlJobFile]):
             id_column=job_file.id_column,
             id_type=job_file.id_type,
         )
-        table = self._table(
-            job_file.guest_data, id_column=job_file.id_column, labels=job_file.label_column
+        table, usable = self._table(
+            job_file.guest_data,
+            id_column=job_file.id_column,
+            labels=job_file.label_column,
+            job_id=job.job_id,
         )
         if table.labels is None:
             raise ProtocolError(f"data {job_file.guest_data!r} has no label column")
-        overlap = self._overlap(psi_job)
+        overlap = self._overlap(psi_job, usable)
         ctx.update(job.job_id, phase="training", rows=len(table), overlap=len(overlap))
 
         def progress(record: dict[str, Any]) -> None:
@@ -234,11 +273,11 @@ class FtlDriver(JobDriver[FtlJobFile]):
             alias = str(request.get("data", ""))
             check_ftl_start(ctx.config, job, sender=sender.party_id, alias=alias)
             column = host_id_column(ctx.config, request)  # its own [psi] policy's column
-            table = self._table(alias, id_column=column, labels=None)
+            table, usable = self._table(alias, id_column=column, labels=None, job_id=job_id)
             check_ftl_start(
                 ctx.config, job, sender=sender.party_id, alias=alias, features=len(table.columns)
             )
-            overlap = self._overlap(psi_job, alias=alias, guest=sender.party_id)
+            overlap = self._overlap(psi_job, usable, alias=alias, guest=sender.party_id)
         except JobIdInUseError as exc:  # another's job: its run and status are left alone
             self._refuse(envelope, peer_reason(exc))  # logged and audited by the claim
             return

@@ -58,7 +58,7 @@ from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectMode
 from vfl.service.accept import check_offer, host_id_column
 from vfl.service.audit import AuditEvent, config_digest, file_digest
-from vfl.service.driver import GuestAttempt, JobDriver, ServiceContext, retryable
+from vfl.service.driver import DATA_CHECK_FILE, GuestAttempt, JobDriver, ServiceContext, retryable
 from vfl.service.notices import RUN_STOPPED, RunStop, clock_step, keep_trying
 from vfl.splitnn.guest import GuestSession
 from vfl.splitnn.host import HostSession
@@ -69,7 +69,6 @@ from vfl.splitnn.session import claim_run
 
 logger = logging.getLogger(__name__)
 
-DATA_CHECK_FILE = "data_check.json"  # this party's data checks for the job (owner-only)
 HOST_RUN_FILE = "host_run.json"  # H: the run it serves, for RUN_STOPPED after a restart
 NOTICE_PATIENCE_S = 3600.0  # how long H keeps trying to tell G that it restarted
 FAILED_PATIENCE_S = 60.0  # how long H keeps trying to tell G that its run failed
