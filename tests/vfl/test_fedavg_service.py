@@ -153,6 +153,10 @@ def test_three_clients_over_grpc(federation: Federation) -> None:
         folder = federation.configs[pid].state_dir / "jobs" / job_id / MODEL_DIR
         models[pid] = load_fed_model(folder)
         assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        report = folder.parent / "report"  # each client's own report of its test rows
+        assert {"report.json", "roc.png", "pr.png", "loss.png", "test_scores.csv"} <= {
+            p.name for p in report.iterdir()
+        }, pid
     reference = models["bank"][0].state_dict()
     for pid in ("retailer", "shop"):
         for name, value in models[pid][0].state_dict().items():

@@ -36,6 +36,7 @@ from protocols.errors import (
     JobRefusedError,
     ProtocolError,
     RunAbortedError,
+    VflError,
     peer_reason,
 )
 from protocols.files import atomic_write, private_dir
@@ -55,8 +56,9 @@ from vfl.fedavg.protocol import (
     RoundAbortedError,
     json_digest,
 )
-from vfl.fedavg.train import build_model, client_splits, evaluate, local_train
+from vfl.fedavg.train import build_model, client_splits, evaluate, local_train, scores
 from vfl.privacy.accountant import RdpAccountant
+from vfl.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +168,13 @@ class FedClient:
         self._derive_seeds(keys)  # F3
         resume = int(control_of(keys)["resume_round"])
         history: list[dict[str, Any]] = []
+        curve: list[dict[str, float]] = []  # this client's own loss and validation per round
         dp_steps = 0
         if resume > 0:
             saved = checkpoint.load(self.folder / CHECKPOINTS, resume)
             model.load_state_dict(saved.tree("model"))
             history = list(saved.meta.get("history", []))
+            curve = list(saved.meta.get("curve", []))
             dp_steps = int(saved.meta.get("dp_steps", 0))
             logger.info("job %s: %s resumes after round %d", job.job_id, self.me, resume)
         checkpoint.prune(self.folder / CHECKPOINTS, keep=[resume])
@@ -182,6 +186,11 @@ class FedClient:
         def report(round_no: int, epsilon: float | None) -> dict[str, Any]:
             """EVAL of the current model: validation rows, test rows after the last round."""
             out: dict[str, Any] = {"validation": evaluate(model, xs[val], y[val])}
+            if len(curve) < round_no:
+                train_loss = evaluate(model, xs[train], y[train]).get("log_loss", 0.0)
+                curve.append(
+                    {"epoch": round_no - 1.0, "train_loss": train_loss, **out["validation"]}
+                )
             if round_no == job.rounds and len(test):
                 out["test"] = evaluate(model, xs[test], y[test])
             out["epsilon"] = epsilon
@@ -201,7 +210,9 @@ class FedClient:
             )
         )
         generator = torch.Generator().manual_seed(
-            secrets.randbits(63) if self.seed is None else self.seed * 1_000_003 + resume
+            secrets.randbits(63)
+            if self.seed is None
+            else (self.seed * 1_000_003 + resume) % (1 << 63)
         )
         own: dict[str, Any] = {}
         if resume > 0:  # F5: the resumed round's report again (A kept no history)
@@ -235,7 +246,12 @@ class FedClient:
                 round_no,
                 trees={"model": model.state_dict()},
                 big_ints={},
-                meta={"history": history, "dp_steps": dp_steps, "run_id": self.run_id},
+                meta={
+                    "history": history,
+                    "curve": curve,
+                    "dp_steps": dp_steps,
+                    "run_id": self.run_id,
+                },
             )
             checkpoint.prune(self.folder / CHECKPOINTS, keep=[round_no - 1, round_no])
             epsilon = None if accountant is None else accountant.epsilon()
@@ -264,10 +280,44 @@ class FedClient:
             model_dir=str(model_dir),
         )
         atomic_write(self.folder / RESULT_FILE, json.dumps(result.to_json()).encode(), mode=0o600)
+        self._report(result, curve, model=model, xs=xs[test], y=y[test], rows=test)
         if self.progress is not None and history:
             self.progress({"round": job.rounds, "rounds": job.rounds, "combined": history[-1]})
         logger.info("job %s: %s done after %d rounds", job.job_id, self.me, job.rounds)
         return result
+
+    def _report(
+        self,
+        result: FedResult,
+        curve: list[dict[str, float]],
+        *,
+        model: torch.nn.Module,
+        xs: np.ndarray,
+        y: np.ndarray,
+        rows: np.ndarray,
+    ) -> None:
+        """This client's report of the final model on its own test rows (``report/`` in its
+        job folder: ROC, PR, calibration and loss plots, test scores with ids); a report that
+        cannot be written (e.g. one class among the test rows) is logged, the job stands."""
+        if not len(rows) or len(np.unique(y)) < 2:
+            logger.info("job %s: no report (its test rows hold one class)", self.job.job_id)
+            return
+        ids = self.table.take(self.table.id_rows()).ids[rows]
+        try:
+            write_report(
+                self.folder / "report",
+                summary={
+                    "job_id": result.job_id,
+                    "rounds": result.rounds,
+                    "epsilon": result.epsilon,
+                },
+                test_labels=y,
+                test_scores=scores(model, xs),
+                history=curve,
+                ids=[str(v) for v in ids],
+            )
+        except (OSError, ValueError, VflError) as exc:
+            logger.error("job %s: the report was not written: %s", self.job.job_id, exc)
 
     # -- data -----------------------------------------------------------------------
 
