@@ -196,6 +196,7 @@ def _train(executor: Executor, state: Path) -> tuple[list[Any], list[Any], dict[
         executor=executor,
         state_dir=state,
         key_bits=1024,
+        seed=5,  # the guest's protection noise, keyed (docs/protocol.md §4.4.2)
         w0_seed=3,
         order_seed=bytes(32),
         host_seed=7,
@@ -212,8 +213,7 @@ def test_split_nn_is_bit_identical_with_local_and_ray(
     ray_executor: RayExecutor,
     local_executor: Executor,
 ) -> None:
-    # the label-protection and embedding noise come from seeded generators in both runs
-    monkeypatch.setattr("vfl.splitnn.training.new_generator", lambda: np.random.default_rng(5))
+    # the label-protection noise (the guest's seed) and the host's (its seed) repeat
     history_l, scores_l, host_l = _train(local_executor, tmp_path / "local")
     history_r, scores_r, host_r = _train(ray_executor, tmp_path / "ray")
     assert history_l == history_r
