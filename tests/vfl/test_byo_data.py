@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,16 @@ import pytest
 
 from protocols.crypto.paillier import PrivateKey, PublicKey
 from protocols.errors import ConfigError, DataError, JobRefusedError
+from psi.canon import DuplicatePolicy
 from tests.vfl.session_setup import run_job, synthetic_tables, trio
 from tests.vfl.test_accept import BASE, job
 from vfl.common.decision import Calibration
+from vfl.common.seeds import RunSeeds, job_scope, local_secret
 from vfl.config import PartyConfig, parse_config
 from vfl.data.checks import checked_data
 from vfl.data.features import Encoding, FeatureSpec
-from vfl.data.tables import TableSpec
+from vfl.data.preprocess import Preprocessor, widest
+from vfl.data.tables import TableSpec, load_table
 from vfl.service.datacheck import check_alias_data, check_job_data
 from vfl.service.drivers.splitnn import host_features
 from vfl.splitnn.jobfile import load_job_file, parse_job
@@ -236,3 +240,66 @@ def test_vfl_data_check_and_report_from_the_command_line(tmp_path: Path) -> None
         check=False,
     )
     assert done.returncode == 1 and "bank.csv:12" in done.stdout
+
+
+def test_seeded_draws_are_scoped_to_the_job_and_keyed_by_an_owner_only_secret(
+    tmp_path: Path,
+) -> None:
+    """docs/protocol.md §4.4.2: one seed gives other draws in another job (scope) and at
+    another installation (secret); the secret is made once, even by concurrent first uses,
+    and a copy others may read is refused."""
+    state = tmp_path / "state"
+    with ThreadPoolExecutor(8) as pool:
+        secrets_made = set(pool.map(lambda _: local_secret(state), range(16)))
+    assert len(secrets_made) == 1 and (state / "seed.key").stat().st_mode & 0o777 == 0o600
+    one = RunSeeds.at(state, 7, scope=job_scope({"model": "a"}))
+    assert one.integer("w0") == RunSeeds.at(state, 7, scope=job_scope({"model": "a"})).integer("w0")
+    assert one.integer("w0") != RunSeeds.at(state, 7, scope=job_scope({"model": "b"})).integer("w0")
+    assert one.integer("w0") != RunSeeds.at(tmp_path / "other", 7, scope=one.scope).integer("w0")
+    (state / "seed.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        local_secret(state)
+
+
+def test_a_guest_chosen_host_spec_cannot_lift_the_hosts_own_limits(tmp_path: Path) -> None:
+    config = host_config(
+        tmp_path,
+        '[features.shop]\nexclude_columns = ["internal"]\n[accept]\nguest_features = true\n',
+    )
+
+    def asked(**spec: Any) -> dict[str, Any]:
+        return {"data": "shop", "label_column": "fraud", "features": FeatureSpec(**spec).to_json()}
+
+    spec = host_features(config, asked(exclude_columns=("x9",)))
+    assert set(spec.exclude_columns) == {"x9", "internal"}  # its own exclusions hold
+    for bad in (asked(feature_columns=("internal",)), asked(feature_columns=("x0", "fraud"))):
+        with pytest.raises(JobRefusedError):
+            host_features(config, bad)
+
+
+def test_the_hosts_size_check_does_not_depend_on_the_rows_the_guest_chose(
+    tmp_path: Path,
+) -> None:
+    """The one-hot width fitted on FIT_ROWS would tell the guest whether two customers share
+    a category; the host's offer counts the widest encoding instead (§4.4.3)."""
+    shop = tmp_path / "shop.csv"
+    pd.DataFrame(
+        {"id": [str(i) for i in range(6)], "city": list("aabbcc"), "v": np.arange(6.0)}
+    ).to_csv(shop, index=False)
+    spec = TableSpec(path=shop, features=FeatureSpec(categorical=(("city", Encoding.ONEHOT),)))
+    table = load_table(spec)
+    fitted = {
+        len(Preprocessor.fit(table, np.array(rows)).output_columns) for rows in ([0, 1], [0, 2])
+    }
+    assert len(fitted) == 2  # what a fitted width would reveal ...
+    assert widest(table) == 1 + 20  # ... and what the host's size check uses instead
+
+
+def test_repeated_ids_follow_the_psi_duplicates_policy(tmp_path: Path) -> None:
+    shop = tmp_path / "shop.csv"
+    pd.DataFrame({"id": ["1", "1", "2"], "v": [1.0, 2.0, 3.0]}).to_csv(shop, index=False)
+    spec = TableSpec(path=shop)
+    with pytest.raises(DataError, match="the same id as line 2"):
+        checked_data(spec, warn_binary=False, report=None)
+    checks = checked_data(spec, warn_binary=False, report=None, duplicates=DuplicatePolicy.FIRST)
+    assert checks.ok

@@ -106,7 +106,9 @@ def test_a_feature_spec_parses_both_forms_and_round_trips() -> None:
         ({"colums": ["a"]}, r"job.toml \[features\]: unknown key 'colums'"),
         ({"feature_columns": "a"}, "feature_columns must be a list of column names"),
         ({"categorical": {"a": "hash"}}, "categorical column 'a': the encoding must be one of"),
-        ({"max_categories": 1}, "max_categories must be an integer of at least 2"),
+        ({"max_categories": 1}, "max_categories must be an integer from 2 to 1000"),
+        ({"max_categories": 10**18}, "max_categories must be an integer from 2 to 1000"),
+        ({"exclude_columns": ["c"] * 10_001}, "names more than 10000 columns"),
         ({"max_categories": True}, "max_categories must be an integer"),
         ({"impute": "guess"}, "impute must be one of"),
         ({"categorical": ["d"], "date_columns": ["d"]}, "'d' is both categorical and a date"),
@@ -144,9 +146,10 @@ def test_ids_written_as_decimals_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_table(TableSpec(path=path))
     assert str(info.value) == (
-        f"{path} line 3, column 'id': ids look like decimal numbers ('133.0'): the other "
-        "party's '133' will not match; write the ids as integers"
-    )
+        f"{path} line 3, column 'id': ids look like decimal numbers (133.0 where the other "
+        "party has 133): they will not match; write the ids as integers"
+    )  # no id of the file in an error or a log line; the report has it
+    assert "'133.0'" in check_table(TableSpec(path=path)).render()
     assert peer_reason(info.value) == "the id column holds decimal numbers"
     path.write_text("id,x\n133.0,1\nabc,2\n")  # not every id: ids that merely contain ".0"
     assert load_table(TableSpec(path=path)).ids.tolist() == ["133.0", "abc"]
@@ -183,7 +186,8 @@ def test_extreme_magnitudes_are_refused_with_the_largest(tmp_path: Path) -> None
     assert str(info.value).startswith(
         f"{path} line 8, column 'spend': 2 values beyond 1e+100 in magnitude"
     )
-    assert "the largest, here, is 7e+200" in str(info.value) and "logarithm" in str(info.value)
+    assert "logarithm" in str(info.value) and "e+200" not in str(info.value)  # no value logged
+    assert "the largest is 7e+200" in check_table(spec(path)).render()  # the operator's view
     frame.loc[[3, 6], "spend"] = [MAX_ABS, -MAX_ABS]  # the bound itself is fine
     table = load_table(spec(write(tmp_path, frame, "ok.csv")))
     assert np.isfinite(Preprocessor.fit(table, np.arange(8)).transform(table)).all()

@@ -35,7 +35,6 @@ from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG, Crash, crashing
-from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig, parse_config
 from vfl.service import guestjob as guestjob_module
 from vfl.service.arbiter import KEY_FILE, ArbiterWatch
@@ -202,18 +201,7 @@ def test_a_new_run_replaces_the_run_the_host_still_serves(
     and the job ends exactly where an uninterrupted run ends."""
     guest_table, host_table, splits = synthetic_tables(rows=160)
     job = SplitJob(job_id="s14", train=CONFIG, batch=16, batch_eval=24, epochs=2, patience=3)
-    # the host's service keys its [random] seed with its local secret (docs/protocol.md §4.4.2)
-    host_seed = RunSeeds.at(config(tmp_path / "run", "retailer").state_dir, 7).integer(
-        "splitnn-host"
-    )
-    reference = run_job(
-        trio(tmp_path / "ref", pk, sk),
-        job,
-        guest_table,
-        host_table,
-        splits,
-        host_kwargs={"seed": host_seed},
-    )
+    reference = run_job(trio(tmp_path / "ref", pk, sk), job, guest_table, host_table, splits)
     assert reference.result is not None
 
     t = trio(tmp_path / "run", pk, sk)
@@ -221,6 +209,8 @@ def test_a_new_run_replaces_the_run_the_host_still_serves(
     monkeypatch.setattr(splitnn_driver, "aligned_table", lambda *args, **kwargs: host_table)
     runner = JobRunner(config=cfg, channel=t.channel("retailer"), executor=InlineExecutor())
     monkeypatch.setattr(runner.ctx, "background", lambda: InlineExecutor())
+    # the reference's host seed (the service keys its [random] seed, docs/protocol.md §4.4.2)
+    monkeypatch.setattr(runner.ctx, "party_seed", lambda purpose, *, scope: 7)
     monkeypatch.setattr(splitnn_driver, "HostSession", _quick(splitnn_driver.HostSession))
 
     def guest(cls: Any = None) -> GuestSession:

@@ -31,7 +31,6 @@ from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from tests.conftest import ARBITER, BANK, RETAILER
 from tests.vfl.session_setup import TAGS, run_job, synthetic_tables, trio
 from tests.vfl.test_splitnn_session import CONFIG
-from vfl.common.seeds import RunSeeds
 from vfl.config import JobType, PartyConfig, parse_config
 from vfl.fedavg.protocol import FedJob, FedTag
 from vfl.service import owners as owners_module
@@ -223,18 +222,7 @@ def test_a_second_guest_cannot_touch_a_running_split_nn_job(
     ends exactly as an undisturbed run does."""
     guest_table, host_table, splits = synthetic_tables(rows=160)
     job = SplitJob(job_id="own1", train=CONFIG, batch=16, batch_eval=24, epochs=2, patience=3)
-    # the host's service keys its [random] seed with its local secret (docs/protocol.md §4.4.2)
-    host_seed = RunSeeds.at(config(tmp_path / "run", "retailer").state_dir, 7).integer(
-        "splitnn-host"
-    )
-    reference = run_job(
-        trio(tmp_path / "ref", pk, sk),
-        job,
-        guest_table,
-        host_table,
-        splits,
-        host_kwargs={"seed": host_seed},
-    )
+    reference = run_job(trio(tmp_path / "ref", pk, sk), job, guest_table, host_table, splits)
     assert reference.result is not None
 
     t = trio(tmp_path / "run", pk, sk)
@@ -244,6 +232,8 @@ def test_a_second_guest_cannot_touch_a_running_split_nn_job(
     retailer = t.net.channel(RETAILER, tags=TagRegistry(message_tags()))
     runner = JobRunner(config=cfg, channel=retailer, executor=InlineExecutor())
     monkeypatch.setattr(runner.ctx, "background", lambda: InlineExecutor())
+    # the reference's host seed (the service keys its [random] seed, docs/protocol.md §4.4.2)
+    monkeypatch.setattr(runner.ctx, "party_seed", lambda purpose, *, scope: 7)
     attacker = t.net.channel(BANK2, tags=TagRegistry(message_tags()))
     reached, release = threading.Event(), threading.Event()
 

@@ -32,6 +32,7 @@ from protocols.roles import PartyAddress
 from protocols.tags import TagRegistry
 from protocols.transport.grpc_channel import GrpcChannel
 from tests.vfl.state_files import not_private
+from vfl.common.decision import Decision
 from vfl.config import PartyConfig
 from vfl.data.datasets import data_dir
 from vfl.scoring.protocol import ScoreTag
@@ -137,6 +138,19 @@ def test_train_job_between_three_services(cluster: LocalCluster) -> None:
         (configs["bank"].state_dir / "jobs" / "breast-1" / "result.json").read_text()
     )
     assert len(result["history"]) == 2 and result["test"]["roc_auc"] > 0.9
+    # every job's report, test scores with ids, its seed (none given: a fresh one, recorded)
+    assert len(result["test_ids"]) == len(result["test_scores"]) and result["seed"] >= 0
+    assert result["decision"]["calibration"] == "platt" and "brier" in result["test_calibrated"]
+    report = configs["bank"].state_dir / "jobs" / "breast-1" / "report"
+    assert {"report.json", "roc.png", "pr.png", "calibration.png", "loss.png"} <= {
+        p.name for p in report.iterdir()
+    }
+    scored = pd.read_csv(report / "test_scores.csv", dtype={"id": str})
+    assert list(scored["id"]) == result["test_ids"]
+    for party in ("bank", "retailer"):  # each party's own data report, owner-only
+        checks = configs[party].state_dir / "jobs" / "breast-1" / "data_check.json"
+        assert stat.S_IMODE(checks.stat().st_mode) == 0o600
+        assert json.loads(checks.read_text())["findings"] is not None
     arbiter_log = (cluster.logs / "arbiter.log").read_text()
     assert "job breast-1 registered" in arbiter_log
     host_log = cluster.log("retailer")
@@ -240,6 +254,19 @@ def test_scoring_through_the_services(cluster: LocalCluster) -> None:
     assert online.returncode == 0, online.stderr[-3000:]
     got = [r["score"] for r in json.loads(online.stdout)["scores"]]
     assert np.allclose(got, scores["score"].head(3), atol=1e-6)
+    # the model's calibration and threshold (fitted on validation at J7) decide every score
+    decision = Decision.from_json(
+        json.loads(
+            (
+                cluster.configs["bank"].state_dir / "models" / "breast-1" / "manifest.json"
+            ).read_text()
+        )["decision"]
+    )
+    assert np.allclose(scores["probability"], decision.calibrate(scores["score"].to_numpy()))
+    assert (scores["decision"] == decision.decide(scores["score"].to_numpy())).all()
+    assert [r["decision"] for r in json.loads(online.stdout)["scores"]] == [
+        bool(v) for v in scores["decision"].head(3)
+    ]
     for party in ("bank", "retailer"):
         manifest = json.loads(
             (cluster.configs[party].state_dir / "models" / "breast-1" / "manifest.json").read_text()

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,11 +34,28 @@ _SECRET_BYTES = 32
 
 
 def local_secret(state_dir: Path) -> bytes:
-    """This party's local secret, made (owner-only) the first time it is needed."""
+    """This party's local secret, made (owner-only) the first time it is needed.
+
+    Made with an exclusive create, so two first uses at once agree on one secret; a file that
+    others may read is refused (it would let them compute this party's draws).
+    """
     path = state_dir / SECRET_FILE
     if not path.exists():
         private_dir(state_dir)
-        atomic_write(path, secrets.token_bytes(_SECRET_BYTES), mode=0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another first use won: read its secret
+        else:
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(_SECRET_BYTES))
+                out.flush()
+                os.fsync(out.fileno())
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(
+            f"{path} may be read by others; make it owner-only (chmod 600 {path}): it keys "
+            "this party's seeded draws"
+        )
     data = path.read_bytes()
     if len(data) != _SECRET_BYTES:
         raise ConfigError(
@@ -65,21 +86,24 @@ def fresh_seed() -> int:
 
 @dataclass(frozen=True)
 class RunSeeds:
-    """Every keyed draw of one party's run: ``seed`` under its local ``secret``."""
+    """Every keyed draw of one party's run: ``seed`` under its local ``secret``, within
+    ``scope`` (what the job is, :func:`job_scope`: another job draws otherwise)."""
 
     seed: int
     secret: bytes
+    scope: str = ""
 
     @classmethod
-    def at(cls, state_dir: Path, seed: int) -> RunSeeds:
-        """The draws of ``seed`` at the party whose state folder is ``state_dir``."""
+    def at(cls, state_dir: Path, seed: int, *, scope: str = "") -> RunSeeds:
+        """The draws of ``seed`` for ``scope`` at the party whose state folder is
+        ``state_dir``."""
         if seed < 0:
             raise ConfigError(f"seed {seed} must be a non-negative integer")
-        return cls(seed=seed, secret=local_secret(state_dir))
+        return cls(seed=seed, secret=local_secret(state_dir), scope=scope)
 
     def digest(self, purpose: str) -> bytes:
         """32 bytes for ``purpose`` (e.g. ``"batch-order"``)."""
-        message = f"vfl-seed|{self.seed}|{purpose}".encode()
+        message = f"vfl-seed|{self.seed}|{self.scope}|{purpose}".encode()
         return hmac.new(self.secret, message, hashlib.sha256).digest()
 
     def integer(self, purpose: str, *, bits: int = 63) -> int:
@@ -93,3 +117,11 @@ class RunSeeds:
     def fingerprint(self) -> str:
         """Which local secret was used (its hash's first 16 hex digits; reveals nothing)."""
         return hashlib.sha256(b"vfl-seed-key|" + self.secret).hexdigest()[:16]
+
+
+def job_scope(job: Mapping[str, Any]) -> str:
+    """The scope of a job's draws: the hash of what the job is (``job``: its settings as
+    this party sees them, without its id), so the same seed gives different draws in
+    different jobs, and the same draws only when the same job is run again (§4.4.2)."""
+    text = json.dumps(job, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -96,9 +96,12 @@ class Finding:
     line: int | None = None
     column: str | None = None
     public: str | None = field(default=None, compare=False)  # peer-safe text of its error
+    # a value from the data (the largest magnitude, an id): in the owner-only report and on
+    # the operator's terminal (:meth:`DataReport.render`), never in an error or a log line
+    detail: str | None = field(default=None, compare=False)
 
     def located(self, source: str, *, unit: str = "line") -> str:
-        """``<source> line 5, column 'x': <message>``."""
+        """``<source> line 5, column 'x': <message>`` (without :attr:`detail`: log-safe)."""
         parts = [f"{unit} {self.line}"] if self.line is not None else []
         parts += [f"column {self.column!r}"] if self.column is not None else []
         where = f" {', '.join(parts)}" if parts else ""
@@ -111,6 +114,7 @@ class Finding:
             "message": self.message,
             "line": self.line,
             "column": self.column,
+            "detail": self.detail,
         }
 
 
@@ -166,7 +170,8 @@ class DataReport:
                 where += f":row {f.line}" if rows else f":{f.line}"
             column = f" column {f.column!r}:" if f.column is not None else ""
             kind = " warning:" if f.severity is Severity.WARNING else ""
-            out.append(f"{where}:{column}{kind} {f.message}")
+            detail = f" ({f.detail})" if f.detail else ""
+            out.append(f"{where}:{column}{kind} {f.message}{detail}")
         return "\n".join(out)
 
 
@@ -341,12 +346,13 @@ class _Checker:
         count: int = 1,
         severity: Severity = Severity.ERROR,
         public: str | None = None,
+        detail: str | None = None,
     ) -> None:
         if count > 1:
             head, sep, tail = message.partition(";")
             message = f"{head} ({count} rows, the first here){sep}{tail}"
         line = None if row is None else row + self.origin.first
-        self.findings.append(Finding(severity, message, line, column, public))
+        self.findings.append(Finding(severity, message, line, column, public, detail))
 
     # -- step 1 ----------------------------------------------------------------------------
 
@@ -439,11 +445,12 @@ class _Checker:
             row = int(np.argmax(usable))
             first = str(present.iloc[0])
             self.add(
-                f"ids look like decimal numbers ({first[:40]!r}): the other party's "
-                f"{first.split('.')[0][:40]!r} will not match; write the ids as integers",
+                "ids look like decimal numbers (133.0 where the other party has 133): they will "
+                "not match; write the ids as integers",
                 column=column,
                 row=row,
                 public="the id column holds decimal numbers",
+                detail=f"the first is {first[:40]!r}",
             )
         if duplicates is not None:
             self.repeated(stripped.to_numpy(dtype=object), usable, column, duplicates)
@@ -513,11 +520,11 @@ class _Checker:
             row = int(np.argmax(np.where(extreme, np.abs(values), -1.0)))
             many = f"{int(extreme.sum())} values" if extreme.sum() > 1 else "a value"
             self.add(
-                f"{many} beyond {MAX_ABS:g} in magnitude, the most this engine scales safely; "
-                f"the largest, here, is {abs(values[row]):.3g}: rescale the column (e.g. take "
-                "its logarithm), or exclude it",
+                f"{many} beyond {MAX_ABS:g} in magnitude, the most this engine scales safely, "
+                "the largest here: rescale the column (e.g. take its logarithm), or exclude it",
                 column=column,
                 row=row,
+                detail=f"the largest is {abs(values[row]):.3g}",
             )
         values[~finite | ~usable] = np.nan  # imputed from training rows, or never used
         return values
@@ -662,11 +669,18 @@ def day_numbers(raw: pd.Series) -> np.ndarray:
     return np.array(days.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
 
 
-def checked_data(spec: TableSpec, *, warn_binary: bool, report: Path | None) -> DataReport:
-    """This party's data checks (:func:`check_table`): the report written
-    owner-only to ``report``, each warning logged, and a :class:`DataError` for the first
-    error (its peer-safe reason names no path, column or count)."""
-    checks = check_table(spec, warn_binary=warn_binary)
+def checked_data(
+    spec: TableSpec,
+    *,
+    warn_binary: bool,
+    report: Path | None,
+    duplicates: DuplicatePolicy = DuplicatePolicy.ERROR,
+) -> DataReport:
+    """This party's data checks (:func:`check_table`; repeated ids judged by the alias's PSI
+    ``duplicates`` policy): the report written owner-only to ``report``, each warning logged,
+    and a :class:`DataError` for the first error (its peer-safe reason names no path, column
+    or count)."""
+    checks = check_table(spec, warn_binary=warn_binary, duplicates=duplicates)
     if report is not None:
         private_dir(report.parent)
         atomic_write(report, json.dumps(checks.to_json(), indent=1).encode(), mode=0o600)

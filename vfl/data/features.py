@@ -10,12 +10,16 @@ the same columns the same way.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from protocols.errors import ConfigError
+
+MAX_CATEGORIES = 1000  # the one-hot cap's largest value (a peer's spec cannot ask for more)
+MAX_NAMES = 10_000  # the most column names one list of a spec may hold
 
 
 class ImputePolicy(StrEnum):
@@ -151,6 +155,8 @@ class FeatureSpec:
 
 
 def _names(value: object, where: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, list | tuple) and len(value) > MAX_NAMES:
+        raise ConfigError(f"{where}: {key} names more than {MAX_NAMES} columns")
     if not isinstance(value, list | tuple) or not all(
         isinstance(v, str) and v.strip() for v in value
     ):
@@ -159,6 +165,8 @@ def _names(value: object, where: str, key: str) -> tuple[str, ...]:
 
 
 def _categorical(value: object, where: str) -> tuple[tuple[str, Encoding], ...]:
+    if isinstance(value, Mapping) and len(value) > MAX_NAMES:
+        raise ConfigError(f"{where}: categorical names more than {MAX_NAMES} columns")
     if isinstance(value, Mapping):
         choices = ", ".join(repr(e.value) for e in Encoding)
         pairs = []
@@ -180,9 +188,9 @@ def _problem(spec: FeatureSpec) -> str | None:
     if (
         not isinstance(spec.max_categories, int)
         or isinstance(spec.max_categories, bool)
-        or spec.max_categories < 2
+        or not 2 <= spec.max_categories <= MAX_CATEGORIES
     ):
-        return "max_categories must be an integer of at least 2"
+        return f"max_categories must be an integer from 2 to {MAX_CATEGORIES}"
     lists: dict[str, tuple[str, ...]] = {
         "feature_columns": spec.feature_columns or (),
         "exclude_columns": spec.exclude_columns,
@@ -190,7 +198,9 @@ def _problem(spec: FeatureSpec) -> str | None:
         "date_columns": spec.date_columns,
     }
     for key, names in lists.items():
-        repeated = sorted({c for c in names if names.count(c) > 1})
+        if len(names) > MAX_NAMES:
+            return f"{key} names more than {MAX_NAMES} columns"
+        repeated = sorted(c for c, n in Counter(names).items() if n > 1)
         if repeated:
             return f"{key} names column {repeated[0]!r} twice"
     if list(spec.categorical) != sorted(spec.categorical):

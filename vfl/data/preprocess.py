@@ -188,9 +188,10 @@ class Preprocessor:
         draft = cls(spec, codes, tuple(references), (), (), ())
         names = draft.output_columns
         if len(set(names)) != len(names):
+            repeated = sorted({c.split("=")[0] for c in names if names.count(c) > 1})
             raise DataError(
-                f"{table.source}: output columns {names} repeat a name (a category named like "
-                "a column?); rename it"
+                f"{table.source}: two encoded columns of {repeated} would have the same name (a "
+                "category named like another column's output?); rename the category or column"
             )
         x = draft._expand(table)[rows]
         with np.errstate(all="ignore"):
@@ -291,6 +292,22 @@ class Preprocessor:
         ):
             raise DataError("preprocessing parameters have inconsistent lengths")
         return out
+
+
+def widest(table: PartyTable) -> int:
+    """The most columns :meth:`Preprocessor.fit` can make of ``table``, whichever rows it is
+    fitted on: a numeric column 1, a one-hot column ``max_categories``, an ordinal or
+    frequency column 1, a date 3. A peer's size check uses this, never the width fitted on
+    the rows it chose (that would tell it whether those rows share categories,
+    docs/protocol.md §4.4.3)."""
+    spec = _resolved(table)
+    onehot = sum(spec.encoding(c) is Encoding.ONEHOT for c in table.text_columns)
+    return (
+        len(table.columns)
+        + onehot * spec.max_categories
+        + (len(table.text_columns) - onehot)
+        + 3 * len(table.date_columns)
+    )
 
 
 def _resolved(table: PartyTable) -> FeatureSpec:

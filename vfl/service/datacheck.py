@@ -40,7 +40,7 @@ def check_job_data(*, config: PartyConfig, job: Path) -> DataReport:
         classes=parsed.classes,
         binary_labels=parsed.job.train.task is Task.BINARY and parsed.classes is None,
     )
-    return check_table(spec)
+    return check_table(spec, duplicates=config.psi.for_alias(parsed.guest_data).duplicates)
 
 
 def check_alias_data(
@@ -53,7 +53,7 @@ def check_alias_data(
         features=config.features.get(alias, FeatureSpec()),
         label_like=label_column,
     )
-    return check_table(spec, warn_binary=True)
+    return check_table(spec, warn_binary=True, duplicates=config.psi.for_alias(alias).duplicates)
 
 
 def job_report(*, config: PartyConfig, job_id: str) -> tuple[Path, dict[str, Any]]:

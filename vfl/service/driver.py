@@ -236,12 +236,14 @@ class ServiceContext:
         """The configured peer of ``role``."""
         return self.config.peer_with_role(role)
 
-    def party_seed(self, purpose: str) -> int | None:
-        """This party's own seed for ``purpose`` from its ``[random] seed``, keyed by its
-        local secret (:mod:`vfl.common.seeds`); None without one (the OS CSPRNG)."""
+    def party_seed(self, purpose: str, *, scope: str) -> int | None:
+        """This party's own seed for ``purpose`` in a job (``scope``, :func:`job_scope`) from
+        its ``[random] seed``, keyed by its local secret (:mod:`vfl.common.seeds`); None
+        without one (the OS CSPRNG)."""
         if self.config.seed is None:
             return None
-        return RunSeeds.at(self.config.state_dir, self.config.seed).integer(purpose)
+        seeds = RunSeeds.at(self.config.state_dir, self.config.seed, scope=scope)
+        return seeds.integer(purpose)
 
     # -- PSI ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
 from vfl.common.decision import Decision, DecisionConfig
 from vfl.common.metrics import binary_metrics, selection_metric, task_metrics
-from vfl.common.seeds import RunSeeds, fresh_seed
+from vfl.common.seeds import RunSeeds, fresh_seed, job_scope
 from vfl.data.tables import BatchOrder, PartyTable, Splits
 from vfl.models.split import Task
 from vfl.privacy.label_dp import LabelDpAccount, account, randomize_labels
@@ -40,6 +40,7 @@ from vfl.privacy.label_protection import ProtectMode
 from vfl.report import write_report
 from vfl.splitnn.interactive import GuestLayer
 from vfl.splitnn.job import JobTag, Progress, Schedule, SplitJob, SplitResult
+from vfl.splitnn.saved import config_to_json
 from vfl.splitnn.session import PartySession, log_progress, resume_point
 from vfl.splitnn.training import (
     GuestTrainer,
@@ -137,7 +138,16 @@ class GuestSession(PartySession):
         self.train_labels = self.labels  # ỹ under rr_labels, set in run()
         self.job, self.table, self.splits = job, table, splits
         self.pool_target = pool_target
-        self.seeds = RunSeeds.at(state_dir, fresh_seed() if seed is None else seed)
+        self.seed_scope = job_scope(
+            {
+                **{k: v for k, v in job.host_part().items() if k != "job_id"},
+                "train": config_to_json(job.train),
+                "data": (host_request or {}).get("data", ""),
+            }
+        )
+        self.seeds = RunSeeds.at(
+            state_dir, fresh_seed() if seed is None else seed, scope=self.seed_scope
+        )
         self.host_request = dict(host_request or {})
         self.w0_seed = w0_seed
         self.order_seed = order_seed or self.seeds.digest("batch-order")
@@ -185,7 +195,7 @@ class GuestSession(PartySession):
         key = self.public_key()  # J1
         state = self._load_progress()
         if "seed" in state:  # a resumed run keeps its first run's seed
-            self.seeds = RunSeeds.at(self.state_dir, int(state["seed"]))
+            self.seeds = RunSeeds.at(self.state_dir, int(state["seed"]), scope=self.seed_scope)
         self.order_seed = bytes.fromhex(state["order_seed"])
         mine = ckpt.available_steps(self.ckpt_dir)
         schedule = Schedule.of(

@@ -28,6 +28,7 @@ from protocols.link import DATA_REFUSED, REFUSED
 from protocols.roles import Party
 from protocols.transport.base import Channel
 from vfl.common import checkpoint as ckpt
+from vfl.data.preprocess import widest
 from vfl.data.tables import PartyTable
 from vfl.splitnn.interactive import HostLayer, SplitTag
 from vfl.splitnn.job import JobOffer, JobTag, Schedule, SplitJob
@@ -145,9 +146,11 @@ class HostSession(PartySession):
             if schedule.steps_per_epoch != len(fit_rows) // job.batch:
                 raise ProtocolError("JOB_START's steps per epoch do not match its FIT_ROWS")
             schedule.check_at_host(job=job, rows=len(table), fit_rows=len(fit_rows))
-            x = self._preprocess(job_dir, table, fit_rows)  # encoded: its width is the input's
-            offer = dataclasses.replace(offer, features=x.shape[1])
+            # the size check: the widest encoding of H's columns, never the width fitted on
+            # the rows G chose (it would answer "do these rows share a category?", §4.4.3)
+            offer = dataclasses.replace(offer, features=widest(table))
             self.accept(offer)
+            x = self._preprocess(job_dir, table, fit_rows)
             key = self.public_key()  # J1
             self.accept(dataclasses.replace(offer, key_bits=key.bits, key_id=self.key_id))
         except TransportError:

@@ -164,7 +164,7 @@ class FedAvgDriver(JobDriver[FedJobFile]):
             signing_key_pem=ctx.config.tls.load().key_pem,
             certificates=self._certificates(job),
             state_dir=ctx.config.state_dir,
-            seed=ctx.party_seed("fedavg"),
+            seed=ctx.party_seed("fedavg", scope=job.job_id),
             progress=progress,
         )
 

@@ -121,7 +121,10 @@ class FtlDriver(JobDriver[FtlJobFile]):
             binary_labels=labels is not None,
         )
         checked_data(
-            spec, warn_binary=labels is None, report=self.ctx.job_dir(job_id) / DATA_CHECK_FILE
+            spec,
+            warn_binary=labels is None,
+            report=self.ctx.job_dir(job_id) / DATA_CHECK_FILE,
+            duplicates=config.psi.for_alias(alias).duplicates,
         )
         table = load_table(spec)
         usable = table.id_rows()
@@ -194,7 +197,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
             overlap=overlap,
             executor=ctx.executor,
             allow_test_key=ctx.config.allow_test_key,
-            seed=ctx.party_seed("ftl"),
+            seed=ctx.party_seed("ftl", scope=job.job_id),
             progress=progress,
             state_dir=ctx.config.state_dir,
             host_request={"data": job_file.host_data, "psi_job": psi_job},
@@ -304,7 +307,7 @@ class FtlDriver(JobDriver[FtlJobFile]):
             overlap=overlap,
             executor=ctx.executor,
             allow_test_key=ctx.config.allow_test_key,
-            seed=ctx.party_seed("ftl"),
+            seed=ctx.party_seed("ftl", scope=job.job_id),
             state_dir=ctx.config.state_dir,
         )
         done = threading.Event()

@@ -25,6 +25,7 @@ H's side of the lifecycle (docs/protocol.md §4.4.1; :mod:`vfl.service.runner`, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -49,13 +50,14 @@ from protocols.roles import Party, Role
 from protocols.transport.base import MessageFilter
 from psi.result import read_result
 from vfl.common.jobfile import JobKind, TypedJob, canonical_json
-from vfl.common.seeds import RunSeeds
+from vfl.common.seeds import RunSeeds, job_scope
 from vfl.config import JobType, PartyConfig
 from vfl.data.checks import checked_data
 from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectMode
+from vfl.report import REPORT_FILE
 from vfl.service.accept import check_offer, host_id_column
 from vfl.service.audit import AuditEvent, config_digest, file_digest
 from vfl.service.driver import DATA_CHECK_FILE, GuestAttempt, JobDriver, ServiceContext, retryable
@@ -128,7 +130,12 @@ def aligned_table(
             f"PSI {psi_job} at {config.party.party_id} kept no rows (cardinality mode?)",
             public=f"PSI {psi_job} kept no rows here (cardinality or guest-only mode?)",
         )
-    checked_data(spec, warn_binary=guest is not None, report=report)
+    checked_data(
+        spec,
+        warn_binary=guest is not None,
+        report=report,
+        duplicates=config.psi.for_alias(alias).duplicates,
+    )
     return load_table(spec).take(rows)
 
 
@@ -148,7 +155,22 @@ def host_features(config: PartyConfig, request: dict[str, Any]) -> FeatureSpec:
         raise JobRefusedError(public, public=public)
     if not isinstance(asked, dict):
         raise ProtocolError("the job's [host] features are not a table")
-    return FeatureSpec.parse(asked, where="the guest's [host] section")
+    spec = FeatureSpec.parse(asked, where="the guest's [host] section")
+    own = config.features.get(alias, FeatureSpec())
+    label = request.get("label_column")
+    chosen = {*(spec.feature_columns or ()), *spec.categorical_columns, *spec.date_columns}
+    if label in chosen and label not in (own.feature_columns or ()):
+        public = (
+            "the job's [host] section lists a column named like the job's label column; only "
+            "the host's operator may ([features.<alias>] feature_columns)"
+        )
+        raise JobRefusedError(public, public=public)
+    if chosen & set(own.exclude_columns):
+        public = "the job's [host] section names a column this host excludes"
+        raise JobRefusedError(public, public=public)
+    # the host's own exclusions hold whatever the guest asks (a deny-list on top)
+    excluded = tuple(sorted({*spec.exclude_columns, *own.exclude_columns}))
+    return dataclasses.replace(spec, exclude_columns=excluded)
 
 
 class _HostRun:
@@ -233,16 +255,17 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         )
         if table.labels is None:
             raise ConfigError(f"data {job_file.guest_data!r} has no label column")
+        split_keys = RunSeeds.at(config.state_dir, job_file.split_seed)  # keyed: §4.4.2
         splits = split_rows(
             table.labels,
             test_fraction=job_file.test_fraction,
             validation_fraction=job_file.validation_fraction,
-            seed=job_file.split_seed,
+            seed=split_keys.integer("split-rows", bits=32),
             # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
             stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
             # the split follows the customers, not this PSI's order (§4.4.2)
             file_rows=table.file_rows,
-            shuffle=RunSeeds.at(config.state_dir, job_file.split_seed).digest("split-order"),
+            shuffle=split_keys.digest("split-order"),
         )
         ctx.update(job_id, phase="training", rows=len(table))
         session = GuestSession(
@@ -277,7 +300,10 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         finally:
             if session.run_id:  # drop whatever of this run is still unread (R2)
                 ctx.channel.abort_run(job_id, session.run_id)
-        return {"test": result.test, "best_epoch": result.best_epoch}
+        out: dict[str, Any] = {"test": result.test, "best_epoch": result.best_epoch}
+        if (session.report_dir / REPORT_FILE).is_file():
+            out["report"] = str(session.report_dir)  # this party's own status only
+        return out
 
     def _on_progress(self, p: Progress) -> None:
         fields_: dict[str, Any] = {
@@ -342,7 +368,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
                 },
                 executor=ctx.executor,
                 state_dir=config.state_dir,
-                seed=ctx.party_seed("splitnn-host"),
+                seed=ctx.party_seed("splitnn-host", scope=self._seed_scope(envelope)),
                 allow_test_key=config.allow_test_key,
                 pool_executor=ctx.background(),
                 accept=lambda offer: self._accept(offer, envelope),
@@ -428,6 +454,28 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
             args=(job_id, envelope.sender, envelope.run_id, body, FAILED_PATIENCE_S),
             daemon=True,
         ).start()
+
+    @staticmethod
+    def _seed_scope(envelope: Envelope) -> str:
+        """H's seeded draws depend on what the job is (its ``JOB_START`` without the job id,
+        the run's bookkeeping and the PSI named), not on its id: another job draws anew, the
+        same job run again (a rerun) draws the same (docs/protocol.md §4.4.2)."""
+        body = envelope.body.obj() if isinstance(envelope.body, ControlBlock) else {}
+        request = body.get("request")
+        return job_scope(
+            {
+                **{
+                    k: v
+                    for k, v in body.items()
+                    if k not in ("job_id", "checkpoints", "eval_step", "request")
+                },
+                "request": {
+                    k: v
+                    for k, v in (request if isinstance(request, dict) else {}).items()
+                    if k != "psi_job"
+                },
+            }
+        )
 
     @staticmethod
     def _names_its_job(envelope: Envelope) -> bool:
