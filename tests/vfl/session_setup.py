@@ -16,6 +16,7 @@ from protocols.tags import TagRegistry
 from protocols.transport.inmemory import InMemoryChannel, InMemoryNetwork
 from psi.protocol import PsiTag
 from tests.conftest import ARBITER, BANK, RETAILER
+from vfl.common.seeds import simulation_secret
 from vfl.data.tables import PartyTable, Splits, split_rows
 from vfl.scoring.protocol import ScoreTag
 from vfl.splitnn.guest import GuestSession
@@ -126,6 +127,8 @@ def run_job(
     thread = threading.Thread(target=host)
     thread.start()
     try:
+        if guest_kwargs.get("seed") is not None:  # repeatable in a fresh folder (§4.4.2)
+            simulation_secret(t.state / "bank", seed=int(guest_kwargs["seed"]))
         session = GuestSession(
             channel=g_ch,
             host=RETAILER,
