@@ -304,6 +304,10 @@ class ScoringService:
             frame["probability"] = decision.calibrate(values.reshape(-1))
             frame["decision"] = decision.decide(values.reshape(-1)).astype(int)
         frame["host_known"] = scores.host_known
+        usable = table.id_rows()  # rows without an id: never matched, not reported (§3.2)
+        if len(usable) < len(frame):
+            logger.info("batch scoring: %d rows without an id left out", len(frame) - len(usable))
+            frame = frame.iloc[usable]
         buffer = io.StringIO()
         frame.to_csv(buffer, index=False)
         private_dir(out.parent)  # applicant -> score: owner-only, as in the state folder
@@ -311,11 +315,11 @@ class ScoringService:
         seconds = time.monotonic() - started
         return {
             "model": model_id,
-            "rows": len(table),
-            "host_known": int(scores.host_known.sum()),
+            "rows": len(frame),
+            "host_known": int(frame["host_known"].sum()),
             "psi": {k: summary.get(k) for k in ("intersection_size", "job_id")},
             "out": str(out),
             "seconds": round(seconds, 3),
             "scoring_seconds": round(scores.seconds, 3),
-            "rows_per_s": round(len(table) / seconds, 1),
+            "rows_per_s": round(len(frame) / seconds, 1),
         }
