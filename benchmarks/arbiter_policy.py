@@ -21,7 +21,7 @@ is served in full, and the checks cost (almost) nothing (docs/protocol.md §2.6,
   included) and ``policy_fraction`` (that over the epoch) say what the checks cost.
 * ``results_identical``: both variants trained the identical model (test scores equal).
 
-Usage: ``python benchmarks/arbiter_policy.py`` (``--quick`` for a 1024-bit key and 1 run).
+Usage: ``python -m benchmarks.arbiter_policy`` (``--quick`` for a 1024-bit key and 1 run).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ Procedure (the test rows never choose anything):
 7. the recommendation once through the real protocol with the plaintext cipher (fixed-point
    arithmetic, ``vfl.fit_vertical(..., plaintext=True)``) on breast and fraud.
 
-Writes ``benchmarks/results/defaults.json``. Run: ``python benchmarks/defaults.py`` (about
+Writes ``benchmarks/results/defaults.json``. Run: ``python -m benchmarks.defaults`` (about
 15 minutes of one core: 920 s of CPU, 862 s of it the grid); ``--fast``: one seed, a tiny grid,
 no protocol run (a smoke run, 2 minutes).
 """

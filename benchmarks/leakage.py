@@ -34,7 +34,7 @@ i.e. against the randomized labels under ``rr_labels``; leak and test AUCs use t
 Writes ``benchmarks/results/leakage.json`` and ``benchmarks/results/leakage.png`` (leak AUC:
 worst attack, worst seed, every epoch, against test AUC, per mode and strength).
 
-Run: ``python benchmarks/leakage.py`` (about an hour on 2 cores); ``--quick`` for 2 seeds and
+Run: ``python -m benchmarks.leakage`` (about an hour on 2 cores); ``--quick`` for 2 seeds and
 4 epochs; ``--modes marvell,none`` to pick cases.
 """
 

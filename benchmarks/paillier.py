@@ -14,7 +14,7 @@ Figures (one process unless stated):
   float products, sums and ``ciphertext()`` of every result), timed on ``--phe-rows``
   rows and scaled to B; ``matmul_speedup`` = ratio (target >= 30).
 
-Writes ``benchmarks/results/paillier.json``. Usage: ``python benchmarks/paillier.py``.
+Writes ``benchmarks/results/paillier.json``. Usage: ``python -m benchmarks.paillier``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ openmined-psi, and against the floor of the work the protocol cannot avoid.
 Targets at 1e6 ids per side, 50 % overlap, 2 cores: speedup_vs_openmined >= 3,
 ratio_to_floor <= 1.3, peak_rss_mb <= 1536.
 
-Usage: ``python benchmarks/psi.py --n 1000000`` (default ``--n 20000``).
+Usage: ``python -m benchmarks.psi --n 1000000`` (default ``--n 20000``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ comparison. The same architecture, seeds and batch order are trained
 plus the encrypted model with the default label protection. Writes
 ``benchmarks/results/quality.json`` and prints the figures.
 
-Run: ``python benchmarks/quality.py`` (the two encrypted trainings take most of an hour on
+Run: ``python -m benchmarks.quality`` (the two encrypted trainings take most of an hour on
 2 cores); ``--fast`` skips them to tune in the fast paths.
 """
 

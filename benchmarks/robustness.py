@@ -50,7 +50,7 @@ Output: ``benchmarks/results/robustness.json`` (``--quick``: 1,000 fuzz cases, 5
 envelopes, 2 kill trials and one disk-full trial with a 512-bit test key, written to
 ``--out`` only if given).
 
-Usage: ``python benchmarks/robustness.py [--quick] [--sections fuzz,stall,kill,disk]``.
+Usage: ``python -m benchmarks.robustness [--quick] [--sections fuzz,stall,kill,disk]``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ It also measures the per-chunk costs (hash-and-mask and mask of one PSI task, a 
 trip of one task's bytes, the driver's own CPU per id) and projects the wall time of a
 1e8-id PSI on a silo of 4 machines x 16 cores from them.
 
-Usage: ``python benchmarks/scaleout.py`` (default ``--n 1000000``; ``--n 20000`` to try).
+Usage: ``python -m benchmarks.scaleout`` (default ``--n 1000000``; ``--n 20000`` to try).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Figures (``benchmarks/results/splitnn.json``):
   timed just before the services start), and ``estimate_epoch_ratio`` / ``estimate_total_ratio``
   = measured / predicted (epoch; PSI to the end of the test).
 
-Run: ``python benchmarks/splitnn.py`` (about 5 minutes; nothing else should run meanwhile).
+Run: ``python -m benchmarks.splitnn`` (about 5 minutes; nothing else should run meanwhile).
 """
 
 from __future__ import annotations

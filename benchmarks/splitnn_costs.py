@@ -30,7 +30,7 @@ sample (naive), read by default from ``time.thread_time`` (the calling thread's 
 everything measured runs in that thread), so other processes on the machine inflate it far
 less than wall time; pass ``clock=time.perf_counter`` (``--wall``) for wall time.
 
-Run ``python benchmarks/splitnn_costs.py`` for all three at 2048 bits (10-20 s).
+Run ``python -m benchmarks.splitnn_costs`` for all three at 2048 bits (10-20 s).
 """
 
 from __future__ import annotations

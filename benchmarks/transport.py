@@ -13,7 +13,7 @@ Two processes on loopback with the same mutual-TLS credentials:
 Runs are interleaved and the medians are reported. Writes
 ``benchmarks/results/transport.json``. Target: ``ratio >= 0.7``.
 
-Usage: ``python benchmarks/transport.py [--mib 64] [--repeats 7] [--rtt-rounds 300]``
+Usage: ``python -m benchmarks.transport [--mib 64] [--repeats 7] [--rtt-rounds 300]``
 """
 
 from __future__ import annotations
