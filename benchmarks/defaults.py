@@ -71,15 +71,14 @@ import vfl
 from protocols.executor import InlineExecutor
 from protocols.files import atomic_write
 from vfl.common.metrics import binary_metrics
-from vfl.data.tables import BatchOrder, ImputePolicy, PartyTable, Preprocessor, split_rows
-from vfl.privacy.label_protection import ProtectConfig, RowNoise, protect
+from vfl.data.preprocess import Preprocessor
+from vfl.data.tables import BatchOrder, PartyTable, split_rows
+from vfl.privacy.label_protection import ProtectConfig
 from vfl.simulate.common import party_table
 from vfl.splitnn.training import (
     FloatSplitModel,
     TrainConfig,
-    guest_backward,
     joint_init_component,
-    protect_labels,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,53 +184,6 @@ def load(name: str) -> Data:
     return Data(name=name, guest=guest, host=host, metric=metric)
 
 
-class ProtocolFloatModel(FloatSplitModel):
-    """:class:`FloatSplitModel` with the protocol's ``max_visits`` cap and seeded noise.
-
-    Past the cap the guest sends ``δ̃ = 0``, as :meth:`GuestTrainer.step` does: ``W_h`` stays,
-    and the host's optimizer still steps on a zero gradient. Set :attr:`capped` per epoch.
-    """
-
-    def __init__(self, *, noise_seed: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.rng = np.random.default_rng(noise_seed)
-        self.row_noise = RowNoise.draw(self.rng, k=self.config.k)
-        self.capped = False
-
-    def step(self, rows: np.ndarray) -> None:
-        """:meth:`FloatSplitModel.step`, with ``δ̃ = 0`` when capped."""
-        self.guest.train()
-        self.host.train()
-        self.opt_g.zero_grad()
-        self.opt_h.zero_grad()
-        alpha = self.host(self.xh[rows])
-        a = torch.clamp(alpha.detach().double(), -self.config.a_max, self.config.a_max)
-        z_own = self.guest.own_z(self.xg[rows])
-        loss, delta = guest_backward(
-            self.config.task, self.guest, (a @ self.w_h).float(), z_own, self.y[rows]
-        )
-        self.opt_g.step()
-        self.losses.append(loss)
-        if self.capped:
-            d_t = torch.zeros(tuple(delta.shape), dtype=torch.float64)
-        else:
-            d_t = torch.tensor(
-                protect(
-                    delta.double().numpy(),
-                    self.config.protect,
-                    rng=self.rng,
-                    labels=protect_labels(self.config.task, self.y[rows]),
-                    state=self.marvell,
-                    rows=rows,
-                    row_noise=self.row_noise,
-                )
-            )
-        g_h = d_t @ self.w_h.T
-        self.w_h = self.w_h - self.config.eta_w * (a.T @ d_t)
-        torch.autograd.backward(alpha, grad_tensors=g_h.float())
-        self.opt_h.step()
-
-
 def seeds_of(seed: int) -> dict[str, Any]:
     """Seed ``s``'s seeds of ``W_0``, the host and the batch order (as run_in_process takes
     them) and of the protection noise."""
@@ -253,9 +205,9 @@ def trajectory(data: Data, setting: Setting, seed: int, *, halving: bool) -> dic
     )
     config = setting.config(seed)
     s = seeds_of(seed)
-    xg = Preprocessor.fit(data.guest, splits.train, impute=ImputePolicy.ERROR)
-    xh = Preprocessor.fit(data.host, splits.train, impute=ImputePolicy.ERROR)
-    model = ProtocolFloatModel(
+    xg = Preprocessor.fit(data.guest, splits.train)
+    xh = Preprocessor.fit(data.host, splits.train)
+    model = FloatSplitModel(
         x_guest=xg.transform(data.guest),
         x_host=xh.transform(data.host),
         y=y,
@@ -263,7 +215,7 @@ def trajectory(data: Data, setting: Setting, seed: int, *, halving: bool) -> dic
         w0_guest=joint_init_component(config.d, config.k, seed=s["w0_seed"]),
         w0_host=joint_init_component(config.d, config.k, seed=s["host_seed"] + 1000),
         host_seed=s["host_seed"],
-        noise_seed=s["noise_seed"],
+        rng=np.random.default_rng(s["noise_seed"]),
     )
     order = BatchOrder(s["order_seed"], batch_size=setting.batch)
     cap = config.protect.max_visits if config.protect.adds_noise else 0

@@ -556,8 +556,9 @@ class FloatSplitModel:
 
     Built from the same seeds as :class:`GuestTrainer` and :class:`HostTrainer` and with
     ``W_0 = W_0^G + W_0^H`` summed in float64; ``W_h`` learns by plain SGD from δ̃. It has no
-    epochs, so ``protect.max_visits`` does not apply here. ``pos_weight`` as in
-    :class:`GuestTrainer`.
+    epochs: a caller that applies ``protect.max_visits`` sets :attr:`capped` from the cap's
+    epoch on (then ``δ̃ = 0``, as :meth:`GuestTrainer.step` sends). ``pos_weight`` as in
+    :class:`GuestTrainer`; ``rng`` draws the protection noise (default: the OS CSPRNG).
     """
 
     def __init__(
@@ -571,6 +572,7 @@ class FloatSplitModel:
         w0_host: np.ndarray,
         host_seed: int = 1,
         pos_weight: float | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self.config = config
         self.pos_weight = _pos_weight_of(config, pos_weight)
@@ -582,7 +584,8 @@ class FloatSplitModel:
         self.w_h = torch.tensor(w0_guest + w0_host, dtype=torch.float64)
         self.opt_g = make_optimizer(list(self.guest.parameters()), config)
         self.opt_h = make_optimizer(list(self.host.parameters()), config)
-        self.rng = new_generator()
+        self.rng = new_generator() if rng is None else rng
+        self.capped = False
         self.marvell = MarvellState()
         self.row_noise = RowNoise.draw(self.rng, k=config.k)
         self.losses: list[float] = []
@@ -609,17 +612,20 @@ class FloatSplitModel:
         )
         self.opt_g.step()
         self.losses.append(loss)
-        d_t = torch.tensor(
-            protect(
-                delta.double().numpy(),
-                self.config.protect,
-                rng=self.rng,
-                labels=protect_labels(self.config.task, self.y[rows]),
-                state=self.marvell,
-                rows=rows,
-                row_noise=self.row_noise,
+        if self.capped:  # §4.7.1: past the visit cap, no label signal
+            d_t = torch.zeros(tuple(delta.shape), dtype=torch.float64)
+        else:
+            d_t = torch.tensor(
+                protect(
+                    delta.double().numpy(),
+                    self.config.protect,
+                    rng=self.rng,
+                    labels=protect_labels(self.config.task, self.y[rows]),
+                    state=self.marvell,
+                    rows=rows,
+                    row_noise=self.row_noise,
+                )
             )
-        )
         g_h = d_t @ self.w_h.T
         self.w_h = self.w_h - self.config.eta_w * (a.T @ d_t)
         torch.autograd.backward(alpha, grad_tensors=g_h.float())
