@@ -1,7 +1,8 @@
 """The bundled real data sets as pandas DataFrames, for examples and experiments.
 
 Vertical (two silos hold different columns of the same customers): :func:`breast` (569
-customers) and :func:`credit` (30,000). The guest's frame has ``id``, the label ``y`` and its
+customers), :func:`credit` (30,000) and :func:`fraud` (the credit customers with rare
+positives, plus text and date columns). The guest's frame has ``id``, the label ``y`` and its
 features ``x0, x1, ...``; the host's has ``id`` and its own features. Both hold every id, so
 :func:`partial_overlap` samples a realistic partial overlap for the PSI to find.
 
@@ -36,6 +37,15 @@ from vfl.transfer.scenario import build_scenario
 
 ID_COLUMN = "id"
 LABEL_COLUMN = "y"
+
+# default_credit's columns are standardised (population mean and sd of the UCI columns); these
+# undo it for the columns :func:`fraud` derives text and dates from.
+AGE = ("x4", 35.4855, 9.217904)  # host: AGE in years
+LIMIT = ("x0", 167484.322667, 129747.661567)  # host: LIMIT_BAL in NT dollars
+BILL = ("x1", 51223.3309, 73635.860576)  # guest: BILL_AMT1, the latest statement
+AGE_BANDS = ((25, "18-25"), (35, "26-35"), (45, "36-45"), (55, "46-55"), (200, "56+"))
+BILL_BANDS = ((0.0, "none"), (10_000.0, "low"), (50_000.0, "mid"), (np.inf, "high"))
+OPENED_BEFORE = np.datetime64("2005-09-30")  # the last month of the UCI data
 
 
 def read(name: str) -> pd.DataFrame:
@@ -75,6 +85,110 @@ def credit() -> tuple[pd.DataFrame, pd.DataFrame]:
     ((30000, 15), (30000, 11))
     """
     return read("default_credit_hetero_guest.csv"), read("default_credit_hetero_host.csv")
+
+
+def fraud(*, positive_rate: float = 0.02, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A fraud-like vertical data set: :func:`credit` with rare positives and non-numeric
+    columns, as real silos hold them.
+
+    The positives (``y`` = 1) of the 30,000 card holders are subsampled at random so that
+    they make ``positive_rate`` of the rows; every negative is kept (23,364 of them, so the
+    default 2 % keeps 477 positives: 23,841 rows). Both frames hold every id of the
+    subsample, in the files' order; use :func:`partial_overlap` for a partial overlap.
+
+    Columns (all of :func:`credit`'s numeric columns are kept, so the data set without its
+    three added columns is the credit data subsampled):
+
+    * guest: ``id, y, x0..x12`` (``x0`` the repayment status of the oldest month, ``x1..x6``
+      the six monthly bill amounts, ``x7..x12`` the six payments), then
+
+      - ``bill_band`` (text): the latest bill ``x1`` binned: ``"none"`` (≤ 0), ``"low"``
+        (≤ 10,000 NT$), ``"mid"`` (≤ 50,000), ``"high"``;
+      - ``opened`` (text, ISO ``YYYY-MM-DD``): when the account was opened, 2005-09-30 minus
+        a tenure of ``(age − 20) · (0.1 + 0.3·q + 0.3·u)`` years, where ``q`` is the
+        customer's quantile of the credit limit and ``u`` a seeded uniform draw per
+        customer; older customers with higher limits have older accounts, so the column
+        carries a little signal;
+
+    * host: ``id, x0..x9`` (``x0`` the credit limit, ``x1`` sex, ``x2`` education, ``x3``
+      marital status, ``x4`` age, ``x5..x9`` the repayment status of the five later
+      months), then ``age_band`` (text): ``x4`` in years binned as ``"18-25"``,
+      ``"26-35"``, ``"36-45"``, ``"46-55"``, ``"56+"``.
+
+    The numeric columns are standardised as in the bundled files (FATE's copy of the UCI
+    data); the text columns are derived from the values they stand for.
+
+    Parameters
+    ----------
+    positive_rate
+        The positives' share of the rows, in ``(0, 0.2212]`` (0.2212: all of them, the
+        credit data's own rate).
+    seed
+        Seeds the choice of positives and the tenure draws; the same arguments give the
+        same frames. A customer's ``opened`` date does not depend on ``positive_rate``.
+
+    Returns
+    -------
+    guest, host
+        The guest's frame (``id``, ``y``, its features) and the host's (``id``, its
+        features), with the same ids.
+
+    Raises
+    ------
+    ConfigError
+        If ``positive_rate`` is outside ``(0, 0.2212]`` or keeps no positive.
+
+    Examples
+    --------
+    >>> guest, host = fraud()
+    >>> guest.shape, host.shape, round(float(guest["y"].mean()), 4)
+    ((23841, 17), (23841, 12), 0.02)
+    >>> guest[["bill_band", "opened"]].iloc[0].tolist(), host["age_band"].iloc[0]
+    (['mid', '2000-11-30'], '46-55')
+    """
+    guest, host = credit()
+    if not (guest[ID_COLUMN].to_numpy() == host[ID_COLUMN].to_numpy()).all():
+        raise DataError("the credit data's guest and host files list their ids in another order")
+    rng = np.random.default_rng(seed)
+    tenure_draw = rng.random(len(guest))  # one per customer, before the subsample
+    labels = guest[LABEL_COLUMN].to_numpy()
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    top = round(positives.size / labels.size, 4)
+    keep = 0
+    if 0 < positive_rate <= top:
+        keep = min(round(positive_rate / (1 - positive_rate) * negatives.size), positives.size)
+    if keep < 1:
+        raise ConfigError(
+            f"positive_rate = {positive_rate}: it must lie in (0, {top}] and keep at least one "
+            "positive"
+        )
+    chosen = rng.choice(positives, keep, replace=False)
+    rows = np.sort(np.concatenate([negatives, chosen]))
+
+    def original(frame: pd.DataFrame, column: tuple[str, float, float]) -> np.ndarray:
+        name, mean, sd = column
+        values: np.ndarray = frame[name].to_numpy(dtype=np.float64) * sd + mean
+        return values
+
+    age = np.round(original(host, AGE))
+    limit = original(host, LIMIT)
+    quantile = (np.argsort(np.argsort(limit, kind="stable"), kind="stable") + 0.5) / limit.size
+    years = np.maximum(age - 20, 0.25) * (0.1 + 0.3 * quantile + 0.3 * tenure_draw)
+    opened = OPENED_BEFORE - np.round(years * 365.25).astype("timedelta64[D]")
+    guest = guest.assign(
+        bill_band=_bands(original(guest, BILL), BILL_BANDS),
+        opened=np.datetime_as_string(opened, unit="D").astype(object),
+    )
+    host = host.assign(age_band=_bands(age, AGE_BANDS))
+    return guest.iloc[rows].reset_index(drop=True), host.iloc[rows].reset_index(drop=True)
+
+
+def _bands(values: np.ndarray, bands: tuple[tuple[float, str], ...]) -> np.ndarray:
+    """The name of each value's band: the first ``(upper, name)`` with ``value <= upper``."""
+    uppers = np.array([upper for upper, _ in bands], dtype=np.float64)
+    names = np.array([name for _, name in bands], dtype=object)
+    out: np.ndarray = names[np.searchsorted(uppers, values, side="left")]
+    return out
 
 
 def breast_horizontal() -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:

@@ -3,6 +3,7 @@ checked against their sha256 list."""
 
 from __future__ import annotations
 
+import doctest
 import gzip
 import hashlib
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from protocols.errors import DataError
+from protocols.errors import ConfigError, DataError
+from vfl import datasets
 from vfl.data.datasets import (
     DEFAULT_DATA_DIR,
     REPO_ROOT,
@@ -160,3 +162,44 @@ def test_a_damaged_csv_gz_is_a_data_error(tmp_path: Path, damage: str) -> None:
     with pytest.raises(DataError, match="cannot be read") as info:
         load_id_column(path, "id")
     assert info.value.public == "the data file of the alias cannot be read"
+
+
+def test_fraud_is_the_credit_data_with_rare_positives_and_text_columns() -> None:
+    """vfl.datasets.fraud: every negative kept, positives at the asked rate, the same ids at
+    both parties, string band and ISO date columns, and the same frames for the same seed."""
+    guest, host = datasets.fraud()
+    credit_guest, _ = datasets.credit()
+    negatives = int((credit_guest["y"] == 0).sum())
+    assert int((guest["y"] == 0).sum()) == negatives == 23364
+    assert abs(float(guest["y"].mean()) - 0.02) < 1e-4
+    assert guest["id"].is_unique and guest["id"].tolist() == host["id"].tolist()
+    assert set(guest["id"]) <= set(credit_guest["id"])
+    assert list(guest.columns) == ["id", "y", *(f"x{i}" for i in range(13)), "bill_band", "opened"]
+    assert list(host.columns) == ["id", *(f"x{i}" for i in range(10)), "age_band"]
+    for frame, name in ((guest, "bill_band"), (guest, "opened"), (host, "age_band")):
+        assert pd.api.types.is_string_dtype(frame[name]), name
+    assert set(guest["bill_band"]) == {"none", "low", "mid", "high"}
+    assert set(host["age_band"]) == {"18-25", "26-35", "36-45", "46-55", "56+"}
+    opened = pd.to_datetime(guest["opened"], format="%Y-%m-%d")
+    assert opened.max() < pd.Timestamp("2005-10-01") and opened.min() > pd.Timestamp("1940-01-01")
+    assert all(pd.api.types.is_float_dtype(guest[f"x{i}"]) for i in range(13))
+
+    again, _ = datasets.fraud()
+    pd.testing.assert_frame_equal(guest, again)
+    other, _ = datasets.fraud(seed=1)
+    assert set(other["id"]) != set(guest["id"]) and len(other) == len(guest)
+    more, more_host = datasets.fraud(positive_rate=0.1)
+    assert abs(float(more["y"].mean()) - 0.1) < 1e-4 and len(more_host) == len(more)
+    # a customer's opened date does not depend on the rate
+    both = guest.merge(more, on="id", suffixes=("", "_more"))
+    assert len(both) >= negatives and (both["opened"] == both["opened_more"]).all()
+    for rate in (0.0, 0.5, -0.1):
+        with pytest.raises(ConfigError, match="positive_rate"):
+            datasets.fraud(positive_rate=rate)
+    g, h = datasets.partial_overlap(guest, host, overlap=0.5, seed=2)
+    assert len(set(g["id"]) & set(h["id"])) == round(0.5 * len(guest))
+    assert g["id"].isin(guest["id"]).all()
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(datasets.fraud, globs={"fraud": datasets.fraud}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
