@@ -20,7 +20,7 @@ import pytest
 import vfl
 from protocols.errors import AlignmentError, ConfigError, DataError, InsecureConfigError
 from protocols.executor import InlineExecutor
-from vfl.common.decision import Calibration
+from vfl.common.decision import Calibration, Decision, DecisionConfig
 from vfl.data.features import Encoding
 from vfl.simulate import VerticalModel
 from vfl.simulate.common import party_table
@@ -346,6 +346,15 @@ def test_the_decision_adds_calibrated_probabilities_and_flags(
         scores["decision"].to_numpy(), model.decision.decide(scores["score"].to_numpy())
     )
     assert {"brier", "pr_auc", "recall_at_fpr_5pct"} <= set(model.test_calibrated)
+    validation = model.validation_scores  # what the guest fitted the decision on
+    assert len(validation) == model.rows.validation
+    assert not set(validation["id"]) & set(scores["id"])
+    refit = Decision.fit(
+        DecisionConfig(calibration=Calibration.ISOTONIC),
+        labels=validation["y"].to_numpy(),
+        scores=validation["score"].to_numpy(),
+    )
+    assert refit.to_json() == model.decision.to_json()
     default = fitted.model  # no decision= given: Platt scaling, the default
     assert default.decision is not None and default.decision.calibration is Calibration.PLATT
     assert {"probability", "decision"} <= set(default.test_scores.columns)

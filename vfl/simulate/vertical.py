@@ -43,6 +43,7 @@ from protocols.crypto.fixedpoint import decode, encode, ring
 from protocols.crypto.paillier import PublicKey, check_key_bits
 from protocols.errors import ConfigError
 from protocols.executor import Executor
+from protocols.ids import state_path
 from psi.canon import IdType
 from vfl.common.decision import Decision, DecisionConfig
 from vfl.common.metrics import binary_metrics
@@ -66,6 +67,7 @@ from vfl.simulate.common import (
     workers,
     write_files,
 )
+from vfl.splitnn.guest import BEST_VALIDATION
 from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import Progress, SplitJob
 from vfl.splitnn.saved import SavedModel, load_model
@@ -124,6 +126,10 @@ class VerticalModel:
     test_calibrated
         Metrics of the calibrated test scores (:func:`vfl.common.metrics.binary_metrics`;
         its Brier score is the calibration's); empty without a :attr:`decision`.
+    validation_scores
+        The validation rows as :attr:`test_scores` has the test rows, with the kept
+        model's scores: what the guest fitted the :attr:`decision` on (e.g. to compare
+        calibrations on validation rows only); empty without validation rows.
     """
 
     model_id: str
@@ -145,6 +151,7 @@ class VerticalModel:
     classes: tuple[str, ...] | None = None
     decision: Decision | None = field(default=None, repr=False)
     test_calibrated: dict[str, float] = field(default_factory=dict)
+    validation_scores: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     def __repr__(self) -> str:
         metrics = ", ".join(
@@ -502,9 +509,22 @@ def fit_vertical(
                 decision=decision,
             )
             parts = {p: load_model(folder / p, job.job_id) for p in ("guest", "host")}
+            kept = state_path(folder / "guest", "jobs", job.job_id, BEST_VALIDATION)
+            val_scores = np.load(kept, allow_pickle=False) if kept.is_file() else None
             files = {p: read_files(part.folder) for p, part in parts.items()}
     result = run.result
     fitted = None if result.decision is None else Decision.from_json(result.decision)
+
+    def scored(rows: np.ndarray, scores: np.ndarray | list[float] | None) -> pd.DataFrame:
+        if scores is None or len(scores) != len(rows):
+            return pd.DataFrame()
+        frame = {
+            id_column: g_frame[id_column].to_numpy()[g_rows[rows]],
+            label: labels[rows],
+            "score": np.asarray(scores, dtype=np.float64),
+        }
+        return _decided(pd.DataFrame(frame), fitted)
+
     out = VerticalModel(
         model_id=job.job_id,
         encrypted=job.encrypted,
@@ -515,16 +535,7 @@ def fit_vertical(
         history=tuple(result.history),
         best_epoch=result.best_epoch,
         test=dict(result.test),
-        test_scores=_decided(
-            pd.DataFrame(
-                {
-                    id_column: g_frame[id_column].to_numpy()[g_rows[splits.test]],
-                    label: labels[splits.test],
-                    "score": np.asarray(result.test_scores, dtype=np.float64),
-                }
-            ),
-            fitted,
-        ),
+        test_scores=scored(splits.test, result.test_scores),
         seconds=run.seconds,
         label=label,
         id_column=id_column,
@@ -536,6 +547,7 @@ def fit_vertical(
         classes=names,
         decision=fitted,
         test_calibrated=dict(result.test_calibrated),
+        validation_scores=scored(splits.validation, val_scores),
     )
     say(repr(out))
     return out
