@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from psi.canon import IdType
     from vfl import datasets
     from vfl.client import Client
+    from vfl.common.decision import DecisionConfig
+    from vfl.data.features import FeatureSpec
     from vfl.privacy.dp import DPConfig
     from vfl.privacy.label_protection import ProtectConfig, ProtectMode
     from vfl.simulate import (
@@ -50,6 +52,8 @@ _SOURCES = {
     "HorizontalModel": "vfl.simulate",
     "TransferModel": "vfl.simulate",
     "TrainConfig": "vfl.splitnn.training",
+    "FeatureSpec": "vfl.data.features",
+    "DecisionConfig": "vfl.common.decision",
     "ProtectConfig": "vfl.privacy.label_protection",
     "ProtectMode": "vfl.privacy.label_protection",
     "DPConfig": "vfl.privacy.dp",
@@ -65,6 +69,8 @@ __all__ = [
     "ConfigError",
     "DPConfig",
     "DataError",
+    "DecisionConfig",
+    "FeatureSpec",
     "FtlJob",
     "HorizontalModel",
     "IdType",

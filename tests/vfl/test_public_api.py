@@ -20,7 +20,10 @@ import pytest
 import vfl
 from protocols.errors import AlignmentError, ConfigError, DataError, InsecureConfigError
 from protocols.executor import InlineExecutor
+from vfl.common.decision import Calibration, Decision, DecisionConfig
+from vfl.data.features import Encoding
 from vfl.simulate import VerticalModel
+from vfl.simulate.common import party_table
 from vfl.splitnn.saved import load_model
 
 OVERLAP = 0.6
@@ -159,7 +162,7 @@ def test_missing_columns_name_the_party_and_the_column() -> None:
     with pytest.raises(DataError, match=r"the host's data has no id column 'id'"):
         fit(guest, host.rename(columns={"id": "key"}))
     host["y"] = 0
-    with pytest.raises(DataError, match="only the guest holds labels"):
+    with pytest.raises(DataError, match="'y' has the name of the job's label column"):
         fit(guest, host)
 
 
@@ -260,3 +263,121 @@ def test_the_same_seed_gives_the_same_model_bit_for_bit(fitted: Fitted) -> None:
         seed=1,
     )
     assert set(other.test_scores["id"]) != set(first["id"])  # another split, too
+
+
+# -- feature specs, classes and decisions ---------------------------------------------------
+
+
+def with_text_columns(frame: pd.DataFrame, *, prefix: str) -> pd.DataFrame:
+    """``frame`` with a categorical column ``<prefix>_band`` and a date ``<prefix>_since``
+    derived from its first feature (ISO text, as a silo's export has them)."""
+    values = frame["x0"].to_numpy()
+    days = np.argsort(np.argsort(values)).astype("timedelta64[D]")
+    return frame.assign(
+        **{
+            f"{prefix}_band": np.where(values > np.median(values), "high", "low"),
+            f"{prefix}_since": np.datetime_as_string(np.datetime64("2020-01-01") + days),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def encoded() -> tuple[VerticalModel, pd.DataFrame, pd.DataFrame]:
+    guest, host = vfl.datasets.breast()
+    guest = with_text_columns(guest, prefix="g")
+    guest["y"] = np.where(guest["y"] == 1, "malignant", "benign")
+    host = with_text_columns(host, prefix="h")
+    model = vfl.fit_vertical(
+        guest=guest,
+        host=host,
+        label="y",
+        epochs=1,
+        batch=32,
+        plaintext=True,
+        executor=InlineExecutor(),
+        progress=False,
+        guest_features={"categorical": ["g_band"], "date_columns": ["g_since"]},
+        host_features=vfl.FeatureSpec(
+            categorical=(("h_band", Encoding.ONEHOT),), date_columns=("h_since",)
+        ),
+        classes=["benign", "malignant"],
+        decision=vfl.DecisionConfig(calibration=Calibration.ISOTONIC),
+    )
+    return model, guest, host
+
+
+def test_categories_and_dates_are_encoded_at_each_party(
+    encoded: tuple[VerticalModel, pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    """Each party's saved preprocessing has the one-hot and date-part columns; predict() on
+    new rows (an unseen category, later dates, the host's as CSV) scores them the same way."""
+    model, guest, host = encoded
+    outputs = {
+        "guest": model.guest.preprocessor.output_columns,
+        "host": model.host.preprocessor.output_columns,
+    }
+    for party, prefix in (("guest", "g"), ("host", "h")):
+        expected = {f"{prefix}_band={v}" for v in ("high", "low", "<other>")}
+        expected |= {f"{prefix}_since:{part}" for part in ("age_days", "dow", "month")}
+        assert expected <= set(outputs[party]), outputs[party]
+        assert not any(c.startswith("g_" if prefix == "h" else "h_") for c in outputs[party])
+    saved = load_model(model.save(tmp_path / "m") / "guest", model.model_id)
+    assert saved.preprocessor.output_columns == outputs["guest"]
+    new_guest = guest.head(12).assign(g_band="medium", g_since="2024-02-29")
+    new_host = host.assign(h_since="2021-06-01")
+    new_host.to_csv(tmp_path / "host.csv", index=False)
+    got = model.predict(guest=new_guest, host=tmp_path / "host.csv", executor=InlineExecutor())
+    assert list(got["id"]) == list(new_guest["id"])
+    assert got["score"].between(0, 1).all() and got["probability"].between(0, 1).all()
+    metrics = model.evaluate(guest=guest, host=host, executor=InlineExecutor())
+    assert metrics["roc_auc"] > 0.9  # text labels read as the given classes
+
+
+def test_the_decision_adds_calibrated_probabilities_and_flags(
+    encoded: tuple[VerticalModel, pd.DataFrame, pd.DataFrame], fitted: Fitted
+) -> None:
+    model = encoded[0]
+    assert model.decision is not None and model.decision.calibration is Calibration.ISOTONIC
+    assert model.classes == ("benign", "malignant")
+    scores = model.test_scores
+    assert list(scores.columns) == ["id", "y", "score", "probability", "decision"]
+    assert set(scores["y"]) == {0.0, 1.0}  # class indices
+    np.testing.assert_array_equal(
+        scores["decision"].to_numpy(), model.decision.decide(scores["score"].to_numpy())
+    )
+    assert {"brier", "pr_auc", "recall_at_fpr_5pct"} <= set(model.test_calibrated)
+    validation = model.validation_scores  # what the guest fitted the decision on
+    assert len(validation) == model.rows.validation
+    assert not set(validation["id"]) & set(scores["id"])
+    refit = Decision.fit(
+        DecisionConfig(calibration=Calibration.ISOTONIC),
+        labels=validation["y"].to_numpy(),
+        scores=validation["score"].to_numpy(),
+    )
+    assert refit.to_json() == model.decision.to_json()
+    default = fitted.model  # no decision= given: Platt scaling, the default
+    assert default.decision is not None and default.decision.calibration is Calibration.PLATT
+    assert {"probability", "decision"} <= set(default.test_scores.columns)
+
+
+def test_feature_specs_and_classes_are_checked_before_any_work() -> None:
+    guest, host = breast_copy()
+    with pytest.raises(ConfigError, match="guest_features: unknown key 'categories'"):
+        fit(guest, host, guest_features={"categories": ["x0"]})
+    with pytest.raises(ConfigError, match="host_features must be a FeatureSpec"):
+        fit(guest, host, host_features=["x0"])
+    with pytest.raises(ConfigError, match="two different label values"):
+        fit(guest, host, classes=["0"])
+    with pytest.raises(ConfigError, match="the encoding must be one of"):
+        vfl.FeatureSpec(categorical=(("x0", "hashing"),))  # type: ignore[arg-type]
+    host["y"] = 0  # a host column named like the label: refused as a feature...
+    with pytest.raises(DataError, match="'y' has the name of the job's label column"):
+        fit(guest, host, host_features={"categorical": ["x1"]})
+    for spec in (  # ... unless excluded, or listed because it is not the label
+        vfl.FeatureSpec(exclude_columns=("y",)),
+        vfl.FeatureSpec(feature_columns=("x0", "y")),
+    ):
+        table = party_table(
+            host, side="host", id_column="id", label=None, features=spec, label_like="y"
+        )
+        assert ("y" in table.input_columns) == (spec.feature_columns is not None)

@@ -81,6 +81,7 @@ class FeatureSpec:
     impute: ImputePolicy = ImputePolicy.ERROR
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         problem = _problem(self)
         if problem is not None:
             raise ConfigError(problem)
@@ -181,6 +182,27 @@ def _categorical(value: object, where: str) -> tuple[tuple[str, Encoding], ...]:
     else:
         pairs = [(c, Encoding.ONEHOT) for c in _names(value, where, "categorical")]
     return tuple(sorted(pairs))
+
+
+def _coerce_enums(spec: FeatureSpec) -> None:
+    """Encodings and the imputation policy given as text (``("city", "onehot")``) become
+    their enums, so a spec built in Python works as a parsed one does."""
+    choices = ", ".join(repr(e.value) for e in Encoding)
+    pairs = []
+    for pair in spec.categorical:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ConfigError(f"categorical must hold (column, encoding) pairs, not {pair!r}")
+        column, encoding = pair
+        if not isinstance(encoding, str) or encoding not in set(Encoding):
+            raise ConfigError(
+                f"categorical column {column!r}: the encoding must be one of {choices}"
+            )
+        pairs.append((column, Encoding(encoding)))
+    object.__setattr__(spec, "categorical", tuple(pairs))
+    if not isinstance(spec.impute, str) or spec.impute not in set(ImputePolicy):
+        policies = ", ".join(repr(p.value) for p in ImputePolicy)
+        raise ConfigError(f"impute must be one of {policies}")
+    object.__setattr__(spec, "impute", ImputePolicy(spec.impute))
 
 
 def _problem(spec: FeatureSpec) -> str | None:

@@ -3,7 +3,9 @@
 * :func:`read_frame` and :func:`party_table`: a DataFrame or CSV path to a validated
   :class:`~vfl.data.tables.PartyTable`, with errors that name the party, the column and the
   row (missing id or label column, a label at the host, text in a feature column, a
-  duplicate id, labels other than 0/1; :mod:`vfl.data.checks`);
+  duplicate id, labels other than 0/1 or the given classes; :mod:`vfl.data.checks`);
+* :func:`feature_spec` and :func:`class_names`: a caller's feature spec (or its TOML-like
+  mapping) and label classes, checked before any work;
 * :func:`align`: the real ECDH-PSI between the two tables' ids
   (:func:`psi.inprocess.align_in_process`), both learning the intersection, and a
   :class:`PsiSummary` of its counts;
@@ -22,11 +24,11 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -67,8 +69,41 @@ def id_type_of(value: IdType | str) -> IdType:
         raise ConfigError(f"id_type {value!r} is not one of {choices}") from None
 
 
-def read_frame(data: Frame, *, side: str, id_column: str) -> pd.DataFrame:
-    """``data`` as a DataFrame (a path is read as CSV, its id column as text)."""
+def feature_spec(
+    value: FeatureSpec | Mapping[str, Any] | None, *, where: str
+) -> FeatureSpec | None:
+    """``value`` as a :class:`~vfl.data.features.FeatureSpec`: a mapping (the keys of a job
+    file's ``[features]`` table) is parsed with errors naming ``where``; None stays None."""
+    if value is None or isinstance(value, FeatureSpec):
+        return value
+    if isinstance(value, Mapping):
+        return FeatureSpec.parse(value, where=where)
+    raise ConfigError(
+        f"{where} must be a FeatureSpec or a mapping of its keys, not {type(value).__name__}"
+    )
+
+
+def class_names(classes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A binary task's label values in class order (``classes[1]`` is the positive class),
+    or None (labels 0/1)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str) or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise ConfigError(f"classes = {classes!r}: give the label values as a list of text")
+    names = tuple(c.strip() for c in classes)
+    if len(names) != 2 or names[0] == names[1]:
+        raise ConfigError(
+            f"classes = {list(classes)}: a binary model needs two different label values, "
+            "negative first"
+        )
+    return names
+
+
+def read_frame(
+    data: Frame, *, side: str, id_column: str, text_columns: Collection[str] = ()
+) -> pd.DataFrame:
+    """``data`` as a DataFrame (a path is read as CSV, its id column and ``text_columns``,
+    e.g. categorical and date columns, as text)."""
     if isinstance(data, pd.DataFrame):
         return data
     if isinstance(data, str | os.PathLike):
@@ -76,7 +111,7 @@ def read_frame(data: Frame, *, side: str, id_column: str) -> pd.DataFrame:
         if not path.is_file():
             raise DataError(f"the {side}'s data file {path} does not exist")
         try:
-            return pd.read_csv(path, dtype={id_column: str})
+            return pd.read_csv(path, dtype={c: str for c in (id_column, *text_columns)})
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
     raise ConfigError(f"{side} must be a pandas DataFrame or a CSV path, not {type(data).__name__}")
@@ -91,6 +126,8 @@ def party_table(
     columns: tuple[str, ...] | None = None,
     not_allowed: str | None = None,
     features: FeatureSpec | None = None,
+    label_like: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> PartyTable:
     """One party's validated rows.
 
@@ -112,6 +149,11 @@ def party_table(
         Which columns are features and how they are encoded (a saved model's
         :attr:`~vfl.data.preprocess.Preprocessor.spec`; default: every column but the id
         and the label, numeric); ``columns``, if given, replaces its feature columns.
+    label_like
+        The job's label column, at a party without labels: a column of this name is refused
+        as a feature unless ``features`` lists it in ``feature_columns`` (or excludes it).
+    classes
+        The label values in class order (``classes[i]`` is label ``i``); None: labels 0/1.
     """
     where = f"the {side}'s data"
     available = [str(c) for c in frame.columns]
@@ -146,7 +188,9 @@ def party_table(
         id_column=id_column,
         label_column=label,
         features=features,
-        binary_labels=True,
+        label_like=label_like,
+        classes=classes,
+        binary_labels=classes is None,
     )
     return frame_table(frame, spec=spec)
 

@@ -8,6 +8,14 @@ guest, the host and the arbiter train the split NN with the real sessions over i
 channels (:func:`vfl.splitnn.inprocess.run_in_process`): encrypted under a fresh 2048-bit
 Paillier key unless ``plaintext=True``.
 
+Each party's columns are features as its :class:`~vfl.data.features.FeatureSpec` says
+(``guest_features``, ``host_features``: which columns, which hold categories or dates, how
+missing values are filled), preprocessed on the training rows only
+(:mod:`vfl.data.preprocess`). After training the guest fits a
+:class:`~vfl.common.decision.Decision` (calibration and threshold) on the kept model's
+validation scores, so the test rows and new rows get a calibrated ``probability`` and a
+``decision`` besides the raw ``score``.
+
 The returned :class:`VerticalModel` holds both parties' saved parts
 (:mod:`vfl.splitnn.saved`). Its :meth:`~VerticalModel.predict` is a simulation shortcut:
 with both parts in one process it adds the two shares of the host's interactive weights,
@@ -22,9 +30,10 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,8 +43,11 @@ from protocols.crypto.fixedpoint import decode, encode, ring
 from protocols.crypto.paillier import PublicKey, check_key_bits
 from protocols.errors import ConfigError
 from protocols.executor import Executor
+from protocols.ids import state_path
 from psi.canon import IdType
+from vfl.common.decision import Decision, DecisionConfig
 from vfl.common.metrics import binary_metrics
+from vfl.data.features import FeatureSpec
 from vfl.data.tables import PartyTable, split_rows
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectConfig
@@ -44,6 +56,8 @@ from vfl.simulate.common import (
     PsiSummary,
     align,
     announcer,
+    class_names,
+    feature_spec,
     id_type_of,
     party_table,
     read_files,
@@ -53,6 +67,7 @@ from vfl.simulate.common import (
     workers,
     write_files,
 )
+from vfl.splitnn.guest import BEST_VALIDATION
 from vfl.splitnn.inprocess import run_in_process
 from vfl.splitnn.job import Progress, SplitJob
 from vfl.splitnn.saved import SavedModel, load_model
@@ -93,9 +108,28 @@ class VerticalModel:
     test
         Metrics on the held-out test rows, computed by the guest through the protocol.
     test_scores
-        The held-out test rows: id, label and the score the protocol computed.
+        The held-out test rows: id, label (the class index with ``classes``) and the score
+        the protocol computed; with a :attr:`decision`, also the calibrated ``probability``
+        and the ``decision`` (bool: flagged at the threshold).
     seconds
         The training job's wall time.
+    label, id_column, id_type
+        The guest's label column, both parties' id column and how ids are canonicalised.
+    guest, host, public_key, files
+        Each party's saved part, the arbiter's public key and the saved files.
+    classes
+        The label values in class order (``classes[1]`` is label 1), or None (labels 0/1).
+    decision
+        The calibration and threshold the guest fitted on the kept model's validation
+        scores (:class:`~vfl.common.decision.Decision`), or None (no validation rows, or
+        one class among them).
+    test_calibrated
+        Metrics of the calibrated test scores (:func:`vfl.common.metrics.binary_metrics`;
+        its Brier score is the calibration's); empty without a :attr:`decision`.
+    validation_scores
+        The validation rows as :attr:`test_scores` has the test rows, with the kept
+        model's scores: what the guest fitted the :attr:`decision` on (e.g. to compare
+        calibrations on validation rows only); empty without validation rows.
     """
 
     model_id: str
@@ -114,6 +148,10 @@ class VerticalModel:
     host: SavedModel = field(repr=False)
     public_key: PublicKey = field(repr=False)
     files: dict[str, dict[str, bytes]] = field(repr=False)
+    classes: tuple[str, ...] | None = None
+    decision: Decision | None = field(default=None, repr=False)
+    test_calibrated: dict[str, float] = field(default_factory=dict)
+    validation_scores: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     def __repr__(self) -> str:
         metrics = ", ".join(
@@ -127,7 +165,11 @@ class VerticalModel:
         )
 
     def evaluate(
-        self, *, guest: Frame | None = None, host: Frame | None = None
+        self,
+        *,
+        guest: Frame | None = None,
+        host: Frame | None = None,
+        executor: Executor | None = None,
     ) -> dict[str, float]:
         """Metrics of the model: on the held-out test rows, or on new labelled rows.
 
@@ -136,12 +178,15 @@ class VerticalModel:
         guest, host
             New rows of each party (the guest's with the label column), aligned by PSI as in
             :meth:`predict`; both or neither. Neither: the held-out test rows' metrics.
+        executor
+            Workers for the PSI of new rows (default: a local process pool over every CPU).
 
         Returns
         -------
         dict
-            ROC AUC, KS, average precision, log loss and accuracy
-            (:func:`vfl.common.metrics.binary_metrics`).
+            The metrics of the raw scores (:func:`vfl.common.metrics.binary_metrics`: ROC
+            AUC, PR AUC, recall at 1 % and 5 % FPR, Brier score, KS, log loss, ...); the
+            calibrated test scores' are :attr:`test_calibrated`.
 
         Examples
         --------
@@ -152,18 +197,22 @@ class VerticalModel:
             return dict(self.test)
         if guest is None or host is None:
             raise ConfigError("evaluate() takes new rows of both parties (guest= and host=)")
-        frame = read_frame(guest, side="guest", id_column=self.id_column)
+        spec = self.guest.preprocessor.spec
+        frame = read_frame(
+            guest, side="guest", id_column=self.id_column, text_columns=_text_columns(spec)
+        )
         labelled = party_table(
             frame,
             side="guest",
             id_column=self.id_column,
             label=self.label,
-            features=self.guest.preprocessor.spec,
+            features=spec,
+            classes=self.classes,
         )
         if labelled.labels is None:
             raise ConfigError(f"the guest's rows have no label column {self.label!r}")
         by_id = pd.Series(labelled.labels, index=labelled.ids)
-        scored = self.predict(guest=frame, host=host)
+        scored = self.predict(guest=frame, host=host, executor=executor)
         y = by_id.loc[scored[self.id_column].astype(str)].to_numpy(dtype=np.float64)
         return binary_metrics(y, scored["score"].to_numpy())
 
@@ -186,8 +235,10 @@ class VerticalModel:
         Returns
         -------
         pandas.DataFrame
-            Columns ``<id column>`` and ``score`` (the probability of label 1), in the order
-            of the guest's rows.
+            Columns ``<id column>`` and ``score`` (the model's raw probability of label 1),
+            in the order of the guest's rows; with a :attr:`decision`, also ``probability``
+            (the calibrated score) and ``decision`` (bool: calibrated score at or above the
+            threshold).
 
         Examples
         --------
@@ -196,22 +247,24 @@ class VerticalModel:
         0  133  0.98...
         """
         refuse_worker_import("predict")
-        g_frame = read_frame(guest, side="guest", id_column=self.id_column)
-        h_frame = read_frame(host, side="host", id_column=self.id_column)
+        g_spec, h_spec = self.guest.preprocessor.spec, self.host.preprocessor.spec
+        g_frame = read_frame(
+            guest, side="guest", id_column=self.id_column, text_columns=_text_columns(g_spec)
+        )
+        h_frame = read_frame(
+            host, side="host", id_column=self.id_column, text_columns=_text_columns(h_spec)
+        )
         g_table = party_table(
-            g_frame,
-            side="guest",
-            id_column=self.id_column,
-            label=None,
-            features=self.guest.preprocessor.spec,
+            g_frame, side="guest", id_column=self.id_column, label=None, features=g_spec
         )
         h_table = party_table(
             h_frame,
             side="host",
             id_column=self.id_column,
             label=None,
-            features=self.host.preprocessor.spec,
-            not_allowed=self.label,
+            features=h_spec,
+            # a host column named like the label is refused unless the model uses it
+            not_allowed=None if self.label in (h_spec.feature_columns or ()) else self.label,
         )
         with workers(executor) as pool:
             g_rows, h_rows, psi = align(
@@ -227,7 +280,7 @@ class VerticalModel:
             )
         scores = self._scores(g_table.take(g_rows), h_table.take(h_rows))
         ids = g_frame[self.id_column].iloc[g_rows].to_numpy()
-        return pd.DataFrame({self.id_column: ids, "score": scores})
+        return _decided(pd.DataFrame({self.id_column: ids, "score": scores}), self.decision)
 
     def _scores(self, guest: PartyTable, host: PartyTable) -> np.ndarray:
         """The protocol's forward pass with both saved parts: ``z_h = â·(W^G + E)`` in fixed
@@ -285,6 +338,10 @@ def fit_vertical(
     seed: int = 0,
     protect: ProtectConfig | None = None,
     model: TrainConfig | None = None,
+    guest_features: FeatureSpec | Mapping[str, Any] | None = None,
+    host_features: FeatureSpec | Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    decision: DecisionConfig | None = None,
     state_dir: str | Path | None = None,
     executor: Executor | None = None,
     progress: bool = True,
@@ -298,7 +355,7 @@ def fit_vertical(
     host
         The host's rows: the id column and its features (no label).
     label
-        The guest's label column (binary: 0 or 1).
+        The guest's label column (binary: 0 or 1, or the two values of ``classes``).
     id_column
         The id column of both parties.
     id_type
@@ -325,7 +382,25 @@ def fit_vertical(
         Label protection (default :class:`~vfl.privacy.label_protection.ProtectConfig`:
         Marvell with persistent noise); give it here, not in ``model``.
     model
-        The network and optimiser (:class:`~vfl.splitnn.training.TrainConfig`, binary task).
+        The network, loss and optimiser (:class:`~vfl.splitnn.training.TrainConfig`, binary
+        task; e.g. ``class_weight="balanced"`` or ``loss="focal"`` for rare positives, all
+        widths ``()`` with ``k=1`` for a vertical logistic regression).
+    guest_features, host_features
+        Each party's feature columns and their encodings: a
+        :class:`~vfl.data.features.FeatureSpec`, or a mapping of its keys as a job file's
+        ``[features]`` table has them (``feature_columns``, ``exclude_columns``,
+        ``categorical``, ``date_columns``, ``max_categories``, ``impute``; parsed with
+        :meth:`~vfl.data.features.FeatureSpec.parse`). Default: every column but the id
+        (and the label) is a numeric feature. At the host a column named like ``label`` is
+        refused unless ``host_features`` lists it in ``feature_columns``.
+    classes
+        The label's two values in class order, as a job file's ``[job] classes``: the
+        first is label 0, the second label 1 (the positive class). Default: labels are 0/1.
+    decision
+        How the guest turns scores into probabilities and decisions: calibration
+        (``platt``, ``isotonic`` or ``none``) and threshold rule, fitted on the kept model's
+        validation rows (:class:`~vfl.common.decision.DecisionConfig`; default: Platt
+        scaling, the threshold at 5 % validation false-positive rate).
     state_dir
         Where the parties keep their state (default: a temporary folder, deleted at the end).
     executor
@@ -337,15 +412,18 @@ def fit_vertical(
     Returns
     -------
     VerticalModel
-        Both parties' trained parts, the test metrics and the training history.
+        Both parties' trained parts, the test metrics (raw and calibrated), the fitted
+        decision and the training history.
 
     Raises
     ------
     DataError
-        A missing id or label column, a label at the host, a non-numeric feature, a
-        duplicate id, labels other than 0/1, or no id in common.
+        A missing id or label column, a label at the host, text in a column not declared
+        categorical or a date, a duplicate id, labels other than 0/1 (or ``classes``), or no
+        id in common.
     ConfigError
-        Inconsistent settings (e.g. a small key without ``allow_test_key``).
+        Inconsistent settings (e.g. a small key without ``allow_test_key``, a malformed
+        feature spec, ``classes`` not two values).
 
     Examples
     --------
@@ -354,15 +432,39 @@ def fit_vertical(
     >>> model = vfl.fit_vertical(guest=guest, host=host, label="y", epochs=3)  # doctest: +SKIP
     >>> model.evaluate()["roc_auc"] > 0.9  # doctest: +SKIP
     True
+
+    Text and date columns, rare positives, isotonic calibration:
+
+    >>> guest, host = vfl.datasets.fraud()
+    >>> model = vfl.fit_vertical(
+    ...     guest=guest,
+    ...     host=host,
+    ...     label="y",
+    ...     guest_features={"categorical": ["bill_band"], "date_columns": ["opened"]},
+    ...     host_features={"categorical": ["age_band"]},
+    ...     model=vfl.TrainConfig(class_weight="balanced"),
+    ...     decision=vfl.DecisionConfig(calibration="isotonic"),
+    ... )  # doctest: +SKIP
+    >>> model.test_scores.columns.tolist()  # doctest: +SKIP
+    ['id', 'y', 'score', 'probability', 'decision']
     """
     refuse_worker_import("fit_vertical")
     kind = id_type_of(id_type)
     check_key_bits(key_bits, allow_test_key=allow_test_key)
     config = _config(model, protect, seed)
-    g_frame = read_frame(guest, side="guest", id_column=id_column)
-    h_frame = read_frame(host, side="host", id_column=id_column)
-    g_table = party_table(g_frame, side="guest", id_column=id_column, label=label)
-    h_table = party_table(h_frame, side="host", id_column=id_column, label=None, not_allowed=label)
+    g_spec = feature_spec(guest_features, where="guest_features")
+    h_spec = feature_spec(host_features, where="host_features")
+    names = class_names(classes)
+    g_frame = read_frame(
+        guest, side="guest", id_column=id_column, text_columns=_text_columns(g_spec)
+    )
+    h_frame = read_frame(host, side="host", id_column=id_column, text_columns=_text_columns(h_spec))
+    g_table = party_table(
+        g_frame, side="guest", id_column=id_column, label=label, features=g_spec, classes=names
+    )
+    h_table = party_table(
+        h_frame, side="host", id_column=id_column, label=None, features=h_spec, label_like=label
+    )
     say = announcer(progress)
     with workers(executor) as pool:
         g_rows, h_rows, psi = align(
@@ -404,10 +506,25 @@ def fit_vertical(
                 seed=seed,
                 host_seed=seed + 1,
                 progress=_printer(say),
+                decision=decision,
             )
             parts = {p: load_model(folder / p, job.job_id) for p in ("guest", "host")}
+            kept = state_path(folder / "guest", "jobs", job.job_id, BEST_VALIDATION)
+            val_scores = np.load(kept, allow_pickle=False) if kept.is_file() else None
             files = {p: read_files(part.folder) for p, part in parts.items()}
     result = run.result
+    fitted = None if result.decision is None else Decision.from_json(result.decision)
+
+    def scored(rows: np.ndarray, scores: np.ndarray | list[float] | None) -> pd.DataFrame:
+        if scores is None or len(scores) != len(rows):
+            return pd.DataFrame()
+        frame = {
+            id_column: g_frame[id_column].to_numpy()[g_rows[rows]],
+            label: labels[rows],
+            "score": np.asarray(scores, dtype=np.float64),
+        }
+        return _decided(pd.DataFrame(frame), fitted)
+
     out = VerticalModel(
         model_id=job.job_id,
         encrypted=job.encrypted,
@@ -418,13 +535,7 @@ def fit_vertical(
         history=tuple(result.history),
         best_epoch=result.best_epoch,
         test=dict(result.test),
-        test_scores=pd.DataFrame(
-            {
-                id_column: g_frame[id_column].to_numpy()[g_rows[splits.test]],
-                label: labels[splits.test],
-                "score": np.asarray(result.test_scores, dtype=np.float64),
-            }
-        ),
+        test_scores=scored(splits.test, result.test_scores),
         seconds=run.seconds,
         label=label,
         id_column=id_column,
@@ -433,6 +544,10 @@ def fit_vertical(
         host=parts["host"],
         public_key=run.public_key,
         files=files,
+        classes=names,
+        decision=fitted,
+        test_calibrated=dict(result.test_calibrated),
+        validation_scores=scored(splits.validation, val_scores),
     )
     say(repr(out))
     return out
@@ -447,6 +562,20 @@ def default_batch(train_rows: int) -> int:
     per epoch and does best with 64.
     """
     return 256 if train_rows >= 4096 else 64
+
+
+def _decided(frame: pd.DataFrame, decision: Decision | None) -> pd.DataFrame:
+    """``frame`` with the calibrated ``probability`` and the ``decision`` (bool) of its raw
+    ``score`` column, when there is a ``decision``."""
+    if decision is None:
+        return frame
+    scores = frame["score"].to_numpy(dtype=np.float64)
+    return frame.assign(probability=decision.calibrate(scores), decision=decision.decide(scores))
+
+
+def _text_columns(spec: FeatureSpec | None) -> tuple[str, ...]:
+    """The columns a CSV file must be read as text: categories and dates."""
+    return () if spec is None else (*spec.categorical_columns, *spec.date_columns)
 
 
 def _config(model: TrainConfig | None, protect: ProtectConfig | None, seed: int) -> TrainConfig:

@@ -19,6 +19,7 @@ from protocols.crypto.policy import DecryptionPolicy
 from protocols.errors import ProtocolError
 from protocols.executor import Executor
 from protocols.roles import Party, Role
+from vfl.common.decision import DecisionConfig
 from vfl.common.inprocess import InProcess, InProcessResult
 from vfl.common.seeds import simulation_secret
 from vfl.data.tables import PartyTable, Splits
@@ -65,6 +66,7 @@ def run_in_process(
     policy: DecryptionPolicy | None = None,
     host_observer: HostObserver | None = None,
     progress: Callable[[Progress], None] | None = None,
+    decision: DecisionConfig | None = None,
 ) -> SplitRun:
     """Run ``job`` between an in-process guest, host and arbiter; raise if any party fails.
 
@@ -92,6 +94,10 @@ def run_in_process(
         Called with the host's view after each training step (audits).
     progress
         Called after every guest step and validation (default: a log line every 10 s).
+    decision
+        How the guest turns a binary model's scores into probabilities and decisions at J7
+        (calibration and threshold fitted on the validation rows; :mod:`vfl.common.decision`);
+        None: the default :class:`~vfl.common.decision.DecisionConfig`.
     """
     tags = [SplitTag, DecTag, SetupTag, JobTag]
     with InProcess(
@@ -137,6 +143,7 @@ def run_in_process(
             allow_test_key=allow_test_key,
             pool_executor=pool_executor,
             progress=progress,
+            decision=decision,
         )
         started = time.monotonic()
         out = run.run(
