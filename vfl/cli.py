@@ -426,10 +426,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def _data_check(args: argparse.Namespace) -> int:
     """``vfl data check --config ...`` (:mod:`vfl.service.datacheck`)."""
     from vfl.service.datacheck import check_alias_data, check_job_data
@@ -443,3 +439,7 @@ def _data_check(args: argparse.Namespace) -> int:
         raise ConfigError("vfl data check --config needs --job (the guest) or --alias (a host)")
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -33,6 +33,7 @@ from protocols.ids import state_path
 from protocols.roles import Party, Role
 from protocols.transport.tls import create_demo_pki
 from psi.result import read_result
+from vfl.common.seeds import simulation_secret
 from vfl.config import PartyConfig, load_config
 from vfl.data.datasets import find, verify_all
 from vfl.data.demo_silos import (
@@ -168,7 +169,8 @@ def write_cluster_setup(
 
     ``key_bits`` below 2048 makes the arbiter use a test key, which the data parties then
     accept (``allow_test_key``: never outside tests); ``seed`` fixes both data parties'
-    random draws (``[random] seed``: two runs of a job give the same scores);
+    random draws (``[random] seed``, with a local secret derived from it, as in a simulation:
+    two runs of a job give the same scores, in any folder);
     ``host_protect_modes`` widens the retailer's ``[accept] protect_modes`` (``"none"`` for
     noise-free comparisons); ``allow_hold`` lets the bank's jobs pause after a step
     (``[testing] allow_hold``)."""
@@ -188,11 +190,15 @@ def write_cluster_setup(
     if host_protect_modes is not None:
         modes = ", ".join(f'"{m}"' for m in host_protect_modes)
         extra["retailer"] += ["[accept]", f"protect_modes = [{modes}]"]
-    return write_demo_setup(
+    paths = write_demo_setup(
         out,
         data_folder=data_folder,
         extra={pid: "\n".join(lines) for pid, lines in extra.items() if lines},
     )
+    if seed is not None:  # one machine, one operator: the same draws in every fresh folder
+        for pid in ("bank", "retailer"):
+            simulation_secret(load_config(paths[pid]).state_dir, seed=seed)
+    return paths
 
 
 def fraud_setup(out: Path, *, data_folder: Path) -> tuple[SiloFiles, dict[str, Path]]:

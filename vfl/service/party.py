@@ -141,8 +141,10 @@ class PartyService:
         return port
 
     def wait(self) -> None:
-        """Block until :meth:`stop` is called."""
-        self._stopped.wait()
+        """Block until :meth:`stop` is called (waking each second, so that a signal's handler
+        runs at once in the main thread whatever the lock wait does)."""
+        while not self._stopped.wait(1.0):
+            pass
 
     def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown: NOT_SERVING, finish in-flight calls, close."""
