@@ -43,11 +43,12 @@ from vfl.data.demo_silos import (
     SiloFiles,
     build_silos,
 )
-from vfl.data.tables import TableSpec, load_table, split_rows
+from vfl.data.tables import TableSpec, load_table
 from vfl.estimate.job import estimate_job_file, format_estimate
 from vfl.estimate.measure import quick_costs
 from vfl.report import write_report
 from vfl.service.admin import admin_call
+from vfl.service.drivers.splitnn import job_splits
 from vfl.service.local import connect_services, start_services, stop_services
 from vfl.service.progress import follow_job
 from vfl.service.requests import AdminCommand
@@ -296,12 +297,7 @@ def _train_and_score(
     ).take(np.asarray(psi_rows))
     if table.labels is None:
         raise SystemExit("demo data lost its labels")
-    splits = split_rows(
-        table.labels,
-        test_fraction=job.test_fraction,
-        validation_fraction=job.validation_fraction,
-        seed=job.split_seed,
-    )
+    splits = job_splits(bank, table, job)  # the job's own rows (keyed, docs/protocol.md §4.4.2)
     baseline = guest_only_scores(
         table,
         splits,

@@ -140,7 +140,8 @@ class GuestSession(PartySession):
         self.pool_target = pool_target
         self.seed_scope = job_scope(
             {
-                **{k: v for k, v in job.host_part().items() if k != "job_id"},
+                # not its id, nor whether it encrypts: plaintext mode draws the same
+                **{k: v for k, v in job.host_part().items() if k not in ("job_id", "encrypted")},
                 "train": config_to_json(job.train),
                 "data": (host_request or {}).get("data", ""),
             }

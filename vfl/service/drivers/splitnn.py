@@ -54,7 +54,7 @@ from vfl.common.seeds import RunSeeds, job_scope
 from vfl.config import JobType, PartyConfig
 from vfl.data.checks import checked_data
 from vfl.data.features import FeatureSpec
-from vfl.data.tables import PartyTable, TableSpec, load_table, split_rows
+from vfl.data.tables import PartyTable, Splits, TableSpec, load_table, split_rows
 from vfl.models.split import Task
 from vfl.privacy.label_protection import ProtectMode
 from vfl.report import REPORT_FILE
@@ -137,6 +137,25 @@ def aligned_table(
         duplicates=config.psi.for_alias(alias).duplicates,
     )
     return load_table(spec).take(rows)
+
+
+def job_splits(config: PartyConfig, table: PartyTable, job_file: TrainJobFile) -> Splits:
+    """G's training, validation and test rows of a job (positions in ``table``, its aligned
+    rows): keyed by ``split_seed`` under G's local secret, in its file order (§4.4.2)."""
+    if table.labels is None:
+        raise ConfigError(f"data {job_file.guest_data!r} has no label column")
+    split_keys = RunSeeds.at(config.state_dir, job_file.split_seed)
+    return split_rows(
+        table.labels,
+        test_fraction=job_file.test_fraction,
+        validation_fraction=job_file.validation_fraction,
+        seed=split_keys.integer("split-rows", bits=32),
+        # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
+        stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
+        # the split follows the customers, not this PSI's order (§4.4.2)
+        file_rows=table.file_rows,
+        shuffle=split_keys.digest("split-order"),
+    )
 
 
 def host_features(config: PartyConfig, request: dict[str, Any]) -> FeatureSpec:
@@ -255,18 +274,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
         )
         if table.labels is None:
             raise ConfigError(f"data {job_file.guest_data!r} has no label column")
-        split_keys = RunSeeds.at(config.state_dir, job_file.split_seed)  # keyed: §4.4.2
-        splits = split_rows(
-            table.labels,
-            test_fraction=job_file.test_fraction,
-            validation_fraction=job_file.validation_fraction,
-            seed=split_keys.integer("split-rows", bits=32),
-            # rr_labels: a split the host sees must not depend on the labels (§4.7.2)
-            stratified=job_file.job.train.protect.mode is not ProtectMode.RR_LABELS,
-            # the split follows the customers, not this PSI's order (§4.4.2)
-            file_rows=table.file_rows,
-            shuffle=split_keys.digest("split-order"),
-        )
+        splits = job_splits(config, table, job_file)
         ctx.update(job_id, phase="training", rows=len(table))
         session = GuestSession(
             channel=ctx.channel,
@@ -467,7 +475,7 @@ class SplitNnDriver(JobDriver[TrainJobFile]):
                 **{
                     k: v
                     for k, v in body.items()
-                    if k not in ("job_id", "checkpoints", "eval_step", "request")
+                    if k not in ("job_id", "encrypted", "checkpoints", "eval_step", "request")
                 },
                 "request": {
                     k: v
