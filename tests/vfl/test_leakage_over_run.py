@@ -153,7 +153,7 @@ def test_l8_differencing_visits_does_not_undo_the_persistent_noise(seed: int) ->
 
 def test_the_default_keeps_the_model_useful() -> None:
     """Protection costs the guest's joint model little on this data (the host adds nothing):
-    0.03 AUC on average over the seeds (measured 0.030 with the keyed draws of §4.4.2: 0.023,
-    0.006 and 0.062), never more than 0.07."""
+    at most 0.035 AUC on average over the seeds (with the keyed draws of §4.4.2 one seed's
+    draw may cost up to about 0.06), never more than 0.07."""
     costs = [run("none", seed).test_auc - run("default", seed).test_auc for seed in SEEDS]
     assert np.mean(costs) <= 0.035 and max(costs) <= 0.07, costs
